@@ -1,0 +1,33 @@
+//! Compiles `wayfinder.v1` with protox (no system `protoc`) and tonic's generator.
+//!
+//! Two passes: the normal one produces every message, client and server; the
+//! second produces only the Discovery server again, with `WatchEvent` mapped to
+//! `crate::encoded::EncodedWatchEvent`, so the control plane can encode each
+//! update once and hand the same bytes to every watcher.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &[
+    "protos/wayfinder/v1/types.proto",
+    "protos/wayfinder/v1/policy.proto",
+    "protos/wayfinder/v1/registry.proto",
+    "protos/wayfinder/v1/discovery.proto",
+    "protos/wayfinder/v1/admin.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=protos");
+    let fds = protox::compile(PROTOS, ["protos"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+
+    let out = PathBuf::from(std::env::var("OUT_DIR")?).join("shared");
+    std::fs::create_dir_all(&out)?;
+    let fds = protox::compile(["protos/wayfinder/v1/discovery.proto"], ["protos"])?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&out)
+        .extern_path(".wayfinder.v1", "crate::v1")
+        .extern_path(".wayfinder.v1.WatchEvent", "crate::encoded::EncodedWatchEvent")
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! Wayfinder's control-plane API (`wayfinder.v1`) and the TOML form of its
+//! per-service policy, shared by the control plane, the sidecar and wfctl.
+
+pub mod encoded;
+pub mod policy;
+pub mod validate;
+
+/// Generated messages, clients and servers of `wayfinder.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("wayfinder.v1");
+}
+
+/// The Discovery server generated a second time so that `Watch` streams
+/// pre-encoded [`encoded::EncodedWatchEvent`]s instead of `WatchEvent`s.
+#[allow(clippy::all, missing_docs)]
+pub mod shared {
+    include!(concat!(env!("OUT_DIR"), "/shared/wayfinder.v1.rs"));
+}
+
+/// Largest gRPC message either side accepts (4 MiB, tonic's default, stated
+/// here so client and server agree).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
