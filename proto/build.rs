@@ -27,7 +27,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .out_dir(&out)
         .extern_path(".wayfinder.v1", "crate::v1")
-        .extern_path(".wayfinder.v1.WatchEvent", "crate::encoded::EncodedWatchEvent")
+        .extern_path(
+            ".wayfinder.v1.WatchEvent",
+            "crate::encoded::EncodedWatchEvent",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

@@ -74,7 +74,10 @@ mod tests {
         assert_eq!(enc.encoded_len(), event.encoded_len());
         let mut framed = Vec::new();
         enc.encode(&mut framed).expect("vec grows");
-        assert_eq!(WatchEvent::decode(framed.as_slice()).expect("decodes"), event);
+        assert_eq!(
+            WatchEvent::decode(framed.as_slice()).expect("decodes"),
+            event
+        );
         assert_eq!(enc.decode().expect("decodes"), event);
     }
 }

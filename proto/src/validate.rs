@@ -235,13 +235,34 @@ mod tests {
             ..Default::default()
         };
         let cases = [
-            Instance { port: 0, ..base.clone() },
-            Instance { port: 70000, ..base.clone() },
-            Instance { address: "web-1".into(), ..base.clone() },
-            Instance { address: "0.0.0.0".into(), ..base.clone() },
-            Instance { weight: 10_001, ..base.clone() },
-            Instance { instance_id: "a b".into(), ..base.clone() },
-            Instance { service: String::new(), ..base.clone() },
+            Instance {
+                port: 0,
+                ..base.clone()
+            },
+            Instance {
+                port: 70000,
+                ..base.clone()
+            },
+            Instance {
+                address: "web-1".into(),
+                ..base.clone()
+            },
+            Instance {
+                address: "0.0.0.0".into(),
+                ..base.clone()
+            },
+            Instance {
+                weight: 10_001,
+                ..base.clone()
+            },
+            Instance {
+                instance_id: "a b".into(),
+                ..base.clone()
+            },
+            Instance {
+                service: String::new(),
+                ..base.clone()
+            },
         ];
         for c in cases {
             assert!(instance(c.clone()).is_err(), "{c:?} accepted");
