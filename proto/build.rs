@@ -18,7 +18,16 @@ const PROTOS: &[&str] = &[
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=protos");
     let fds = protox::compile(PROTOS, ["protos"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // serde on the messages lets the control plane persist them and tools
+    // print them as JSON without a parallel set of types.
+    tonic_prost_build::configure()
+        .type_attribute(
+            ".wayfinder.v1",
+            "#[derive(serde::Serialize, serde::Deserialize)]",
+        )
+        .message_attribute(".wayfinder.v1", "#[serde(default)]")
+        .enum_attribute(".wayfinder.v1", "#[serde(rename_all = \"snake_case\")]")
+        .compile_fds(fds)?;
 
     let out = PathBuf::from(std::env::var("OUT_DIR")?).join("shared");
     std::fs::create_dir_all(&out)?;

@@ -1,1 +1,213 @@
-fn main() {}
+//! `wf-control`: Wayfinder's control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use prometheus_client::registry::Registry as PromRegistry;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use wayfinder_control::grpc::{
+    TRANSPORT_LIMIT, admin::AdminService, discovery, registry::RegistryService,
+};
+use wayfinder_control::registry::{LeaseConfig, Registry, RegistryMetrics};
+use wayfinder_control::store::{FileStore, Persister, Store};
+use wayfinder_control::{http, policy_file::PolicyWatcher};
+use wayfinder_proto::policy::Millis;
+use wayfinder_proto::shared::discovery_server::DiscoveryServer;
+use wayfinder_proto::v1::{admin_server::AdminServer, registry_server::RegistryServer};
+
+/// Wayfinder control plane: registry, leases, discovery push and policy.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// gRPC address (Registry, Discovery, Admin).
+    #[arg(long, env = "WAYFINDER_GRPC", default_value = "127.0.0.1:15010")]
+    grpc: SocketAddr,
+    /// HTTP address (/healthz, /metrics, /v1/services).
+    #[arg(long, env = "WAYFINDER_HTTP", default_value = "127.0.0.1:15014")]
+    http: SocketAddr,
+    /// Directory of the embedded store.
+    #[arg(long, env = "WAYFINDER_DATA_DIR", default_value = "./wf-data")]
+    data_dir: PathBuf,
+    /// Policy file (TOML), reloaded when it changes.
+    #[arg(long, env = "WAYFINDER_POLICY")]
+    policy: Option<PathBuf>,
+    /// Lease TTL granted when a sidecar asks for none (e.g. "10s").
+    #[arg(long, env = "WAYFINDER_LEASE_TTL", default_value = "10s", value_parser = duration)]
+    lease_ttl: Duration,
+    /// How long an expired instance stays, as not serving, before removal.
+    #[arg(long, env = "WAYFINDER_LEASE_GRACE", default_value = "20s", value_parser = duration)]
+    lease_grace: Duration,
+    /// Log format.
+    #[arg(long, env = "WAYFINDER_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    log_format: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    Millis::try_from(s.to_string()).map(|m| Duration::from_millis(m.get().into()))
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WAYFINDER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logs(&args.log_format);
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wf-control: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let mut prom = PromRegistry::default();
+    let store: Arc<dyn Store> =
+        Arc::new(FileStore::open(&args.data_dir).context("opening the data directory")?);
+    let persisted = store.load().context("loading saved state")?;
+    let restored = persisted.as_ref().map_or(0, |p| p.services.len());
+    let leases = LeaseConfig {
+        default_ttl: args.lease_ttl,
+        grace: args.lease_grace,
+        ..LeaseConfig::default()
+    };
+    let registry = Registry::new(leases, RegistryMetrics::register(&mut prom), persisted);
+    tracing::info!(store = %store.describe(), services = restored, "state loaded");
+
+    let policy = match &args.policy {
+        Some(path) => Some(PolicyWatcher::load(
+            path.clone(),
+            registry.clone(),
+            &mut prom,
+        )?),
+        None => None,
+    };
+    let persister = Persister::start(registry.clone(), store.clone(), &mut prom);
+    let watch_metrics = discovery::WatchMetrics::register(&mut prom);
+
+    // Bind both ports before serving so a taken port is a clear start-up error.
+    let grpc = TcpListener::bind(args.grpc)
+        .await
+        .with_context(|| format!("binding gRPC on {}", args.grpc))?;
+    let http_listener = TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("binding HTTP on {}", args.http))?;
+
+    if let Some(p) = policy {
+        tokio::spawn(p.run());
+    }
+    tokio::spawn(reaper(registry.clone()));
+
+    let http_app = http::router(http::HttpState {
+        registry: registry.clone(),
+        metrics: Arc::new(prom),
+    });
+    let shutdown = shutdown_signal();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, http_app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    tracing::info!(grpc = %args.grpc, http = %args.http, "wf-control serving");
+    let mut grpc_stop = stop_rx;
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(
+            RegistryServer::new(RegistryService::new(registry.clone(), persister.clone()))
+                .max_decoding_message_size(TRANSPORT_LIMIT),
+        )
+        .add_service(
+            DiscoveryServer::new(discovery::DiscoveryService::new(
+                registry.clone(),
+                watch_metrics,
+            ))
+            .max_decoding_message_size(TRANSPORT_LIMIT),
+        )
+        .add_service(
+            AdminServer::new(AdminService::new(registry.clone(), persister.clone()))
+                .max_decoding_message_size(TRANSPORT_LIMIT),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r.context("gRPC server failed")?,
+        () = shutdown => {
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+            // Watch streams never end by themselves: give unary calls a moment.
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), http_task).await;
+    if !persister.durable(registry.dirty()).await {
+        anyhow::bail!("could not write the final state");
+    }
+    Ok(())
+}
+
+/// Expires leases and drops unwatched empty services. A 100 ms tick bounds how
+/// late an expiry is noticed; scanning even 10,000 leases takes microseconds.
+async fn reaper(registry: Arc<Registry>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        let (expired, removed) = registry.reap(tokio::time::Instant::now());
+        if expired + removed > 0 {
+            tracing::info!(expired, removed, "leases reaped");
+        }
+        n += 1;
+        if n % 100 == 0 {
+            registry.collect_garbage();
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

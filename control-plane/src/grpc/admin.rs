@@ -1,0 +1,92 @@
+//! `wayfinder.v1.Admin`: what wfctl reads and changes.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use wayfinder_proto::policy::ServicePolicy as PolicyModel;
+use wayfinder_proto::v1::{
+    ApplyPolicyRequest, ApplyPolicyResponse, GetPolicyRequest, ListEndpointsRequest,
+    ListEndpointsResponse, ListServicesRequest, ListServicesResponse, ServicePolicy, admin_server,
+};
+use wayfinder_proto::validate;
+
+use super::{check_size, invalid, not_durable};
+use crate::registry::Registry;
+use crate::store::Persister;
+
+/// Serves the Admin API.
+pub struct AdminService {
+    registry: Arc<Registry>,
+    persister: Arc<Persister>,
+}
+
+impl AdminService {
+    /// A service over `registry`.
+    pub fn new(registry: Arc<Registry>, persister: Arc<Persister>) -> Self {
+        Self {
+            registry,
+            persister,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl admin_server::Admin for AdminService {
+    async fn list_services(
+        &self,
+        _req: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        Ok(Response::new(ListServicesResponse {
+            services: self.registry.services(),
+        }))
+    }
+
+    async fn list_endpoints(
+        &self,
+        req: Request<ListEndpointsRequest>,
+    ) -> Result<Response<ListEndpointsResponse>, Status> {
+        let name = req.into_inner().service;
+        validate::service_name(&name).map_err(invalid)?;
+        let (version, endpoints) = self
+            .registry
+            .endpoints(&name)
+            .ok_or_else(|| Status::not_found(format!("service {name} does not exist")))?;
+        Ok(Response::new(ListEndpointsResponse { version, endpoints }))
+    }
+
+    async fn apply_policy(
+        &self,
+        req: Request<ApplyPolicyRequest>,
+    ) -> Result<Response<ApplyPolicyResponse>, Status> {
+        let req = req.into_inner();
+        check_size(&req)?;
+        if req.policies.is_empty() {
+            return Err(Status::invalid_argument("no policies given"));
+        }
+        // Validate every policy before applying any, and store the normalised
+        // form so that equal policies compare equal.
+        let mut policies = Vec::with_capacity(req.policies.len());
+        for p in &req.policies {
+            let (name, model) = PolicyModel::from_proto(p).map_err(invalid)?;
+            policies.push(model.to_proto(name.as_str()));
+        }
+        let (version, changed) = self.registry.apply_policies(policies);
+        tracing::info!(?changed, version, "policies applied");
+        if !self.persister.durable(self.registry.dirty()).await {
+            return Err(not_durable());
+        }
+        Ok(Response::new(ApplyPolicyResponse { version, changed }))
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<GetPolicyRequest>,
+    ) -> Result<Response<ServicePolicy>, Status> {
+        let name = req.into_inner().service;
+        validate::service_name(&name).map_err(invalid)?;
+        self.registry
+            .policy(&name)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("service {name} has no policy")))
+    }
+}

@@ -1,0 +1,52 @@
+//! The gRPC services of `wayfinder.v1`, thin adapters between tonic and the
+//! registry: they validate input, call the registry and map errors to statuses.
+
+pub mod admin;
+pub mod discovery;
+pub mod registry;
+
+use prost::Message;
+use tonic::Status;
+
+use crate::registry::RegistryError;
+
+/// Largest request an RPC accepts; bigger ones are refused with
+/// `InvalidArgument` before any work. Messages beyond tonic's transport limit
+/// ([`TRANSPORT_LIMIT`]) are refused by tonic itself with `OutOfRange`.
+pub const REQUEST_LIMIT: usize = 1024 * 1024;
+/// Decoding limit handed to tonic.
+pub const TRANSPORT_LIMIT: usize = wayfinder_proto::MAX_MESSAGE_BYTES;
+
+/// Refuses requests larger than [`REQUEST_LIMIT`].
+pub fn check_size(msg: &impl Message) -> Result<(), Status> {
+    let len = msg.encoded_len();
+    if len > REQUEST_LIMIT {
+        return Err(Status::invalid_argument(format!(
+            "request is {len} bytes; at most {REQUEST_LIMIT} allowed"
+        )));
+    }
+    Ok(())
+}
+
+impl From<RegistryError> for Status {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::UnknownLease(_) | RegistryError::UnknownEndpoint { .. } => {
+                Status::not_found(e.to_string())
+            }
+            RegistryError::Conflict(_) => Status::failed_precondition(e.to_string()),
+        }
+    }
+}
+
+/// Refuses an invalid name or field with `InvalidArgument`.
+pub fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// The answer when a change was made but could not be made durable in time.
+pub fn not_durable() -> Status {
+    Status::unavailable(
+        "the change is visible but could not be written to the store in time; retry",
+    )
+}

@@ -1,0 +1,133 @@
+//! wf-control's HTTP side (axum): health, Prometheus metrics, JSON views.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::registry::Registry as PromRegistry;
+use serde::Serialize;
+use wayfinder_proto::v1::{Endpoint, Health, ServicePolicy};
+
+use crate::registry::Registry;
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The registry.
+    pub registry: Arc<Registry>,
+    /// Every metric of the process.
+    pub metrics: Arc<PromRegistry>,
+}
+
+/// The router: `/healthz`, `/metrics`, `/v1/services`, `/v1/services/{name}`.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/services", get(services))
+        .route("/v1/services/{name}", get(service))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &s.metrics) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// One service as JSON.
+#[derive(Serialize)]
+struct ServiceView {
+    name: String,
+    version: u64,
+    instances: u32,
+    serving: u32,
+    endpoints: Vec<EndpointView>,
+    policy: Option<ServicePolicy>,
+}
+
+/// One endpoint as JSON, with readable enums.
+#[derive(Serialize)]
+pub struct EndpointView {
+    instance_id: String,
+    address: String,
+    port: u32,
+    weight: u32,
+    zone: String,
+    meshed: bool,
+    health: &'static str,
+    version: u64,
+}
+
+/// Health as a word.
+pub fn health_name(h: i32) -> &'static str {
+    match Health::try_from(h) {
+        Ok(Health::Serving) => "serving",
+        Ok(Health::NotServing) => "not_serving",
+        _ => "unknown",
+    }
+}
+
+impl From<&Endpoint> for EndpointView {
+    fn from(e: &Endpoint) -> Self {
+        let i = e.instance.clone().unwrap_or_default();
+        Self {
+            instance_id: i.instance_id,
+            address: i.address,
+            port: i.port,
+            weight: i.weight,
+            zone: i.zone,
+            meshed: i.meshed,
+            health: health_name(e.health),
+            version: e.version,
+        }
+    }
+}
+
+fn view(registry: &Registry, name: &str) -> Option<ServiceView> {
+    let (version, endpoints) = registry.endpoints(name)?;
+    Some(ServiceView {
+        name: name.to_string(),
+        version,
+        instances: endpoints.len() as u32,
+        serving: endpoints
+            .iter()
+            .filter(|e| e.health == Health::Serving as i32)
+            .count() as u32,
+        endpoints: endpoints.iter().map(EndpointView::from).collect(),
+        policy: registry.policy(name),
+    })
+}
+
+async fn services(State(s): State<HttpState>) -> Json<serde_json::Value> {
+    let all: Vec<_> = s
+        .registry
+        .services()
+        .into_iter()
+        .filter_map(|sum| view(&s.registry, &sum.name))
+        .collect();
+    Json(serde_json::json!({ "services": all }))
+}
+
+async fn service(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+    match view(&s.registry, &name) {
+        Some(v) => Json(v).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("service {name:?} does not exist\n"),
+        )
+            .into_response(),
+    }
+}

@@ -1,0 +1,999 @@
+//! The registry: services, their endpoints and policy, leases, versions, and
+//! the per-service broadcast that carries every change to the watchers.
+//!
+//! All state sits behind one mutex. A mutation changes the state, encodes its
+//! delta once and broadcasts it while still holding the lock; a new watcher
+//! takes its snapshot and subscribes under the same lock. So a watcher sees
+//! every change after its snapshot exactly once, in version order, without
+//! gaps, and the lock is held only for in-memory work (never across I/O).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::registry::Registry as PromRegistry;
+use thiserror::Error;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use wayfinder_proto::encoded::EncodedWatchEvent;
+use wayfinder_proto::v1::{
+    Delta, Endpoint, Health, Instance, ServicePolicy, ServiceSummary, Snapshot, WatchEvent,
+    watch_event::Kind,
+};
+
+use crate::store::{Persisted, PersistedEndpoint, PersistedService};
+
+/// Deltas kept per service so a reconnecting watcher can resume.
+pub const DELTA_LOG_LEN: usize = 256;
+/// Updates buffered per service broadcast before a slow watcher lags and is
+/// sent a fresh snapshot instead.
+pub const BROADCAST_CAPACITY: usize = 256;
+
+/// Metrics of the registry's contents and lifecycle.
+#[derive(Clone)]
+pub struct RegistryMetrics {
+    services: Gauge,
+    instances: Family<HealthLabel, Gauge>,
+    /// Registrations accepted.
+    pub registrations: Counter,
+    /// Leases that expired.
+    pub lease_expirations: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthLabel {
+    health: &'static str,
+}
+
+impl RegistryMetrics {
+    /// Creates the metrics and registers them.
+    pub fn register(reg: &mut PromRegistry) -> Self {
+        let m = Self {
+            services: Gauge::default(),
+            instances: Family::default(),
+            registrations: Counter::default(),
+            lease_expirations: Counter::default(),
+        };
+        reg.register(
+            "wayfinder_control_services",
+            "Services with endpoints or a policy",
+            m.services.clone(),
+        );
+        reg.register(
+            "wayfinder_control_instances",
+            "Registered instances by health",
+            m.instances.clone(),
+        );
+        reg.register(
+            "wayfinder_control_registrations",
+            "Registrations accepted",
+            m.registrations.clone(),
+        );
+        reg.register(
+            "wayfinder_control_lease_expirations",
+            "Leases that expired",
+            m.lease_expirations.clone(),
+        );
+        m
+    }
+
+    fn set_counts(&self, services: i64, serving: i64, not_serving: i64, unknown: i64) {
+        self.services.set(services);
+        for (health, n) in [
+            ("serving", serving),
+            ("not_serving", not_serving),
+            ("unknown", unknown),
+        ] {
+            self.instances.get_or_create(&HealthLabel { health }).set(n);
+        }
+    }
+}
+
+/// Lease timing.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseConfig {
+    /// TTL granted when a registration asks for none.
+    pub default_ttl: Duration,
+    /// Shortest and longest TTL a registration may ask for.
+    pub min_ttl: Duration,
+    /// Longest TTL.
+    pub max_ttl: Duration,
+    /// How long an expired instance stays (as not serving) before removal.
+    pub grace: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(10),
+            min_ttl: Duration::from_millis(500),
+            max_ttl: Duration::from_secs(300),
+            grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Why a registry operation failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RegistryError {
+    /// The lease does not exist (never did, or was removed).
+    #[error("lease {0} is unknown")]
+    UnknownLease(u64),
+    /// No such endpoint.
+    #[error("service {service} has no endpoint {address}")]
+    UnknownEndpoint {
+        /// Service.
+        service: String,
+        /// `ip:port`.
+        address: String,
+    },
+    /// A static endpoint would replace a leased one or the other way round.
+    #[error("instance {0} is registered with a lease; deregister it by lease")]
+    Conflict(String),
+}
+
+/// One registration as stored.
+#[derive(Debug, Clone)]
+struct Entry {
+    instance: Instance,
+    health: Health,
+    version: u64,
+    lease: Option<u64>,
+}
+
+impl Entry {
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            instance: Some(self.instance.clone()),
+            health: self.health as i32,
+            version: self.version,
+        }
+    }
+}
+
+/// One change as delivered to watchers.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    /// Version of the service before the change.
+    pub prev_version: u64,
+    /// Version after it.
+    pub version: u64,
+    /// The encoded `WatchEvent` (shared, never copied per watcher).
+    pub event: EncodedWatchEvent,
+    /// When the change was accepted, for the push-latency histogram.
+    pub at: Instant,
+}
+
+struct Service {
+    version: u64,
+    endpoints: BTreeMap<String, Entry>,
+    policy: Option<ServicePolicy>,
+    log: VecDeque<Pushed>,
+    tx: broadcast::Sender<Pushed>,
+}
+
+impl Service {
+    fn new(version: u64) -> Self {
+        Self {
+            version,
+            endpoints: BTreeMap::new(),
+            policy: None,
+            log: VecDeque::new(),
+            tx: broadcast::channel(BROADCAST_CAPACITY).0,
+        }
+    }
+
+    fn exists(&self) -> bool {
+        !self.endpoints.is_empty() || self.policy.is_some()
+    }
+
+    fn snapshot(&self, name: &str) -> WatchEvent {
+        WatchEvent {
+            service: name.to_string(),
+            version: self.version,
+            changed_at_us: unix_micros(),
+            kind: Some(Kind::Snapshot(Snapshot {
+                exists: self.exists(),
+                endpoints: self.endpoints.values().map(Entry::endpoint).collect(),
+                policy: self.policy.clone(),
+            })),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum LeaseState {
+    Active { deadline: Instant },
+    Expired { remove_at: Instant },
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    service: String,
+    instance_id: String,
+    ttl: Duration,
+    state: LeaseState,
+}
+
+struct State {
+    version: u64,
+    next_lease: u64,
+    services: HashMap<String, Service>,
+    leases: HashMap<u64, Lease>,
+    /// Bumped by every change that must reach the store.
+    dirty: u64,
+}
+
+/// What a new watcher receives for one service.
+pub struct Subscription {
+    /// Events to send first: a snapshot, or the deltas missed since the
+    /// client's version (possibly none).
+    pub initial: Vec<EncodedWatchEvent>,
+    /// Later changes.
+    pub rx: broadcast::Receiver<Pushed>,
+    /// Whether `initial` is a snapshot (for metrics).
+    pub snapshot: bool,
+}
+
+/// The registry, shared by the gRPC services, the lease reaper and the store.
+pub struct Registry {
+    state: Mutex<State>,
+    leases: LeaseConfig,
+    metrics: RegistryMetrics,
+}
+
+/// Result of a successful registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// Lease id (0 for static endpoints).
+    pub lease_id: u64,
+    /// Granted TTL.
+    pub ttl: Duration,
+    /// Stored instance id.
+    pub instance_id: String,
+    /// Version at which it became visible.
+    pub version: u64,
+}
+
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A change to one service, applied in one place ([`Registry::commit`]).
+#[derive(Default)]
+struct Change {
+    added: Vec<Endpoint>,
+    changed: Vec<Endpoint>,
+    removed: Vec<String>,
+    policy: Option<ServicePolicy>,
+    policy_removed: bool,
+}
+
+impl Registry {
+    /// A registry restored from `persisted` (or empty). Restored leases get a
+    /// fresh TTL from now, so live sidecars keep them by heartbeating.
+    pub fn new(
+        leases: LeaseConfig,
+        metrics: RegistryMetrics,
+        persisted: Option<Persisted>,
+    ) -> Arc<Self> {
+        let mut state = State {
+            version: 0,
+            next_lease: 1,
+            services: HashMap::new(),
+            leases: HashMap::new(),
+            dirty: 0,
+        };
+        if let Some(p) = persisted {
+            state.version = p.version;
+            state.next_lease = p.next_lease.max(1);
+            let now = Instant::now();
+            for s in p.services {
+                let mut svc = Service::new(s.version);
+                svc.policy = s.policy;
+                for e in s.endpoints {
+                    let id = e.instance.instance_id.clone();
+                    if let (Some(lease), Some(ttl_ms)) = (e.lease, e.ttl_ms) {
+                        let ttl = Duration::from_millis(ttl_ms.into());
+                        state.leases.insert(
+                            lease,
+                            Lease {
+                                service: s.name.clone(),
+                                instance_id: id.clone(),
+                                ttl,
+                                state: LeaseState::Active {
+                                    deadline: now + ttl,
+                                },
+                            },
+                        );
+                    }
+                    svc.endpoints.insert(
+                        id,
+                        Entry {
+                            instance: e.instance,
+                            health: e.health,
+                            version: e.version,
+                            lease: e.lease,
+                        },
+                    );
+                }
+                state.services.insert(s.name, svc);
+            }
+        }
+        let reg = Arc::new(Self {
+            state: Mutex::new(state),
+            leases,
+            metrics,
+        });
+        reg.update_gauges(&reg.lock());
+        reg
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock aborts the process (panic = "abort"
+        // in release), so a poisoned lock only happens in tests; the state is
+        // still consistent because every mutation completes before unlocking.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lease timing in force.
+    pub fn lease_config(&self) -> LeaseConfig {
+        self.leases
+    }
+
+    /// Applies `change` to `name`: bumps the version, encodes the delta once,
+    /// logs it for resumption and broadcasts it. Returns the new version.
+    fn commit(&self, st: &mut State, name: &str, change: Change) -> u64 {
+        st.version += 1;
+        st.dirty += 1;
+        let version = st.version;
+        let svc = st
+            .services
+            .entry(name.to_string())
+            .or_insert_with(|| Service::new(0));
+        let prev_version = svc.version;
+        svc.version = version;
+        let event = WatchEvent {
+            service: name.to_string(),
+            version,
+            changed_at_us: unix_micros(),
+            kind: Some(Kind::Delta(Delta {
+                prev_version,
+                added: change.added,
+                changed: change.changed,
+                removed: change.removed,
+                policy: change.policy,
+                policy_removed: change.policy_removed,
+            })),
+        };
+        let pushed = Pushed {
+            prev_version,
+            version,
+            event: EncodedWatchEvent::new(&event),
+            at: Instant::now(),
+        };
+        if svc.log.len() == DELTA_LOG_LEN {
+            svc.log.pop_front();
+        }
+        svc.log.push_back(pushed.clone());
+        // No receivers is fine: nobody watches this service right now.
+        let _ = svc.tx.send(pushed);
+        self.update_gauges(st);
+        version
+    }
+
+    fn update_gauges(&self, st: &State) {
+        let (mut serving, mut not_serving, mut unknown) = (0i64, 0i64, 0i64);
+        let mut services = 0i64;
+        for svc in st.services.values() {
+            services += i64::from(svc.exists());
+            for e in svc.endpoints.values() {
+                match e.health {
+                    Health::Serving => serving += 1,
+                    Health::NotServing => not_serving += 1,
+                    Health::Unknown => unknown += 1,
+                }
+            }
+        }
+        self.metrics
+            .set_counts(services, serving, not_serving, unknown);
+    }
+
+    /// Registers an already validated instance.
+    pub fn register(
+        &self,
+        instance: Instance,
+        static_endpoint: bool,
+        ttl: Option<Duration>,
+        health: Health,
+    ) -> Result<Registered, RegistryError> {
+        let mut st = self.lock();
+        let name = instance.service.clone();
+        let id = instance.instance_id.clone();
+        let old = st
+            .services
+            .get(&name)
+            .and_then(|s| s.endpoints.get(&id))
+            .cloned();
+        if let Some(old) = &old
+            && static_endpoint
+            && old.lease.is_some()
+        {
+            return Err(RegistryError::Conflict(id));
+        }
+        // A sidecar that registers again (it restarted, or its lease was lost)
+        // replaces its previous lease.
+        if let Some(old_lease) = old.as_ref().and_then(|o| o.lease) {
+            st.leases.remove(&old_lease);
+        }
+        let (lease_id, ttl) = if static_endpoint {
+            (0, Duration::ZERO)
+        } else {
+            let ttl = ttl
+                .unwrap_or(self.leases.default_ttl)
+                .clamp(self.leases.min_ttl, self.leases.max_ttl);
+            let lease_id = st.next_lease;
+            st.next_lease += 1;
+            st.leases.insert(
+                lease_id,
+                Lease {
+                    service: name.clone(),
+                    instance_id: id.clone(),
+                    ttl,
+                    state: LeaseState::Active {
+                        deadline: Instant::now() + ttl,
+                    },
+                },
+            );
+            (lease_id, ttl)
+        };
+        let entry = Entry {
+            instance,
+            health,
+            version: st.version + 1,
+            lease: (lease_id != 0).then_some(lease_id),
+        };
+        let mut change = Change::default();
+        if old.is_some() {
+            change.changed.push(entry.endpoint());
+        } else {
+            change.added.push(entry.endpoint());
+        }
+        st.services
+            .entry(name.clone())
+            .or_insert_with(|| Service::new(0))
+            .endpoints
+            .insert(id.clone(), entry);
+        let version = self.commit(&mut st, &name, change);
+        self.metrics.registrations.inc();
+        Ok(Registered {
+            lease_id,
+            ttl,
+            instance_id: id,
+            version,
+        })
+    }
+
+    /// Renews a lease and records the sidecar's health report. A lease in its
+    /// grace period comes back to life: the sidecar was only cut off.
+    pub fn heartbeat(&self, lease_id: u64, health: Health) -> Result<Duration, RegistryError> {
+        let mut st = self.lock();
+        let lease = st
+            .leases
+            .get_mut(&lease_id)
+            .ok_or(RegistryError::UnknownLease(lease_id))?;
+        lease.state = LeaseState::Active {
+            deadline: Instant::now() + lease.ttl,
+        };
+        let (ttl, name, id) = (lease.ttl, lease.service.clone(), lease.instance_id.clone());
+        self.set_health(&mut st, &name, &id, health);
+        Ok(ttl)
+    }
+
+    fn set_health(&self, st: &mut State, name: &str, id: &str, health: Health) {
+        let next_version = st.version + 1;
+        let Some(entry) = st
+            .services
+            .get_mut(name)
+            .and_then(|s| s.endpoints.get_mut(id))
+        else {
+            return;
+        };
+        if entry.health == health {
+            return;
+        }
+        entry.health = health;
+        entry.version = next_version;
+        let change = Change {
+            changed: vec![entry.endpoint()],
+            ..Change::default()
+        };
+        self.commit(st, name, change);
+    }
+
+    /// Removes a leased registration.
+    pub fn deregister_lease(&self, lease_id: u64) -> Result<u64, RegistryError> {
+        let mut st = self.lock();
+        let lease = st
+            .leases
+            .remove(&lease_id)
+            .ok_or(RegistryError::UnknownLease(lease_id))?;
+        Ok(self.remove_entry(&mut st, &lease.service, &lease.instance_id))
+    }
+
+    /// Removes a static endpoint by address.
+    pub fn deregister_address(
+        &self,
+        service: &str,
+        address: &str,
+        port: u32,
+    ) -> Result<u64, RegistryError> {
+        let mut st = self.lock();
+        let found = st.services.get(service).and_then(|s| {
+            s.endpoints
+                .values()
+                .find(|e| e.instance.address == address && e.instance.port == port)
+                .map(|e| (e.instance.instance_id.clone(), e.lease))
+        });
+        let unknown = || RegistryError::UnknownEndpoint {
+            service: service.to_string(),
+            address: format!("{address}:{port}"),
+        };
+        let (id, lease) = found.ok_or_else(unknown)?;
+        if lease.is_some() {
+            return Err(RegistryError::Conflict(id));
+        }
+        Ok(self.remove_entry(&mut st, service, &id))
+    }
+
+    fn remove_entry(&self, st: &mut State, service: &str, id: &str) -> u64 {
+        let removed = st
+            .services
+            .get_mut(service)
+            .and_then(|s| s.endpoints.remove(id))
+            .is_some();
+        if !removed {
+            return st.version;
+        }
+        let change = Change {
+            removed: vec![id.to_string()],
+            ..Change::default()
+        };
+        self.commit(st, service, change)
+    }
+
+    /// Applies policies (already validated). Unchanged ones are skipped.
+    /// Returns the version and the services that changed.
+    pub fn apply_policies(&self, policies: Vec<ServicePolicy>) -> (u64, Vec<String>) {
+        let mut st = self.lock();
+        let mut changed = Vec::new();
+        for p in policies {
+            let name = p.service.clone();
+            let svc = st
+                .services
+                .entry(name.clone())
+                .or_insert_with(|| Service::new(0));
+            if svc.policy.as_ref() == Some(&p) {
+                continue;
+            }
+            svc.policy = Some(p.clone());
+            let change = Change {
+                policy: Some(p),
+                ..Change::default()
+            };
+            self.commit(&mut st, &name, change);
+            changed.push(name);
+        }
+        (st.version, changed)
+    }
+
+    /// Removes a service's policy; returns whether it had one.
+    pub fn remove_policy(&self, service: &str) -> bool {
+        let mut st = self.lock();
+        let had = st
+            .services
+            .get_mut(service)
+            .and_then(|s| s.policy.take())
+            .is_some();
+        if had {
+            let change = Change {
+                policy_removed: true,
+                ..Change::default()
+            };
+            self.commit(&mut st, service, change);
+        }
+        had
+    }
+
+    /// A service's policy.
+    pub fn policy(&self, service: &str) -> Option<ServicePolicy> {
+        self.lock().services.get(service)?.policy.clone()
+    }
+
+    /// Summaries of every existing service, sorted by name.
+    pub fn services(&self) -> Vec<ServiceSummary> {
+        let st = self.lock();
+        let mut out: Vec<_> = st
+            .services
+            .iter()
+            .filter(|(_, s)| s.exists())
+            .map(|(name, s)| ServiceSummary {
+                name: name.clone(),
+                instances: s.endpoints.len() as u32,
+                serving: s
+                    .endpoints
+                    .values()
+                    .filter(|e| e.health == Health::Serving)
+                    .count() as u32,
+                version: s.version,
+                has_policy: s.policy.is_some(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// A service's version and endpoints (sorted by instance id).
+    pub fn endpoints(&self, service: &str) -> Option<(u64, Vec<Endpoint>)> {
+        let st = self.lock();
+        let s = st.services.get(service).filter(|s| s.exists())?;
+        Some((
+            s.version,
+            s.endpoints.values().map(Entry::endpoint).collect(),
+        ))
+    }
+
+    /// Starts watching `name` from `last_version` (0 = snapshot). Creates an
+    /// empty entry for a service that does not exist yet, so its first
+    /// registration reaches the watcher as a delta.
+    pub fn subscribe(&self, name: &str, last_version: u64) -> Subscription {
+        let mut st = self.lock();
+        let svc = st
+            .services
+            .entry(name.to_string())
+            .or_insert_with(|| Service::new(0));
+        let rx = svc.tx.subscribe();
+        if last_version != 0 && last_version == svc.version {
+            return Subscription {
+                initial: Vec::new(),
+                rx,
+                snapshot: false,
+            };
+        }
+        if last_version != 0
+            && let Some(start) = svc.log.iter().position(|p| p.prev_version == last_version)
+        {
+            return Subscription {
+                initial: svc
+                    .log
+                    .iter()
+                    .skip(start)
+                    .map(|p| p.event.clone())
+                    .collect(),
+                rx,
+                snapshot: false,
+            };
+        }
+        Subscription {
+            initial: vec![EncodedWatchEvent::new(&svc.snapshot(name))],
+            rx,
+            snapshot: true,
+        }
+    }
+
+    /// Drops empty service entries nobody watches any more.
+    pub fn collect_garbage(&self) {
+        let mut st = self.lock();
+        st.services
+            .retain(|_, s| s.exists() || s.tx.receiver_count() > 0);
+    }
+
+    /// Expires leases whose deadline passed (their instances turn NOT_SERVING)
+    /// and removes instances whose grace period ended. Returns how many
+    /// leases expired and how many instances were removed.
+    pub fn reap(&self, now: Instant) -> (usize, usize) {
+        let mut st = self.lock();
+        let mut expired = Vec::new();
+        let mut removed = Vec::new();
+        for (&id, lease) in st.leases.iter_mut() {
+            match lease.state {
+                LeaseState::Active { deadline } if deadline <= now => {
+                    lease.state = LeaseState::Expired {
+                        remove_at: deadline + self.leases.grace,
+                    };
+                    expired.push((lease.service.clone(), lease.instance_id.clone()));
+                    if deadline + self.leases.grace <= now {
+                        removed.push(id);
+                    }
+                }
+                LeaseState::Expired { remove_at } if remove_at <= now => removed.push(id),
+                _ => {}
+            }
+        }
+        for (service, instance) in &expired {
+            self.set_health(&mut st, service, instance, Health::NotServing);
+        }
+        for id in &removed {
+            if let Some(lease) = st.leases.remove(id) {
+                self.remove_entry(&mut st, &lease.service, &lease.instance_id);
+            }
+        }
+        self.metrics.lease_expirations.inc_by(expired.len() as u64);
+        (expired.len(), removed.len())
+    }
+
+    /// A fresh snapshot and receiver for a watcher that lagged behind.
+    pub fn resubscribe(&self, name: &str) -> Subscription {
+        self.subscribe(name, 0)
+    }
+
+    /// Change counter for the store: differs from the last saved value when
+    /// something must be written.
+    pub fn dirty(&self) -> u64 {
+        self.lock().dirty
+    }
+
+    /// What the store persists, and the change counter it corresponds to.
+    pub fn persisted(&self) -> (u64, Persisted) {
+        let st = self.lock();
+        let mut services: Vec<_> = st
+            .services
+            .iter()
+            .filter(|(_, s)| s.exists())
+            .map(|(name, s)| PersistedService {
+                name: name.clone(),
+                version: s.version,
+                policy: s.policy.clone(),
+                endpoints: s
+                    .endpoints
+                    .values()
+                    .map(|e| PersistedEndpoint {
+                        instance: e.instance.clone(),
+                        health: e.health,
+                        version: e.version,
+                        lease: e.lease,
+                        ttl_ms: e
+                            .lease
+                            .and_then(|l| st.leases.get(&l))
+                            .map(|l| l.ttl.as_millis() as u32),
+                    })
+                    .collect(),
+            })
+            .collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        (
+            st.dirty,
+            Persisted {
+                version: st.version,
+                next_lease: st.next_lease,
+                services,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::registry::Registry as Prom;
+
+    fn registry(leases: LeaseConfig) -> Arc<Registry> {
+        Registry::new(
+            leases,
+            RegistryMetrics::register(&mut Prom::default()),
+            None,
+        )
+    }
+
+    fn inst(service: &str, id: &str, port: u32) -> Instance {
+        Instance {
+            service: service.into(),
+            instance_id: id.into(),
+            address: "127.0.0.1".into(),
+            port,
+            weight: 100,
+            ..Default::default()
+        }
+    }
+
+    fn decode(e: &EncodedWatchEvent) -> WatchEvent {
+        e.decode().expect("valid event")
+    }
+
+    fn delta(p: &Pushed) -> Delta {
+        match decode(&p.event).kind {
+            Some(Kind::Delta(d)) => d,
+            other => panic!("expected delta, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_lease_turns_unhealthy_then_is_removed_after_grace() {
+        let cfg = LeaseConfig {
+            default_ttl: Duration::from_secs(10),
+            grace: Duration::from_secs(20),
+            ..LeaseConfig::default()
+        };
+        let reg = registry(cfg);
+        let r = reg
+            .register(inst("web", "web-1", 1), false, None, Health::Serving)
+            .expect("registers");
+        let mut sub = reg.subscribe("web", r.version);
+        assert!(
+            sub.initial.is_empty(),
+            "resuming at the current version sends nothing"
+        );
+
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(reg.reap(Instant::now()), (0, 0));
+        assert_eq!(
+            reg.heartbeat(r.lease_id, Health::Serving),
+            Ok(cfg.default_ttl)
+        );
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(reg.reap(Instant::now()), (1, 0));
+        let d = delta(&sub.rx.try_recv().expect("health delta"));
+        assert_eq!(d.changed[0].health, Health::NotServing as i32);
+
+        tokio::time::advance(Duration::from_secs(19)).await;
+        assert_eq!(reg.reap(Instant::now()), (0, 0));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(reg.reap(Instant::now()), (0, 1));
+        assert_eq!(
+            delta(&sub.rx.try_recv().expect("removal")).removed,
+            vec!["web-1"]
+        );
+        assert_eq!(
+            reg.heartbeat(r.lease_id, Health::Serving),
+            Err(RegistryError::UnknownLease(r.lease_id))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeat_in_grace_period_revives_the_instance() {
+        let reg = registry(LeaseConfig::default());
+        let r = reg
+            .register(
+                inst("web", "web-1", 1),
+                false,
+                Some(Duration::from_secs(2)),
+                Health::Serving,
+            )
+            .expect("registers");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        reg.reap(Instant::now());
+        assert_eq!(
+            reg.endpoints("web").expect("exists").1[0].health,
+            Health::NotServing as i32
+        );
+        reg.heartbeat(r.lease_id, Health::Serving)
+            .expect("lease still known");
+        assert_eq!(
+            reg.endpoints("web").expect("exists").1[0].health,
+            Health::Serving as i32
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            reg.reap(Instant::now()),
+            (1, 0),
+            "expires again, but is not removed yet"
+        );
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(
+            reg.reap(Instant::now()),
+            (0, 1),
+            "removed once the grace period ends"
+        );
+    }
+
+    #[tokio::test]
+    async fn deltas_arrive_in_order_and_resume_uses_the_log() {
+        let reg = registry(LeaseConfig::default());
+        let mut sub = reg.subscribe("api", 0);
+        assert!(sub.snapshot);
+        let snap = decode(&sub.initial[0]);
+        assert!(matches!(
+            snap.kind,
+            Some(Kind::Snapshot(Snapshot { exists: false, .. }))
+        ));
+
+        let a = reg
+            .register(inst("api", "a", 1), true, None, Health::Unknown)
+            .expect("a");
+        let b = reg
+            .register(inst("api", "b", 2), true, None, Health::Unknown)
+            .expect("b");
+        reg.deregister_address("api", "127.0.0.1", 1)
+            .expect("removes a");
+        let got: Vec<_> = (0..3).map(|_| sub.rx.try_recv().expect("delta")).collect();
+        assert_eq!(got[0].prev_version, 0);
+        assert_eq!(got[1].prev_version, a.version);
+        assert_eq!(got[2].prev_version, b.version);
+        assert_eq!(delta(&got[2]).removed, vec!["a"]);
+
+        // A client that saw only the first change gets exactly the two after it.
+        let resumed = reg.subscribe("api", a.version);
+        assert!(!resumed.snapshot);
+        let versions: Vec<_> = resumed.initial.iter().map(|e| decode(e).version).collect();
+        assert_eq!(versions, vec![got[1].version, got[2].version]);
+    }
+
+    #[tokio::test]
+    async fn resume_beyond_the_log_gets_a_snapshot() {
+        let reg = registry(LeaseConfig::default());
+        let first = reg
+            .register(inst("web", "w", 1), true, None, Health::Unknown)
+            .expect("w");
+        for i in 0..DELTA_LOG_LEN as u32 + 5 {
+            let h = if i % 2 == 0 {
+                Health::Serving
+            } else {
+                Health::NotServing
+            };
+            let r = reg
+                .register(inst("web", "w", 1), true, None, h)
+                .expect("re-register");
+            assert!(r.version > first.version);
+        }
+        let sub = reg.subscribe("web", first.version);
+        assert!(sub.snapshot);
+    }
+
+    #[tokio::test]
+    async fn a_slow_receiver_lags_instead_of_growing_memory() {
+        let reg = registry(LeaseConfig::default());
+        let mut slow = reg.subscribe("web", 0).rx;
+        for i in 0..BROADCAST_CAPACITY as u32 + 10 {
+            reg.register(
+                inst("web", &format!("w{i}"), i + 1),
+                true,
+                None,
+                Health::Unknown,
+            )
+            .expect("registers");
+        }
+        assert!(matches!(
+            slow.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(_))
+        ));
+        let fresh = reg.resubscribe("web");
+        match decode(&fresh.initial[0]).kind {
+            Some(Kind::Snapshot(s)) => assert_eq!(s.endpoints.len(), BROADCAST_CAPACITY + 10),
+            other => panic!("expected snapshot, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unchanged_policy_is_not_pushed_again() {
+        let reg = registry(LeaseConfig::default());
+        let p = ServicePolicy {
+            service: "web".into(),
+            balancer: 1,
+            ..Default::default()
+        };
+        assert_eq!(reg.apply_policies(vec![p.clone()]).1, vec!["web"]);
+        assert!(reg.apply_policies(vec![p]).1.is_empty());
+        assert!(reg.remove_policy("web"));
+        assert!(reg.services().is_empty());
+    }
+
+    #[tokio::test]
+    async fn static_and_leased_registrations_do_not_replace_each_other_by_address() {
+        let reg = registry(LeaseConfig::default());
+        reg.register(inst("web", "web-1", 1), false, None, Health::Serving)
+            .expect("leased");
+        assert_eq!(
+            reg.register(inst("web", "web-1", 1), true, None, Health::Unknown),
+            Err(RegistryError::Conflict("web-1".into()))
+        );
+        assert!(matches!(
+            reg.deregister_address("web", "127.0.0.1", 1),
+            Err(RegistryError::Conflict(_))
+        ));
+    }
+}
