@@ -1,1 +1,143 @@
-fn main() {}
+//! `wfctl`: Wayfinder's operator CLI.
+
+mod commands;
+mod output;
+mod watch;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tonic::transport::{Channel, Endpoint};
+
+use output::Format;
+
+/// Operate a Wayfinder mesh: services, endpoints, watches, static
+/// registrations and policy.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Control plane gRPC address.
+    #[arg(long, global = true, env = "WAYFINDER_CONTROL_PLANE", default_value = "http://127.0.0.1:15010")]
+    control_plane: String,
+    /// Output: tables for people, JSON for scripts (one object per line for `watch`).
+    #[arg(long, short, global = true, env = "WAYFINDER_OUTPUT", default_value = "table")]
+    output: Format,
+    /// Time limit for one request (not for `watch`), e.g. "5s".
+    #[arg(long, global = true, env = "WAYFINDER_TIMEOUT", default_value = "5s", value_parser = duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List services with instance counts.
+    Services,
+    /// List the endpoints of a service with their health.
+    Endpoints {
+        /// Service name.
+        service: String,
+    },
+    /// Print each update of one or more services as it arrives.
+    Watch {
+        /// Service names.
+        #[arg(required = true)]
+        services: Vec<String>,
+        /// Stop after this many events (for scripts); 0 = forever.
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+    /// Register a static (non-meshed) endpoint; it survives control-plane restarts.
+    Register {
+        /// Service name.
+        service: String,
+        /// IP:PORT of the endpoint.
+        addr: std::net::SocketAddr,
+        /// Relative weight (1-10000).
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+        /// Instance id (default: the address).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Zone.
+        #[arg(long, default_value = "")]
+        zone: String,
+    },
+    /// Remove a static endpoint.
+    Deregister {
+        /// Service name.
+        service: String,
+        /// IP:PORT of the endpoint.
+        addr: std::net::SocketAddr,
+    },
+    /// Manage per-service policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Validate a TOML policy file locally, then apply it.
+    Apply {
+        /// Policy file.
+        file: std::path::PathBuf,
+    },
+    /// Print a service's policy (TOML for people, JSON with --output json).
+    Get {
+        /// Service name.
+        service: String,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    wayfinder_proto::policy::Millis::try_from(s.to_string()).map(|m| Duration::from_millis(m.get().into()))
+}
+
+async fn connect(cli: &Cli) -> Result<Channel> {
+    Endpoint::from_shared(cli.control_plane.clone())
+        .with_context(|| format!("{:?} is not a control-plane URL", cli.control_plane))?
+        .connect_timeout(cli.timeout)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the control plane at {}", cli.control_plane))
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wfctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    // Local validation first: a bad file is reported without a connection.
+    if let Command::Policy(PolicyCommand::Apply { file }) = &cli.command {
+        let policies = wayfinder_proto::policy::PolicyFile::load(file)?;
+        let ch = connect(&cli).await?;
+        return commands::policy_apply(ch, cli.timeout, policies, cli.output).await;
+    }
+    let ch = connect(&cli).await?;
+    let (t, out) = (cli.timeout, cli.output);
+    match cli.command {
+        Command::Services => commands::services(ch, t, out).await,
+        Command::Endpoints { service } => commands::endpoints(ch, t, &service, out).await,
+        Command::Watch { services, count } => watch::run(ch, services, count, out).await,
+        Command::Register {
+            service,
+            addr,
+            weight,
+            instance,
+            zone,
+        } => commands::register(ch, t, service, addr, weight, instance, zone, out).await,
+        Command::Deregister { service, addr } => commands::deregister(ch, t, service, addr, out).await,
+        Command::Policy(PolicyCommand::Get { service }) => commands::policy_get(ch, t, &service, out).await,
+        Command::Policy(PolicyCommand::Apply { .. }) => unreachable!("handled above"),
+    }
+}

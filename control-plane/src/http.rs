@@ -9,7 +9,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use prometheus_client::registry::Registry as PromRegistry;
 use serde::Serialize;
-use wayfinder_proto::v1::{Endpoint, Health, ServicePolicy};
+use wayfinder_proto::v1::{Health, ServicePolicy};
+use wayfinder_proto::view::EndpointView;
 
 use crate::registry::Registry;
 
@@ -56,44 +57,6 @@ struct ServiceView {
     serving: u32,
     endpoints: Vec<EndpointView>,
     policy: Option<ServicePolicy>,
-}
-
-/// One endpoint as JSON, with readable enums.
-#[derive(Serialize)]
-pub struct EndpointView {
-    instance_id: String,
-    address: String,
-    port: u32,
-    weight: u32,
-    zone: String,
-    meshed: bool,
-    health: &'static str,
-    version: u64,
-}
-
-/// Health as a word.
-pub fn health_name(h: i32) -> &'static str {
-    match Health::try_from(h) {
-        Ok(Health::Serving) => "serving",
-        Ok(Health::NotServing) => "not_serving",
-        _ => "unknown",
-    }
-}
-
-impl From<&Endpoint> for EndpointView {
-    fn from(e: &Endpoint) -> Self {
-        let i = e.instance.clone().unwrap_or_default();
-        Self {
-            instance_id: i.instance_id,
-            address: i.address,
-            port: i.port,
-            weight: i.weight,
-            zone: i.zone,
-            meshed: i.meshed,
-            health: health_name(e.health),
-            version: e.version,
-        }
-    }
 }
 
 fn view(registry: &Registry, name: &str) -> Option<ServiceView> {

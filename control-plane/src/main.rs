@@ -56,7 +56,8 @@ fn init_logs(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {
@@ -115,6 +116,8 @@ async fn run(args: Args) -> Result<()> {
     }
     tokio::spawn(reaper(registry.clone()));
 
+    let grpc_addr = grpc.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
     let http_app = http::router(http::HttpState {
         registry: registry.clone(),
         metrics: Arc::new(prom),
@@ -130,7 +133,8 @@ async fn run(args: Args) -> Result<()> {
             .await
     });
 
-    tracing::info!(grpc = %args.grpc, http = %args.http, "wf-control serving");
+    // Tests and scripts pass port 0 and read the bound addresses from this line.
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, "wf-control serving");
     let mut grpc_stop = stop_rx;
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)

@@ -4,6 +4,7 @@
 pub mod encoded;
 pub mod policy;
 pub mod validate;
+pub mod view;
 
 /// Generated messages, clients and servers of `wayfinder.v1`.
 #[allow(clippy::all, missing_docs)]

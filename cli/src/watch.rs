@@ -1,0 +1,150 @@
+//! `wfctl watch`: prints every update; reconnects with jittered backoff and
+//! resumes from the last version it printed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use futures::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+use wayfinder_proto::v1::{
+    Endpoint, ServiceWatch, WatchEvent, WatchRequest, discovery_client::DiscoveryClient,
+    watch_event::Kind,
+};
+use wayfinder_proto::view::EndpointView;
+
+use crate::commands::bracket;
+use crate::output::{self, Format};
+
+/// Watches until `count` events were printed (0 = forever).
+pub async fn run(ch: Channel, services: Vec<String>, count: u64, out: Format) -> Result<()> {
+    let mut versions: BTreeMap<String, u64> = services.into_iter().map(|s| (s, 0)).collect();
+    let mut printed = 0u64;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let req = WatchRequest {
+            services: versions
+                .iter()
+                .map(|(name, &last_version)| ServiceWatch {
+                    name: name.clone(),
+                    last_version,
+                })
+                .collect(),
+            node: "wfctl".into(),
+        };
+        let mut client = DiscoveryClient::new(ch.clone());
+        let err = match client.watch(req).await {
+            Err(s) if s.code() == Code::InvalidArgument => bail!("refused: {}", s.message()),
+            Err(s) => s,
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                backoff = Duration::from_millis(100);
+                loop {
+                    match stream.next().await {
+                        Some(Ok(event)) => {
+                            versions.insert(event.service.clone(), event.version);
+                            print_event(&event, out)?;
+                            printed += 1;
+                            if count != 0 && printed >= count {
+                                return Ok(());
+                            }
+                        }
+                        Some(Err(s)) => break s,
+                        None => break tonic::Status::unavailable("stream ended"),
+                    }
+                }
+            }
+        };
+        eprintln!("wfctl: watch interrupted ({}); reconnecting in {:?}", err.message(), backoff);
+        let jitter = rand_jitter(backoff);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn rand_jitter(d: Duration) -> Duration {
+    // Sub-second jitter from the clock is enough to spread a few CLIs apart.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    d.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
+
+fn line(sign: char, e: &Endpoint) -> String {
+    let v = EndpointView::from(e);
+    format!(
+        "  {sign} {} {}:{} {} weight={}",
+        v.instance_id,
+        bracket(&v.address),
+        v.port,
+        v.health,
+        v.weight
+    )
+}
+
+fn print_event(event: &WatchEvent, out: Format) -> Result<()> {
+    if out == Format::Json {
+        let (kind, body) = match &event.kind {
+            Some(Kind::Snapshot(s)) => (
+                "snapshot",
+                serde_json::json!({
+                    "exists": s.exists,
+                    "endpoints": s.endpoints.iter().map(EndpointView::from).collect::<Vec<_>>(),
+                    "policy": s.policy,
+                }),
+            ),
+            Some(Kind::Delta(d)) => (
+                "delta",
+                serde_json::json!({
+                    "prev_version": d.prev_version,
+                    "added": d.added.iter().map(EndpointView::from).collect::<Vec<_>>(),
+                    "changed": d.changed.iter().map(EndpointView::from).collect::<Vec<_>>(),
+                    "removed": d.removed,
+                    "policy": d.policy,
+                    "policy_removed": d.policy_removed,
+                }),
+            ),
+            None => ("empty", serde_json::Value::Null),
+        };
+        return output::json(&serde_json::json!({
+            "service": event.service, "version": event.version, "kind": kind,
+            "changed_at_us": event.changed_at_us, "update": body,
+        }));
+    }
+    match &event.kind {
+        Some(Kind::Snapshot(s)) => {
+            let what = if s.exists { "" } else { " (service does not exist yet)" };
+            println!(
+                "{} v{} snapshot: {} endpoints{what}{}",
+                event.service,
+                event.version,
+                s.endpoints.len(),
+                if s.policy.is_some() { ", policy set" } else { "" }
+            );
+            for e in &s.endpoints {
+                println!("{}", line(' ', e));
+            }
+        }
+        Some(Kind::Delta(d)) => {
+            println!("{} v{} delta:", event.service, event.version);
+            for e in &d.added {
+                println!("{}", line('+', e));
+            }
+            for e in &d.changed {
+                println!("{}", line('~', e));
+            }
+            for id in &d.removed {
+                println!("  - {id}");
+            }
+            if d.policy.is_some() {
+                println!("  policy changed");
+            }
+            if d.policy_removed {
+                println!("  policy removed");
+            }
+        }
+        None => {}
+    }
+    Ok(())
+}
