@@ -73,14 +73,20 @@ pub async fn endpoints(ch: Channel, t: Duration, service: &str, out: Format) -> 
     if out == Format::Json {
         return output::json(&serde_json::json!({ "version": resp.version, "endpoints": views }));
     }
-    let mut table = output::table(&["INSTANCE", "ADDRESS", "HEALTH", "WEIGHT", "ZONE", "MESHED", "VERSION"]);
+    let mut table = output::table(&[
+        "INSTANCE", "ADDRESS", "HEALTH", "WEIGHT", "ZONE", "MESHED", "VERSION",
+    ]);
     for e in views {
         table.add_row(vec![
             e.instance_id,
             format!("{}:{}", bracket(&e.address), e.port),
             e.health.to_string(),
             e.weight.to_string(),
-            if e.zone.is_empty() { "-".into() } else { e.zone },
+            if e.zone.is_empty() {
+                "-".into()
+            } else {
+                e.zone
+            },
             if e.meshed { "yes" } else { "no" }.to_string(),
             e.version.to_string(),
         ]);
@@ -146,7 +152,13 @@ pub async fn register(
 }
 
 /// `wfctl deregister`.
-pub async fn deregister(ch: Channel, t: Duration, service: String, addr: SocketAddr, out: Format) -> Result<()> {
+pub async fn deregister(
+    ch: Channel,
+    t: Duration,
+    service: String,
+    addr: SocketAddr,
+    out: Format,
+) -> Result<()> {
     let resp = RegistryClient::new(ch)
         .deregister(request(
             DeregisterRequest {
@@ -184,12 +196,18 @@ pub async fn policy_apply(ch: Channel, t: Duration, file: PolicyFile, out: Forma
         .map_err(status)?
         .into_inner();
     if out == Format::Json {
-        return output::json(&serde_json::json!({ "version": resp.version, "changed": resp.changed }));
+        return output::json(
+            &serde_json::json!({ "version": resp.version, "changed": resp.changed }),
+        );
     }
     if resp.changed.is_empty() {
         println!("policy unchanged (version {})", resp.version);
     } else {
-        println!("policy applied to {} (version {})", resp.changed.join(", "), resp.version);
+        println!(
+            "policy applied to {} (version {})",
+            resp.changed.join(", "),
+            resp.version
+        );
     }
     Ok(())
 }

@@ -18,10 +18,21 @@ use output::Format;
 #[command(version, about)]
 struct Cli {
     /// Control plane gRPC address.
-    #[arg(long, global = true, env = "WAYFINDER_CONTROL_PLANE", default_value = "http://127.0.0.1:15010")]
+    #[arg(
+        long,
+        global = true,
+        env = "WAYFINDER_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:15010"
+    )]
     control_plane: String,
     /// Output: tables for people, JSON for scripts (one object per line for `watch`).
-    #[arg(long, short, global = true, env = "WAYFINDER_OUTPUT", default_value = "table")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "WAYFINDER_OUTPUT",
+        default_value = "table"
+    )]
     output: Format,
     /// Time limit for one request (not for `watch`), e.g. "5s".
     #[arg(long, global = true, env = "WAYFINDER_TIMEOUT", default_value = "5s", value_parser = duration)]
@@ -91,7 +102,8 @@ enum PolicyCommand {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    wayfinder_proto::policy::Millis::try_from(s.to_string()).map(|m| Duration::from_millis(m.get().into()))
+    wayfinder_proto::policy::Millis::try_from(s.to_string())
+        .map(|m| Duration::from_millis(m.get().into()))
 }
 
 async fn connect(cli: &Cli) -> Result<Channel> {
@@ -136,8 +148,12 @@ async fn run(cli: Cli) -> Result<()> {
             instance,
             zone,
         } => commands::register(ch, t, service, addr, weight, instance, zone, out).await,
-        Command::Deregister { service, addr } => commands::deregister(ch, t, service, addr, out).await,
-        Command::Policy(PolicyCommand::Get { service }) => commands::policy_get(ch, t, &service, out).await,
+        Command::Deregister { service, addr } => {
+            commands::deregister(ch, t, service, addr, out).await
+        }
+        Command::Policy(PolicyCommand::Get { service }) => {
+            commands::policy_get(ch, t, &service, out).await
+        }
         Command::Policy(PolicyCommand::Apply { .. }) => unreachable!("handled above"),
     }
 }

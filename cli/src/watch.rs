@@ -56,7 +56,11 @@ pub async fn run(ch: Channel, services: Vec<String>, count: u64, out: Format) ->
                 }
             }
         };
-        eprintln!("wfctl: watch interrupted ({}); reconnecting in {:?}", err.message(), backoff);
+        eprintln!(
+            "wfctl: watch interrupted ({}); reconnecting in {:?}",
+            err.message(),
+            backoff
+        );
         let jitter = rand_jitter(backoff);
         tokio::time::sleep(backoff + jitter).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -114,13 +118,21 @@ fn print_event(event: &WatchEvent, out: Format) -> Result<()> {
     }
     match &event.kind {
         Some(Kind::Snapshot(s)) => {
-            let what = if s.exists { "" } else { " (service does not exist yet)" };
+            let what = if s.exists {
+                ""
+            } else {
+                " (service does not exist yet)"
+            };
             println!(
                 "{} v{} snapshot: {} endpoints{what}{}",
                 event.service,
                 event.version,
                 s.endpoints.len(),
-                if s.policy.is_some() { ", policy set" } else { "" }
+                if s.policy.is_some() {
+                    ", policy set"
+                } else {
+                    ""
+                }
             );
             for e in &s.endpoints {
                 println!("{}", line(' ', e));

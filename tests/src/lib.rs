@@ -1,1 +1,231 @@
-//! Helpers for end-to-end tests.
+//! Helpers for end-to-end tests: start the real binaries on loopback, read the
+//! addresses they bound, and clean up whatever happens.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which
+//! the README's test command does); a missing binary fails with that advice.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tonic::transport::Channel;
+
+/// Upper bound for any single end-to-end test.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Path of a workspace binary next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// A running `wf-control` with its own data directory. Killed on drop.
+pub struct ControlPlane {
+    child: Option<Child>,
+    /// gRPC address.
+    pub grpc: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// Data directory (kept across restarts).
+    pub data: Arc<tempfile::TempDir>,
+    args: Vec<String>,
+    /// Everything it logged so far.
+    pub log: Arc<Mutex<String>>,
+}
+
+impl ControlPlane {
+    /// Starts wf-control on free loopback ports with a fresh data directory.
+    pub fn start(extra: &[&str]) -> Result<Self> {
+        let data = Arc::new(tempfile::tempdir()?);
+        let args = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(data, args, "127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    fn spawn(
+        data: Arc<tempfile::TempDir>,
+        args: Vec<String>,
+        grpc: &str,
+        http: &str,
+    ) -> Result<Self> {
+        let mut child = Command::new(bin("wf-control"))
+            .arg("--grpc")
+            .arg(grpc)
+            .arg("--http")
+            .arg(http)
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(&args)
+            .env("WAYFINDER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning wf-control")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("wf-control serving")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line.clone());
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        let mut me = Self {
+            child: Some(child),
+            grpc: "0.0.0.0:0".parse()?,
+            http: "0.0.0.0:0".parse()?,
+            data,
+            args,
+            log,
+        };
+        let line = match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(l) => l,
+            Err(_) => bail!("wf-control did not start: {}", me.log_text()),
+        };
+        me.grpc = field(&line, "grpc=")?;
+        me.http = field(&line, "http=")?;
+        Ok(me)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// `http://` URL of the gRPC port.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// A gRPC channel to it.
+    pub async fn channel(&self) -> Result<Channel> {
+        Ok(Channel::from_shared(self.url())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?)
+    }
+
+    /// Kills it without warning (SIGKILL): nothing unsaved survives.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("not running")?;
+        let pid = c.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = c.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("wf-control did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it and starts it again on the same ports and data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let (grpc, http) = (self.grpc.to_string(), self.http.to_string());
+        let next = Self::spawn(self.data.clone(), self.args.clone(), &grpc, &http)?;
+        *self = next;
+        Ok(())
+    }
+
+    /// GETs a path on the HTTP port; returns status and body.
+    pub async fn get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.http, path).await
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn field(line: &str, key: &str) -> Result<SocketAddr> {
+    let start = line.find(key).context("address in the start-up line")? + key.len();
+    let rest = &line[start..];
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    Ok(rest[..end].parse()?)
+}
+
+/// A minimal HTTP/1.1 GET over a real socket (no client library needed for
+/// plain text endpoints).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("status line")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Bodies from axum may be chunked; tests only search them for substrings.
+    Ok((status, body))
+}
+
+/// Runs `wfctl` against `cp` with `args`; returns (exit success, stdout, stderr).
+pub fn wfctl(cp: &ControlPlane, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new(bin("wfctl"))
+        .env("WAYFINDER_CONTROL_PLANE", cp.url())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    ))
+}
+
+/// Value of a Prometheus sample line `name{labels} value` (exact name match).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name).then(|| v.parse().ok()).flatten()
+    })
+}
