@@ -23,7 +23,7 @@ use wayfinder_proto::v1::{
     watch_event::Kind,
 };
 
-use crate::store::{Persisted, PersistedEndpoint, PersistedService};
+use crate::store::{Persisted, PersistedEndpoint, PersistedService, Record};
 
 /// Deltas kept per service so a reconnecting watcher can resume.
 pub const DELTA_LOG_LEN: usize = 256;
@@ -224,6 +224,8 @@ struct State {
     leases: HashMap<u64, Lease>,
     /// Bumped by every change that must reach the store.
     dirty: u64,
+    /// Records of changes not yet handed to the store.
+    pending: Vec<Record>,
 }
 
 /// What a new watcher receives for one service.
@@ -287,6 +289,7 @@ impl Registry {
             services: HashMap::new(),
             leases: HashMap::new(),
             dirty: 0,
+            pending: Vec::new(),
         };
         if let Some(p) = persisted {
             state.version = p.version;
@@ -357,6 +360,39 @@ impl Registry {
             .or_insert_with(|| Service::new(0));
         let prev_version = svc.version;
         svc.version = version;
+        for e in change.added.iter().chain(&change.changed) {
+            let id = e
+                .instance
+                .as_ref()
+                .map(|i| i.instance_id.as_str())
+                .unwrap_or_default();
+            if let Some(entry) = svc.endpoints.get(id) {
+                let ttl_ms = entry
+                    .lease
+                    .and_then(|l| st.leases.get(&l))
+                    .map(|l| l.ttl.as_millis() as u32);
+                st.pending.push(Record::PutEndpoint {
+                    service: name.to_string(),
+                    endpoint: persisted_endpoint(entry, ttl_ms),
+                });
+            }
+        }
+        for id in &change.removed {
+            st.pending.push(Record::DeleteEndpoint {
+                service: name.to_string(),
+                instance_id: id.clone(),
+            });
+        }
+        if change.policy.is_some() || change.policy_removed {
+            st.pending.push(Record::Policy {
+                service: name.to_string(),
+                policy: change.policy.clone(),
+            });
+        }
+        st.pending.push(Record::Version {
+            service: name.to_string(),
+            version,
+        });
         let event = WatchEvent {
             service: name.to_string(),
             version,
@@ -737,9 +773,25 @@ impl Registry {
         self.lock().dirty
     }
 
-    /// What the store persists, and the change counter it corresponds to.
-    pub fn persisted(&self) -> (u64, Persisted) {
-        let st = self.lock();
+    /// Takes the change records not yet stored, with the change counter they
+    /// bring the store up to and the lease counter to remember.
+    pub fn take_pending(&self) -> (u64, Vec<Record>) {
+        let mut st = self.lock();
+        let mut records = std::mem::take(&mut st.pending);
+        if !records.is_empty() {
+            records.push(Record::Counters {
+                version: st.version,
+                next_lease: st.next_lease,
+            });
+        }
+        (st.dirty, records)
+    }
+
+    /// The whole state, for compacting the store; pending records are
+    /// dropped because the snapshot contains them.
+    pub fn snapshot_all(&self) -> (u64, Persisted) {
+        let mut st = self.lock();
+        st.pending.clear();
         let mut services: Vec<_> = st
             .services
             .iter()
@@ -751,15 +803,12 @@ impl Registry {
                 endpoints: s
                     .endpoints
                     .values()
-                    .map(|e| PersistedEndpoint {
-                        instance: e.instance.clone(),
-                        health: e.health,
-                        version: e.version,
-                        lease: e.lease,
-                        ttl_ms: e
+                    .map(|e| {
+                        let ttl_ms = e
                             .lease
                             .and_then(|l| st.leases.get(&l))
-                            .map(|l| l.ttl.as_millis() as u32),
+                            .map(|l| l.ttl.as_millis() as u32);
+                        persisted_endpoint(e, ttl_ms)
                     })
                     .collect(),
             })
@@ -773,6 +822,16 @@ impl Registry {
                 services,
             },
         )
+    }
+}
+
+fn persisted_endpoint(e: &Entry, ttl_ms: Option<u32>) -> PersistedEndpoint {
+    PersistedEndpoint {
+        instance: e.instance.clone(),
+        health: e.health,
+        version: e.version,
+        lease: e.lease,
+        ttl_ms,
     }
 }
 
