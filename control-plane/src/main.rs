@@ -189,7 +189,7 @@ async fn reaper(registry: Arc<Registry>) {
             tracing::info!(expired, removed, "leases reaped");
         }
         n += 1;
-        if n % 100 == 0 {
+        if n.is_multiple_of(100) {
             registry.collect_garbage();
         }
     }

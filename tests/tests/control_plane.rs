@@ -436,19 +436,16 @@ async fn a_watcher_that_never_reads_does_not_hold_back_the_others() -> Result<()
 
         // The stuck watcher was cut over to a snapshot instead of queueing
         // every change: draining it now yields a snapshot with everything.
-        let mut saw_snapshot = false;
         let mut events = 0;
         loop {
             let e = next(&mut stuck).await?;
             events += 1;
-            if let Some(Kind::Snapshot(s)) = &e.kind {
-                saw_snapshot = true;
-                if s.endpoints.len() == N as usize {
-                    break;
-                }
+            if let Some(Kind::Snapshot(s)) = &e.kind
+                && s.endpoints.len() == N as usize
+            {
+                break;
             }
         }
-        assert!(saw_snapshot, "the stuck watcher never got a fresh snapshot");
         assert!(
             events < N,
             "the stuck watcher received {events} events for {N} changes"
