@@ -73,13 +73,24 @@ impl Drop for ControlPlane {
 fn start(bin: &PathBuf) -> Result<ControlPlane> {
     let data = std::env::temp_dir().join(format!("wf-push-bench-{}", std::process::id()));
     let mut child = Command::new(bin)
-        .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&data)
         .env("WAYFINDER_LOG", "warn,wf_control=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("starting {} (build it with cargo build --release)", bin.display()))?;
+        .with_context(|| {
+            format!(
+                "starting {} (build it with cargo build --release)",
+                bin.display()
+            )
+        })?;
     let stderr = child.stderr.take().context("stderr")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -91,8 +102,14 @@ fn start(bin: &PathBuf) -> Result<ControlPlane> {
             }
         }
     });
-    let grpc = rx.recv_timeout(Duration::from_secs(10)).context("wf-control did not start")?;
-    Ok(ControlPlane { child, grpc, _data: data })
+    let grpc = rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("wf-control did not start")?;
+    Ok(ControlPlane {
+        child,
+        grpc,
+        _data: data,
+    })
 }
 
 /// (current RSS, peak RSS) in MiB from /proc.
@@ -146,12 +163,16 @@ async fn main() -> Result<()> {
     let url = format!("http://{}", cp.grpc);
     let pid = cp.child.id();
     let (rss_idle, _) = rss_mib(pid);
-    println!("wf-control pid {pid} on {} ({rss_idle:.1} MiB idle)", cp.grpc);
+    println!(
+        "wf-control pid {pid} on {} ({rss_idle:.1} MiB idle)",
+        cp.grpc
+    );
 
     // 1. Registrations.
     let total = args.services * args.endpoints;
     let t = Instant::now();
-    let channels: Vec<Channel> = futures::future::try_join_all((0..8).map(|_| channel(&url))).await?;
+    let channels: Vec<Channel> =
+        futures::future::try_join_all((0..8).map(|_| channel(&url))).await?;
     let sem = Arc::new(Semaphore::new(64));
     let mut tasks = Vec::new();
     for n in 0..total {
@@ -177,7 +198,10 @@ async fn main() -> Result<()> {
     }
     let reg_secs = t.elapsed().as_secs_f64();
     let (rss_loaded, _) = rss_mib(pid);
-    println!("registered {total} endpoints in {reg_secs:.2} s ({:.0}/s); RSS {rss_loaded:.1} MiB", total as f64 / reg_secs);
+    println!(
+        "registered {total} endpoints in {reg_secs:.2} s ({:.0}/s); RSS {rss_loaded:.1} MiB",
+        total as f64 / reg_secs
+    );
 
     // 2. Watchers.
     let (rx_tx, mut rx_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
@@ -195,7 +219,10 @@ async fn main() -> Result<()> {
             let req = WatchRequest {
                 services: names
                     .iter()
-                    .map(|n| ServiceWatch { name: n.clone(), last_version: 0 })
+                    .map(|n| ServiceWatch {
+                        name: n.clone(),
+                        last_version: 0,
+                    })
                     .collect(),
                 node: format!("bench-{w}"),
             };
@@ -231,12 +258,16 @@ async fn main() -> Result<()> {
     }
     let watch_secs = t.elapsed().as_secs_f64();
     let (rss_watching, _) = rss_mib(pid);
-    println!("{} watchers synced in {watch_secs:.2} s; RSS {rss_watching:.1} MiB", args.watchers);
+    println!(
+        "{} watchers synced in {watch_secs:.2} s; RSS {rss_watching:.1} MiB",
+        args.watchers
+    );
 
     // 3. Changes at a fixed rate: add then remove an endpoint of the hot service.
     let mut reg = RegistryClient::new(channels[0].clone());
     let mut sent: HashMap<u64, Instant> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
+    let mut tick =
+        tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
     for k in 0..args.changes {
         tick.tick().await;
         let t0 = Instant::now();
@@ -275,7 +306,9 @@ async fn main() -> Result<()> {
         let Ok(Some((version, at))) = tokio::time::timeout(left, rx_rx.recv()).await else {
             break;
         };
-        let Some(t0) = sent.get(&version) else { continue };
+        let Some(t0) = sent.get(&version) else {
+            continue;
+        };
         let ms = at.duration_since(*t0).as_secs_f64() * 1000.0;
         per_receipt.push(ms);
         let worst = per_change.entry(version).or_insert(0.0);
@@ -288,10 +321,17 @@ async fn main() -> Result<()> {
     all_watchers.sort_by(f64::total_cmp);
 
     // 4. Report.
-    let date = Command::new("date").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
+    let date = Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -334,10 +374,21 @@ Reproduce: `bash bench/push.sh` (or `cargo run --release -p wayfinder-bench --bi
     let md_path = args.out_dir.join(format!("push-{date}.md"));
     std::fs::write(&md_path, &md)?;
     let plot = svg::cdf(
-        &format!("wf-control push: {} watchers, {total} endpoints", args.watchers),
+        &format!(
+            "wf-control push: {} watchers, {total} endpoints",
+            args.watchers
+        ),
         &[
-            svg::Curve { label: "each receipt", sorted_ms: &per_receipt, color: "#1f77b4" },
-            svg::Curve { label: "all watchers received (per change)", sorted_ms: &all_watchers, color: "#d62728" },
+            svg::Curve {
+                label: "each receipt",
+                sorted_ms: &per_receipt,
+                color: "#1f77b4",
+            },
+            svg::Curve {
+                label: "all watchers received (per change)",
+                sorted_ms: &all_watchers,
+                color: "#d62728",
+            },
         ],
     );
     std::fs::write(args.out_dir.join(&svg_name), plot)?;

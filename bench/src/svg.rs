@@ -18,7 +18,10 @@ pub fn cdf(title: &str, curves: &[Curve<'_>]) -> String {
     let all = curves.iter().flat_map(|c| c.sorted_ms.iter().copied());
     let max = all.clone().fold(0.001f64, f64::max);
     let min = all.fold(f64::MAX, f64::min).max(0.01);
-    let (lo, hi) = (min.log10().floor(), max.log10().ceil().max(min.log10().floor() + 1.0));
+    let (lo, hi) = (
+        min.log10().floor(),
+        max.log10().ceil().max(min.log10().floor() + 1.0),
+    );
     let x = |ms: f64| left + (ms.max(0.01).log10() - lo) / (hi - lo) * pw;
     let y = |q: f64| top + (1.0 - q) * ph;
     let mut s = format!(
@@ -37,7 +40,11 @@ pub fn cdf(title: &str, curves: &[Curve<'_>]) -> String {
 "##,
             top + ph,
             top + ph + 18.0,
-            if ms < 1.0 { format!("{ms}") } else { format!("{ms:.0}") }
+            if ms < 1.0 {
+                format!("{ms}")
+            } else {
+                format!("{ms:.0}")
+            }
         );
         e += 1.0;
     }

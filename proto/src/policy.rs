@@ -989,7 +989,8 @@ mod shipped {
     #[test]
     fn the_lab_policy_file_is_valid() {
         let text = include_str!("../../deploy/policy.toml");
-        let file = super::PolicyFile::parse("deploy/policy.toml", text).expect("shipped policy parses");
+        let file =
+            super::PolicyFile::parse("deploy/policy.toml", text).expect("shipped policy parses");
         assert_eq!(file.services.len(), 2);
     }
 }
