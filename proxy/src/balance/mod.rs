@@ -1,0 +1,279 @@
+//! Load balancers. Each is built for one set of eligible endpoints and
+//! answers [`Balancer::pick`] with a first choice and then fallbacks, so a
+//! retry naturally lands on another endpoint.
+//!
+//! The set is rebuilt whenever discovery changes it (see `upstream.rs`), so
+//! balancers hold plain slices and precomputed tables, never locks around the
+//! list itself; per-endpoint load (requests in flight, latency) lives on the
+//! shared [`EndpointStats`].
+
+mod hash;
+mod p2c;
+mod round_robin;
+mod weighted;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use hash::{Maglev, RingHash, hash_bytes};
+pub use p2c::{LeastRequest, PeakEwma};
+pub use round_robin::RoundRobin;
+pub use weighted::SmoothWeighted;
+
+/// Balancer algorithms, as named by the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kind {
+    /// Round robin.
+    RoundRobin,
+    /// Smooth weighted round robin.
+    WeightedRoundRobin,
+    /// Least request, power of two choices.
+    LeastRequest,
+    /// Peak-EWMA, power of two choices (default, as Linkerd).
+    #[default]
+    PeakEwma,
+    /// Ketama ring.
+    RingHash,
+    /// Maglev table.
+    Maglev,
+}
+
+/// Live load of one endpoint, shared by every balancer built over it.
+#[derive(Debug)]
+pub struct EndpointStats {
+    /// Stable id (instance id, or address for DNS endpoints).
+    pub id: Arc<str>,
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Relative weight (1-10000).
+    pub weight: u32,
+    /// A Wayfinder sidecar fronts it (speak HTTP/2 to it, as between sidecars).
+    pub meshed: bool,
+    in_flight: AtomicU32,
+    ewma: Mutex<Ewma>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ewma {
+    /// Latency estimate in nanoseconds.
+    cost_ns: f64,
+    at: Instant,
+}
+
+/// Latency assumed for an endpoint that has not answered yet: optimistic
+/// enough that new endpoints get traffic, as Linkerd's default RTT.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Decay time constant of the peak-EWMA estimate.
+pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+impl EndpointStats {
+    /// Stats for a new endpoint.
+    pub fn new(id: impl Into<Arc<str>>, addr: SocketAddr, weight: u32) -> Arc<Self> {
+        Self::with_mesh(id, addr, weight, false)
+    }
+
+    /// Stats for a new endpoint that may be fronted by a sidecar.
+    pub fn with_mesh(
+        id: impl Into<Arc<str>>,
+        addr: SocketAddr,
+        weight: u32,
+        meshed: bool,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            id: id.into(),
+            addr,
+            weight: weight.max(1),
+            meshed,
+            in_flight: AtomicU32::new(0),
+            ewma: Mutex::new(Ewma {
+                cost_ns: DEFAULT_RTT.as_nanos() as f64,
+                at: Instant::now(),
+            }),
+        })
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Marks a request started; the guard ends it and records its latency.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            ep: self.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Records one observed latency, peak-sensitively: a slower sample
+    /// replaces the estimate at once, faster ones decay it over [`EWMA_DECAY`].
+    pub fn observe(&self, rtt: Duration, now: Instant) {
+        let mut e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > e.cost_ns {
+            e.cost_ns = rtt;
+        } else {
+            let elapsed = now.saturating_duration_since(e.at).as_secs_f64();
+            let w = (-elapsed / EWMA_DECAY.as_secs_f64()).exp();
+            e.cost_ns = e.cost_ns * w + rtt * (1.0 - w);
+        }
+        e.at = now;
+    }
+
+    /// Current latency estimate in nanoseconds.
+    pub fn ewma_ns(&self) -> f64 {
+        self.ewma
+            .lock()
+            .map_or(DEFAULT_RTT.as_nanos() as f64, |e| e.cost_ns)
+    }
+}
+
+/// A request in flight on an endpoint; dropping it ends the request.
+#[derive(Debug)]
+pub struct InFlight {
+    ep: Arc<EndpointStats>,
+    started: Instant,
+}
+
+impl InFlight {
+    /// Ends the request, recording its latency for peak-EWMA.
+    pub fn finish(self) {
+        self.ep.observe(self.started.elapsed(), Instant::now());
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.ep.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a pick may hash on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PickContext {
+    /// Hash of the request's key (header or client address) for hash balancers.
+    pub key: Option<u64>,
+}
+
+/// A first choice followed by every other endpoint once, as indices into the
+/// balancer's endpoint slice.
+#[derive(Debug, Clone)]
+pub struct Picks {
+    first: usize,
+    n: usize,
+    yielded: usize,
+}
+
+impl Picks {
+    /// Picks starting at `first` among `n` endpoints (none when `n` is 0).
+    pub fn new(first: usize, n: usize) -> Self {
+        Self {
+            first: if n == 0 { 0 } else { first % n },
+            n,
+            yielded: 0,
+        }
+    }
+}
+
+impl Iterator for Picks {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        if self.yielded >= self.n {
+            return None;
+        }
+        let i = (self.first + self.yielded) % self.n;
+        self.yielded += 1;
+        Some(i)
+    }
+}
+
+/// A balancer over a fixed endpoint set.
+pub trait Balancer: Send + Sync {
+    /// First choice and fallbacks.
+    fn pick(&self, ctx: &PickContext) -> Picks;
+    /// The endpoints, indexed by the picks.
+    fn endpoints(&self) -> &[Arc<EndpointStats>];
+}
+
+/// Builds a balancer of `kind` over `endpoints`.
+pub fn build(kind: Kind, endpoints: Vec<Arc<EndpointStats>>) -> Box<dyn Balancer> {
+    match kind {
+        Kind::RoundRobin => Box::new(RoundRobin::new(endpoints)),
+        Kind::WeightedRoundRobin => Box::new(SmoothWeighted::new(endpoints)),
+        Kind::LeastRequest => Box::new(LeastRequest::new(endpoints)),
+        Kind::PeakEwma => Box::new(PeakEwma::new(endpoints)),
+        Kind::RingHash => Box::new(RingHash::new(endpoints)),
+        Kind::Maglev => Box::new(Maglev::new(endpoints)),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// `n` endpoints with the given weights.
+    pub fn endpoints(weights: &[u32]) -> Vec<Arc<EndpointStats>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                EndpointStats::new(
+                    format!("ep-{i}"),
+                    SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)),
+                    w,
+                )
+            })
+            .collect()
+    }
+
+    /// How often each endpoint is the first choice over `n` picks.
+    pub fn counts(b: &dyn Balancer, n: usize, key: impl Fn(usize) -> Option<u64>) -> Vec<usize> {
+        let mut c = vec![0; b.endpoints().len()];
+        for i in 0..n {
+            if let Some(first) = b.pick(&PickContext { key: key(i) }).next() {
+                c[first] += 1;
+            }
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_visit_every_endpoint_once_starting_with_the_first_choice() {
+        let p: Vec<_> = Picks::new(2, 4).collect();
+        assert_eq!(p, vec![2, 3, 0, 1]);
+        assert_eq!(Picks::new(0, 0).count(), 0);
+    }
+
+    #[test]
+    fn peak_ewma_jumps_to_peaks_and_decays_slowly() {
+        let ep = EndpointStats::new("a", SocketAddr::from(([127, 0, 0, 1], 1)), 1);
+        let t0 = Instant::now();
+        ep.observe(Duration::from_millis(500), t0);
+        assert_eq!(ep.ewma_ns(), 500e6);
+        ep.observe(Duration::from_millis(10), t0 + Duration::from_secs(1));
+        let after_1s = ep.ewma_ns();
+        assert!(after_1s > 400e6 && after_1s < 500e6, "{after_1s}");
+        ep.observe(Duration::from_millis(10), t0 + Duration::from_secs(60));
+        assert!(ep.ewma_ns() < 20e6);
+    }
+
+    #[test]
+    fn in_flight_guard_counts_down_on_drop() {
+        let ep = EndpointStats::new("a", SocketAddr::from(([127, 0, 0, 1], 1)), 1);
+        let g = ep.start();
+        let h = ep.start();
+        assert_eq!(ep.in_flight(), 2);
+        drop(g);
+        h.finish();
+        assert_eq!(ep.in_flight(), 0);
+    }
+}

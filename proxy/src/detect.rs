@@ -1,0 +1,95 @@
+//! Protocol detection from a connection's first bytes.
+//!
+//! HTTP is recognised by a method token and a space (or the HTTP/2 preface);
+//! anything else is opaque TCP. A client that sends nothing within the
+//! detection window (server-speaks-first protocols: MySQL, SMTP, NATS) is
+//! relayed as opaque TCP at once, and the listener remembers it so later
+//! connections skip the wait entirely.
+
+/// What a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.x.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c, gRPC).
+    Http2,
+    /// Anything else.
+    Opaque,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: &[&[u8]] = &[
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+/// Classifies the first bytes; `None` while they are still a prefix of
+/// something HTTP could start with.
+pub fn classify(buf: &[u8]) -> Option<Protocol> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(Protocol::Http2);
+    }
+    let mut undecided = false;
+    for m in METHODS {
+        let k = buf.len().min(m.len());
+        if buf[..k] == m[..k] {
+            if k == m.len() {
+                return Some(Protocol::Http1);
+            }
+            undecided = true;
+        }
+    }
+    (!undecided).then_some(Protocol::Opaque)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_http_and_falls_back_to_opaque() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"POST /x"), Some(Protocol::Http1));
+        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"P"), None);
+        assert_eq!(
+            classify(b"\x16\x03\x01"),
+            Some(Protocol::Opaque),
+            "TLS is opaque here"
+        );
+        assert_eq!(
+            classify(b"*1\r\n$4\r\nPING"),
+            Some(Protocol::Opaque),
+            "Redis"
+        );
+        assert_eq!(classify(b"GETX"), Some(Protocol::Opaque));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn once_decided_more_bytes_never_change_the_answer(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 1..40),
+        ) {
+            let mut first = None;
+            for i in 1..=bytes.len() {
+                if let Some(p) = classify(&bytes[..i]) {
+                    first.get_or_insert(p);
+                    proptest::prop_assert_eq!(Some(p), first);
+                }
+            }
+        }
+    }
+}

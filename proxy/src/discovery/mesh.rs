@@ -1,0 +1,132 @@
+//! Mesh discovery: the control plane's `Discovery.Watch`, one stream per
+//! upstream over a shared HTTP/2 connection. When the control plane is away
+//! the sidecar keeps its last-known endpoints, reconnects with jittered
+//! exponential backoff and resumes from the last version it applied.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tonic::transport::Channel;
+use wayfinder_proto::v1::{
+    Endpoint, Health, ServiceWatch, WatchRequest, discovery_client::DiscoveryClient,
+    watch_event::Kind,
+};
+
+use super::{Discovered, Update};
+use crate::upstream::Upstream;
+
+fn discovered(e: &Endpoint) -> Option<Discovered> {
+    let i = e.instance.as_ref()?;
+    let ip: std::net::IpAddr = i.address.parse().ok()?;
+    let port = u16::try_from(i.port).ok()?;
+    Some(Discovered {
+        id: i.instance_id.clone(),
+        addr: SocketAddr::new(ip, port),
+        weight: i.weight.max(1),
+        meshed: i.meshed,
+        healthy: e.health != Health::NotServing as i32,
+    })
+}
+
+/// Backoff between reconnects: doubles from 100 ms to 5 s, with full jitter.
+pub fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_millis(100)
+        .saturating_mul(1 << attempt.min(6))
+        .min(Duration::from_secs(5));
+    cap.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}
+
+/// Watches `upstream`'s service forever.
+pub async fn run(channel: Channel, upstream: Arc<Upstream>, node: String) {
+    let mut last_version = 0u64;
+    let mut attempt = 0u32;
+    loop {
+        let req = WatchRequest {
+            services: vec![ServiceWatch {
+                name: upstream.name().to_string(),
+                last_version,
+            }],
+            node: node.clone(),
+        };
+        match DiscoveryClient::new(channel.clone()).watch(req).await {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                while let Some(item) = stream.next().await {
+                    let event = match item {
+                        Ok(e) => e,
+                        Err(status) => {
+                            tracing::warn!(service = upstream.name(), %status, "watch interrupted");
+                            break;
+                        }
+                    };
+                    attempt = 0;
+                    match event.kind {
+                        Some(Kind::Snapshot(s)) => {
+                            let eps: Vec<_> = s.endpoints.iter().filter_map(discovered).collect();
+                            upstream.apply(if eps.is_empty() {
+                                Update::NoEndpoints
+                            } else {
+                                Update::Reset(eps)
+                            });
+                            upstream.set_policy(s.policy);
+                        }
+                        Some(Kind::Delta(d)) => {
+                            if d.prev_version != last_version {
+                                // Should not happen; resync rather than guess.
+                                tracing::warn!(
+                                    service = upstream.name(),
+                                    "watch gap; asking for a snapshot"
+                                );
+                                last_version = 0;
+                                break;
+                            }
+                            let upserts: Vec<_> = d
+                                .added
+                                .iter()
+                                .chain(&d.changed)
+                                .filter_map(discovered)
+                                .collect();
+                            if !upserts.is_empty() {
+                                upstream.apply(Update::Add(upserts));
+                            }
+                            if !d.removed.is_empty() {
+                                upstream.apply(Update::Remove(d.removed));
+                            }
+                            if d.policy.is_some() {
+                                upstream.set_policy(d.policy);
+                            } else if d.policy_removed {
+                                upstream.set_policy(None);
+                            }
+                        }
+                        None => {}
+                    }
+                    last_version = event.version;
+                }
+            }
+            Err(status) => {
+                tracing::warn!(service = upstream.name(), %status, "cannot watch; keeping last-known endpoints");
+            }
+        }
+        tokio::time::sleep(backoff(attempt)).await;
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_cap_with_jitter() {
+        for a in 0..20 {
+            let b = backoff(a);
+            let cap = Duration::from_millis(100)
+                .saturating_mul(1 << a.min(6))
+                .min(Duration::from_secs(5));
+            assert!(b >= cap / 2 && b <= cap, "attempt {a}: {b:?}");
+        }
+        assert!(backoff(30) <= Duration::from_secs(5));
+    }
+}

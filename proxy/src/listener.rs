@@ -1,0 +1,255 @@
+//! Accept loops: detect each connection's protocol, then serve it as HTTP
+//! (hyper, HTTP/1.1 and HTTP/2 on one port) or relay it as opaque TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::balance::PickContext;
+use crate::detect::{Protocol, classify};
+use crate::http_proxy::Proxy;
+use crate::metrics::{BytesLabels, DirectionLabels};
+
+/// What a listener is for.
+#[derive(Clone, Debug)]
+pub enum Role {
+    /// Outbound to one service (`--upstream NAME=ADDR`).
+    Upstream(Arc<str>),
+    /// Outbound HTTP, routed by Host / `:authority` (`--outbound`).
+    HostRouted,
+    /// Inbound, to the local app (`--inbound`).
+    Inbound,
+}
+
+impl Role {
+    fn direction(&self) -> &'static str {
+        match self {
+            Role::Inbound => "inbound",
+            _ => "outbound",
+        }
+    }
+}
+
+/// Connections being served, for draining on shutdown.
+#[derive(Default)]
+pub struct Open(AtomicUsize);
+
+impl Open {
+    /// Connections still open.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+struct OpenGuard(Arc<Open>);
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One listener's settings.
+pub struct Listener {
+    /// The socket.
+    pub socket: TcpListener,
+    /// Its role.
+    pub role: Role,
+    /// How long to wait for a client's first bytes.
+    pub detect_timeout: Duration,
+}
+
+/// Accepts until `shutdown` turns true; in-flight connections are asked to
+/// finish (HTTP: graceful shutdown) and counted in `open`.
+pub async fn serve(
+    l: Listener,
+    proxy: Arc<Proxy>,
+    open: Arc<Open>,
+    shutdown: watch::Receiver<bool>,
+) {
+    // Set once a client here sent nothing within the window: this port
+    // carries a server-speaks-first protocol, so skip the wait from now on.
+    let server_first = Arc::new(AtomicBool::new(false));
+    let mut stop = shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = l.socket.accept() => a,
+            () = stopped(&mut stop) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        open.0.fetch_add(1, Ordering::Relaxed);
+        let guard = OpenGuard(open.clone());
+        let (proxy, role, shutdown, server_first) = (
+            proxy.clone(),
+            l.role.clone(),
+            shutdown.clone(),
+            server_first.clone(),
+        );
+        let window = l.detect_timeout;
+        tokio::spawn(async move {
+            let _guard = guard;
+            let gauge = proxy
+                .metrics
+                .connections
+                .get_or_create(&DirectionLabels {
+                    direction: role.direction(),
+                })
+                .clone();
+            gauge.inc();
+            connection(
+                stream,
+                peer,
+                role,
+                proxy.clone(),
+                window,
+                server_first,
+                shutdown,
+            )
+            .await;
+            gauge.dec();
+        });
+    }
+}
+
+/// Resolves once shutdown begins (without holding the watch's lock).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Peeks until the first bytes decide the protocol; `None` when the client
+/// sent nothing within `window`.
+async fn detect(stream: &TcpStream, window: Duration) -> Option<Protocol> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut buf = [0u8; 24];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Err(_)) | Ok(Ok(0)) => return Some(Protocol::Opaque),
+            Ok(Ok(n)) => match classify(&buf[..n]) {
+                Some(p) => return Some(p),
+                None if n == buf.len() || tokio::time::Instant::now() >= deadline => {
+                    return Some(Protocol::Opaque);
+                }
+                // A partial method token: wait briefly for the rest.
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            },
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    role: Role,
+    proxy: Arc<Proxy>,
+    window: Duration,
+    server_first: Arc<AtomicBool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let remembered = matches!(role, Role::Upstream(_)) && server_first.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let proto = if remembered {
+        None
+    } else {
+        detect(&stream, window).await
+    };
+    proxy
+        .metrics
+        .detect_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if proto.is_none() && !remembered {
+        proxy.metrics.detect_timeouts.inc();
+        server_first.store(true, Ordering::Relaxed);
+    }
+    match proto {
+        Some(Protocol::Http1 | Protocol::Http2) => {
+            let p = proxy.clone();
+            let r = role.clone();
+            let svc = service_fn(move |req| {
+                let (p, r) = (p.clone(), r.clone());
+                async move {
+                    let resp = match r {
+                        Role::Inbound => p.inbound(req).await,
+                        Role::Upstream(name) => p.outbound(req, Some(name), peer).await,
+                        Role::HostRouted => p.outbound(req, None, peer).await,
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                () = stopped(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        }
+        Some(Protocol::Opaque) | None => opaque(stream, peer, role, proxy).await,
+    }
+}
+
+/// Relays bytes both ways to the role's target.
+async fn opaque(mut client: TcpStream, peer: SocketAddr, role: Role, proxy: Arc<Proxy>) {
+    let direction = role.direction();
+    let target = match &role {
+        Role::Inbound => proxy.app(),
+        Role::Upstream(name) => {
+            let up = proxy.upstream(name);
+            up.wait_ready(crate::http_proxy::DISCOVERY_WAIT).await;
+            let active = up.active();
+            active
+                .balancer
+                .pick(&PickContext::default())
+                .next()
+                .map(|i| active.balancer.endpoints()[i].addr)
+        }
+        // Host routing needs HTTP; there is nowhere to send raw bytes.
+        Role::HostRouted => None,
+    };
+    let Some(target) = target else {
+        tracing::debug!(%peer, ?role, "no target for an opaque connection; closing");
+        return;
+    };
+    let mut server = match TcpStream::connect(target).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%peer, %target, error = %e, "cannot connect for an opaque relay");
+            return;
+        }
+    };
+    let _ = server.set_nodelay(true);
+    let (from_client, to_client) =
+        match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+            Ok(n) => n,
+            Err(_) => (0, 0),
+        };
+    for (flow, n) in [("from_client", from_client), ("to_client", to_client)] {
+        proxy
+            .metrics
+            .tcp_bytes
+            .get_or_create(&BytesLabels { direction, flow })
+            .inc_by(n);
+    }
+}

@@ -1,0 +1,313 @@
+//! `wf-proxy`: Wayfinder's sidecar.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tonic::transport::Endpoint;
+use wayfinder_proto::policy::Millis;
+use wayfinder_proto::v1::{Health, Instance, Protocol};
+use wayfinder_proxy::admin;
+use wayfinder_proxy::balance::Kind;
+use wayfinder_proxy::http_proxy::{Proxy, Source};
+use wayfinder_proxy::listener::{self, Listener, Open, Role};
+use wayfinder_proxy::metrics::ProxyMetrics;
+use wayfinder_proxy::register::{self, Check};
+
+/// Wayfinder sidecar proxy.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Control plane gRPC address.
+    #[arg(
+        long,
+        env = "WAYFINDER_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:15010"
+    )]
+    control_plane: String,
+    /// Service the local app belongs to.
+    #[arg(long, env = "WAYFINDER_SERVICE")]
+    service: Option<String>,
+    /// Instance id (default: SERVICE-PID).
+    #[arg(long, env = "WAYFINDER_INSTANCE")]
+    instance: Option<String>,
+    /// The local app; without it the sidecar is client-only and registers nothing.
+    #[arg(long, env = "WAYFINDER_APP")]
+    app: Option<SocketAddr>,
+    /// Inbound listener (other sidecars connect here).
+    #[arg(long, env = "WAYFINDER_INBOUND", default_value = "127.0.0.1:15006")]
+    inbound: SocketAddr,
+    /// Address advertised to the control plane (default: the inbound address).
+    #[arg(long, env = "WAYFINDER_ADVERTISE")]
+    advertise: Option<SocketAddr>,
+    /// Admin listener (/live, /ready, /metrics, /config, /endpoints).
+    #[arg(long, env = "WAYFINDER_ADMIN", default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Outbound HTTP listener routed by Host / :authority (service name, with or without port).
+    #[arg(long, env = "WAYFINDER_OUTBOUND")]
+    outbound: Option<SocketAddr>,
+    /// Explicit outbound listener for one service: NAME=ADDR (repeatable).
+    #[arg(long = "upstream", env = "WAYFINDER_UPSTREAMS", value_delimiter = ',', value_parser = upstream)]
+    upstreams: Vec<(String, SocketAddr)>,
+    /// Discovery source for upstreams.
+    #[arg(long, env = "WAYFINDER_DISCOVERY", default_value = "mesh", value_parser = ["mesh"])]
+    discovery: String,
+    /// Balancer when the service's policy names none.
+    #[arg(long, env = "WAYFINDER_BALANCER", default_value = "peak-ewma", value_parser = balancer)]
+    balancer: Kind,
+    /// App health check: "tcp" (connect) or an HTTP path such as /healthz.
+    #[arg(long, env = "WAYFINDER_HEALTH_CHECK", default_value = "tcp")]
+    health_check: String,
+    /// Interval between health checks.
+    #[arg(long, env = "WAYFINDER_HEALTH_INTERVAL", default_value = "1s", value_parser = duration)]
+    health_interval: Duration,
+    /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
+    #[arg(long, env = "WAYFINDER_DETECT_TIMEOUT", default_value = "30ms", value_parser = duration)]
+    detect_timeout: Duration,
+    /// Connect timeout to endpoints.
+    #[arg(long, env = "WAYFINDER_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    connect_timeout: Duration,
+    /// How long in-flight requests may take to finish on SIGTERM.
+    #[arg(long, env = "WAYFINDER_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    drain_timeout: Duration,
+    /// Log format.
+    #[arg(long, env = "WAYFINDER_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    log_format: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    Millis::try_from(s.to_string()).map(|m| Duration::from_millis(m.get().into()))
+}
+
+fn upstream(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=ADDR"))?;
+    wayfinder_proto::validate::service_name(name).map_err(|e| e.to_string())?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IP:PORT"))?;
+    Ok((name.to_string(), addr))
+}
+
+fn balancer(s: &str) -> Result<Kind, String> {
+    Ok(match s {
+        "round-robin" => Kind::RoundRobin,
+        "weighted-round-robin" => Kind::WeightedRoundRobin,
+        "least-request" => Kind::LeastRequest,
+        "peak-ewma" => Kind::PeakEwma,
+        "ring-hash" => Kind::RingHash,
+        "maglev" => Kind::Maglev,
+        _ => return Err(format!("unknown balancer {s:?}")),
+    })
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WAYFINDER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logs(&args.log_format);
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wf-proxy: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} listener on {addr}"))
+}
+
+async fn run(args: Args) -> Result<()> {
+    if args.app.is_some() && args.service.is_none() {
+        bail!("--app needs --service: the app is registered as an instance of it");
+    }
+    let check = match args.health_check.as_str() {
+        "tcp" => Check::Tcp,
+        p if p.starts_with('/') => Check::Http(p.to_string()),
+        other => bail!("--health-check {other:?}: use \"tcp\" or an HTTP path starting with '/'"),
+    };
+    let channel = Endpoint::from_shared(args.control_plane.clone())
+        .with_context(|| format!("--control-plane {:?} is not a URL", args.control_plane))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy();
+
+    let mut prom = Registry::default();
+    let metrics = ProxyMetrics::register(&mut prom);
+    let node = args
+        .instance
+        .clone()
+        .or_else(|| {
+            args.service
+                .as_ref()
+                .map(|s| format!("{s}-{}", std::process::id()))
+        })
+        .unwrap_or_else(|| format!("client-{}", std::process::id()));
+    let proxy = Proxy::new(
+        Source::Mesh(channel.clone()),
+        node.clone(),
+        args.balancer,
+        args.app,
+        args.connect_timeout,
+        metrics,
+    );
+
+    // Bind everything first: a taken port is a start-up error, not a surprise later.
+    let mut listeners = Vec::new();
+    let inbound = if args.app.is_some() {
+        let l = bind(args.inbound, "inbound").await?;
+        let addr = l.local_addr()?;
+        listeners.push(Listener {
+            socket: l,
+            role: Role::Inbound,
+            detect_timeout: args.detect_timeout,
+        });
+        Some(addr)
+    } else {
+        None
+    };
+    let mut bound = Vec::new();
+    for (name, addr) in &args.upstreams {
+        let l = bind(*addr, &format!("upstream {name}")).await?;
+        bound.push(format!("{name}={}", l.local_addr()?));
+        proxy.upstream(name);
+        listeners.push(Listener {
+            socket: l,
+            role: Role::Upstream(name.as_str().into()),
+            detect_timeout: args.detect_timeout,
+        });
+    }
+    let outbound = match args.outbound {
+        Some(a) => {
+            let l = bind(a, "outbound").await?;
+            let addr = l.local_addr()?;
+            listeners.push(Listener {
+                socket: l,
+                role: Role::HostRouted,
+                detect_timeout: args.detect_timeout,
+            });
+            Some(addr)
+        }
+        None => None,
+    };
+    let admin_listener = bind(args.admin, "admin").await?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let config = serde_json::json!({
+        "control_plane": args.control_plane, "service": args.service, "instance": node,
+        "app": args.app, "inbound": inbound, "outbound": outbound, "admin": admin_addr,
+        "upstreams": bound, "discovery": args.discovery, "health_check": args.health_check,
+        "health_interval_ms": args.health_interval.as_millis() as u64,
+        "detect_timeout_ms": args.detect_timeout.as_millis() as u64,
+        "connect_timeout_ms": args.connect_timeout.as_millis() as u64,
+        "drain_timeout_ms": args.drain_timeout.as_millis() as u64,
+    });
+    let admin_app = admin::router(admin::AdminState {
+        proxy: proxy.clone(),
+        metrics: Arc::new(prom),
+        config: Arc::new(config),
+    });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin_listener, admin_app).await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let open = Arc::new(Open::default());
+    for l in listeners {
+        tokio::spawn(listener::serve(
+            l,
+            proxy.clone(),
+            open.clone(),
+            stop_rx.clone(),
+        ));
+    }
+
+    let lease = Arc::new(AtomicU64::new(0));
+    if let (Some(app), Some(service), Some(inbound)) = (args.app, args.service.clone(), inbound) {
+        let (htx, hrx) = tokio::sync::watch::channel(Health::Unknown);
+        tokio::spawn(register::check_loop(app, check, args.health_interval, htx));
+        let advertise = args.advertise.unwrap_or(inbound);
+        let instance = Instance {
+            service,
+            instance_id: node.clone(),
+            address: advertise.ip().to_string(),
+            port: advertise.port().into(),
+            protocol: Protocol::Unspecified as i32,
+            meshed: true,
+            ..Default::default()
+        };
+        tokio::spawn(register::keep_registered(
+            channel.clone(),
+            instance,
+            hrx,
+            lease.clone(),
+        ));
+    }
+
+    // Tests and scripts read the bound addresses from this line.
+    tracing::info!(
+        inbound = %inbound.map_or("-".into(), |a| a.to_string()),
+        outbound = %outbound.map_or("-".into(), |a| a.to_string()),
+        admin = %admin_addr,
+        upstreams = %bound.join(","),
+        "wf-proxy listening"
+    );
+
+    shutdown_signal().await;
+    tracing::info!("draining");
+    // Leave the mesh first so callers stop picking us, then drain.
+    register::deregister(channel, lease.load(Ordering::Relaxed)).await;
+    let _ = stop_tx.send(true);
+    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    while open.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if open.count() > 0 {
+        tracing::warn!(
+            open = open.count(),
+            "drain timeout; closing remaining connections"
+        );
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}

@@ -1,0 +1,129 @@
+//! The sidecar's Prometheus metrics: one struct, registered once, handed to
+//! the listener and the HTTP proxy that update it.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::{
+    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+};
+use prometheus_client::registry::Registry;
+
+/// Labels of a request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Upstream service (or `app` inbound).
+    pub upstream: String,
+    /// `2xx`, `3xx`, `4xx`, `5xx`.
+    pub status: &'static str,
+}
+
+/// Labels of a latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Upstream service.
+    pub upstream: String,
+    /// Endpoint id.
+    pub endpoint: String,
+}
+
+/// Labels by direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+}
+
+/// Labels of the TCP byte counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `from_client` or `to_client`.
+    pub flow: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0002, 2.0, 18,
+    ))
+}
+
+/// Every metric of the data path.
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    /// Requests by direction, upstream, status class.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to response headers by direction, upstream and endpoint.
+    pub latency: HistogramFamily<LatencyLabels>,
+    /// Open client connections.
+    pub connections: Family<DirectionLabels, Gauge>,
+    /// Bytes relayed by opaque TCP.
+    pub tcp_bytes: Family<BytesLabels, Counter>,
+    /// Time spent detecting the protocol.
+    pub detect_seconds: Histogram,
+    /// Connections whose client sent nothing within the detection window.
+    pub detect_timeouts: Counter,
+}
+
+impl ProxyMetrics {
+    /// Creates and registers the metrics.
+    pub fn register(reg: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            connections: Family::default(),
+            tcp_bytes: Family::default(),
+            detect_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.00001, 2.0, 16),
+            ),
+            detect_timeouts: Counter::default(),
+        };
+        reg.register(
+            "wayfinder_proxy_requests",
+            "HTTP requests by direction, upstream and status class",
+            m.requests.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_request_duration_seconds",
+            "Time from request to response headers, by direction, upstream and endpoint",
+            m.latency.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_open_connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_tcp_bytes",
+            "Bytes relayed as opaque TCP",
+            m.tcp_bytes.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_detect_seconds",
+            "Time to detect a connection's protocol",
+            m.detect_seconds.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_detect_timeouts",
+            "Connections that sent nothing within the detection window (relayed as TCP)",
+            m.detect_timeouts.clone(),
+        );
+        m
+    }
+}
+
+/// `2xx`-style class of a status code.
+pub fn status_class(code: u16) -> &'static str {
+    match code {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

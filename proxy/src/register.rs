@@ -1,0 +1,189 @@
+//! Registration of the local app with the control plane: a lease kept alive
+//! by heartbeats that carry a local health check of the app.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tonic::Code;
+use tonic::transport::Channel;
+use wayfinder_proto::v1::{
+    DeregisterRequest, Health, Heartbeat, Instance, RegisterRequest, deregister_request::Target,
+    registry_client::RegistryClient,
+};
+
+use crate::discovery::mesh::backoff;
+
+/// How the app's health is checked.
+#[derive(Debug, Clone)]
+pub enum Check {
+    /// `GET path` must answer 2xx.
+    Http(String),
+    /// A TCP connect must succeed.
+    Tcp,
+}
+
+/// Checks the app every `interval` and publishes the result.
+pub async fn check_loop(
+    app: SocketAddr,
+    check: Check,
+    interval: Duration,
+    tx: watch::Sender<Health>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let timeout = interval.min(Duration::from_secs(2));
+        let ok = tokio::time::timeout(timeout, probe(app, &check))
+            .await
+            .unwrap_or(false);
+        let h = if ok {
+            Health::Serving
+        } else {
+            Health::NotServing
+        };
+        tx.send_if_modified(|cur| {
+            let changed = *cur != h;
+            *cur = h;
+            changed
+        });
+    }
+}
+
+/// One probe: a minimal HTTP/1.1 GET (no client pool: a probe must reflect a
+/// fresh connection) or a TCP connect.
+async fn probe(app: SocketAddr, check: &Check) -> bool {
+    let Ok(mut s) = TcpStream::connect(app).await else {
+        return false;
+    };
+    let Check::Http(path) = check else {
+        return true;
+    };
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {app}\r\nUser-Agent: wayfinder-health\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    let mut n = 0;
+    while n < 12 {
+        match s.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => return false,
+            Ok(k) => n += k,
+        }
+    }
+    // "HTTP/1.1 2xx"
+    buf.starts_with(b"HTTP/1.") && buf[9] == b'2'
+}
+
+/// Keeps the instance registered for as long as the process lives; the
+/// current lease id is published in `lease` (0 while unregistered).
+pub async fn keep_registered(
+    channel: Channel,
+    instance: Instance,
+    mut health: watch::Receiver<Health>,
+    lease: Arc<AtomicU64>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let mut client = RegistryClient::new(channel.clone());
+        let initial = *health.borrow_and_update();
+        let reg = client
+            .register(RegisterRequest {
+                instance: Some(instance.clone()),
+                static_endpoint: false,
+                ttl_ms: 0,
+                initial_health: initial as i32,
+            })
+            .await;
+        let resp = match reg {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                tracing::warn!(%status, "cannot register; retrying");
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt = attempt.saturating_add(1);
+                continue;
+            }
+        };
+        attempt = 0;
+        lease.store(resp.lease_id, Ordering::Relaxed);
+        tracing::info!(
+            lease = resp.lease_id,
+            ttl_ms = resp.ttl_ms,
+            "registered with the control plane"
+        );
+        let every = Duration::from_millis(u64::from(resp.ttl_ms.max(300)) / 3);
+        // Heartbeats: on a timer, and at once when the app's health changes.
+        loop {
+            let (tx, rx) = mpsc::channel(4);
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            let mut acks = match client.keep_alive(stream).await {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    tracing::warn!(%status, "keep-alive stream failed; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt = attempt.saturating_add(1);
+                    continue;
+                }
+            };
+            let lease_id = resp.lease_id;
+            let mut h = health.clone();
+            let sender = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    let beat = Heartbeat {
+                        lease_id,
+                        health: *h.borrow_and_update() as i32,
+                    };
+                    if tx.send(beat).await.is_err() {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        r = h.changed() => if r.is_err() { return },
+                    }
+                }
+            });
+            let end = loop {
+                match acks.next().await {
+                    Some(Ok(_)) => attempt = 0,
+                    Some(Err(s)) => break s,
+                    None => break tonic::Status::unavailable("keep-alive stream ended"),
+                }
+            };
+            sender.abort();
+            if end.code() == Code::NotFound {
+                tracing::warn!("the control plane lost our lease; registering again");
+                break;
+            }
+            tracing::warn!(status = %end, "keep-alive interrupted; reconnecting");
+            tokio::time::sleep(backoff(attempt)).await;
+            attempt = attempt.saturating_add(1);
+        }
+        lease.store(0, Ordering::Relaxed);
+        let _ = health.borrow_and_update();
+    }
+}
+
+/// Removes the registration (on shutdown).
+pub async fn deregister(channel: Channel, lease_id: u64) {
+    if lease_id == 0 {
+        return;
+    }
+    let mut client = RegistryClient::new(channel);
+    let mut req = tonic::Request::new(DeregisterRequest {
+        target: Some(Target::LeaseId(lease_id)),
+    });
+    req.set_timeout(Duration::from_secs(2));
+    match client.deregister(req).await {
+        Ok(_) => tracing::info!(lease = lease_id, "deregistered"),
+        Err(s) => tracing::warn!(status = %s, "deregistration failed; the lease will expire"),
+    }
+}
