@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tonic::transport::Channel;
 
 use crate::balance::{EndpointStats, Kind, PickContext, hash_bytes};
@@ -143,10 +143,13 @@ impl Proxy {
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(connect_timeout));
         let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(conn.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
             .http2_keep_alive_interval(Some(Duration::from_secs(30)))
             .build(conn);
         Arc::new(Self {

@@ -62,53 +62,24 @@ impl ControlPlane {
         grpc: &str,
         http: &str,
     ) -> Result<Self> {
-        let mut child = Command::new(bin("wf-control"))
-            .arg("--grpc")
-            .arg(grpc)
-            .arg("--http")
-            .arg(http)
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(&args)
-            .env("WAYFINDER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning wf-control")?;
-        let stderr = child.stderr.take().context("stderr")?;
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("wf-control serving")
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(line.clone());
-                }
-                if let Ok(mut l) = sink.lock() {
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            }
-        });
-        let mut me = Self {
+        let mut all: Vec<String> = vec![
+            "--grpc".into(),
+            grpc.into(),
+            "--http".into(),
+            http.into(),
+            "--data-dir".into(),
+        ];
+        all.push(data.path().to_string_lossy().to_string());
+        all.extend(args.iter().cloned());
+        let (child, line, log) = spawn_logged("wf-control", &all, "wf-control serving")?;
+        Ok(Self {
             child: Some(child),
-            grpc: "0.0.0.0:0".parse()?,
-            http: "0.0.0.0:0".parse()?,
+            grpc: field(&line, "grpc=")?,
+            http: field(&line, "http=")?,
             data,
             args,
             log,
-        };
-        let line = match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(l) => l,
-            Err(_) => bail!("wf-control did not start: {}", me.log_text()),
-        };
-        me.grpc = field(&line, "grpc=")?;
-        me.http = field(&line, "http=")?;
-        Ok(me)
+        })
     }
 
     /// The log so far.
@@ -140,19 +111,7 @@ impl ControlPlane {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
         let mut c = self.child.take().context("not running")?;
-        let pid = c.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(s) = c.try_wait()? {
-                return Ok(s);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                bail!("wf-control did not exit within 10 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate(&mut c)
     }
 
     /// Kills it and starts it again on the same ports and data directory.
@@ -173,6 +132,120 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Starts a workspace binary, collects its stderr, and waits for the first
+/// line containing `ready` (which usually carries the bound addresses).
+pub fn spawn_logged(
+    name: &str,
+    args: &[String],
+    ready: &str,
+) -> Result<(Child, String, Arc<Mutex<String>>)> {
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .env("WAYFINDER_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {name}"))?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = log.clone();
+    let marker = ready.to_string();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(&marker)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(line.clone());
+            }
+            if let Ok(mut l) = sink.lock() {
+                l.push_str(&line);
+                l.push('\n');
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(15)) {
+        Ok(line) => Ok((child, line, log)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = log.lock().map(|l| l.clone()).unwrap_or_default();
+            bail!("{name} did not become ready: {text}")
+        }
+    }
+}
+
+/// A running binary, killed on drop.
+pub struct Process {
+    child: Option<Child>,
+    /// The line that said it was ready.
+    pub ready_line: String,
+    /// Everything it logged so far.
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Process {
+    /// Starts `name` with `args` and waits for `ready` in its log.
+    pub fn start(name: &str, args: &[&str], ready: &str) -> Result<Self> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (child, ready_line, log) = spawn_logged(name, &args, ready)?;
+        Ok(Self {
+            child: Some(child),
+            ready_line,
+            log,
+        })
+    }
+
+    /// An address field (`key=ADDR`) of the ready line.
+    pub fn addr(&self, key: &str) -> Result<SocketAddr> {
+        field(&self.ready_line, key)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (at most 15 s) for the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("not running")?;
+        terminate(&mut c)
+    }
+
+    /// Kills it at once.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn terminate(c: &mut Child) -> Result<std::process::ExitStatus> {
+    Command::new("kill")
+        .args(["-TERM", &c.id().to_string()])
+        .status()?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(s) = c.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            bail!("process did not exit within 15 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -228,4 +301,34 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         let (k, v) = l.rsplit_once(' ')?;
         (k == name).then(|| v.parse().ok()).flatten()
     })
+}
+
+/// One HTTP/1.1 request over a fresh connection: returns status, the raw
+/// header block and the body (as received; may be chunked).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    body: &str,
+) -> Result<(u16, String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .context("response within 10 s")??;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status line in {text:?}"))?;
+    Ok((status, head.to_ascii_lowercase(), body.to_string()))
 }

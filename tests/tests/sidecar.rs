@@ -1,0 +1,337 @@
+//! End-to-end tests of the data path: real wf-control, lab-app and wf-proxy
+//! processes on loopback, traffic through two sidecars.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use wayfinder_tests::{ControlPlane, Process, TEST_TIMEOUT, http_request, metric, wfctl};
+
+async fn bounded(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .context("test timed out")?
+}
+
+struct Instance {
+    app: Process,
+    app_addr: SocketAddr,
+    sidecar: Process,
+}
+
+fn lab_app(name: &str) -> Result<(Process, SocketAddr)> {
+    let p = Process::start(
+        "lab-app",
+        &["--listen", "127.0.0.1:0", "--name", name],
+        "listening on",
+    )?;
+    let addr = p.addr("on ")?;
+    Ok((p, addr))
+}
+
+fn sidecar(
+    cp: &ControlPlane,
+    service: &str,
+    name: &str,
+    app: SocketAddr,
+    check: &str,
+) -> Result<Process> {
+    let app = app.to_string();
+    let url = cp.url();
+    Process::start(
+        "wf-proxy",
+        &[
+            "--control-plane",
+            &url,
+            "--service",
+            service,
+            "--instance",
+            name,
+            "--app",
+            &app,
+            "--inbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--health-check",
+            check,
+            "--health-interval",
+            "200ms",
+            "--drain-timeout",
+            "2s",
+        ],
+        "wf-proxy listening",
+    )
+}
+
+fn instance(cp: &ControlPlane, name: &str) -> Result<Instance> {
+    let (app, app_addr) = lab_app(name)?;
+    let sidecar = sidecar(cp, "web", name, app_addr, "/healthz")?;
+    Ok(Instance {
+        app,
+        app_addr,
+        sidecar,
+    })
+}
+
+/// A client-only sidecar with an explicit `web` listener and a Host-routed one.
+fn client(cp: &ControlPlane, extra: &[&str]) -> Result<(Process, SocketAddr, SocketAddr)> {
+    let url = cp.url();
+    let mut args = vec![
+        "--control-plane",
+        &url,
+        "--admin",
+        "127.0.0.1:0",
+        "--outbound",
+        "127.0.0.1:0",
+        "--upstream",
+        "web=127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let p = Process::start("wf-proxy", &args, "wf-proxy listening")?;
+    let web = p.addr("upstreams=web=")?;
+    let outbound = p.addr("outbound=")?;
+    Ok((p, web, outbound))
+}
+
+async fn wait_serving(cp: &ControlPlane, service: &str, want: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, _) = wfctl(cp, &["-o", "json", "endpoints", service])?;
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(out.trim())?;
+            let serving = v["endpoints"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|e| e["health"] == "serving").count());
+            if serving == want {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{service} did not reach {want} serving instances: {out}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn instance_of(body: &str) -> String {
+    body.split("\"instance\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or("?")
+        .to_string()
+}
+
+async fn spread(addr: SocketAddr, host: &str, n: usize) -> Result<HashMap<String, usize>> {
+    let mut seen = HashMap::new();
+    for i in 0..n {
+        let (status, _, body) = http_request(addr, "GET", &format!("/r/{i}"), host, "").await?;
+        assert_eq!(status, 200, "request {i}: {body}");
+        *seen.entry(instance_of(&body)).or_default() += 1;
+    }
+    Ok(seen)
+}
+
+async fn admin_get(p: &Process, path: &str) -> Result<(u16, String)> {
+    wayfinder_tests::http_get(p.addr("admin=")?, path).await
+}
+
+#[tokio::test]
+async fn requests_are_balanced_over_every_instance_through_two_sidecars() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let dir = tempfile::tempdir()?;
+        let policy = dir.path().join("p.toml");
+        std::fs::write(&policy, "[services.web]\nbalancer = \"round-robin\"\n")?;
+        let (ok, _, err) = wfctl(&cp, &["policy", "apply", &policy.to_string_lossy()])?;
+        assert!(ok, "{err}");
+        let lab: Vec<_> = (1..=3).map(|i| instance(&cp, &format!("web-{i}"))).collect::<Result<_>>()?;
+        wait_serving(&cp, "web", 3).await?;
+        let (client, web, outbound) = client(&cp, &[])?;
+
+        // Round robin over three healthy instances: exactly a third each.
+        let seen = spread(web, "web", 90).await?;
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(seen.values().all(|&n| n == 30), "{seen:?}");
+
+        // Host routing, with and without a port.
+        let (status, _, body) = http_request(outbound, "GET", "/h", "web", "").await?;
+        assert_eq!(status, 200, "{body}");
+        let (status, _, body) = http_request(outbound, "POST", "/h", "web:8080", "hello").await?;
+        assert_eq!(status, 200);
+        assert!(body.contains("\"method\":\"POST\""), "{body}");
+
+        // A client-only sidecar registers nothing.
+        let (_, out, _) = wfctl(&cp, &["-o", "json", "services"])?;
+        let services: serde_json::Value = serde_json::from_str(out.trim())?;
+        assert_eq!(services.as_array().map(Vec::len), Some(1), "{services}");
+
+        let (code, _) = admin_get(&client, "/ready").await?;
+        assert_eq!(code, 200);
+        let (_, eps) = admin_get(&client, "/endpoints").await?;
+        assert_eq!(eps.matches("\"healthy\":true").count(), 3, "{eps}");
+        let (_, m) = admin_get(&client, "/metrics").await?;
+        assert_eq!(
+            metric(&m, "wayfinder_proxy_requests_total{direction=\"outbound\",upstream=\"web\",status=\"2xx\"}"),
+            Some(92.0)
+        );
+        // Every request went through exactly one server-side sidecar.
+        let mut inbound = 0.0;
+        for i in &lab {
+            let (_, m) = admin_get(&i.sidecar, "/metrics").await?;
+            inbound += metric(&m, "wayfinder_proxy_requests_total{direction=\"inbound\",upstream=\"app\",status=\"2xx\"}")
+                .unwrap_or(0.0);
+        }
+        assert_eq!(inbound, 92.0);
+        let (code, cfg) = admin_get(&client, "/config").await?;
+        assert_eq!(code, 200);
+        assert!(cfg.contains("\"discovery\":\"mesh\""), "{cfg}");
+        drop(lab);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_unhealthy_app_leaves_rotation_and_sigterm_deregisters() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let mut lab: Vec<_> = (1..=3)
+            .map(|i| instance(&cp, &format!("web-{i}")))
+            .collect::<Result<_>>()?;
+        wait_serving(&cp, "web", 3).await?;
+        let (_client, web, _) = client(&cp, &[])?;
+
+        // The app's own health check fails: its sidecar reports it, the
+        // control plane pushes it, the client stops sending to it.
+        let (status, _, _) =
+            http_request(lab[1].app_addr, "POST", "/fault?healthy=false", "x", "").await?;
+        assert_eq!(status, 200);
+        wait_serving(&cp, "web", 2).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = spread(web, "web", 60).await?;
+        assert!(!seen.contains_key("web-2"), "{seen:?}");
+        assert_eq!(seen.values().sum::<usize>(), 60);
+
+        // SIGTERM: deregister, drain, exit 0; the others keep serving.
+        let status = lab[2].sidecar.terminate()?;
+        assert!(status.success(), "exit status {status}");
+        let (_, out, _) = wfctl(&cp, &["-o", "json", "endpoints", "web"])?;
+        assert!(!out.contains("web-3"), "web-3 still registered: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = spread(web, "web", 30).await?;
+        assert_eq!(seen.get("web-1"), Some(&30), "{seen:?}");
+        lab[0].app.kill();
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn server_speaks_first_protocols_work_without_a_stall() -> Result<()> {
+    bounded(async {
+        // A server that greets first, as SMTP, MySQL or NATS do, then echoes.
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let app = server.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.write_all(b"220 greeting\r\n").await;
+                    let (r, mut w) = s.split();
+                    let mut lines = BufReader::new(r).lines();
+                    while let Ok(Some(l)) = lines.next_line().await {
+                        if w.write_all(format!("250 {l}\r\n").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let cp = ControlPlane::start(&[])?;
+        let _side = sidecar(&cp, "smtp", "smtp-1", app, "tcp")?;
+        wait_serving(&cp, "smtp", 1).await?;
+        let url = cp.url();
+        let client = Process::start(
+            "wf-proxy",
+            &[
+                "--control-plane",
+                &url,
+                "--admin",
+                "127.0.0.1:0",
+                "--upstream",
+                "smtp=127.0.0.1:0",
+            ],
+            "wf-proxy listening",
+        )?;
+        let addr = client.addr("upstreams=smtp=")?;
+        for round in 0..3 {
+            let started = Instant::now();
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            let (r, mut w) = s.split();
+            let mut lines = BufReader::new(r).lines();
+            let greeting = tokio::time::timeout(Duration::from_secs(2), lines.next_line())
+                .await
+                .context("greeting in time")??;
+            let waited = started.elapsed();
+            assert_eq!(greeting.as_deref(), Some("220 greeting"));
+            // Linkerd waits 10 s here unless the port is configured as opaque.
+            assert!(
+                waited < Duration::from_millis(500),
+                "round {round}: greeting after {waited:?}"
+            );
+            w.write_all(b"HELO lab\r\n").await?;
+            let echo = tokio::time::timeout(Duration::from_secs(2), lines.next_line()).await??;
+            assert_eq!(echo.as_deref(), Some("250 HELO lab"));
+        }
+        let (_, m) = admin_get(&client, "/metrics").await?;
+        assert_eq!(
+            metric(&m, "wayfinder_proxy_detect_timeouts_total"),
+            Some(1.0),
+            "remembered after the first"
+        );
+        assert!(
+            metric(
+                &m,
+                "wayfinder_proxy_tcp_bytes_total{direction=\"outbound\",flow=\"to_client\"}"
+            )
+            .unwrap_or(0.0)
+                > 0.0
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn proxy_errors_say_why() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        // A static endpoint nobody listens on.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let (ok, _, err) = wfctl(&cp, &["register", "dead", &dead.to_string()])?;
+        assert!(ok, "{err}");
+        let (_client, _, outbound) = client(&cp, &[])?;
+
+        let (status, head, _) = http_request(outbound, "GET", "/", "Not_A_Service", "").await?;
+        assert_eq!(status, 400);
+        assert!(
+            head.contains("x-wayfinder-error: no-service-in-host"),
+            "{head}"
+        );
+
+        let (status, head, _) = http_request(outbound, "GET", "/", "ghost", "").await?;
+        assert_eq!(status, 503);
+        assert!(head.contains("x-wayfinder-error: no-endpoints"), "{head}");
+
+        let (status, head, _) = http_request(outbound, "GET", "/", "dead", "").await?;
+        assert_eq!(status, 502);
+        assert!(head.contains("x-wayfinder-error: connect-failed"), "{head}");
+        Ok(())
+    })
+    .await
+}
