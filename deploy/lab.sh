@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The local lab on loopback, no Docker: builds Wayfinder, starts wf-control
-# with deploy/policy.toml, registers the lab's endpoints, and follows the
-# `web` service live with `wfctl watch`. Ctrl-C stops everything.
-#
-# Until the sidecar (wf-proxy) and lab-app land, the lab's web-1..3 are static
-# endpoints; the control plane, its push, leases and policy are all real.
+# The local lab on loopback, no Docker: builds Wayfinder, then starts
+#   wf-control            gRPC 127.0.0.1:15010, HTTP 127.0.0.1:15014 (policy: deploy/policy.toml)
+#   web-1..3              lab-app on 127.0.0.1:9001-9003, each with its sidecar
+#                         (inbound 127.0.0.1:1600N, admin 127.0.0.1:1510N)
+#   client sidecar        web=127.0.0.1:15001 (explicit), Host-routed HTTP on 127.0.0.1:15080,
+#                         admin 127.0.0.1:15000
+# sends a few requests through the mesh, and follows `web` live. Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v protoc >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # Only etcd-client's build needs protoc; our own protos compile with protox.
   echo "== installing protobuf-compiler"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null || \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null 2>&1 || \
     echo "   (could not install protobuf-compiler; not needed yet)"
 fi
 
@@ -24,22 +25,39 @@ export WAYFINDER_CONTROL_PLANE=http://127.0.0.1:15010
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
+wait_http() { for _ in $(seq 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "timeout waiting for $1"; return 1; }
 
-echo "== starting wf-control (gRPC 127.0.0.1:15010, HTTP 127.0.0.1:15014, data in $data)"
+echo "== wf-control (data in $data)"
 "$bin/wf-control" --grpc 127.0.0.1:15010 --http 127.0.0.1:15014 \
-  --data-dir "$data" --policy deploy/policy.toml &
+  --data-dir "$data" --policy deploy/policy.toml 2>wf-lab-control.log &
 pids+=($!)
-for _ in $(seq 50); do
-  "$bin/wfctl" services >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_http http://127.0.0.1:15014/healthz
 
 for i in 1 2 3; do
-  "$bin/wfctl" register web "127.0.0.1:900$i" --instance "web-$i"
+  echo "== web-$i: lab-app 127.0.0.1:900$i + sidecar (inbound 127.0.0.1:1600$i)"
+  "$bin/lab-app" --listen "127.0.0.1:900$i" --name "web-$i" 2>/dev/null &
+  pids+=($!)
+  "$bin/wf-proxy" --service web --instance "web-$i" --app "127.0.0.1:900$i" \
+    --inbound "127.0.0.1:1600$i" --admin "127.0.0.1:1510$i" --health-check /healthz \
+    2>"wf-lab-web-$i.log" &
+  pids+=($!)
 done
-"$bin/wfctl" services
+echo "== client sidecar (web=127.0.0.1:15001, Host-routed 127.0.0.1:15080, admin 127.0.0.1:15000)"
+"$bin/wf-proxy" --admin 127.0.0.1:15000 --upstream web=127.0.0.1:15001 --outbound 127.0.0.1:15080 \
+  2>wf-lab-client.log &
+pids+=($!)
+wait_http http://127.0.0.1:15000/ready
+
+for _ in $(seq 50); do
+  [ "$("$bin/wfctl" -o json endpoints web 2>/dev/null | grep -o '"serving"' | wc -l)" = 3 ] && break
+  sleep 0.1
+done
 "$bin/wfctl" endpoints web
+echo "== six requests through the mesh (client sidecar -> web sidecar -> lab-app)"
+for _ in $(seq 6); do curl -s http://127.0.0.1:15001/; echo; done
 echo
-echo "== following 'web' (try in another shell: $bin/wfctl deregister web 127.0.0.1:9002,"
-echo "   edit deploy/policy.toml, or curl http://127.0.0.1:15014/metrics); Ctrl-C stops"
+echo "Try: curl -H 'Host: web' http://127.0.0.1:15080/   |  curl -X POST 'http://127.0.0.1:9002/fault?healthy=false'"
+echo "     curl http://127.0.0.1:15000/endpoints          |  curl http://127.0.0.1:15014/metrics"
+echo "     edit deploy/policy.toml (reloaded live)        |  logs: wf-lab-*.log"
+echo "== following 'web' (Ctrl-C stops the lab)"
 "$bin/wfctl" watch web

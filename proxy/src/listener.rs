@@ -242,11 +242,9 @@ async fn opaque(mut client: TcpStream, peer: SocketAddr, role: Role, proxy: Arc<
         }
     };
     let _ = server.set_nodelay(true);
-    let (from_client, to_client) =
-        match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-            Ok(n) => n,
-            Err(_) => (0, 0),
-        };
+    let (from_client, to_client) = tokio::io::copy_bidirectional(&mut client, &mut server)
+        .await
+        .unwrap_or_default();
     for (flow, n) in [("from_client", from_client), ("to_client", to_client)] {
         proxy
             .metrics
