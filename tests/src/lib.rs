@@ -252,7 +252,9 @@ fn terminate(c: &mut Child) -> Result<std::process::ExitStatus> {
 fn field(line: &str, key: &str) -> Result<SocketAddr> {
     let start = line.find(key).context("address in the start-up line")? + key.len();
     let rest = &line[start..];
-    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == ',')
+        .unwrap_or(rest.len());
     Ok(rest[..end].parse()?)
 }
 

@@ -335,3 +335,94 @@ async fn proxy_errors_say_why() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn grpc_chunked_bodies_and_upgrades_pass_through_two_sidecars() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let url = cp.url();
+
+        // gRPC (h2c): wf-control's own Admin API, served behind a sidecar.
+        let _ctl_side = sidecar(&cp, "ctl", "ctl-1", cp.grpc, "tcp")?;
+        // An app that accepts an HTTP/1.1 Upgrade, then echoes raw bytes.
+        let up_server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let up_addr = up_server.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = up_server.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+                        .await;
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let _up_side = sidecar(&cp, "echo", "echo-1", up_addr, "tcp")?;
+        let (web_app, web_addr) = lab_app("web-1")?;
+        let _web_side = sidecar(&cp, "web", "web-1", web_addr, "/healthz")?;
+        wait_serving(&cp, "ctl", 1).await?;
+        wait_serving(&cp, "echo", 1).await?;
+        wait_serving(&cp, "web", 1).await?;
+        let client = Process::start(
+            "wf-proxy",
+            &[
+                "--control-plane", &url, "--admin", "127.0.0.1:0", "--upstream", "ctl=127.0.0.1:0",
+                "--upstream", "echo=127.0.0.1:0", "--upstream", "web=127.0.0.1:0",
+            ],
+            "wf-proxy listening",
+        )?;
+
+        let ch = tonic::transport::Channel::from_shared(format!("http://{}", client.addr("ctl=")?))?
+            .connect()
+            .await?;
+        let services = wayfinder_proto::v1::admin_client::AdminClient::new(ch)
+            .list_services(wayfinder_proto::v1::ListServicesRequest {})
+            .await?
+            .into_inner()
+            .services;
+        let names: Vec<_> = services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["ctl", "echo", "web"]);
+
+        // A chunked request body streams through and arrives whole.
+        let mut s = tokio::net::TcpStream::connect(client.addr("web=")?).await?;
+        s.write_all(
+            b"POST /chunked HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        )
+        .await?;
+        let mut resp = String::new();
+        tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_string(&mut s, &mut resp))
+            .await??;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(resp.contains("\"method\":\"POST\"") && resp.contains("/chunked"), "{resp}");
+
+        // Upgrade: the handshake goes through, then raw bytes flow both ways.
+        let mut s = tokio::net::TcpStream::connect(client.addr("echo=")?).await?;
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+            .await?;
+        let (r, mut w) = s.split();
+        let mut lines = BufReader::new(r).lines();
+        let status = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await??;
+        assert_eq!(status.as_deref().map(|l| l.starts_with("HTTP/1.1 101")), Some(true), "{status:?}");
+        while let Some(l) = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await?? {
+            if l.is_empty() {
+                break;
+            }
+        }
+        w.write_all(b"ping over the upgraded connection\n").await?;
+        let echo = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await??;
+        assert_eq!(echo.as_deref(), Some("ping over the upgraded connection"));
+        drop(web_app);
+        Ok(())
+    })
+    .await
+}
