@@ -426,3 +426,42 @@ async fn grpc_chunked_bodies_and_upgrades_pass_through_two_sidecars() -> Result<
     })
     .await
 }
+
+#[tokio::test]
+async fn sidecars_keep_last_known_endpoints_while_the_control_plane_is_down() -> Result<()> {
+    bounded(async {
+        let mut cp = ControlPlane::start(&["--lease-ttl", "2s"])?;
+        let lab: Vec<_> = (1..=2)
+            .map(|i| instance(&cp, &format!("web-{i}")))
+            .collect::<Result<_>>()?;
+        wait_serving(&cp, "web", 2).await?;
+        let (client, web, _) = client(&cp, &[])?;
+        assert_eq!(spread(web, "web", 10).await?.values().sum::<usize>(), 10);
+
+        // Control plane gone: traffic keeps flowing on what the sidecars know.
+        cp.kill();
+        let seen = spread(web, "web", 20).await?;
+        assert_eq!(seen.values().sum::<usize>(), 20);
+
+        // Back on the same address and data: leases are still known, sidecars
+        // reconnect (jittered backoff) and the watch resumes; a new instance
+        // registered now reaches the client.
+        cp.restart()?;
+        let third = instance(&cp, "web-3")?;
+        wait_serving(&cp, "web", 3).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, eps) = admin_get(&client, "/endpoints").await?;
+            if eps.contains("web-3") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the client never learned about web-3: {eps}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop((lab, third));
+        Ok(())
+    })
+    .await
+}
