@@ -465,3 +465,36 @@ async fn sidecars_keep_last_known_endpoints_while_the_control_plane_is_down() ->
     })
     .await
 }
+
+#[tokio::test]
+async fn ready_waits_for_the_first_discovery_answer() -> Result<()> {
+    bounded(async {
+        // A control plane that is not there yet: nothing listens on this port.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let url = format!("http://{port}");
+        let client = Process::start(
+            "wf-proxy",
+            &[
+                "--control-plane",
+                &url,
+                "--admin",
+                "127.0.0.1:0",
+                "--upstream",
+                "web=127.0.0.1:0",
+            ],
+            "wf-proxy listening",
+        )?;
+        let (code, body) = admin_get(&client, "/ready").await?;
+        assert_eq!((code, body.trim()), (503, "waiting for discovery of: web"));
+        let (code, _) = admin_get(&client, "/live").await?;
+        assert_eq!(code, 200);
+        let (status, head, _) = http_request(client.addr("web=")?, "GET", "/", "web", "").await?;
+        assert_eq!(status, 503);
+        assert!(
+            head.contains("x-wayfinder-error: discovery-pending"),
+            "{head}"
+        );
+        Ok(())
+    })
+    .await
+}
