@@ -443,8 +443,10 @@ impl Persister {
             "Time to make one batch durable",
             metrics.seconds.clone(),
         );
-        let (dirty, _) = registry.take_pending();
-        let (durable, _) = watch::channel(dirty);
+        // A fresh registry's change counter starts at 0 and what it restored
+        // is already durable; changes made before this point (a policy file
+        // applied at start) are still pending and get written first.
+        let (durable, _) = watch::channel(0);
         let this = Arc::new(Self {
             wake: Notify::new(),
             durable,

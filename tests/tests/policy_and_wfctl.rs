@@ -91,6 +91,21 @@ async fn policy_file_reload_applies_valid_changes_and_keeps_the_policy_on_errors
             other => bail!("expected snapshot, got {other:?}"),
         }
 
+        // The policy applied at start-up is written to the store, too.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, m) = cp.get("/metrics").await?;
+            if wayfinder_tests::metric(&m, "wayfinder_control_store_writes_total").unwrap_or(0.0)
+                >= 1.0
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the start-up policy was never written:\n{m}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
         // An invalid edit is refused and logged; the policy in force stays.
         std::fs::write(&file, BAD)?;
         let deadline = Instant::now() + Duration::from_secs(5);
