@@ -30,6 +30,12 @@ pub const DELTA_LOG_LEN: usize = 256;
 /// Updates buffered per service broadcast before a slow watcher lags and is
 /// sent a fresh snapshot instead.
 pub const BROADCAST_CAPACITY: usize = 256;
+/// Versions jump by this much when state is restored. Changes are pushed to
+/// watchers before they reach the store, so a crash can lose versions that
+/// watchers already saw; reusing them for different changes would let a
+/// resuming watcher believe it is up to date when it is not. After the jump
+/// every new version is above anything handed out before the crash.
+pub const RESTART_VERSION_GAP: u64 = 1 << 32;
 
 /// Metrics of the registry's contents and lifecycle.
 #[derive(Clone)]
@@ -292,7 +298,7 @@ impl Registry {
             pending: Vec::new(),
         };
         if let Some(p) = persisted {
-            state.version = p.version;
+            state.version = p.version.saturating_add(RESTART_VERSION_GAP);
             state.next_lease = p.next_lease.max(1);
             let now = Instant::now();
             for s in p.services {
@@ -1025,6 +1031,37 @@ mod tests {
             Some(Kind::Snapshot(s)) => assert_eq!(s.endpoints.len(), BROADCAST_CAPACITY + 10),
             other => panic!("expected snapshot, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn versions_seen_before_a_crash_are_never_reused_after_it() {
+        let before = registry(LeaseConfig::default());
+        before
+            .register(inst("web", "a", 1), true, None, Health::Unknown)
+            .expect("a");
+        let (_, saved) = before.snapshot_all();
+        // Pushed to watchers, lost in the crash before it was written.
+        let lost = before
+            .register(inst("web", "b", 2), true, None, Health::Unknown)
+            .expect("b");
+
+        let after = Registry::new(
+            LeaseConfig::default(),
+            RegistryMetrics::register(&mut Prom::default()),
+            Some(saved),
+        );
+        let c = after
+            .register(inst("web", "c", 3), true, None, Health::Unknown)
+            .expect("c");
+        assert!(
+            c.version > lost.version,
+            "{} reused {}",
+            c.version,
+            lost.version
+        );
+        // A watcher that saw the lost change resumes with a snapshot.
+        let sub = after.subscribe("web", lost.version);
+        assert!(sub.snapshot);
     }
 
     #[tokio::test]
