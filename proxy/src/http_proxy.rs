@@ -48,7 +48,8 @@ pub struct Proxy {
     source: Source,
     node: String,
     default_kind: Kind,
-    app: Option<SocketAddr>,
+    /// The local app as an endpoint (its stats live as long as the sidecar).
+    app: Option<Arc<EndpointStats>>,
     h1: Client<HttpConnector, Incoming>,
     h2: Client<HttpConnector, Incoming>,
     /// Metrics.
@@ -157,7 +158,7 @@ impl Proxy {
             source,
             node,
             default_kind,
-            app,
+            app: app.map(|a| EndpointStats::new("app", a, 1)),
             h1,
             h2,
             metrics,
@@ -166,7 +167,7 @@ impl Proxy {
 
     /// The local app, if this sidecar fronts one.
     pub fn app(&self) -> Option<SocketAddr> {
-        self.app
+        self.app.as_ref().map(|a| a.addr)
     }
 
     /// The upstream for `name`, starting its discovery on first use.
@@ -233,7 +234,7 @@ impl Proxy {
 
     /// Inbound: hand `req` to the local app.
     pub async fn inbound(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
-        let Some(app) = self.app else {
+        let Some(app) = self.app.clone() else {
             return error(StatusCode::NOT_FOUND, "no-app");
         };
         // A request that was HTTP/1 before the sidecar hop goes back to HTTP/1.
@@ -241,8 +242,7 @@ impl Proxy {
         if downgrade {
             *req.version_mut() = Version::HTTP_11;
         }
-        let ep = EndpointStats::new("app", app, 1);
-        let resp = self.forward(req, &ep, false, "inbound", "app").await;
+        let resp = self.forward(req, &app, false, "inbound", "app").await;
         self.count("inbound", "app", resp)
     }
 
