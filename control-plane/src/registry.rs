@@ -102,9 +102,9 @@ impl RegistryMetrics {
 pub struct LeaseConfig {
     /// TTL granted when a registration asks for none.
     pub default_ttl: Duration,
-    /// Shortest and longest TTL a registration may ask for.
+    /// Shortest TTL a registration may ask for.
     pub min_ttl: Duration,
-    /// Longest TTL.
+    /// Longest TTL a registration may ask for.
     pub max_ttl: Duration,
     /// How long an expired instance stays (as not serving) before removal.
     pub grace: Duration,
@@ -347,11 +347,6 @@ impl Registry {
         // in release), so a poisoned lock only happens in tests; the state is
         // still consistent because every mutation completes before unlocking.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Lease timing in force.
-    pub fn lease_config(&self) -> LeaseConfig {
-        self.leases
     }
 
     /// Applies `change` to `name`: bumps the version, encodes the delta once,
