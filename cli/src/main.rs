@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tonic::transport::{Channel, Endpoint};
+use wayfinder_proto::policy::parse_duration;
 
 use output::Format;
 
@@ -35,7 +36,7 @@ struct Cli {
     )]
     output: Format,
     /// Time limit for one request (not for `watch`), e.g. "5s".
-    #[arg(long, global = true, env = "WAYFINDER_TIMEOUT", default_value = "5s", value_parser = duration)]
+    #[arg(long, global = true, env = "WAYFINDER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
     #[command(subcommand)]
     command: Command,
@@ -99,11 +100,6 @@ enum PolicyCommand {
         /// Service name.
         service: String,
     },
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    wayfinder_proto::policy::Millis::try_from(s.to_string())
-        .map(|m| Duration::from_millis(m.get().into()))
 }
 
 async fn connect(cli: &Cli) -> Result<Channel> {

@@ -2,12 +2,12 @@
 //! resumes from the last version it printed.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use anyhow::{Result, bail};
 use futures::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
+use wayfinder_proto::backoff::backoff;
 use wayfinder_proto::v1::{
     Endpoint, ServiceWatch, WatchEvent, WatchRequest, discovery_client::DiscoveryClient,
     watch_event::Kind,
@@ -21,7 +21,7 @@ use crate::output::{self, Format};
 pub async fn run(ch: Channel, services: Vec<String>, count: u64, out: Format) -> Result<()> {
     let mut versions: BTreeMap<String, u64> = services.into_iter().map(|s| (s, 0)).collect();
     let mut printed = 0u64;
-    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 0u32;
     loop {
         let req = WatchRequest {
             services: versions
@@ -39,7 +39,7 @@ pub async fn run(ch: Channel, services: Vec<String>, count: u64, out: Format) ->
             Err(s) => s,
             Ok(resp) => {
                 let mut stream = resp.into_inner();
-                backoff = Duration::from_millis(100);
+                attempt = 0;
                 loop {
                     match stream.next().await {
                         Some(Ok(event)) => {
@@ -56,23 +56,14 @@ pub async fn run(ch: Channel, services: Vec<String>, count: u64, out: Format) ->
                 }
             }
         };
+        let wait = backoff(attempt);
+        attempt = attempt.saturating_add(1);
         eprintln!(
-            "wfctl: watch interrupted ({}); reconnecting in {:?}",
-            err.message(),
-            backoff
+            "wfctl: watch interrupted ({}); reconnecting in {wait:?}",
+            err.message()
         );
-        let jitter = rand_jitter(backoff);
-        tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(wait).await;
     }
-}
-
-fn rand_jitter(d: Duration) -> Duration {
-    // Sub-second jitter from the clock is enough to spread a few CLIs apart.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos());
-    d.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }
 
 fn line(sign: char, e: &Endpoint) -> String {

@@ -16,7 +16,7 @@ use wayfinder_control::grpc::{
 use wayfinder_control::registry::{LeaseConfig, Registry, RegistryMetrics};
 use wayfinder_control::store::{FileStore, Persister, Store};
 use wayfinder_control::{http, policy_file::PolicyWatcher};
-use wayfinder_proto::policy::Millis;
+use wayfinder_proto::policy::parse_duration;
 use wayfinder_proto::shared::discovery_server::DiscoveryServer;
 use wayfinder_proto::v1::{admin_server::AdminServer, registry_server::RegistryServer};
 
@@ -37,38 +37,20 @@ struct Args {
     #[arg(long, env = "WAYFINDER_POLICY")]
     policy: Option<PathBuf>,
     /// Lease TTL granted when a sidecar asks for none (e.g. "10s").
-    #[arg(long, env = "WAYFINDER_LEASE_TTL", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "WAYFINDER_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     lease_ttl: Duration,
     /// How long an expired instance stays, as not serving, before removal.
-    #[arg(long, env = "WAYFINDER_LEASE_GRACE", default_value = "20s", value_parser = duration)]
+    #[arg(long, env = "WAYFINDER_LEASE_GRACE", default_value = "20s", value_parser = parse_duration)]
     lease_grace: Duration,
     /// Log format.
     #[arg(long, env = "WAYFINDER_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     log_format: String,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    Millis::try_from(s.to_string()).map(|m| Duration::from_millis(m.get().into()))
-}
-
-fn init_logs(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WAYFINDER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_logs(&args.log_format);
+    wayfinder_proto::server::init_logs(&args.log_format);
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

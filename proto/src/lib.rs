@@ -1,8 +1,11 @@
 //! Wayfinder's control-plane API (`wayfinder.v1`) and the TOML form of its
 //! per-service policy, shared by the control plane, the sidecar and wfctl.
 
+pub mod backoff;
 pub mod encoded;
 pub mod policy;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod validate;
 pub mod view;
 

@@ -194,6 +194,12 @@ impl Millis {
     }
 }
 
+/// Parses a duration flag (`"250ms"`, `"2s"`, `"1m"`), with the same rules
+/// as durations in policy files.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    Millis::try_from(s.to_string()).map(|m| std::time::Duration::from_millis(m.get().into()))
+}
+
 impl TryFrom<String> for Millis {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {

@@ -10,7 +10,7 @@ use clap::Parser;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tonic::transport::Endpoint;
-use wayfinder_proto::policy::Millis;
+use wayfinder_proto::policy::parse_duration;
 use wayfinder_proto::v1::{Health, Instance, Protocol};
 use wayfinder_proxy::admin;
 use wayfinder_proxy::balance::Kind;
@@ -64,24 +64,20 @@ struct Args {
     #[arg(long, env = "WAYFINDER_HEALTH_CHECK", default_value = "tcp")]
     health_check: String,
     /// Interval between health checks.
-    #[arg(long, env = "WAYFINDER_HEALTH_INTERVAL", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "WAYFINDER_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     health_interval: Duration,
     /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
-    #[arg(long, env = "WAYFINDER_DETECT_TIMEOUT", default_value = "30ms", value_parser = duration)]
+    #[arg(long, env = "WAYFINDER_DETECT_TIMEOUT", default_value = "30ms", value_parser = parse_duration)]
     detect_timeout: Duration,
     /// Connect timeout to endpoints.
-    #[arg(long, env = "WAYFINDER_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "WAYFINDER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     connect_timeout: Duration,
     /// How long in-flight requests may take to finish on SIGTERM.
-    #[arg(long, env = "WAYFINDER_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "WAYFINDER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Log format.
     #[arg(long, env = "WAYFINDER_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     log_format: String,
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    Millis::try_from(s.to_string()).map(|m| Duration::from_millis(m.get().into()))
 }
 
 fn upstream(s: &str) -> Result<(String, SocketAddr), String> {
@@ -107,24 +103,10 @@ fn balancer(s: &str) -> Result<Kind, String> {
     })
 }
 
-fn init_logs(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WAYFINDER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_logs(&args.log_format);
+    wayfinder_proto::server::init_logs(&args.log_format);
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -17,7 +17,7 @@ use wayfinder_proto::v1::{
     registry_client::RegistryClient,
 };
 
-use crate::discovery::mesh::backoff;
+use wayfinder_proto::backoff::backoff;
 
 /// How the app's health is checked.
 #[derive(Debug, Clone)]

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use tonic::transport::Channel;
@@ -13,6 +12,8 @@ use wayfinder_proto::v1::{
     Endpoint, Health, ServiceWatch, WatchRequest, discovery_client::DiscoveryClient,
     watch_event::Kind,
 };
+
+use wayfinder_proto::backoff::backoff;
 
 use super::{Discovered, Update};
 use crate::upstream::Upstream;
@@ -28,14 +29,6 @@ fn discovered(e: &Endpoint) -> Option<Discovered> {
         meshed: i.meshed,
         healthy: e.health != Health::NotServing as i32,
     })
-}
-
-/// Backoff between reconnects: doubles from 100 ms to 5 s, with full jitter.
-pub fn backoff(attempt: u32) -> Duration {
-    let cap = Duration::from_millis(100)
-        .saturating_mul(1 << attempt.min(6))
-        .min(Duration::from_secs(5));
-    cap.mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }
 
 /// Watches `upstream`'s service forever.
@@ -111,22 +104,5 @@ pub async fn run(channel: Channel, upstream: Arc<Upstream>, node: String) {
         }
         tokio::time::sleep(backoff(attempt)).await;
         attempt = attempt.saturating_add(1);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_a_cap_with_jitter() {
-        for a in 0..20 {
-            let b = backoff(a);
-            let cap = Duration::from_millis(100)
-                .saturating_mul(1 << a.min(6))
-                .min(Duration::from_secs(5));
-            assert!(b >= cap / 2 && b <= cap, "attempt {a}: {b:?}");
-        }
-        assert!(backoff(30) <= Duration::from_secs(5));
     }
 }
