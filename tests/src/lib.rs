@@ -17,6 +17,13 @@ use tonic::transport::Channel;
 /// Upper bound for any single end-to-end test.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Runs a test body within [`TEST_TIMEOUT`].
+pub async fn bounded(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .context("test timed out")?
+}
+
 /// Path of a workspace binary next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

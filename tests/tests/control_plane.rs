@@ -14,7 +14,7 @@ use wayfinder_proto::v1::{
     deregister_request::Target, discovery_client::DiscoveryClient, registry_client::RegistryClient,
     watch_event::Kind,
 };
-use wayfinder_tests::{ControlPlane, TEST_TIMEOUT, metric};
+use wayfinder_tests::{ControlPlane, bounded, metric};
 
 fn inst(service: &str, id: &str, port: u32) -> Instance {
     Instance {
@@ -89,13 +89,6 @@ fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
-}
-
-/// Runs a test body with the suite's time bound.
-async fn bounded(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .context("test timed out")?
 }
 
 #[tokio::test]

@@ -12,13 +12,7 @@ use wayfinder_proto::v1::{
     ApplyPolicyRequest, GetPolicyRequest, RetryPolicy, ServicePolicy, ServiceWatch, WatchRequest,
     admin_client::AdminClient, discovery_client::DiscoveryClient, watch_event::Kind,
 };
-use wayfinder_tests::{ControlPlane, TEST_TIMEOUT, bin, wfctl};
-
-async fn bounded(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .context("test timed out")?
-}
+use wayfinder_tests::{ControlPlane, bin, bounded, wfctl};
 
 const GOOD: &str = "[services.web]\nbalancer = \"least-request\"\n\n[services.web.retries]\nmax_attempts = 3\nbudget_ratio = 0.2\n";
 const BAD: &str = "[services.web]\nbalancer = \"least-request\"\n\n[services.web.retries]\nmax_attempts = 3\nbudget_ratio = 1.5\n";

@@ -7,13 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use wayfinder_tests::{ControlPlane, Process, TEST_TIMEOUT, http_request, metric, wfctl};
-
-async fn bounded(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .context("test timed out")?
-}
+use wayfinder_tests::{ControlPlane, Process, bounded, http_request, metric, wfctl};
 
 struct Instance {
     app: Process,
