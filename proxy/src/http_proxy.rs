@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 
 use crate::balance::{EndpointStats, Kind, PickContext, hash_bytes};
 use crate::metrics::{LatencyLabels, ProxyMetrics, RequestLabels, status_class};
-use crate::upstream::{Upstream, Upstreams};
+use crate::upstream::{HashKey, Upstream, Upstreams};
 
 /// Response body type of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -210,12 +210,13 @@ impl Proxy {
             );
         }
         let active = up.active();
-        let key = match &active.hash_header {
-            Some(h) => req
+        let key = match &active.hash_key {
+            HashKey::None => None,
+            HashKey::Header(h) => req
                 .headers()
                 .get(h.as_str())
                 .map(|v| hash_bytes(v.as_bytes())),
-            None => Some(match client.ip() {
+            HashKey::ClientIp => Some(match client.ip() {
                 IpAddr::V4(ip) => hash_bytes(&ip.octets()),
                 IpAddr::V6(ip) => hash_bytes(&ip.octets()),
             }),

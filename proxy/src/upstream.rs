@@ -22,8 +22,20 @@ pub struct Active {
     pub balancer: Box<dyn Balancer>,
     /// Policy in force, if any.
     pub policy: Option<ServicePolicy>,
-    /// Header hashed by hash balancers (None: client address).
-    pub hash_header: Option<String>,
+    /// What a pick hashes; `None` unless the balancer hashes.
+    pub hash_key: HashKey,
+}
+
+/// What hash balancers hash, resolved once per rebuild so requests to other
+/// balancers compute nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The balancer does not hash.
+    None,
+    /// The client's address.
+    ClientIp,
+    /// A request header.
+    Header(String),
 }
 
 struct Known {
@@ -97,7 +109,7 @@ impl Upstream {
             active: RwLock::new(Arc::new(Active {
                 balancer: balance::build(default_kind, Vec::new()),
                 policy: None,
-                hash_header: None,
+                hash_key: HashKey::None,
             })),
             ready: watch::channel(false).0,
         })
@@ -181,12 +193,17 @@ impl Upstream {
             healthy
         };
         let policy = inner.policy.clone();
+        let kind = kind_of(policy.as_ref(), self.default_kind);
+        let hash_key = match (kind, policy.as_ref().map(|p| p.hash_header.as_str())) {
+            (Kind::RingHash | Kind::Maglev, Some(h)) if !h.is_empty() => {
+                HashKey::Header(h.to_string())
+            }
+            (Kind::RingHash | Kind::Maglev, _) => HashKey::ClientIp,
+            _ => HashKey::None,
+        };
         let active = Active {
-            balancer: balance::build(kind_of(policy.as_ref(), self.default_kind), eligible),
-            hash_header: policy
-                .as_ref()
-                .map(|p| p.hash_header.clone())
-                .filter(|h| !h.is_empty()),
+            balancer: balance::build(kind, eligible),
+            hash_key,
             policy,
         };
         *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
@@ -341,5 +358,13 @@ mod tests {
             vec![0, 1, 2],
             "round robin visits each once: {firsts:?}"
         );
+        assert_eq!(a.hash_key, HashKey::None);
+        u.set_policy(Some(ServicePolicy {
+            service: "web".into(),
+            balancer: BalancerKind::Maglev as i32,
+            hash_header: "x-user".into(),
+            ..Default::default()
+        }));
+        assert_eq!(u.active().hash_key, HashKey::Header("x-user".into()));
     }
 }
