@@ -71,7 +71,7 @@ async fn endpoints(State(s): State<AdminState>) -> Json<serde_json::Value> {
         .map(|u| {
             (
                 u.name().to_string(),
-                serde_json::json!({ "ready": u.is_ready(), "endpoints": u.view() }),
+                serde_json::json!({ "discovery": u.origin(), "ready": u.is_ready(), "endpoints": u.view() }),
             )
         })
         .collect();

@@ -18,9 +18,9 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tonic::transport::Channel;
 
 use crate::balance::{EndpointStats, Kind, PickContext, hash_bytes};
+use crate::discovery::Sources;
 use crate::metrics::{LatencyLabels, ProxyMetrics, RequestLabels, status_class};
 use crate::upstream::{HashKey, Upstream, Upstreams};
 
@@ -34,19 +34,11 @@ pub const ERROR_HEADER: &str = "x-wayfinder-error";
 /// How long a request waits for its service's first discovery answer.
 pub const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
 
-/// Where discovery comes from.
-#[derive(Clone)]
-pub enum Source {
-    /// The control plane's watch, over this channel.
-    Mesh(Channel),
-}
-
 /// Shared state of the data path.
 pub struct Proxy {
     /// Known upstreams.
     pub upstreams: Upstreams,
-    source: Source,
-    node: String,
+    sources: Sources,
     default_kind: Kind,
     /// The local app as an endpoint (its stats live as long as the sidecar).
     app: Option<Arc<EndpointStats>>,
@@ -131,10 +123,9 @@ pub fn service_from_authority(req: &Request<Incoming>) -> Option<String> {
 }
 
 impl Proxy {
-    /// A data path using `source` for discovery and `app` for inbound traffic.
+    /// A data path using `sources` for discovery and `app` for inbound traffic.
     pub fn new(
-        source: Source,
-        node: String,
+        sources: Sources,
         default_kind: Kind,
         app: Option<SocketAddr>,
         connect_timeout: Duration,
@@ -155,8 +146,7 @@ impl Proxy {
             .build(conn);
         Arc::new(Self {
             upstreams: Upstreams::default(),
-            source,
-            node,
+            sources,
             default_kind,
             app: app.map(|a| EndpointStats::new("app", a, 1)),
             h1,
@@ -173,16 +163,8 @@ impl Proxy {
     /// The upstream for `name`, starting its discovery on first use.
     pub fn upstream(&self, name: &str) -> Arc<Upstream> {
         self.upstreams.get_or_start(name, |name| {
-            let up = Upstream::new(name, self.default_kind);
-            match &self.source {
-                Source::Mesh(ch) => {
-                    tokio::spawn(crate::discovery::mesh::run(
-                        ch.clone(),
-                        up.clone(),
-                        self.node.clone(),
-                    ));
-                }
-            }
+            let up = Upstream::new(name, self.default_kind, self.sources.default_origin);
+            self.sources.start(&up);
             up
         })
     }

@@ -14,7 +14,8 @@ use wayfinder_proto::policy::parse_duration;
 use wayfinder_proto::v1::{Health, Instance, Protocol};
 use wayfinder_proxy::admin;
 use wayfinder_proxy::balance::Kind;
-use wayfinder_proxy::http_proxy::{Proxy, Source};
+use wayfinder_proxy::discovery::{Origin, Sources, dns};
+use wayfinder_proxy::http_proxy::Proxy;
 use wayfinder_proxy::listener::{self, Listener, Open, Role};
 use wayfinder_proxy::metrics::ProxyMetrics;
 use wayfinder_proxy::register::{self, Check};
@@ -51,12 +52,20 @@ struct Args {
     /// Outbound HTTP listener routed by Host / :authority (service name, with or without port).
     #[arg(long, env = "WAYFINDER_OUTBOUND")]
     outbound: Option<SocketAddr>,
-    /// Explicit outbound listener for one service: NAME=ADDR (repeatable).
+    /// Explicit outbound listener for one service: NAME[:PORT]=ADDR (repeatable);
+    /// PORT is the service's port for DNS-discovered endpoints.
     #[arg(long = "upstream", env = "WAYFINDER_UPSTREAMS", value_delimiter = ',', value_parser = upstream)]
-    upstreams: Vec<(String, SocketAddr)>,
-    /// Discovery source for upstreams.
-    #[arg(long, env = "WAYFINDER_DISCOVERY", default_value = "mesh", value_parser = ["mesh"])]
+    upstreams: Vec<UpstreamFlag>,
+    /// Where upstream endpoints come from unless a service's policy says: the
+    /// control plane's watch ("mesh") or the service name's A/AAAA records ("dns").
+    #[arg(long, env = "WAYFINDER_DISCOVERY", default_value = "mesh", value_parser = ["mesh", "dns"])]
     discovery: String,
+    /// DNS server for DNS discovery (IP:PORT); default: the system's resolv.conf.
+    #[arg(long, env = "WAYFINDER_DNS_SERVER")]
+    dns_server: Option<SocketAddr>,
+    /// Port of DNS-discovered endpoints when --upstream gives none.
+    #[arg(long, env = "WAYFINDER_DNS_PORT", default_value_t = 80)]
+    dns_port: u16,
     /// Balancer when the service's policy names none.
     #[arg(long, env = "WAYFINDER_BALANCER", default_value = "peak-ewma", value_parser = balancer)]
     balancer: Kind,
@@ -80,15 +89,34 @@ struct Args {
     log_format: String,
 }
 
-fn upstream(s: &str) -> Result<(String, SocketAddr), String> {
-    let (name, addr) = s
+/// One `--upstream NAME[:PORT]=ADDR`.
+#[derive(Debug, Clone)]
+struct UpstreamFlag {
+    name: String,
+    port: Option<u16>,
+    listen: SocketAddr,
+}
+
+fn upstream(s: &str) -> Result<UpstreamFlag, String> {
+    let (target, listen) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected NAME=ADDR"))?;
+        .ok_or_else(|| format!("{s:?}: expected NAME[:PORT]=ADDR"))?;
+    let (name, port) = match target.split_once(':') {
+        Some((n, p)) => (
+            n,
+            Some(p.parse().map_err(|_| format!("{p:?} is not a port"))?),
+        ),
+        None => (target, None),
+    };
     wayfinder_proto::validate::service_name(name).map_err(|e| e.to_string())?;
-    let addr = addr
+    let listen = listen
         .parse()
-        .map_err(|_| format!("{addr:?} is not an IP:PORT"))?;
-    Ok((name.to_string(), addr))
+        .map_err(|_| format!("{listen:?} is not an IP:PORT"))?;
+    Ok(UpstreamFlag {
+        name: name.to_string(),
+        port,
+        listen,
+    })
 }
 
 fn balancer(s: &str) -> Result<Kind, String> {
@@ -150,9 +178,33 @@ async fn run(args: Args) -> Result<()> {
                 .map(|s| format!("{s}-{}", std::process::id()))
         })
         .unwrap_or_else(|| format!("client-{}", std::process::id()));
+    let default_origin = if args.discovery == "dns" {
+        Origin::Dns
+    } else {
+        Origin::Mesh
+    };
+    let dns = match dns::resolver(args.dns_server) {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) if default_origin == Origin::Dns => bail!("cannot set up DNS discovery: {e}"),
+        Err(e) => {
+            tracing::warn!(error = %e, "no DNS resolver; services whose policy asks for DNS get no endpoints");
+            None
+        }
+    };
+    let sources = Sources {
+        control_plane: channel.clone(),
+        node: node.clone(),
+        dns,
+        default_origin,
+        dns_ports: args
+            .upstreams
+            .iter()
+            .filter_map(|u| Some((u.name.clone(), u.port?)))
+            .collect(),
+        default_dns_port: args.dns_port,
+    };
     let proxy = Proxy::new(
-        Source::Mesh(channel.clone()),
-        node.clone(),
+        sources,
         args.balancer,
         args.app,
         args.connect_timeout,
@@ -174,8 +226,8 @@ async fn run(args: Args) -> Result<()> {
         None
     };
     let mut bound = Vec::new();
-    for (name, addr) in &args.upstreams {
-        let l = bind(*addr, &format!("upstream {name}")).await?;
+    for UpstreamFlag { name, listen, .. } in &args.upstreams {
+        let l = bind(*listen, &format!("upstream {name}")).await?;
         bound.push(format!("{name}={}", l.local_addr()?));
         proxy.upstream(name);
         listeners.push(Listener {

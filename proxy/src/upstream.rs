@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::watch;
-use wayfinder_proto::v1::{BalancerKind, ServicePolicy};
+use wayfinder_proto::v1::{BalancerKind, DiscoveryMode, ServicePolicy};
 
 use crate::balance::{self, Balancer, EndpointStats, Kind};
-use crate::discovery::{Discovered, Update};
+use crate::discovery::{Discovered, Origin, Update};
 
 /// What requests use: the balancer over eligible endpoints.
 pub struct Active {
@@ -43,8 +43,17 @@ struct Known {
     stats: Arc<EndpointStats>,
 }
 
-struct Inner {
+/// What one discovery source last said.
+#[derive(Default)]
+struct Set {
     endpoints: BTreeMap<String, Known>,
+    answered: bool,
+}
+
+struct Inner {
+    /// By [`Origin::index`]: each source's view is kept, so switching the
+    /// source (the policy's `discovery`) needs no re-discovery.
+    sets: [Set; 2],
     policy: Option<ServicePolicy>,
 }
 
@@ -52,9 +61,11 @@ struct Inner {
 pub struct Upstream {
     name: String,
     default_kind: Kind,
+    default_origin: Origin,
     inner: Mutex<Inner>,
     active: RwLock<Arc<Active>>,
     ready: watch::Sender<bool>,
+    origin: watch::Sender<Origin>,
 }
 
 /// An endpoint as `/endpoints` shows it.
@@ -84,6 +95,14 @@ fn known(prev: Option<Known>, d: Discovered) -> Known {
     Known { found: d, stats }
 }
 
+fn origin_of(policy: Option<&ServicePolicy>, default: Origin) -> Origin {
+    match policy.and_then(|p| DiscoveryMode::try_from(p.discovery).ok()) {
+        Some(DiscoveryMode::Mesh) => Origin::Mesh,
+        Some(DiscoveryMode::Dns) => Origin::Dns,
+        _ => default,
+    }
+}
+
 fn kind_of(policy: Option<&ServicePolicy>, default: Kind) -> Kind {
     match policy.and_then(|p| BalancerKind::try_from(p.balancer).ok()) {
         Some(BalancerKind::RoundRobin) => Kind::RoundRobin,
@@ -97,13 +116,15 @@ fn kind_of(policy: Option<&ServicePolicy>, default: Kind) -> Kind {
 }
 
 impl Upstream {
-    /// An upstream with no endpoints yet.
-    pub fn new(name: &str, default_kind: Kind) -> Arc<Self> {
+    /// An upstream with no endpoints yet, using `default_origin` for its
+    /// endpoints unless its policy names another.
+    pub fn new(name: &str, default_kind: Kind, default_origin: Origin) -> Arc<Self> {
         Arc::new(Self {
             name: name.to_string(),
             default_kind,
+            default_origin,
             inner: Mutex::new(Inner {
-                endpoints: BTreeMap::new(),
+                sets: Default::default(),
                 policy: None,
             }),
             active: RwLock::new(Arc::new(Active {
@@ -112,7 +133,19 @@ impl Upstream {
                 hash_key: HashKey::None,
             })),
             ready: watch::channel(false).0,
+            origin: watch::channel(default_origin).0,
         })
+    }
+
+    /// Where the endpoints in use come from.
+    pub fn origin(&self) -> Origin {
+        *self.origin.borrow()
+    }
+
+    /// Waits until the endpoints in use come from `origin`.
+    pub async fn wait_origin(&self, origin: Origin) {
+        let mut rx = self.origin.subscribe();
+        let _ = rx.wait_for(|o| *o == origin).await;
     }
 
     /// Service name.
@@ -140,32 +173,35 @@ impl Upstream {
             .is_ok()
     }
 
-    /// Applies one discovery change: the only place endpoints change.
-    pub fn apply(&self, update: Update) {
+    /// Applies one change from `origin`: the only place endpoints change.
+    pub fn apply(&self, origin: Origin, update: Update) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let set = &mut inner.sets[origin.index()];
         match update {
             Update::Reset(all) => {
-                let mut old = std::mem::take(&mut inner.endpoints);
+                let mut old = std::mem::take(&mut set.endpoints);
                 for d in all {
                     let k = known(old.remove(&d.id), d);
-                    inner.endpoints.insert(k.found.id.clone(), k);
+                    set.endpoints.insert(k.found.id.clone(), k);
                 }
             }
             Update::Add(eps) => {
                 for d in eps {
-                    let k = known(inner.endpoints.remove(&d.id), d);
-                    inner.endpoints.insert(k.found.id.clone(), k);
+                    let k = known(set.endpoints.remove(&d.id), d);
+                    set.endpoints.insert(k.found.id.clone(), k);
                 }
             }
             Update::Remove(ids) => {
                 for id in ids {
-                    inner.endpoints.remove(&id);
+                    set.endpoints.remove(&id);
                 }
             }
-            Update::NoEndpoints => inner.endpoints.clear(),
+            Update::NoEndpoints => set.endpoints.clear(),
         }
-        self.rebuild(&inner);
-        self.ready.send_replace(true);
+        set.answered = true;
+        if origin == self.origin() {
+            self.rebuild(&inner);
+        }
     }
 
     /// Replaces the policy (None: defaults).
@@ -174,12 +210,18 @@ impl Upstream {
         if inner.policy == policy {
             return;
         }
+        let origin = origin_of(policy.as_ref(), self.default_origin);
         inner.policy = policy;
+        self.origin
+            .send_if_modified(|o| std::mem::replace(o, origin) != origin);
         self.rebuild(&inner);
     }
 
+    /// Rebuilds what requests use from the current origin's endpoints.
     fn rebuild(&self, inner: &Inner) {
-        let healthy: Vec<_> = inner
+        let set = &inner.sets[self.origin().index()];
+        self.ready.send_replace(set.answered);
+        let healthy: Vec<_> = set
             .endpoints
             .values()
             .filter(|k| k.found.healthy)
@@ -188,7 +230,7 @@ impl Upstream {
         // With nothing healthy, try everything rather than fail everything
         // (Envoy's panic mode): health reports can be wrong, traffic is not.
         let eligible = if healthy.is_empty() {
-            inner.endpoints.values().map(|k| k.stats.clone()).collect()
+            set.endpoints.values().map(|k| k.stats.clone()).collect()
         } else {
             healthy
         };
@@ -212,7 +254,7 @@ impl Upstream {
     /// What the sidecar believes now, for `/endpoints`.
     pub fn view(&self) -> Vec<EndpointView> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner
+        inner.sets[self.origin().index()]
             .endpoints
             .values()
             .map(|k| EndpointView {
@@ -296,18 +338,24 @@ mod tests {
 
     #[test]
     fn updates_apply_in_one_place_and_unhealthy_endpoints_are_skipped() {
-        let u = Upstream::new("web", Kind::RoundRobin);
+        let u = Upstream::new("web", Kind::RoundRobin, Origin::Mesh);
         assert!(!u.is_ready());
-        u.apply(Update::Reset(vec![d("a", 1, true), d("b", 2, true)]));
+        u.apply(
+            Origin::Mesh,
+            Update::Reset(vec![d("a", 1, true), d("b", 2, true)]),
+        );
         assert!(u.is_ready());
         assert_eq!(ids(&u), ["a", "b"]);
-        u.apply(Update::Add(vec![d("c", 3, true), d("a", 1, false)]));
+        u.apply(
+            Origin::Mesh,
+            Update::Add(vec![d("c", 3, true), d("a", 1, false)]),
+        );
         assert_eq!(ids(&u), ["b", "c"]);
-        u.apply(Update::Remove(vec!["b".into()]));
+        u.apply(Origin::Mesh, Update::Remove(vec!["b".into()]));
         assert_eq!(ids(&u), ["c"]);
-        u.apply(Update::Add(vec![d("c", 3, false)]));
+        u.apply(Origin::Mesh, Update::Add(vec![d("c", 3, false)]));
         assert_eq!(ids(&u), ["a", "c"], "nothing healthy: try everything");
-        u.apply(Update::NoEndpoints);
+        u.apply(Origin::Mesh, Update::NoEndpoints);
         assert!(
             u.active()
                 .balancer
@@ -319,10 +367,10 @@ mod tests {
 
     #[test]
     fn stats_survive_a_rebuild_when_the_endpoint_is_unchanged() {
-        let u = Upstream::new("web", Kind::PeakEwma);
-        u.apply(Update::Reset(vec![d("a", 1, true)]));
+        let u = Upstream::new("web", Kind::PeakEwma, Origin::Mesh);
+        u.apply(Origin::Mesh, Update::Reset(vec![d("a", 1, true)]));
         let guard = u.active().balancer.endpoints()[0].start();
-        u.apply(Update::Add(vec![d("b", 2, true)]));
+        u.apply(Origin::Mesh, Update::Add(vec![d("b", 2, true)]));
         let a = u.active();
         let ep = a
             .balancer
@@ -335,13 +383,34 @@ mod tests {
     }
 
     #[test]
+    fn each_source_keeps_its_endpoints_and_the_policy_picks_one() {
+        let u = Upstream::new("web", Kind::RoundRobin, Origin::Mesh);
+        u.apply(Origin::Dns, Update::Reset(vec![d("10.0.0.9:80", 80, true)]));
+        assert!(
+            !u.is_ready(),
+            "DNS answered, but mesh is in use and has not"
+        );
+        u.apply(Origin::Mesh, Update::Reset(vec![d("a", 1, true)]));
+        assert!(u.is_ready());
+        assert_eq!(ids(&u), ["a"]);
+        u.set_policy(Some(ServicePolicy {
+            service: "web".into(),
+            discovery: DiscoveryMode::Dns as i32,
+            ..Default::default()
+        }));
+        assert_eq!(u.origin(), Origin::Dns);
+        assert_eq!(ids(&u), ["10.0.0.9:80"]);
+        u.set_policy(None);
+        assert_eq!(ids(&u), ["a"]);
+    }
+
+    #[test]
     fn policy_picks_the_balancer() {
-        let u = Upstream::new("web", Kind::PeakEwma);
-        u.apply(Update::Reset(vec![
-            d("a", 1, true),
-            d("b", 2, true),
-            d("c", 3, true),
-        ]));
+        let u = Upstream::new("web", Kind::PeakEwma, Origin::Mesh);
+        u.apply(
+            Origin::Mesh,
+            Update::Reset(vec![d("a", 1, true), d("b", 2, true), d("c", 3, true)]),
+        );
         u.set_policy(Some(ServicePolicy {
             service: "web".into(),
             balancer: BalancerKind::RoundRobin as i32,

@@ -341,3 +341,86 @@ pub async fn http_request(
         .with_context(|| format!("no status line in {text:?}"))?;
     Ok((status, head.to_ascii_lowercase(), body.to_string()))
 }
+
+/// A tiny authoritative DNS server on loopback UDP for tests: answers A
+/// queries from a table it shares with the test (AAAA: no records; unknown
+/// names: NXDOMAIN), the way Docker's embedded DNS answers service names.
+pub struct DnsServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Name → addresses; edit it to change the answers.
+    pub records: Arc<Mutex<std::collections::HashMap<String, Vec<std::net::Ipv4Addr>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DnsServer {
+    /// Starts answering with `ttl` seconds.
+    pub async fn start(ttl: u32) -> Result<Self> {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let addr = sock.local_addr()?;
+        let records: Arc<Mutex<std::collections::HashMap<String, Vec<std::net::Ipv4Addr>>>> =
+            Arc::default();
+        let table = records.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                if let Some(reply) = dns_answer(&buf[..n], &table, ttl) {
+                    let _ = sock.send_to(&reply, peer).await;
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            records,
+            task,
+        })
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn dns_answer(
+    q: &[u8],
+    table: &Mutex<std::collections::HashMap<String, Vec<std::net::Ipv4Addr>>>,
+    ttl: u32,
+) -> Option<Vec<u8>> {
+    // Header (12 bytes), then one question: labels, a zero byte, type, class.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*q.get(i)?);
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let question_end = i + 4;
+    let name = labels.join(".");
+    let ips = table.lock().ok()?.get(&name).cloned();
+    let (rcode, answers) = match ips {
+        None => (3u8, Vec::new()),
+        Some(_) if qtype != 1 => (0, Vec::new()),
+        Some(ips) => (0, ips),
+    };
+    let mut r = Vec::with_capacity(question_end + 16 * answers.len());
+    r.extend_from_slice(q.get(0..2)?);
+    r.extend_from_slice(&[0x85, 0x80 | rcode]);
+    r.extend_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(q.get(12..question_end)?);
+    for ip in answers {
+        r.extend_from_slice(&[0xC0, 0x0C, 0, 1, 0, 1]);
+        r.extend_from_slice(&ttl.to_be_bytes());
+        r.extend_from_slice(&4u16.to_be_bytes());
+        r.extend_from_slice(&ip.octets());
+    }
+    Some(r)
+}

@@ -492,3 +492,116 @@ async fn ready_waits_for_the_first_discovery_answer() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn dns_discovery_uses_every_record_and_follows_changes() -> Result<()> {
+    bounded(async {
+        // Three instances on one port, each on its own loopback address, as
+        // containers behind one Docker DNS name.
+        let port = std::net::TcpListener::bind("127.0.0.11:0")?
+            .local_addr()?
+            .port();
+        let mut apps = Vec::new();
+        for i in 1..=3u8 {
+            let listen = format!("127.0.0.{}:{port}", 10 + i);
+            apps.push(Process::start(
+                "lab-app",
+                &["--listen", &listen, "--name", &format!("web-{i}")],
+                "listening on",
+            )?);
+        }
+        let dns = wayfinder_tests::DnsServer::start(1).await?;
+        let ip = |i: u8| std::net::Ipv4Addr::new(127, 0, 0, 10 + i);
+        dns.records
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .insert("web".into(), vec![ip(1), ip(2), ip(3)]);
+        let cp = ControlPlane::start(&[])?;
+        let (url, server) = (cp.url(), dns.addr.to_string());
+        let upstream = format!("web:{port}=127.0.0.1:0");
+        let client = Process::start(
+            "wf-proxy",
+            &[
+                "--control-plane",
+                &url,
+                "--admin",
+                "127.0.0.1:0",
+                "--discovery",
+                "dns",
+                "--dns-server",
+                &server,
+                "--balancer",
+                "round-robin",
+                "--upstream",
+                &upstream,
+            ],
+            "wf-proxy listening",
+        )?;
+        let web = client.addr("upstreams=web=")?;
+        let seen = spread(web, "web", 30).await?;
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(seen.values().all(|&n| n == 10), "{seen:?}");
+
+        // A record disappears: re-resolved when the 1 s TTL runs out.
+        dns.records
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .insert("web".into(), vec![ip(1), ip(2)]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, eps) = admin_get(&client, "/endpoints").await?;
+            if !eps.contains(&format!("127.0.0.13:{port}")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the removed record is still in use: {eps}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seen = spread(web, "web", 20).await?;
+        assert!(!seen.contains_key("web-3"), "{seen:?}");
+        let (_, eps) = admin_get(&client, "/endpoints").await?;
+        assert!(eps.contains("\"discovery\":\"dns\""), "{eps}");
+
+        // A mesh sidecar switches to DNS when the service's policy says so.
+        let dir = tempfile::tempdir()?;
+        let policy = dir.path().join("p.toml");
+        std::fs::write(
+            &policy,
+            "[services.web]\ndiscovery = \"dns\"\nbalancer = \"round-robin\"\n",
+        )?;
+        let (ok, _, err) = wfctl(&cp, &["policy", "apply", &policy.to_string_lossy()])?;
+        assert!(ok, "{err}");
+        let meshed = Process::start(
+            "wf-proxy",
+            &[
+                "--control-plane",
+                &url,
+                "--admin",
+                "127.0.0.1:0",
+                "--dns-server",
+                &server,
+                "--upstream",
+                &upstream,
+            ],
+            "wf-proxy listening",
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, eps) = admin_get(&meshed, "/endpoints").await?;
+            if eps.contains(&format!("127.0.0.11:{port}")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the policy's DNS discovery never took effect: {eps}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seen = spread(meshed.addr("upstreams=web=")?, "web", 20).await?;
+        assert_eq!(seen.get("web-1"), Some(&10), "{seen:?}");
+        assert_eq!(seen.get("web-2"), Some(&10), "{seen:?}");
+        drop(apps);
+        Ok(())
+    })
+    .await
+}

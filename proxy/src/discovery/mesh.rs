@@ -15,7 +15,7 @@ use wayfinder_proto::v1::{
 
 use wayfinder_proto::backoff::backoff;
 
-use super::{Discovered, Update};
+use super::{Discovered, Origin, Update};
 use crate::upstream::Upstream;
 
 fn discovered(e: &Endpoint) -> Option<Discovered> {
@@ -58,11 +58,14 @@ pub async fn run(channel: Channel, upstream: Arc<Upstream>, node: String) {
                     match event.kind {
                         Some(Kind::Snapshot(s)) => {
                             let eps: Vec<_> = s.endpoints.iter().filter_map(discovered).collect();
-                            upstream.apply(if eps.is_empty() {
-                                Update::NoEndpoints
-                            } else {
-                                Update::Reset(eps)
-                            });
+                            upstream.apply(
+                                Origin::Mesh,
+                                if eps.is_empty() {
+                                    Update::NoEndpoints
+                                } else {
+                                    Update::Reset(eps)
+                                },
+                            );
                             upstream.set_policy(s.policy);
                         }
                         Some(Kind::Delta(d)) => {
@@ -82,10 +85,10 @@ pub async fn run(channel: Channel, upstream: Arc<Upstream>, node: String) {
                                 .filter_map(discovered)
                                 .collect();
                             if !upserts.is_empty() {
-                                upstream.apply(Update::Add(upserts));
+                                upstream.apply(Origin::Mesh, Update::Add(upserts));
                             }
                             if !d.removed.is_empty() {
-                                upstream.apply(Update::Remove(d.removed));
+                                upstream.apply(Origin::Mesh, Update::Remove(d.removed));
                             }
                             if d.policy.is_some() {
                                 upstream.set_policy(d.policy);

@@ -2,9 +2,83 @@
 //! [`Update`]s; [`crate::upstream::Upstream::apply`] is the one place they
 //! change the sidecar's view.
 
+pub mod dns;
 pub mod mesh;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hickory_resolver::TokioResolver;
+use tonic::transport::Channel;
+
+use crate::upstream::Upstream;
+
+/// Where and how upstreams find their endpoints.
+pub struct Sources {
+    /// The control plane (endpoints in mesh mode, and every service's policy).
+    pub control_plane: Channel,
+    /// This sidecar's name in watch requests.
+    pub node: String,
+    /// The DNS resolver, when one could be set up.
+    pub dns: Option<Arc<TokioResolver>>,
+    /// Source used unless a service's policy names another.
+    pub default_origin: Origin,
+    /// Port of DNS-discovered endpoints per service (`--upstream NAME:PORT=...`).
+    pub dns_ports: HashMap<String, u16>,
+    /// Port of DNS-discovered endpoints otherwise.
+    pub default_dns_port: u16,
+}
+
+impl Sources {
+    /// Starts discovery for a new upstream: the control-plane watch always
+    /// (it carries the policy), DNS when a resolver exists (it idles until
+    /// the upstream's endpoints come from DNS).
+    pub fn start(&self, up: &Arc<Upstream>) {
+        tokio::spawn(mesh::run(
+            self.control_plane.clone(),
+            up.clone(),
+            self.node.clone(),
+        ));
+        match &self.dns {
+            Some(r) => {
+                let port = self
+                    .dns_ports
+                    .get(up.name())
+                    .copied()
+                    .unwrap_or(self.default_dns_port);
+                tokio::spawn(dns::run(r.clone(), up.clone(), port));
+            }
+            None if up.origin() == Origin::Dns => {
+                tracing::error!(
+                    service = up.name(),
+                    "DNS discovery asked for, but no resolver could be set up"
+                );
+            }
+            None => {}
+        }
+    }
+}
+
+/// A discovery source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// The control plane's watch.
+    Mesh,
+    /// DNS A/AAAA records.
+    Dns,
+}
+
+impl Origin {
+    /// Position in per-origin arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Origin::Mesh => 0,
+            Origin::Dns => 1,
+        }
+    }
+}
 
 /// One endpoint as discovered.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,96 @@
+//! DNS discovery: every A and AAAA record of the service name is an
+//! endpoint, re-resolved when the answer's TTL runs out — what an app
+//! resolving per request sees, with balancing and health on top. Runs only
+//! while the upstream's endpoints come from DNS (flag or policy).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use wayfinder_proto::backoff::backoff;
+
+use super::{Discovered, Origin, Update};
+use crate::upstream::Upstream;
+
+/// Shortest wait between two resolutions, whatever the TTL says (a TTL of 0
+/// must not become a busy loop).
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// Longest wait: Docker answers with a TTL of 600 s, but a lab kills
+/// containers much more often than that.
+pub const MAX_REFRESH: Duration = Duration::from_secs(30);
+
+/// A resolver using `server` (like nginx's `resolver`) or, without one, the
+/// system's configuration.
+pub fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
+    let mut builder = match server {
+        Some(addr) => {
+            let conns = [ConnectionConfig::udp(), ConnectionConfig::tcp()].map(|mut c| {
+                c.port = addr.port();
+                c
+            });
+            let ns = NameServerConfig::new(addr.ip(), true, conns.to_vec());
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(vec![ns]),
+                TokioRuntimeProvider::default(),
+            )
+        }
+        None => TokioResolver::builder_tokio().map_err(|e| e.to_string())?,
+    };
+    let opts = builder.options_mut();
+    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// Resolves `upstream`'s name for as long as its endpoints come from DNS.
+pub async fn run(resolver: Arc<TokioResolver>, upstream: Arc<Upstream>, port: u16) {
+    let mut attempt = 0u32;
+    loop {
+        upstream.wait_origin(Origin::Dns).await;
+        let wait = match resolver.lookup_ip(upstream.name()).await {
+            Ok(answer) => {
+                attempt = 0;
+                let eps: Vec<_> = answer
+                    .iter()
+                    .map(|ip| {
+                        let addr = SocketAddr::new(ip, port);
+                        Discovered {
+                            id: addr.to_string(),
+                            addr,
+                            weight: 100,
+                            meshed: false,
+                            healthy: true,
+                        }
+                    })
+                    .collect();
+                upstream.apply(
+                    Origin::Dns,
+                    if eps.is_empty() {
+                        Update::NoEndpoints
+                    } else {
+                        Update::Reset(eps)
+                    },
+                );
+                answer
+                    .valid_until()
+                    .saturating_duration_since(std::time::Instant::now())
+                    .clamp(MIN_REFRESH, MAX_REFRESH)
+            }
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
+                upstream.apply(Origin::Dns, Update::NoEndpoints);
+                MIN_REFRESH
+            }
+            Err(e) => {
+                // A resolver that is away keeps the last answer in use.
+                tracing::warn!(service = upstream.name(), error = %e, "DNS lookup failed; keeping the last answer");
+                attempt = attempt.saturating_add(1);
+                backoff(attempt)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
