@@ -605,3 +605,38 @@ async fn dns_discovery_uses_every_record_and_follows_changes() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let mut web = instance(&cp, "web-1")?;
+        wait_serving(&cp, "web", 1).await?;
+        let (_client, addr, _) = client(&cp, &[])?;
+        assert_eq!(spread(addr, "web", 1).await?.get("web-1"), Some(&1));
+
+        // A slow request is in flight when the sidecar is told to stop.
+        let (status, _, _) =
+            http_request(web.app_addr, "POST", "/fault?delay_ms=1000", "x", "").await?;
+        assert_eq!(status, 200);
+        let slow = tokio::spawn(async move { http_request(addr, "GET", "/slow", "web", "").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let exit = tokio::task::spawn_blocking(move || {
+            let status = web.sidecar.terminate();
+            (status, web)
+        });
+        let (status, _, body) = slow.await??;
+        assert_eq!(status, 200, "the in-flight request was cut: {body}");
+        assert!(body.contains("/slow"), "{body}");
+        let (code, web) = exit.await?;
+        assert!(code?.success());
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "exited before the request finished"
+        );
+        drop(web.app);
+        Ok(())
+    })
+    .await
+}
