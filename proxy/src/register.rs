@@ -168,7 +168,6 @@ pub async fn keep_registered(
             attempt = attempt.saturating_add(1);
         }
         lease.store(0, Ordering::Relaxed);
-        let _ = health.borrow_and_update();
     }
 }
 
