@@ -71,7 +71,12 @@ async fn endpoints(State(s): State<AdminState>) -> Json<serde_json::Value> {
         .map(|u| {
             (
                 u.name().to_string(),
-                serde_json::json!({ "discovery": u.origin(), "ready": u.is_ready(), "endpoints": u.view() }),
+                serde_json::json!({
+                    "discovery": u.origin(),
+                    "ready": u.is_ready(),
+                    "policy": u.active().policy,
+                    "endpoints": u.view(),
+                }),
             )
         })
         .collect();

@@ -4,10 +4,11 @@
 //! Between sidecars every request travels over pooled, multiplexed HTTP/2
 //! (as Linkerd does); an HTTP/1 request is marked with
 //! `x-wayfinder-orig-proto` so the receiving sidecar gives its app HTTP/1
-//! again. Bodies stream in both directions; nothing is buffered.
-//! Upgrades (WebSocket) go over HTTP/1 end to end and are spliced.
+//! again. Bodies stream in both directions; a copy of small request bodies
+//! is kept for retries (`replay.rs`). Upgrades (WebSocket) go over HTTP/1
+//! end to end and are spliced. The outbound retry loop is in `outbound.rs`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,14 +16,17 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
 
-use crate::balance::{EndpointStats, Kind, PickContext, hash_bytes};
-use crate::discovery::Sources;
+use crate::balance::{EndpointStats, Kind};
+use crate::connector::{ConnectError, Connector, Limits};
+use crate::discovery::{Origin, Sources};
 use crate::metrics::{LatencyLabels, ProxyMetrics, RequestLabels, status_class};
-use crate::upstream::{HashKey, Upstream, Upstreams};
+use crate::replay::ReplayBody;
+use crate::resilience::breaker::Breakers;
+use crate::settings::{Defaults, Settings};
+use crate::upstream::{Clients, Upstream, Upstreams};
 
 /// Response body type of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -40,10 +44,10 @@ pub struct Proxy {
     pub upstreams: Upstreams,
     sources: Sources,
     default_kind: Kind,
+    defaults: Defaults,
     /// The local app as an endpoint (its stats live as long as the sidecar).
     app: Option<Arc<EndpointStats>>,
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    app_clients: Clients,
     /// Metrics.
     pub metrics: ProxyMetrics,
 }
@@ -58,6 +62,39 @@ pub fn error(status: StatusCode, reason: &'static str) -> Response<Body> {
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    resp
+}
+
+/// Whether a request is a gRPC call.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// An error answered by the proxy, in gRPC's terms for gRPC calls: HTTP 200
+/// with the status in a trailers-only response, as gRPC clients expect.
+pub fn reply(grpc: bool, status: StatusCode, reason: &'static str) -> Response<Body> {
+    let mut resp = error(status, reason);
+    if grpc {
+        let code = match status {
+            StatusCode::GATEWAY_TIMEOUT => "4",
+            StatusCode::FORBIDDEN => "7",
+            StatusCode::BAD_REQUEST => "13",
+            _ => "14",
+        };
+        *resp.status_mut() = StatusCode::OK;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static(code));
+        h.insert("grpc-message", HeaderValue::from_static(reason));
+        *resp.body_mut() = Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed();
+    }
     resp
 }
 
@@ -89,7 +126,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-fn is_upgrade<B>(req: &Request<B>) -> bool {
+/// Whether `req` asks for a protocol upgrade (WebSocket).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.headers().contains_key(header::UPGRADE)
         && req
             .headers()
@@ -122,35 +160,91 @@ pub fn service_from_authority(req: &Request<Incoming>) -> Option<String> {
     Some(host)
 }
 
+/// What is sent of a request on every attempt: the request line and headers
+/// (hop-by-hop ones removed), kept so a retry can rebuild the request.
+pub struct Head {
+    /// Method.
+    pub method: Method,
+    /// Path and query (the authority is the endpoint's).
+    pub uri: Uri,
+    /// Version the client spoke.
+    pub version: Version,
+    /// End-to-end headers.
+    pub headers: HeaderMap,
+}
+
+impl Head {
+    /// The head of `parts`, hop-by-hop headers removed.
+    pub fn new(parts: hyper::http::request::Parts) -> Self {
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        Self {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers,
+        }
+    }
+
+    /// The request for one attempt on `ep`: HTTP/2 to sidecars (marking an
+    /// HTTP/1 request so the far side restores it) and to HTTP/2 clients'
+    /// endpoints, HTTP/1.1 otherwise.
+    fn request(
+        &self,
+        body: ReplayBody,
+        ep: &EndpointStats,
+        to_sidecar: bool,
+    ) -> Result<(Request<ReplayBody>, bool), hyper::http::Error> {
+        let use_h2 = to_sidecar || self.version == Version::HTTP_2;
+        let mut req = Request::builder()
+            .method(self.method.clone())
+            .uri(with_target(&self.uri, ep.addr)?)
+            .version(if use_h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            })
+            .body(body)?;
+        *req.headers_mut() = self.headers.clone();
+        if to_sidecar && self.version != Version::HTTP_2 {
+            req.headers_mut()
+                .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        }
+        Ok((req, use_h2))
+    }
+}
+
+/// One attempt failed before response headers.
+#[derive(Debug)]
+pub enum SendError {
+    /// The request could not be built (a bad URI).
+    BadRequest,
+    /// The client failed (connect error, reset, breaker).
+    Client(hyper_util::client::legacy::Error),
+}
+
 impl Proxy {
     /// A data path using `sources` for discovery and `app` for inbound traffic.
     pub fn new(
         sources: Sources,
         default_kind: Kind,
         app: Option<SocketAddr>,
-        connect_timeout: Duration,
+        defaults: Defaults,
         metrics: ProxyMetrics,
     ) -> Arc<Self> {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(connect_timeout));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(conn.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
-            .build(conn);
+        let app_limits = Arc::new(Limits::default());
+        app_limits.set(&Settings::resolve(None, Origin::Mesh, &defaults));
+        let app_clients = Clients::new(
+            Connector::new(Arc::new(Breakers::default()), app_limits),
+            crate::settings::DEFAULT_IDLE,
+        );
         Arc::new(Self {
             upstreams: Upstreams::default(),
             sources,
             default_kind,
+            defaults,
             app: app.map(|a| EndpointStats::new("app", a, 1)),
-            h1,
-            h2,
+            app_clients,
             metrics,
         })
     }
@@ -163,56 +257,17 @@ impl Proxy {
     /// The upstream for `name`, starting its discovery on first use.
     pub fn upstream(&self, name: &str) -> Arc<Upstream> {
         self.upstreams.get_or_start(name, |name| {
-            let up = Upstream::new(name, self.default_kind, self.sources.default_origin);
+            let up = Upstream::new(
+                name,
+                self.default_kind,
+                self.sources.default_origin,
+                self.defaults,
+                self.metrics.clone(),
+            );
             self.sources.start(&up);
+            tokio::spawn(crate::resilience::health_check::run(up.clone()));
             up
         })
-    }
-
-    /// Outbound: balance `req` over `service` (or the service its Host names).
-    pub async fn outbound(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        service: Option<Arc<str>>,
-        client: SocketAddr,
-    ) -> Response<Body> {
-        let name = match service {
-            Some(s) => s.to_string(),
-            None => match service_from_authority(&req) {
-                Some(s) => s,
-                None => return error(StatusCode::BAD_REQUEST, "no-service-in-host"),
-            },
-        };
-        let up = self.upstream(&name);
-        if !up.wait_ready(DISCOVERY_WAIT).await {
-            return self.count(
-                "outbound",
-                &name,
-                error(StatusCode::SERVICE_UNAVAILABLE, "discovery-pending"),
-            );
-        }
-        let active = up.active();
-        let key = match &active.hash_key {
-            HashKey::None => None,
-            HashKey::Header(h) => req
-                .headers()
-                .get(h.as_str())
-                .map(|v| hash_bytes(v.as_bytes())),
-            HashKey::ClientIp => Some(match client.ip() {
-                IpAddr::V4(ip) => hash_bytes(&ip.octets()),
-                IpAddr::V6(ip) => hash_bytes(&ip.octets()),
-            }),
-        };
-        let Some(i) = active.balancer.pick(&PickContext { key }).next() else {
-            return self.count(
-                "outbound",
-                &name,
-                error(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints"),
-            );
-        };
-        let ep = active.balancer.endpoints()[i].clone();
-        let resp = self.forward(req, &ep, ep.meshed, "outbound", &name).await;
-        self.count("outbound", &name, resp)
     }
 
     /// Inbound: hand `req` to the local app.
@@ -221,15 +276,37 @@ impl Proxy {
             return error(StatusCode::NOT_FOUND, "no-app");
         };
         // A request that was HTTP/1 before the sidecar hop goes back to HTTP/1.
-        let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some();
-        if downgrade {
+        if req.headers_mut().remove(ORIG_PROTO).is_some() {
             *req.version_mut() = Version::HTTP_11;
         }
-        let resp = self.forward(req, &app, false, "inbound", "app").await;
+        let resp = if is_upgrade(&req) {
+            forward_upgrade(req, &app, &self.app_clients).await
+        } else {
+            let (parts, body) = req.into_parts();
+            let head = Head::new(parts);
+            match self
+                .send(
+                    &self.app_clients,
+                    &head,
+                    ReplayBody::new(body, 0),
+                    &app,
+                    false,
+                    ("inbound", "app"),
+                )
+                .await
+            {
+                Ok(resp) => into_body(resp),
+                Err(e) => {
+                    let (status, reason) = e.reply();
+                    error(status, reason)
+                }
+            }
+        };
         self.count("inbound", "app", resp)
     }
 
-    fn count(
+    /// Counts a finished request.
+    pub fn count(
         &self,
         direction: &'static str,
         upstream: &str,
@@ -246,40 +323,26 @@ impl Proxy {
         resp
     }
 
-    async fn forward(
+    /// One attempt: sends `head` with `body` to `ep` and waits for the
+    /// response headers, recording the latency for the balancer and metrics.
+    pub async fn send(
         &self,
-        mut req: Request<Incoming>,
+        clients: &Clients,
+        head: &Head,
+        body: ReplayBody,
         ep: &Arc<EndpointStats>,
         to_sidecar: bool,
-        direction: &'static str,
-        upstream: &str,
-    ) -> Response<Body> {
-        let uri = match with_target(req.uri(), ep.addr) {
-            Ok(u) => u,
-            Err(_) => return error(StatusCode::BAD_REQUEST, "bad-uri"),
-        };
-        *req.uri_mut() = uri;
-        if is_upgrade(&req) {
-            return self.forward_upgrade(req, ep).await;
-        }
-        let orig = req.version();
-        strip_hop_by_hop(req.headers_mut());
-        let use_h2 = to_sidecar || orig == Version::HTTP_2;
-        if to_sidecar && orig != Version::HTTP_2 {
-            req.headers_mut()
-                .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-        }
-        *req.version_mut() = if use_h2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
+        (direction, upstream): (&'static str, &str),
+    ) -> Result<Response<Incoming>, SendError> {
+        let (req, use_h2) = head
+            .request(body, ep, to_sidecar)
+            .map_err(|_| SendError::BadRequest)?;
         let started = Instant::now();
         let guard = ep.start();
         let result = if use_h2 {
-            self.h2.request(req).await
+            clients.h2.request(req).await
         } else {
-            self.h1.request(req).await
+            clients.h1.request(req).await
         };
         match result {
             Ok(resp) => {
@@ -292,61 +355,79 @@ impl Proxy {
                     })
                     .observe(started.elapsed().as_secs_f64());
                 guard.finish();
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
+                Ok(resp)
             }
             Err(e) => {
-                drop(guard);
-                let reason = if e.is_connect() {
-                    "connect-failed"
-                } else {
-                    "upstream-reset"
-                };
-                tracing::debug!(endpoint = %ep.addr, error = %e, reason, "forwarding failed");
-                error(StatusCode::BAD_GATEWAY, reason)
+                tracing::debug!(endpoint = %ep.addr, error = %e, "attempt failed");
+                Err(SendError::Client(e))
             }
         }
     }
+}
 
-    /// HTTP/1 Upgrade (WebSocket): forward the handshake, then splice the
-    /// two upgraded connections.
-    async fn forward_upgrade(
-        &self,
-        mut req: Request<Incoming>,
-        ep: &Arc<EndpointStats>,
-    ) -> Response<Body> {
-        let client_upgrade = hyper::upgrade::on(&mut req);
-        *req.version_mut() = Version::HTTP_11;
-        let mut resp = match self.h1.request(req).await {
-            Ok(r) => r,
-            Err(e) => {
-                let reason = if e.is_connect() {
-                    "connect-failed"
-                } else {
-                    "upstream-reset"
-                };
-                return error(StatusCode::BAD_GATEWAY, reason);
-            }
-        };
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let server_upgrade = hyper::upgrade::on(&mut resp);
-            let addr = ep.addr;
-            tokio::spawn(async move {
-                match (client_upgrade.await, server_upgrade.await) {
-                    (Ok(c), Ok(s)) => {
-                        let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
-                    }
-                    (c, s) => {
-                        tracing::debug!(%addr, client_ok = c.is_ok(), server_ok = s.is_ok(), "upgrade failed")
-                    }
-                }
-            });
+impl SendError {
+    /// The status and reason the proxy answers with when this was the last try.
+    pub fn reply(&self) -> (StatusCode, &'static str) {
+        match self {
+            SendError::BadRequest => (StatusCode::BAD_REQUEST, "bad-uri"),
+            SendError::Client(e) => match ConnectError::find(e) {
+                Some(ConnectError::Overflow(_)) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+                Some(ConnectError::Timeout) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+                Some(_) => (StatusCode::BAD_GATEWAY, "connect-failed"),
+                None if e.is_connect() => (StatusCode::BAD_GATEWAY, "connect-failed"),
+                None => (StatusCode::BAD_GATEWAY, "upstream-reset"),
+            },
         }
-        let (parts, body) = resp.into_parts();
-        Response::from_parts(parts, body.boxed())
     }
+}
+
+/// An upstream response with hop-by-hop headers removed, as the proxy's body type.
+pub fn into_body(resp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.boxed())
+}
+
+/// HTTP/1 Upgrade (WebSocket): forward the handshake, then splice the two
+/// upgraded connections. Never retried: the client may start talking the
+/// new protocol at once.
+pub async fn forward_upgrade(
+    mut req: Request<Incoming>,
+    ep: &Arc<EndpointStats>,
+    clients: &Clients,
+) -> Response<Body> {
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let uri = match with_target(req.uri(), ep.addr) {
+        Ok(u) => u,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "bad-uri"),
+    };
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    let req = req.map(|b| ReplayBody::new(b, 0));
+    let mut resp = match clients.h1.request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let (status, reason) = SendError::Client(e).reply();
+            return error(status, reason);
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let server_upgrade = hyper::upgrade::on(&mut resp);
+        let addr = ep.addr;
+        tokio::spawn(async move {
+            match (client_upgrade.await, server_upgrade.await) {
+                (Ok(c), Ok(s)) => {
+                    let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                }
+                (c, s) => {
+                    tracing::debug!(%addr, client_ok = c.is_ok(), server_ok = s.is_ok(), "upgrade failed")
+                }
+            }
+        });
+    }
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, body.boxed())
 }
 
 #[cfg(test)]

@@ -3,10 +3,15 @@
 
 pub mod admin;
 pub mod balance;
+pub mod connector;
 pub mod detect;
 pub mod discovery;
 pub mod http_proxy;
 pub mod listener;
 pub mod metrics;
+pub mod outbound;
 pub mod register;
+pub mod replay;
+pub mod resilience;
+pub mod settings;
 pub mod upstream;

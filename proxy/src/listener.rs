@@ -16,6 +16,10 @@ use crate::balance::PickContext;
 use crate::detect::{Protocol, classify};
 use crate::http_proxy::Proxy;
 use crate::metrics::{BytesLabels, DirectionLabels};
+use crate::outbound::outbound;
+use crate::resilience::breaker::Permit;
+use crate::resilience::retry::Outcome;
+use crate::settings::DEFAULT_HEADER_READ;
 
 /// What a listener is for.
 #[derive(Clone, Debug)]
@@ -159,9 +163,10 @@ async fn connection(
     proxy: Arc<Proxy>,
     window: Duration,
     server_first: Arc<AtomicBool>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let remembered = matches!(role, Role::Upstream(_)) && server_first.load(Ordering::Relaxed);
+    // On a port known to carry a server-first protocol, skip the window.
+    let remembered = !matches!(role, Role::HostRouted) && server_first.load(Ordering::Relaxed);
     let started = Instant::now();
     let proto = if remembered {
         None
@@ -174,74 +179,166 @@ async fn connection(
         .observe(started.elapsed().as_secs_f64());
     if proto.is_none() && !remembered {
         proxy.metrics.detect_timeouts.inc();
-        server_first.store(true, Ordering::Relaxed);
     }
     match proto {
         Some(Protocol::Http1 | Protocol::Http2) => {
-            let p = proxy.clone();
-            let r = role.clone();
-            let svc = service_fn(move |req| {
-                let (p, r) = (p.clone(), r.clone());
-                async move {
-                    let resp = match r {
-                        Role::Inbound => p.inbound(req).await,
-                        Role::Upstream(name) => p.outbound(req, Some(name), peer).await,
-                        Role::HostRouted => p.outbound(req, None, peer).await,
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new());
-            builder.http2().timer(TokioTimer::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
-                () = stopped(&mut shutdown) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            serve_http(stream, peer, role, proxy, shutdown).await
+        }
+        Some(Protocol::Opaque) => {
+            if let Some((server, slot)) = connect_target(&role, &proxy, peer).await {
+                relay(stream, server, slot, &role, &proxy).await;
             }
         }
-        Some(Protocol::Opaque) | None => opaque(stream, peer, role, proxy).await,
+        // Host routing needs HTTP: a silent client just gets longer to speak.
+        None if matches!(role, Role::HostRouted) => {
+            if let Some(Protocol::Http1 | Protocol::Http2) =
+                detect(&stream, DEFAULT_HEADER_READ).await
+            {
+                serve_http(stream, peer, role, proxy, shutdown).await;
+            }
+        }
+        // The client said nothing yet: connect, and let whoever speaks first
+        // decide. A server greeting (SMTP, MySQL) means opaque TCP, and the
+        // port is remembered as server-first; a client that was merely slow
+        // still gets HTTP, so one slow client never turns a port opaque.
+        None => {
+            let Some((server, slot)) = connect_target(&role, &proxy, peer).await else {
+                return;
+            };
+            let client_first = tokio::select! {
+                biased;
+                _ = stream.readable() => true,
+                _ = server.readable() => false,
+            };
+            if client_first {
+                let proto = detect(&stream, window).await;
+                if let Some(Protocol::Http1 | Protocol::Http2) = proto {
+                    drop((server, slot));
+                    return serve_http(stream, peer, role, proxy, shutdown).await;
+                }
+            } else {
+                server_first.store(true, Ordering::Relaxed);
+            }
+            relay(stream, server, slot, &role, &proxy).await;
+        }
     }
 }
 
-/// Relays bytes both ways to the role's target.
-async fn opaque(mut client: TcpStream, peer: SocketAddr, role: Role, proxy: Arc<Proxy>) {
-    let direction = role.direction();
-    let target = match &role {
-        Role::Inbound => proxy.app(),
+async fn serve_http(
+    stream: TcpStream,
+    peer: SocketAddr,
+    role: Role,
+    proxy: Arc<Proxy>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let p = proxy.clone();
+    let r = role.clone();
+    let svc = service_fn(move |req| {
+        let (p, r) = (p.clone(), r.clone());
+        async move {
+            let resp = match r {
+                Role::Inbound => p.inbound(req).await,
+                Role::Upstream(name) => outbound(p, req, Some(name), peer).await,
+                Role::HostRouted => outbound(p, req, None, peer).await,
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    // A listener for one service takes that service's header read timeout
+    // (as of this connection); others the default.
+    let header_read = match &role {
+        Role::Upstream(name) => proxy.upstream(name).active().settings.timeouts.header_read,
+        _ => DEFAULT_HEADER_READ,
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read);
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
+                    let upstream = match &role {
+                        Role::Upstream(name) => name.to_string(),
+                        _ => "-".to_string(),
+                    };
+                    proxy.metrics.timeout(&upstream, "header_read");
+                }
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        () = stopped(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Connects to the role's target for an opaque relay. Outbound, a connect
+/// failure moves on to the next endpoint (nothing was sent yet), up to the
+/// retry policy's attempts, and the relay holds a `max_connections` slot.
+async fn connect_target(
+    role: &Role,
+    proxy: &Arc<Proxy>,
+    peer: SocketAddr,
+) -> Option<(TcpStream, Option<Permit>)> {
+    let target = match role {
+        Role::Inbound => match proxy.app() {
+            Some(app) => TcpStream::connect(app)
+                .await
+                .map(|s| (s, None))
+                .map_err(|e| format!("{app}: {e}")),
+            None => Err("no app".to_string()),
+        },
         Role::Upstream(name) => {
             let up = proxy.upstream(name);
             up.wait_ready(crate::http_proxy::DISCOVERY_WAIT).await;
             let active = up.active();
-            active
-                .balancer
-                .pick(&PickContext::default())
-                .next()
-                .map(|i| active.balancer.endpoints()[i].addr)
+            let connector = up.connector();
+            let tries = active.settings.retry.max_attempts as usize;
+            let mut result = Err("no endpoints".to_string());
+            for i in active.balancer.pick(&PickContext::default()).take(tries) {
+                let ep = &active.balancer.endpoints()[i];
+                match connector.connect(ep.addr).await {
+                    Ok(conn) => {
+                        let (stream, slot) = conn.into_parts();
+                        result = Ok((stream, Some(slot)));
+                        break;
+                    }
+                    Err(e) => {
+                        up.report(ep, Outcome::ConnectFailed, &active.settings);
+                        result = Err(format!("{}: {e}", ep.addr));
+                    }
+                }
+            }
+            result
         }
-        // Host routing needs HTTP; there is nowhere to send raw bytes.
-        Role::HostRouted => None,
+        Role::HostRouted => Err("host routing needs HTTP".to_string()),
     };
-    let Some(target) = target else {
-        tracing::debug!(%peer, ?role, "no target for an opaque connection; closing");
-        return;
-    };
-    let mut server = match TcpStream::connect(target).await {
-        Ok(s) => s,
+    match target {
+        Ok((server, slot)) => {
+            let _ = server.set_nodelay(true);
+            Some((server, slot))
+        }
         Err(e) => {
-            tracing::debug!(%peer, %target, error = %e, "cannot connect for an opaque relay");
-            return;
+            tracing::debug!(%peer, ?role, error = %e, "no target for an opaque connection; closing");
+            None
         }
-    };
-    let _ = server.set_nodelay(true);
+    }
+}
+
+/// Relays bytes both ways until either side closes.
+async fn relay(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    _slot: Option<Permit>,
+    role: &Role,
+    proxy: &Proxy,
+) {
     let (from_client, to_client) = tokio::io::copy_bidirectional(&mut client, &mut server)
         .await
         .unwrap_or_default();
@@ -249,7 +346,10 @@ async fn opaque(mut client: TcpStream, peer: SocketAddr, role: Role, proxy: Arc<
         proxy
             .metrics
             .tcp_bytes
-            .get_or_create(&BytesLabels { direction, flow })
+            .get_or_create(&BytesLabels {
+                direction: role.direction(),
+                flow,
+            })
             .inc_by(n);
     }
 }

@@ -19,6 +19,7 @@ use wayfinder_proxy::http_proxy::Proxy;
 use wayfinder_proxy::listener::{self, Listener, Open, Role};
 use wayfinder_proxy::metrics::ProxyMetrics;
 use wayfinder_proxy::register::{self, Check};
+use wayfinder_proxy::settings::Defaults;
 
 /// Wayfinder sidecar proxy.
 #[derive(Parser, Debug)]
@@ -207,7 +208,9 @@ async fn run(args: Args) -> Result<()> {
         sources,
         args.balancer,
         args.app,
-        args.connect_timeout,
+        Defaults {
+            connect: args.connect_timeout,
+        },
         metrics,
     );
 

@@ -45,12 +45,58 @@ pub struct BytesLabels {
     pub flow: &'static str,
 }
 
+/// Labels naming an upstream service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// Upstream service.
+    pub upstream: String,
+}
+
+/// Labels of the timeout counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    /// Upstream service (`-` where none is known yet).
+    pub upstream: String,
+    /// `connect`, `per_try`, `request` or `header_read`.
+    pub kind: &'static str,
+}
+
+/// Labels of the circuit breaker counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    /// Upstream service.
+    pub upstream: String,
+    /// `requests`, `pending`, `retries`.
+    pub limit: &'static str,
+}
+
+/// Labels of health check transitions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthLabels {
+    /// Upstream service.
+    pub upstream: String,
+    /// `healthy` or `unhealthy`: the state entered.
+    pub to: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
         0.0002, 2.0, 18,
     ))
+}
+
+impl ProxyMetrics {
+    /// Counts a timeout of `kind` for `upstream`.
+    pub fn timeout(&self, upstream: &str, kind: &'static str) {
+        self.timeouts
+            .get_or_create(&TimeoutLabels {
+                upstream: upstream.to_string(),
+                kind,
+            })
+            .inc();
+    }
 }
 
 /// Every metric of the data path.
@@ -68,6 +114,18 @@ pub struct ProxyMetrics {
     pub detect_seconds: Histogram,
     /// Connections whose client sent nothing within the detection window.
     pub detect_timeouts: Counter,
+    /// Retries sent, by upstream.
+    pub retries: Family<UpstreamLabels, Counter>,
+    /// Retries refused because the retry budget was spent.
+    pub budget_exhausted: Family<UpstreamLabels, Counter>,
+    /// Timeouts by upstream and kind.
+    pub timeouts: Family<TimeoutLabels, Counter>,
+    /// Endpoints ejected by outlier detection.
+    pub ejections: Family<UpstreamLabels, Counter>,
+    /// Requests refused by a circuit breaker.
+    pub overflows: Family<OverflowLabels, Counter>,
+    /// Endpoints that active health checks turned healthy or unhealthy.
+    pub health_transitions: Family<HealthLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -82,6 +140,12 @@ impl ProxyMetrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.00001, 2.0, 16),
             ),
             detect_timeouts: Counter::default(),
+            retries: Family::default(),
+            budget_exhausted: Family::default(),
+            timeouts: Family::default(),
+            ejections: Family::default(),
+            overflows: Family::default(),
+            health_transitions: Family::default(),
         };
         reg.register(
             "wayfinder_proxy_requests",
@@ -112,6 +176,36 @@ impl ProxyMetrics {
             "wayfinder_proxy_detect_timeouts",
             "Connections that sent nothing within the detection window (relayed as TCP)",
             m.detect_timeouts.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_retries",
+            "Retries sent, by upstream",
+            m.retries.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_retry_budget_exhausted",
+            "Retries not sent because the upstream's retry budget was spent",
+            m.budget_exhausted.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_timeouts",
+            "Timeouts by upstream and kind (connect, per_try, request, header_read)",
+            m.timeouts.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_ejections",
+            "Endpoints ejected by passive outlier detection",
+            m.ejections.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_breaker_overflows",
+            "Requests refused at once by a circuit breaker, by upstream and limit",
+            m.overflows.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_health_transitions",
+            "Endpoints turned healthy or unhealthy by active health checks",
+            m.health_transitions.clone(),
         );
         m
     }

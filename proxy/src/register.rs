@@ -56,9 +56,10 @@ pub async fn check_loop(
     }
 }
 
-/// One probe: a minimal HTTP/1.1 GET (no client pool: a probe must reflect a
+/// One probe, of the app or of an upstream endpoint: a minimal HTTP/1.1 GET
+/// (no client pool: a probe must reflect a
 /// fresh connection) or a TCP connect.
-async fn probe(app: SocketAddr, check: &Check) -> bool {
+pub async fn probe(app: SocketAddr, check: &Check) -> bool {
     let Ok(mut s) = TcpStream::connect(app).await else {
         return false;
     };

@@ -6,22 +6,37 @@
 //! rebuilds as long as the endpoint keeps its address and weight.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use wayfinder_proto::v1::{BalancerKind, DiscoveryMode, ServicePolicy};
 
 use crate::balance::{self, Balancer, EndpointStats, Kind};
+use crate::connector::{Connector, Limits};
 use crate::discovery::{Discovered, Origin, Update};
+use crate::metrics::{HealthLabels, ProxyMetrics, UpstreamLabels};
+use crate::replay::ReplayBody;
+use crate::resilience::breaker::Breakers;
+use crate::resilience::budget::RetryBudget;
+use crate::resilience::retry::Outcome;
+use crate::resilience::{health_check, outlier};
+use crate::settings::{self, Defaults, Settings};
 
-/// What requests use: the balancer over eligible endpoints.
+/// What requests use: the balancer over eligible endpoints and the settings
+/// resolved from the policy.
 pub struct Active {
     /// Balancer (its endpoints are the eligible ones).
     pub balancer: Box<dyn Balancer>,
     /// Policy in force, if any.
     pub policy: Option<ServicePolicy>,
+    /// The policy resolved against the sidecar's defaults.
+    pub settings: Settings,
     /// What a pick hashes; `None` unless the balancer hashes.
     pub hash_key: HashKey,
 }
@@ -38,9 +53,38 @@ pub enum HashKey {
     Header(String),
 }
 
+/// HTTP clients of one upstream, sharing its connector (and so its
+/// connection breaker and connect timeout).
+pub struct Clients {
+    /// HTTP/1.1 to plain endpoints.
+    pub h1: Client<Connector, ReplayBody>,
+    /// HTTP/2: to sidecars, and to endpoints for HTTP/2 clients.
+    pub h2: Client<Connector, ReplayBody>,
+    idle: Duration,
+}
+
+impl Clients {
+    /// Clients whose pooled connections close after `idle` unused.
+    pub fn new(connector: Connector, idle: Duration) -> Self {
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(idle)
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(idle)
+            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
+            .build(connector);
+        Self { h1, h2, idle }
+    }
+}
+
 struct Known {
     found: Discovered,
     stats: Arc<EndpointStats>,
+    check: health_check::State,
 }
 
 /// What one discovery source last said.
@@ -62,10 +106,18 @@ pub struct Upstream {
     name: String,
     default_kind: Kind,
     default_origin: Origin,
+    defaults: Defaults,
     inner: Mutex<Inner>,
     active: RwLock<Arc<Active>>,
     ready: watch::Sender<bool>,
     origin: watch::Sender<Origin>,
+    /// Retry budget, kept across policy changes.
+    pub budget: RetryBudget,
+    /// Circuit breaker counters.
+    pub breakers: Arc<Breakers>,
+    limits: Arc<Limits>,
+    clients: RwLock<Arc<Clients>>,
+    metrics: ProxyMetrics,
 }
 
 /// An endpoint as `/endpoints` shows it.
@@ -75,24 +127,36 @@ pub struct EndpointView {
     addr: String,
     weight: u32,
     meshed: bool,
+    /// Health as discovery reports it.
     healthy: bool,
+    /// Health as active checks see it (true when not checked).
+    checked_healthy: bool,
+    /// Out of rotation by outlier detection.
+    ejected: bool,
     in_flight: u32,
     ewma_ms: f64,
 }
 
-/// Keeps an endpoint's stats when only its health changed.
+/// Keeps an endpoint's stats and check history when only its health changed.
 fn known(prev: Option<Known>, d: Discovered) -> Known {
-    let stats = match prev {
+    match prev {
         Some(k)
             if k.found.addr == d.addr
                 && k.found.weight == d.weight
                 && k.found.meshed == d.meshed =>
         {
-            k.stats
+            Known {
+                found: d,
+                stats: k.stats,
+                check: k.check,
+            }
         }
-        _ => EndpointStats::with_mesh(d.id.clone(), d.addr, d.weight, d.meshed),
-    };
-    Known { found: d, stats }
+        _ => Known {
+            stats: EndpointStats::with_mesh(d.id.clone(), d.addr, d.weight, d.meshed),
+            found: d,
+            check: health_check::State::default(),
+        },
+    }
 }
 
 fn origin_of(policy: Option<&ServicePolicy>, default: Origin) -> Origin {
@@ -118,11 +182,26 @@ fn kind_of(policy: Option<&ServicePolicy>, default: Kind) -> Kind {
 impl Upstream {
     /// An upstream with no endpoints yet, using `default_origin` for its
     /// endpoints unless its policy names another.
-    pub fn new(name: &str, default_kind: Kind, default_origin: Origin) -> Arc<Self> {
+    pub fn new(
+        name: &str,
+        default_kind: Kind,
+        default_origin: Origin,
+        defaults: Defaults,
+        metrics: ProxyMetrics,
+    ) -> Arc<Self> {
+        let settings = Settings::resolve(None, default_origin, &defaults);
+        let breakers = Arc::new(Breakers::default());
+        let limits = Arc::new(Limits::default());
+        limits.set(&settings);
+        let clients = Clients::new(
+            Connector::new(breakers.clone(), limits.clone()),
+            settings.timeouts.idle,
+        );
         Arc::new(Self {
             name: name.to_string(),
             default_kind,
             default_origin,
+            defaults,
             inner: Mutex::new(Inner {
                 sets: Default::default(),
                 policy: None,
@@ -130,10 +209,16 @@ impl Upstream {
             active: RwLock::new(Arc::new(Active {
                 balancer: balance::build(default_kind, Vec::new()),
                 policy: None,
+                settings,
                 hash_key: HashKey::None,
             })),
             ready: watch::channel(false).0,
             origin: watch::channel(default_origin).0,
+            budget: RetryBudget::new(),
+            breakers,
+            limits,
+            clients: RwLock::new(Arc::new(clients)),
+            metrics,
         })
     }
 
@@ -160,6 +245,18 @@ impl Upstream {
             .map_or_else(|p| p.into_inner().clone(), |a| a.clone())
     }
 
+    /// The HTTP clients for this upstream's endpoints.
+    pub fn clients(&self) -> Arc<Clients> {
+        self.clients
+            .read()
+            .map_or_else(|p| p.into_inner().clone(), |c| c.clone())
+    }
+
+    /// A connector for opaque relays, under the same breakers and timeout.
+    pub fn connector(&self) -> Connector {
+        Connector::new(self.breakers.clone(), self.limits.clone())
+    }
+
     /// Whether the first discovery answer arrived.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
@@ -173,9 +270,13 @@ impl Upstream {
             .is_ok()
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Applies one change from `origin`: the only place endpoints change.
     pub fn apply(&self, origin: Origin, update: Update) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.lock();
         let set = &mut inner.sets[origin.index()];
         match update {
             Update::Reset(all) => {
@@ -206,7 +307,7 @@ impl Upstream {
 
     /// Replaces the policy (None: defaults).
     pub fn set_policy(&self, policy: Option<ServicePolicy>) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.lock();
         if inner.policy == policy {
             return;
         }
@@ -217,24 +318,117 @@ impl Upstream {
         self.rebuild(&inner);
     }
 
-    /// Rebuilds what requests use from the current origin's endpoints.
-    fn rebuild(&self, inner: &Inner) {
+    /// Records how an attempt on `ep` ended, for outlier detection; may
+    /// eject the endpoint.
+    pub fn report(self: &Arc<Self>, ep: &Arc<EndpointStats>, outcome: Outcome, s: &Settings) {
+        let Some(o) = &s.outlier else {
+            return;
+        };
+        let now = Instant::now();
+        let eject = ep
+            .outlier
+            .lock()
+            .map_or(None, |mut st| st.record(outcome, now, o));
+        if let Some(time) = eject {
+            self.try_eject(ep, time, o.max_ejection_percent);
+        }
+    }
+
+    fn try_eject(self: &Arc<Self>, ep: &Arc<EndpointStats>, time: Duration, percent: u32) {
+        let inner = self.lock();
+        let now = Instant::now();
         let set = &inner.sets[self.origin().index()];
-        self.ready.send_replace(set.answered);
-        let healthy: Vec<_> = set
+        let Some(k) = set.endpoints.values().find(|k| Arc::ptr_eq(&k.stats, ep)) else {
+            return;
+        };
+        let ejected = set
             .endpoints
             .values()
-            .filter(|k| k.found.healthy)
-            .map(|k| k.stats.clone())
-            .collect();
-        // With nothing healthy, try everything rather than fail everything
-        // (Envoy's panic mode): health reports can be wrong, traffic is not.
-        let eligible = if healthy.is_empty() {
-            set.endpoints.values().map(|k| k.stats.clone()).collect()
-        } else {
-            healthy
+            .filter(|k| k.stats.is_ejected(now))
+            .count();
+        if ejected >= outlier::max_ejected(set.endpoints.len(), percent) {
+            tracing::debug!(service = %self.name, endpoint = %k.found.id, "outlier not ejected: too many ejected already");
+            return;
+        }
+        if let Ok(mut st) = ep.outlier.lock() {
+            st.eject(now, time);
+        }
+        tracing::info!(service = %self.name, endpoint = %k.found.id, ?time, "endpoint ejected");
+        self.metrics
+            .ejections
+            .get_or_create(&UpstreamLabels {
+                upstream: self.name.clone(),
+            })
+            .inc();
+        self.rebuild(&inner);
+        drop(inner);
+        let up = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(time).await;
+            let inner = up.lock();
+            up.rebuild(&inner);
+        });
+    }
+
+    /// Endpoints to check actively: the ones of the source in use.
+    pub fn check_targets(&self) -> Vec<(String, SocketAddr)> {
+        let inner = self.lock();
+        inner.sets[self.origin().index()]
+            .endpoints
+            .values()
+            .map(|k| (k.found.id.clone(), k.found.addr))
+            .collect()
+    }
+
+    /// Records one active check of endpoint `id`.
+    pub fn record_check(&self, id: &str, ok: bool, hc: &settings::HealthCheck) {
+        let mut inner = self.lock();
+        let origin = self.origin().index();
+        let Some(k) = inner.sets[origin].endpoints.get_mut(id) else {
+            return;
         };
+        if !k.check.record(ok, hc) {
+            return;
+        }
+        let to = if ok { "healthy" } else { "unhealthy" };
+        tracing::info!(service = %self.name, endpoint = id, to, "health check changed");
+        self.metrics
+            .health_transitions
+            .get_or_create(&HealthLabels {
+                upstream: self.name.clone(),
+                to,
+            })
+            .inc();
+        self.rebuild(&inner);
+    }
+
+    /// Rebuilds what requests use from the current origin's endpoints.
+    fn rebuild(&self, inner: &Inner) {
+        let origin = self.origin();
+        let set = &inner.sets[origin.index()];
+        self.ready.send_replace(set.answered);
         let policy = inner.policy.clone();
+        let settings = Settings::resolve(policy.as_ref(), origin, &self.defaults);
+        let checked = settings.health_check.is_some();
+        let now = Instant::now();
+        let healthy = |k: &&Known| k.found.healthy && (!checked || k.check.healthy());
+        let pick = |f: &dyn Fn(&&Known) -> bool| -> Vec<Arc<EndpointStats>> {
+            set.endpoints
+                .values()
+                .filter(f)
+                .map(|k| k.stats.clone())
+                .collect()
+        };
+        let mut eligible = pick(&|k| healthy(k) && !k.stats.is_ejected(now));
+        // With nothing eligible, try the healthy, then everything, rather
+        // than fail everything (Envoy's panic mode): health reports and
+        // ejections can be wrong, traffic is not.
+        if eligible.is_empty() {
+            eligible = pick(&healthy);
+        }
+        if eligible.is_empty() {
+            eligible = pick(&|_| true);
+        }
         let kind = kind_of(policy.as_ref(), self.default_kind);
         let hash_key = match (kind, policy.as_ref().map(|p| p.hash_header.as_str())) {
             (Kind::RingHash | Kind::Maglev, Some(h)) if !h.is_empty() => {
@@ -243,17 +437,24 @@ impl Upstream {
             (Kind::RingHash | Kind::Maglev, _) => HashKey::ClientIp,
             _ => HashKey::None,
         };
+        self.limits.set(&settings);
+        if self.clients().idle != settings.timeouts.idle {
+            let c = Clients::new(self.connector(), settings.timeouts.idle);
+            *self.clients.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+        }
         let active = Active {
             balancer: balance::build(kind, eligible),
             hash_key,
             policy,
+            settings,
         };
         *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
     }
 
     /// What the sidecar believes now, for `/endpoints`.
     pub fn view(&self) -> Vec<EndpointView> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = self.lock();
+        let now = Instant::now();
         inner.sets[self.origin().index()]
             .endpoints
             .values()
@@ -263,6 +464,8 @@ impl Upstream {
                 weight: k.found.weight,
                 meshed: k.found.meshed,
                 healthy: k.found.healthy,
+                checked_healthy: k.check.healthy(),
+                ejected: k.stats.is_ejected(now),
                 in_flight: k.stats.in_flight(),
                 ewma_ms: k.stats.ewma_ns() / 1e6,
             })
@@ -324,6 +527,11 @@ mod tests {
         }
     }
 
+    fn up(kind: Kind) -> Arc<Upstream> {
+        let metrics = ProxyMetrics::register(&mut prometheus_client::registry::Registry::default());
+        Upstream::new("web", kind, Origin::Mesh, Defaults::default(), metrics)
+    }
+
     fn ids(u: &Upstream) -> Vec<String> {
         let a = u.active();
         let mut v: Vec<_> = a
@@ -338,7 +546,7 @@ mod tests {
 
     #[test]
     fn updates_apply_in_one_place_and_unhealthy_endpoints_are_skipped() {
-        let u = Upstream::new("web", Kind::RoundRobin, Origin::Mesh);
+        let u = up(Kind::RoundRobin);
         assert!(!u.is_ready());
         u.apply(
             Origin::Mesh,
@@ -367,7 +575,7 @@ mod tests {
 
     #[test]
     fn stats_survive_a_rebuild_when_the_endpoint_is_unchanged() {
-        let u = Upstream::new("web", Kind::PeakEwma, Origin::Mesh);
+        let u = up(Kind::PeakEwma);
         u.apply(Origin::Mesh, Update::Reset(vec![d("a", 1, true)]));
         let guard = u.active().balancer.endpoints()[0].start();
         u.apply(Origin::Mesh, Update::Add(vec![d("b", 2, true)]));
@@ -384,7 +592,7 @@ mod tests {
 
     #[test]
     fn each_source_keeps_its_endpoints_and_the_policy_picks_one() {
-        let u = Upstream::new("web", Kind::RoundRobin, Origin::Mesh);
+        let u = up(Kind::RoundRobin);
         u.apply(Origin::Dns, Update::Reset(vec![d("10.0.0.9:80", 80, true)]));
         assert!(
             !u.is_ready(),
@@ -406,7 +614,7 @@ mod tests {
 
     #[test]
     fn policy_picks_the_balancer() {
-        let u = Upstream::new("web", Kind::PeakEwma, Origin::Mesh);
+        let u = up(Kind::PeakEwma);
         u.apply(
             Origin::Mesh,
             Update::Reset(vec![d("a", 1, true), d("b", 2, true), d("c", 3, true)]),

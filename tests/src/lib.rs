@@ -12,6 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+pub mod load;
+pub mod mesh;
 use tonic::transport::Channel;
 
 /// Upper bound for any single end-to-end test.

@@ -7,116 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use wayfinder_tests::mesh::{
+    admin_get, client, instance, instance_of, lab_app, sidecar, wait_serving,
+};
 use wayfinder_tests::{ControlPlane, Process, bounded, http_request, metric, wfctl};
-
-struct Instance {
-    app: Process,
-    app_addr: SocketAddr,
-    sidecar: Process,
-}
-
-fn lab_app(name: &str) -> Result<(Process, SocketAddr)> {
-    let p = Process::start(
-        "lab-app",
-        &["--listen", "127.0.0.1:0", "--name", name],
-        "listening on",
-    )?;
-    let addr = p.addr("on ")?;
-    Ok((p, addr))
-}
-
-fn sidecar(
-    cp: &ControlPlane,
-    service: &str,
-    name: &str,
-    app: SocketAddr,
-    check: &str,
-) -> Result<Process> {
-    let app = app.to_string();
-    let url = cp.url();
-    Process::start(
-        "wf-proxy",
-        &[
-            "--control-plane",
-            &url,
-            "--service",
-            service,
-            "--instance",
-            name,
-            "--app",
-            &app,
-            "--inbound",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--health-check",
-            check,
-            "--health-interval",
-            "200ms",
-            "--drain-timeout",
-            "2s",
-        ],
-        "wf-proxy listening",
-    )
-}
-
-fn instance(cp: &ControlPlane, name: &str) -> Result<Instance> {
-    let (app, app_addr) = lab_app(name)?;
-    let sidecar = sidecar(cp, "web", name, app_addr, "/healthz")?;
-    Ok(Instance {
-        app,
-        app_addr,
-        sidecar,
-    })
-}
-
-/// A client-only sidecar with an explicit `web` listener and a Host-routed one.
-fn client(cp: &ControlPlane, extra: &[&str]) -> Result<(Process, SocketAddr, SocketAddr)> {
-    let url = cp.url();
-    let mut args = vec![
-        "--control-plane",
-        &url,
-        "--admin",
-        "127.0.0.1:0",
-        "--outbound",
-        "127.0.0.1:0",
-        "--upstream",
-        "web=127.0.0.1:0",
-    ];
-    args.extend_from_slice(extra);
-    let p = Process::start("wf-proxy", &args, "wf-proxy listening")?;
-    let web = p.addr("upstreams=web=")?;
-    let outbound = p.addr("outbound=")?;
-    Ok((p, web, outbound))
-}
-
-async fn wait_serving(cp: &ControlPlane, service: &str, want: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (ok, out, _) = wfctl(cp, &["-o", "json", "endpoints", service])?;
-        if ok {
-            let v: serde_json::Value = serde_json::from_str(out.trim())?;
-            let serving = v["endpoints"]
-                .as_array()
-                .map_or(0, |a| a.iter().filter(|e| e["health"] == "serving").count());
-            if serving == want {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("{service} did not reach {want} serving instances: {out}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn instance_of(body: &str) -> String {
-    body.split("\"instance\":\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .unwrap_or("?")
-        .to_string()
-}
 
 async fn spread(addr: SocketAddr, host: &str, n: usize) -> Result<HashMap<String, usize>> {
     let mut seen = HashMap::new();
@@ -126,10 +20,6 @@ async fn spread(addr: SocketAddr, host: &str, n: usize) -> Result<HashMap<String
         *seen.entry(instance_of(&body)).or_default() += 1;
     }
     Ok(seen)
-}
-
-async fn admin_get(p: &Process, path: &str) -> Result<(u16, String)> {
-    wayfinder_tests::http_get(p.addr("admin=")?, path).await
 }
 
 #[tokio::test]

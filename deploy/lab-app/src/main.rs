@@ -3,8 +3,9 @@
 //! report unhealthy, so labs can show what the mesh does about it.
 //!
 //! ```text
-//! GET  /                 {"instance":"web-1","path":"/","method":"GET","count":1}
+//! GET  /                 {"instance":"web-1","path":"/","method":"GET","count":1,"bytes":0}
 //! GET  /healthz          200 "ok", or 503 when made unhealthy
+//! GET  /fault            the faults in force and how many requests were served
 //! POST /fault?fail=0.3&delay_ms=200&healthy=false   change the faults (any subset)
 //! POST /fault/reset      back to normal
 //! ```
@@ -56,7 +57,12 @@ struct FaultQuery {
     healthy: Option<bool>,
 }
 
-async fn hello(State(app): State<Arc<App>>, method: Method, uri: Uri) -> Response {
+async fn hello(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    body: axum::body::Bytes,
+) -> Response {
     let n = app.count.fetch_add(1, Ordering::Relaxed) + 1;
     let delay = app.faults.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
@@ -65,6 +71,7 @@ async fn hello(State(app): State<Arc<App>>, method: Method, uri: Uri) -> Respons
     let fail = app.faults.fail_ppm.load(Ordering::Relaxed);
     let body = serde_json::json!({
         "instance": app.name, "path": uri.path(), "method": method.as_str(), "count": n,
+        "bytes": body.len(),
     });
     if fail > 0 && rand::random_range(0..1_000_000) < fail {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
@@ -111,6 +118,7 @@ fn faults(app: &App) -> Json<serde_json::Value> {
         "fail": f64::from(app.faults.fail_ppm.load(Ordering::Relaxed)) / 1e6,
         "delay_ms": app.faults.delay_ms.load(Ordering::Relaxed),
         "healthy": !app.faults.unhealthy.load(Ordering::Relaxed),
+        "served": app.count.load(Ordering::Relaxed),
     }))
 }
 
@@ -124,7 +132,10 @@ async fn main() -> anyhow::Result<()> {
     });
     let router = Router::new()
         .route("/healthz", get(healthz))
-        .route("/fault", post(fault))
+        .route(
+            "/fault",
+            get(|State(app): State<Arc<App>>| async move { faults(&app) }).post(fault),
+        )
         .route("/fault/reset", post(reset))
         .fallback(hello)
         .with_state(app);

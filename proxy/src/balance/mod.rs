@@ -54,6 +54,8 @@ pub struct EndpointStats {
     pub meshed: bool,
     in_flight: AtomicU32,
     ewma: Mutex<Ewma>,
+    /// Passive outlier detection state.
+    pub outlier: Mutex<crate::resilience::outlier::State>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +94,7 @@ impl EndpointStats {
                 cost_ns: DEFAULT_RTT.as_nanos() as f64,
                 at: Instant::now(),
             }),
+            outlier: Mutex::default(),
         })
     }
 
@@ -122,6 +125,11 @@ impl EndpointStats {
             e.cost_ns = e.cost_ns * w + rtt * (1.0 - w);
         }
         e.at = now;
+    }
+
+    /// Whether outlier detection has the endpoint out of rotation.
+    pub fn is_ejected(&self, now: tokio::time::Instant) -> bool {
+        self.outlier.lock().is_ok_and(|o| o.is_ejected(now))
     }
 
     /// Current latency estimate in nanoseconds.

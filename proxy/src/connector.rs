@@ -1,0 +1,190 @@
+//! Connections to one upstream's endpoints: TCP with the service's connect
+//! timeout, each connection holding a slot of the service's
+//! `max_connections` breaker for as long as it is open (pooled or busy).
+//! The limits are read at every connect, so policy changes apply at once.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::resilience::breaker::{Breakers, Overflow, Permit};
+use crate::settings::Settings;
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP handshake took longer than the connect timeout.
+    #[error("connect timed out")]
+    Timeout,
+    /// A circuit breaker refused.
+    #[error(transparent)]
+    Overflow(#[from] Overflow),
+    /// The endpoint refused or could not be reached.
+    #[error("connect failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The target was not an IP:port (a bug: the proxy builds the URIs).
+    #[error("target {0:?} is not an IP address and port")]
+    BadTarget(String),
+}
+
+impl ConnectError {
+    /// The connect error inside a client error, if that is what it was.
+    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(c) = err.downcast_ref::<ConnectError>() {
+                return Some(c);
+            }
+            cur = err.source();
+        }
+        None
+    }
+}
+
+/// Limits the connector reads at each connect (0 = none).
+#[derive(Debug, Default)]
+pub struct Limits {
+    connect_ms: AtomicU64,
+    max_connections: AtomicU32,
+    max_pending: AtomicU32,
+}
+
+fn opt(v: u32) -> Option<u32> {
+    (v != 0).then_some(v)
+}
+
+impl Limits {
+    /// Takes the values of `s`.
+    pub fn set(&self, s: &Settings) {
+        let ms = u64::try_from(s.timeouts.connect.as_millis()).unwrap_or(u64::MAX);
+        self.connect_ms.store(ms, Ordering::Relaxed);
+        self.max_connections
+            .store(s.breakers.max_connections.unwrap_or(0), Ordering::Relaxed);
+        self.max_pending
+            .store(s.breakers.max_pending.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Connects to one upstream's endpoints.
+#[derive(Clone)]
+pub struct Connector {
+    breakers: Arc<Breakers>,
+    limits: Arc<Limits>,
+}
+
+impl Connector {
+    /// A connector charging `breakers` under `limits`.
+    pub fn new(breakers: Arc<Breakers>, limits: Arc<Limits>) -> Self {
+        Self { breakers, limits }
+    }
+
+    /// A connection slot, then a TCP connection to `addr`, each bounded by
+    /// the connect timeout.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Conn, ConnectError> {
+        let timeout = self.limits.connect_timeout();
+        let max = opt(self.limits.max_connections.load(Ordering::Relaxed));
+        let pending = opt(self.limits.max_pending.load(Ordering::Relaxed));
+        let permit = tokio::time::timeout(timeout, self.breakers.connection(max, pending))
+            .await
+            .map_err(|_| Overflow::Pending)??;
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        let _ = stream.set_nodelay(true);
+        Ok(Conn {
+            io: TokioIo::new(stream),
+            _permit: permit,
+        })
+    }
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = Conn;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Conn, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| ConnectError::BadTarget(uri.to_string()))?;
+            this.connect(addr).await
+        })
+    }
+}
+
+/// An open connection holding its breaker slot.
+pub struct Conn {
+    io: TokioIo<TcpStream>,
+    _permit: Permit,
+}
+
+impl Conn {
+    /// The TCP stream, for opaque relays.
+    pub fn into_parts(self) -> (TcpStream, Permit) {
+        (self.io.into_inner(), self._permit)
+    }
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl Read for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl Write for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}

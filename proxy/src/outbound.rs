@@ -1,0 +1,263 @@
+//! The outbound request path, from a client's request to an endpoint's
+//! response: breakers, deadline, endpoint choice, attempts with per-try
+//! timeouts, retries under the policy and the retry budget, and outlier
+//! reports. One function, [`outbound`], read top to bottom.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Request, Response, StatusCode};
+use tokio::time::Instant;
+
+use crate::balance::{PickContext, hash_bytes};
+use crate::connector::ConnectError;
+use crate::http_proxy::{
+    Body, DISCOVERY_WAIT, ERROR_HEADER, Head, Proxy, SendError, forward_upgrade, into_body,
+    is_grpc, is_upgrade, reply, service_from_authority,
+};
+use crate::metrics::{OverflowLabels, UpstreamLabels};
+use crate::replay::ReplayBody;
+use crate::resilience::breaker::Overflow;
+use crate::resilience::retry::{self, Outcome};
+use crate::upstream::HashKey;
+
+/// Response header: how many attempts the request took.
+pub const ATTEMPTS_HEADER: &str = "x-wayfinder-attempts";
+
+/// How an attempt ended: a response to pass on, or an answer of our own.
+enum Attempt {
+    Upstream(Response<Incoming>),
+    Local(StatusCode, &'static str),
+}
+
+/// Balances `req` over `service` (or the service its Host names).
+pub async fn outbound(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    service: Option<Arc<str>>,
+    client: SocketAddr,
+) -> Response<Body> {
+    let grpc = is_grpc(req.headers());
+    let name = match service {
+        Some(s) => s.to_string(),
+        None => match service_from_authority(&req) {
+            Some(s) => s,
+            None => return reply(grpc, StatusCode::BAD_REQUEST, "no-service-in-host"),
+        },
+    };
+    let resp = route(&proxy, req, &name, grpc, client).await;
+    proxy.count("outbound", &name, resp)
+}
+
+async fn route(
+    proxy: &Arc<Proxy>,
+    req: Request<Incoming>,
+    name: &str,
+    grpc: bool,
+    client: SocketAddr,
+) -> Response<Body> {
+    let up = proxy.upstream(name);
+    if !up.wait_ready(DISCOVERY_WAIT).await {
+        return reply(grpc, StatusCode::SERVICE_UNAVAILABLE, "discovery-pending");
+    }
+    let active = up.active();
+    let s = &active.settings;
+    let overflow = |limit: Overflow| {
+        proxy
+            .metrics
+            .overflows
+            .get_or_create(&OverflowLabels {
+                upstream: name.to_string(),
+                limit: limit.label(),
+            })
+            .inc();
+    };
+    let Some(_in_flight) = up.breakers.requests.try_acquire(s.breakers.max_requests) else {
+        overflow(Overflow::Requests);
+        return reply(grpc, StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    };
+
+    // The deadline: the policy's request timeout, or the client's own gRPC
+    // deadline when that is sooner.
+    let started = Instant::now();
+    let grpc_deadline = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(retry::grpc_timeout);
+    let deadline = match (s.timeouts.request, grpc_deadline) {
+        (Some(a), Some(b)) => Some(started + a.min(b)),
+        (a, b) => a.or(b).map(|d| started + d),
+    };
+
+    let ctx = PickContext {
+        key: match &active.hash_key {
+            HashKey::None => None,
+            HashKey::Header(h) => req
+                .headers()
+                .get(h.as_str())
+                .map(|v| hash_bytes(v.as_bytes())),
+            HashKey::ClientIp => Some(match client.ip() {
+                IpAddr::V4(ip) => hash_bytes(&ip.octets()),
+                IpAddr::V6(ip) => hash_bytes(&ip.octets()),
+            }),
+        },
+    };
+    let endpoints = active.balancer.endpoints();
+    let mut picks = active.balancer.pick(&ctx);
+    let clients = up.clients();
+
+    if is_upgrade(&req) {
+        let Some(i) = picks.next() else {
+            return reply(grpc, StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
+        };
+        return forward_upgrade(req, &endpoints[i], &clients).await;
+    }
+
+    let (parts, body) = req.into_parts();
+    let head = Head::new(parts);
+    let limit = if s.retry.max_attempts > 1 {
+        s.retry.max_body
+    } else {
+        0
+    };
+    let body = ReplayBody::new(body, limit);
+    let keeper = body.keeper();
+    let mut body = Some(body);
+    up.budget.deposit();
+    let labels = UpstreamLabels {
+        upstream: name.to_string(),
+    };
+
+    let mut attempt = 0u32;
+    // Held from a retry's backoff to its end: the `max_active_retries` breaker.
+    let mut _retrying = None;
+    loop {
+        attempt += 1;
+        // Each try goes to another endpoint while there are untried ones.
+        let Some(i) = picks.next().or_else(|| {
+            picks = active.balancer.pick(&ctx);
+            picks.next()
+        }) else {
+            return reply(grpc, StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
+        };
+        let ep = &endpoints[i];
+        let Some(this_body) = body.take() else {
+            return reply(grpc, StatusCode::BAD_GATEWAY, "body-not-replayable");
+        };
+        let try_started = Instant::now();
+        let left = deadline.map(|d| d.saturating_duration_since(try_started));
+        let try_limit = match (s.timeouts.per_try, left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sent = proxy.send(
+            &clients,
+            &head,
+            this_body,
+            ep,
+            ep.meshed,
+            ("outbound", name),
+        );
+        let result = match try_limit {
+            Some(t) => tokio::time::timeout(t, sent).await.ok(),
+            None => Some(sent.await),
+        };
+        let (outcome, answer) = match result {
+            None => {
+                // A timed-out try tells the balancer how slow the endpoint is.
+                ep.observe(try_started.elapsed(), std::time::Instant::now());
+                let whole = deadline.is_some_and(|d| Instant::now() >= d);
+                proxy
+                    .metrics
+                    .timeout(name, if whole { "request" } else { "per_try" });
+                (
+                    Outcome::TimedOut,
+                    Attempt::Local(StatusCode::GATEWAY_TIMEOUT, "timeout"),
+                )
+            }
+            Some(Err(e)) => {
+                let (status, reason) = e.reply();
+                let outcome = match &e {
+                    SendError::BadRequest => {
+                        return reply(grpc, status, reason);
+                    }
+                    SendError::Client(c) => match ConnectError::find(c) {
+                        Some(ConnectError::Overflow(o)) => {
+                            overflow(*o);
+                            return reply(grpc, status, reason);
+                        }
+                        Some(ConnectError::Timeout) => {
+                            proxy.metrics.timeout(name, "connect");
+                            Outcome::ConnectFailed
+                        }
+                        Some(_) => Outcome::ConnectFailed,
+                        None if c.is_connect() => Outcome::ConnectFailed,
+                        None => Outcome::Reset,
+                    },
+                };
+                (outcome, Attempt::Local(status, reason))
+            }
+            Some(Ok(resp)) => {
+                // A peer sidecar that could not reach its app: the request
+                // never reached an application, so it is safe to retry.
+                let peer_connect_failed = resp.status() == StatusCode::BAD_GATEWAY
+                    && resp
+                        .headers()
+                        .get(ERROR_HEADER)
+                        .is_some_and(|v| v == "connect-failed");
+                let outcome = if peer_connect_failed {
+                    Outcome::ConnectFailed
+                } else {
+                    retry::classify(resp.status(), resp.headers())
+                };
+                (outcome, Attempt::Upstream(resp))
+            }
+        };
+        up.report(ep, outcome, s);
+
+        if outcome != Outcome::Success
+            && attempt < s.retry.max_attempts
+            && deadline.is_none_or(|d| Instant::now() < d)
+            && retry::retryable(outcome, &head.method, grpc, &s.retry)
+            && keeper.replayable()
+        {
+            if !up
+                .budget
+                .withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec)
+            {
+                proxy.metrics.budget_exhausted.get_or_create(&labels).inc();
+            } else if let Some(permit) = up
+                .breakers
+                .retries
+                .try_acquire(s.breakers.max_active_retries)
+            {
+                _retrying = Some(permit);
+                body = keeper.replay();
+                proxy.metrics.retries.get_or_create(&labels).inc();
+                let mut pause = retry::backoff(attempt, s.retry.backoff_base, s.retry.backoff_max);
+                if let Some(d) = deadline {
+                    pause = pause.min(d.saturating_duration_since(Instant::now()));
+                }
+                drop(answer);
+                if pause > Duration::ZERO {
+                    tokio::time::sleep(pause).await;
+                }
+                continue;
+            } else {
+                overflow(Overflow::Retries);
+            }
+        }
+
+        let mut resp = match answer {
+            Attempt::Upstream(r) => into_body(r),
+            Attempt::Local(status, reason) => reply(grpc, status, reason),
+        };
+        resp.headers_mut()
+            .insert(ATTEMPTS_HEADER, HeaderValue::from(attempt));
+        return resp;
+    }
+}

@@ -1,0 +1,112 @@
+//! Active health checks of upstream endpoints, as nginx's `health_check`
+//! and HAProxy's `check inter fall rise`: for endpoints nobody reports
+//! health for (DNS), or when a policy asks. An endpoint turns unhealthy
+//! after `unhealthy_threshold` failed checks in a row and healthy again
+//! after `healthy_threshold` good ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::register::{Check, probe};
+use crate::settings::HealthCheck;
+use crate::upstream::Upstream;
+
+/// One endpoint's check history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct State {
+    healthy: bool,
+    streak: u32,
+}
+
+impl Default for State {
+    /// New endpoints are trusted until checks say otherwise, so a fresh DNS
+    /// answer takes traffic at once.
+    fn default() -> Self {
+        Self {
+            healthy: true,
+            streak: 0,
+        }
+    }
+}
+
+impl State {
+    /// Records one check; true when the endpoint's health flipped.
+    pub fn record(&mut self, ok: bool, s: &HealthCheck) -> bool {
+        if ok == self.healthy {
+            self.streak = 0;
+            return false;
+        }
+        self.streak += 1;
+        let needed = if ok {
+            s.healthy_threshold
+        } else {
+            s.unhealthy_threshold
+        };
+        if self.streak >= needed {
+            self.healthy = ok;
+            self.streak = 0;
+            return true;
+        }
+        false
+    }
+
+    /// What the checks say.
+    pub fn healthy(&self) -> bool {
+        self.healthy
+    }
+}
+
+/// Idle wait while checks are off for the upstream.
+const OFF_POLL: Duration = Duration::from_secs(1);
+
+/// Checks `up`'s endpoints for as long as the sidecar runs, whenever its
+/// settings turn checks on.
+pub async fn run(up: Arc<Upstream>) {
+    loop {
+        let Some(hc) = up.active().settings.health_check.clone() else {
+            tokio::time::sleep(OFF_POLL).await;
+            continue;
+        };
+        let check = match &hc.http_path {
+            Some(p) => Check::Http(p.clone()),
+            None => Check::Tcp,
+        };
+        let rounds = up.check_targets().into_iter().map(|(id, addr)| {
+            let check = &check;
+            async move {
+                let ok = tokio::time::timeout(hc.timeout, probe(addr, check))
+                    .await
+                    .unwrap_or(false);
+                (id, ok)
+            }
+        });
+        for (id, ok) in futures::future::join_all(rounds).await {
+            up.record_check(&id, ok, &hc);
+        }
+        tokio::time::sleep(hc.interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_and_rise_thresholds() {
+        let s = HealthCheck {
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            ..HealthCheck::default()
+        };
+        let mut st = State::default();
+        assert!(!st.record(false, &s));
+        assert!(!st.record(true, &s), "a good check breaks the streak");
+        assert!(!st.record(false, &s));
+        assert!(!st.record(false, &s));
+        assert!(st.record(false, &s), "third failure in a row");
+        assert!(!st.healthy());
+        assert!(!st.record(true, &s));
+        assert!(st.record(true, &s));
+        assert!(st.healthy());
+    }
+}

@@ -1,0 +1,337 @@
+//! A service's policy resolved into the values the data path uses: every
+//! field filled in from the policy or the sidecar's defaults, durations as
+//! [`Duration`]s. Built once per policy or discovery change (with the
+//! balancer, in `upstream.rs`), never per request.
+//!
+//! The control plane validated the policy already (`wayfinder_proto::policy`);
+//! here 0 means "not set" as on the wire.
+
+use std::time::Duration;
+
+use wayfinder_proto::policy::RetryOn;
+use wayfinder_proto::v1::ServicePolicy;
+
+use crate::discovery::Origin;
+
+/// Sidecar-wide defaults (flags), for fields a policy leaves out.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    /// Connect timeout.
+    pub connect: Duration,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Everything the data path needs to know about one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Retries.
+    pub retry: Retry,
+    /// Passive outlier detection; `None` = off.
+    pub outlier: Option<Outlier>,
+    /// Circuit breakers.
+    pub breakers: Breakers,
+    /// Active health checks for the endpoints in use; `None` = off.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Timeouts; `None` = unbounded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    /// Establishing a connection to an endpoint.
+    pub connect: Duration,
+    /// One attempt, up to the response headers.
+    pub per_try: Option<Duration>,
+    /// The whole request with its retries, up to the response headers.
+    pub request: Option<Duration>,
+    /// Pooled connections to endpoints are closed after this long unused.
+    pub idle: Duration,
+    /// A client of an explicit `--upstream` listener must send complete
+    /// request headers within this time.
+    pub header_read: Duration,
+}
+
+/// Default idle timeout of pooled connections.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(90);
+/// Default header read timeout (hyper's, and close to nginx's 60 s).
+pub const DEFAULT_HEADER_READ: Duration = Duration::from_secs(30);
+
+/// Retry settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    /// Attempts including the first.
+    pub max_attempts: u32,
+    /// Conditions that allow a retry.
+    pub on: Vec<RetryOn>,
+    /// Retry non-idempotent methods too.
+    pub non_idempotent: bool,
+    /// Largest request body kept for replay.
+    pub max_body: usize,
+    /// First backoff.
+    pub backoff_base: Duration,
+    /// Largest backoff.
+    pub backoff_max: Duration,
+    /// Retries as a share of requests (over the budget's window).
+    pub budget_ratio: f64,
+    /// Retries always allowed per second.
+    pub budget_min_per_sec: u32,
+}
+
+/// Default retry conditions: the request never reached an app, the
+/// connection broke, or a gateway error came back. Each applies to
+/// idempotent methods only, except connect failures, which are safe for any
+/// request since nothing was sent.
+pub const DEFAULT_RETRY_ON: [RetryOn; 3] = [
+    RetryOn::ConnectFailure,
+    RetryOn::Reset,
+    RetryOn::GatewayError,
+];
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            on: DEFAULT_RETRY_ON.to_vec(),
+            non_idempotent: false,
+            max_body: 64 * 1024,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            budget_ratio: 0.2,
+            budget_min_per_sec: 10,
+        }
+    }
+}
+
+impl Retry {
+    /// Whether `cond` is one of the retry conditions.
+    pub fn allows(&self, cond: RetryOn) -> bool {
+        self.on.contains(&cond)
+    }
+}
+
+/// Passive outlier detection settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outlier {
+    /// Consecutive failures before ejection.
+    pub consecutive_failures: u32,
+    /// Consecutive gateway errors before ejection; `None` = only failures count.
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Base ejection time, times the endpoint's ejection count.
+    pub base_ejection: Duration,
+    /// Longest ejection.
+    pub max_ejection: Duration,
+    /// Most endpoints ejected at once, in percent.
+    pub max_ejection_percent: u32,
+}
+
+/// Circuit breaker limits; `None` = unlimited.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Breakers {
+    /// Open connections to the service's endpoints.
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection.
+    pub max_pending: Option<u32>,
+    /// Requests in flight.
+    pub max_requests: Option<u32>,
+    /// Retries in flight.
+    pub max_active_retries: Option<u32>,
+}
+
+/// Active health check settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    /// HTTP path to GET; `None` = TCP connect.
+    pub http_path: Option<String>,
+    /// Time between rounds.
+    pub interval: Duration,
+    /// Time one check may take.
+    pub timeout: Duration,
+    /// Successes before an unhealthy endpoint is healthy again.
+    pub healthy_threshold: u32,
+    /// Failures before a healthy endpoint is unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    /// HAProxy's `check inter 2s rise 2 fall 3`, with a 1 s timeout.
+    fn default() -> Self {
+        Self {
+            http_path: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
+fn ms(v: u32) -> Option<Duration> {
+    (v != 0).then(|| Duration::from_millis(v.into()))
+}
+
+fn n(v: u32) -> Option<u32> {
+    (v != 0).then_some(v)
+}
+
+impl Settings {
+    /// Resolves `policy` for endpoints that come from `origin`.
+    pub fn resolve(policy: Option<&ServicePolicy>, origin: Origin, defaults: &Defaults) -> Self {
+        let t = policy.and_then(|p| p.timeouts.as_ref());
+        let timeouts = Timeouts {
+            connect: t.and_then(|t| ms(t.connect_ms)).unwrap_or(defaults.connect),
+            per_try: t.and_then(|t| ms(t.per_try_ms)),
+            request: t.and_then(|t| ms(t.request_ms)),
+            idle: t.and_then(|t| ms(t.idle_ms)).unwrap_or(DEFAULT_IDLE),
+            header_read: t
+                .and_then(|t| ms(t.header_read_ms))
+                .unwrap_or(DEFAULT_HEADER_READ),
+        };
+        let mut retry = Retry::default();
+        if let Some(r) = policy.and_then(|p| p.retries.as_ref()) {
+            retry.max_attempts = n(r.max_attempts).unwrap_or(retry.max_attempts);
+            let on: Vec<_> = r
+                .retry_on
+                .iter()
+                .filter_map(|c| RetryOn::parse(c).ok())
+                .collect();
+            if !on.is_empty() {
+                retry.on = on;
+            }
+            retry.non_idempotent = r.retry_non_idempotent;
+            if r.max_body_bytes != 0 {
+                retry.max_body = r.max_body_bytes as usize;
+            }
+            retry.backoff_base = ms(r.backoff_base_ms).unwrap_or(retry.backoff_base);
+            retry.backoff_max = ms(r.backoff_max_ms)
+                .unwrap_or(retry.backoff_max)
+                .max(retry.backoff_base);
+            if r.budget_ratio > 0.0 {
+                retry.budget_ratio = r.budget_ratio;
+            }
+            retry.budget_min_per_sec = n(r.budget_min_per_sec).unwrap_or(retry.budget_min_per_sec);
+        }
+        let outlier = policy.and_then(|p| p.outlier.as_ref()).map(|o| {
+            let base = ms(o.base_ejection_ms).unwrap_or(Duration::from_secs(30));
+            Outlier {
+                consecutive_failures: n(o.consecutive_failures).unwrap_or(5),
+                consecutive_gateway_errors: n(o.consecutive_gateway_errors),
+                base_ejection: base,
+                max_ejection: ms(o.max_ejection_ms)
+                    .unwrap_or(Duration::from_secs(300))
+                    .max(base),
+                max_ejection_percent: n(o.max_ejection_percent).unwrap_or(50),
+            }
+        });
+        let breakers = policy
+            .and_then(|p| p.circuit_breakers.as_ref())
+            .map(|c| Breakers {
+                max_connections: n(c.max_connections),
+                max_pending: n(c.max_pending_requests),
+                max_requests: n(c.max_requests),
+                max_active_retries: n(c.max_active_retries),
+            })
+            .unwrap_or_default();
+        // The control plane reports mesh endpoints' health; checking them
+        // again from every sidecar would multiply probe traffic by the
+        // number of clients, so that needs the policy to ask. DNS gives no
+        // health at all, so checks are on unless the policy turns them off.
+        let health_check = match (policy.and_then(|p| p.health_check.as_ref()), origin) {
+            (Some(h), _) if !h.enabled => None,
+            (Some(h), _) => {
+                let d = HealthCheck::default();
+                let interval = ms(h.interval_ms).unwrap_or(d.interval);
+                Some(HealthCheck {
+                    http_path: (!h.http_path.is_empty()).then(|| h.http_path.clone()),
+                    interval,
+                    timeout: ms(h.timeout_ms).unwrap_or(d.timeout.min(interval)),
+                    healthy_threshold: n(h.healthy_threshold).unwrap_or(d.healthy_threshold),
+                    unhealthy_threshold: n(h.unhealthy_threshold).unwrap_or(d.unhealthy_threshold),
+                })
+            }
+            (None, Origin::Dns) => Some(HealthCheck::default()),
+            (None, Origin::Mesh) => None,
+        };
+        Self {
+            timeouts,
+            retry,
+            outlier,
+            breakers,
+            health_check,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wayfinder_proto::v1;
+
+    #[test]
+    fn no_policy_gives_the_documented_defaults() {
+        let s = Settings::resolve(None, Origin::Mesh, &Defaults::default());
+        assert_eq!(s.timeouts.connect, Duration::from_secs(1));
+        assert_eq!(s.timeouts.per_try, None);
+        assert_eq!(s.retry, Retry::default());
+        assert_eq!(s.outlier, None);
+        assert_eq!(s.breakers, Breakers::default());
+        assert_eq!(s.health_check, None, "mesh endpoints have health already");
+        let dns = Settings::resolve(None, Origin::Dns, &Defaults::default());
+        assert_eq!(dns.health_check, Some(HealthCheck::default()));
+    }
+
+    #[test]
+    fn policy_fields_override_defaults_and_zero_means_unset() {
+        let p = v1::ServicePolicy {
+            service: "web".into(),
+            timeouts: Some(v1::Timeouts {
+                per_try_ms: 200,
+                ..Default::default()
+            }),
+            retries: Some(v1::RetryPolicy {
+                max_attempts: 5,
+                retry_on: vec!["503".into()],
+                retry_non_idempotent: true,
+                budget_ratio: 0.5,
+                ..Default::default()
+            }),
+            outlier: Some(v1::OutlierDetection {
+                consecutive_gateway_errors: 3,
+                base_ejection_ms: 1000,
+                ..Default::default()
+            }),
+            circuit_breakers: Some(v1::CircuitBreakers {
+                max_requests: 2,
+                ..Default::default()
+            }),
+            health_check: Some(v1::HealthCheck {
+                enabled: false,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = Settings::resolve(Some(&p), Origin::Dns, &Defaults::default());
+        assert_eq!(s.timeouts.per_try, Some(Duration::from_millis(200)));
+        assert_eq!(s.timeouts.connect, Duration::from_secs(1));
+        assert_eq!(s.retry.max_attempts, 5);
+        assert_eq!(s.retry.on, vec![RetryOn::Unavailable503]);
+        assert!(s.retry.non_idempotent);
+        assert_eq!(s.retry.budget_ratio, 0.5);
+        assert_eq!(s.retry.budget_min_per_sec, 10);
+        let o = s.outlier.expect("on");
+        assert_eq!(o.consecutive_gateway_errors, Some(3));
+        assert_eq!(o.consecutive_failures, 5);
+        assert_eq!(o.base_ejection, Duration::from_secs(1));
+        assert_eq!(o.max_ejection, Duration::from_secs(300));
+        assert_eq!(s.breakers.max_requests, Some(2));
+        assert_eq!(s.breakers.max_connections, None);
+        assert_eq!(s.health_check, None, "the policy turned checks off");
+    }
+}

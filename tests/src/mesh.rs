@@ -1,0 +1,132 @@
+//! A loopback lab for end-to-end tests: lab-apps with their sidecars
+//! registered with a real control plane, and client-only sidecars.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::{ControlPlane, Process, wfctl};
+
+/// One lab instance: a lab-app and its sidecar.
+pub struct Instance {
+    /// The app.
+    pub app: Process,
+    /// Where the app listens.
+    pub app_addr: SocketAddr,
+    /// Its sidecar.
+    pub sidecar: Process,
+}
+
+/// Starts a lab-app on a free loopback port.
+pub fn lab_app(name: &str) -> Result<(Process, SocketAddr)> {
+    let p = Process::start(
+        "lab-app",
+        &["--listen", "127.0.0.1:0", "--name", name],
+        "listening on",
+    )?;
+    let addr = p.addr("on ")?;
+    Ok((p, addr))
+}
+
+/// Starts a sidecar for `app` as instance `name` of `service`.
+pub fn sidecar(
+    cp: &ControlPlane,
+    service: &str,
+    name: &str,
+    app: SocketAddr,
+    check: &str,
+) -> Result<Process> {
+    let app = app.to_string();
+    let url = cp.url();
+    Process::start(
+        "wf-proxy",
+        &[
+            "--control-plane",
+            &url,
+            "--service",
+            service,
+            "--instance",
+            name,
+            "--app",
+            &app,
+            "--inbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--health-check",
+            check,
+            "--health-interval",
+            "200ms",
+            "--drain-timeout",
+            "2s",
+        ],
+        "wf-proxy listening",
+    )
+}
+
+/// A `web` instance: lab-app plus sidecar checking `/healthz`.
+pub fn instance(cp: &ControlPlane, name: &str) -> Result<Instance> {
+    let (app, app_addr) = lab_app(name)?;
+    let sidecar = sidecar(cp, "web", name, app_addr, "/healthz")?;
+    Ok(Instance {
+        app,
+        app_addr,
+        sidecar,
+    })
+}
+
+/// A client-only sidecar with an explicit `web` listener and a Host-routed one.
+pub fn client(cp: &ControlPlane, extra: &[&str]) -> Result<(Process, SocketAddr, SocketAddr)> {
+    let url = cp.url();
+    let mut args = vec![
+        "--control-plane",
+        &url,
+        "--admin",
+        "127.0.0.1:0",
+        "--outbound",
+        "127.0.0.1:0",
+        "--upstream",
+        "web=127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let p = Process::start("wf-proxy", &args, "wf-proxy listening")?;
+    let web = p.addr("upstreams=web=")?;
+    let outbound = p.addr("outbound=")?;
+    Ok((p, web, outbound))
+}
+
+/// Waits until the control plane lists `want` serving instances of `service`.
+pub async fn wait_serving(cp: &ControlPlane, service: &str, want: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, _) = wfctl(cp, &["-o", "json", "endpoints", service])?;
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(out.trim())?;
+            let serving = v["endpoints"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|e| e["health"] == "serving").count());
+            if serving == want {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{service} did not reach {want} serving instances: {out}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `instance` field of a lab-app answer.
+pub fn instance_of(body: &str) -> String {
+    body.split("\"instance\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// GET on a sidecar's admin listener.
+pub async fn admin_get(p: &Process, path: &str) -> Result<(u16, String)> {
+    crate::http_get(p.addr("admin=")?, path).await
+}
