@@ -7,7 +7,8 @@
 //! others, then makes `changes` changes to the hot service at a fixed rate.
 //! Writes a markdown report and an SVG CDF under `bench/results/`.
 
-mod svg;
+use wayfinder_bench::machine::{self, rss_mib};
+use wayfinder_bench::svg;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -113,19 +114,6 @@ fn start(bin: &PathBuf) -> Result<ControlPlane> {
 }
 
 /// (current RSS, peak RSS) in MiB from /proc.
-fn rss_mib(pid: u32) -> (f64, f64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = |key: &str| {
-        text.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    (kb("VmRSS:"), kb("VmHWM:"))
-}
-
 fn svc(i: u32) -> String {
     format!("svc-{i:03}")
 }
@@ -321,24 +309,12 @@ async fn main() -> Result<()> {
     all_watchers.sort_by(f64::total_cmp);
 
     // 4. Report.
-    let date = Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let date = machine::date();
+    let machine = machine::describe();
     let svg_name = format!("push-{date}.svg");
     let md = format!(
         "# Control-plane push benchmark ({date})\n\n\
-Machine: {cpu}, {cores} cores, Linux {kernel_t}. wf-control (release build) and the load generator share the machine.\n\n\
+Machine: {machine}. wf-control (release build) and the load generator share the machine.\n\n\
 Setup: {services} services × {endpoints} endpoints = {total} static endpoints; {watchers} watch streams, each on its own \
 TCP connection, watching the hot service plus {others} random others; {changes} changes (add / remove an endpoint of the \
 hot service) at {rate}/s. Latency is measured in the load generator from sending the change RPC to receiving the event, \
@@ -356,7 +332,6 @@ so it includes the RPC, the durable write to the store and the fan-out to every 
 | wf-control peak RSS | {rss_peak:.1} MiB | ≤ 200 MB |\n\n\
 ![latency CDF]({svg_name})\n\n\
 Reproduce: `bash bench/push.sh` (or `cargo run --release -p wayfinder-bench --bin push-bench -- --help`).\n",
-        kernel_t = kernel.trim(),
         services = args.services,
         endpoints = args.endpoints,
         watchers = args.watchers,

@@ -217,6 +217,13 @@ async fn route(
                 (outcome, Attempt::Upstream(resp))
             }
         };
+        if matches!(outcome, Outcome::ConnectFailed | Outcome::Reset) {
+            // A failure costs the endpoint as much as the slowest answer we
+            // would wait for, so latency-aware balancers stop preferring a
+            // dead endpoint whose failures are instant (and so look fast).
+            let penalty = s.timeouts.per_try.unwrap_or(s.timeouts.connect);
+            ep.observe(penalty, std::time::Instant::now());
+        }
         up.report(ep, outcome, s);
 
         if outcome != Outcome::Success

@@ -406,7 +406,6 @@ impl Upstream {
     fn rebuild(&self, inner: &Inner) {
         let origin = self.origin();
         let set = &inner.sets[origin.index()];
-        self.ready.send_replace(set.answered);
         let policy = inner.policy.clone();
         let settings = Settings::resolve(policy.as_ref(), origin, &self.defaults);
         let checked = settings.health_check.is_some();
@@ -449,6 +448,8 @@ impl Upstream {
             settings,
         };
         *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
+        // Only now: a request woken by readiness must find the new balancer.
+        self.ready.send_replace(set.answered);
     }
 
     /// What the sidecar believes now, for `/endpoints`.

@@ -86,9 +86,10 @@ async fn killing_a_backend_midway_fails_no_request() -> Result<()> {
         let failed = report.failed();
         assert!(
             failed.is_empty(),
-            "{} failed, e.g. {:?}",
+            "{} failed, e.g. {:?}\n{}",
             failed.len(),
-            &failed[..failed.len().min(5)]
+            &failed[..failed.len().min(5)],
+            client.log_text()
         );
         let after_kill: usize = report
             .samples
@@ -276,7 +277,7 @@ async fn consecutive_errors_eject_an_endpoint_that_returns_after_its_time() -> R
         apply(
             &cp,
             &dir,
-            "[services.web]\nbalancer = \"round-robin\"\n[services.web.retries]\nmax_attempts = 1\n[services.web.outlier]\nconsecutive_gateway_errors = 3\nbase_ejection = \"1s\"\n",
+            "[services.web]\nbalancer = \"round-robin\"\n[services.web.retries]\nmax_attempts = 1\n[services.web.outlier]\nconsecutive_gateway_errors = 3\nbase_ejection = \"2s\"\n",
         )?;
         let lab = lab(&cp, 3).await?;
         fault(lab[0].app_addr, "?fail=1").await?;
@@ -297,7 +298,7 @@ async fn consecutive_errors_eject_an_endpoint_that_returns_after_its_time() -> R
             assert_eq!(status, 200);
         }
         assert_eq!(served(lab[0].app_addr).await?, 3);
-        assert!(ejected_at.elapsed() < Duration::from_millis(900), "the check above ran within the ejection");
+        assert!(ejected_at.elapsed() < Duration::from_millis(1800), "the check above ran within the ejection");
 
         // Healed; after its base ejection time real traffic reaches it again.
         fault(lab[0].app_addr, "/reset").await?;
@@ -366,13 +367,13 @@ async fn timeouts_answer_504_and_honour_grpc_deadlines_and_cut_slow_headers() ->
         apply(
             &cp,
             &dir,
-            "[services.web.timeouts]\nrequest = \"300ms\"\nheader_read = \"300ms\"\n[services.web.retries]\nmax_attempts = 1\n",
+            "[services.web.timeouts]\nrequest = \"1s\"\nheader_read = \"300ms\"\n[services.web.retries]\nmax_attempts = 1\n",
         )?;
         let lab = lab(&cp, 1).await?;
-        fault(lab[0].app_addr, "?delay_ms=2000").await?;
+        fault(lab[0].app_addr, "?delay_ms=5000").await?;
         let (client, web, _) = client(&cp, &[])?;
         wait_endpoints(&client, "web and its policy", |e| {
-            e.contains("web-1") && e.contains("\"request_ms\":300")
+            e.contains("web-1") && e.contains("\"request_ms\":1000")
         })
         .await?;
 
@@ -381,7 +382,7 @@ async fn timeouts_answer_504_and_honour_grpc_deadlines_and_cut_slow_headers() ->
         assert_eq!(status, 504);
         assert!(head.contains("x-wayfinder-error: timeout"), "{head}");
         let took = started.elapsed();
-        assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1500), "{took:?}");
+        assert!(took >= Duration::from_millis(1000) && took < Duration::from_millis(2500), "{took:?}");
 
         // gRPC: the client's 100 ms deadline is sooner than the policy's.
         let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -397,7 +398,7 @@ async fn timeouts_answer_504_and_honour_grpc_deadlines_and_cut_slow_headers() ->
         let took = started.elapsed();
         assert_eq!(resp.status(), 200, "gRPC errors travel as grpc-status");
         assert_eq!(resp.headers().get("grpc-status").map(|v| v.as_bytes()), Some(&b"4"[..]), "DEADLINE_EXCEEDED");
-        assert!(took >= Duration::from_millis(100) && took < Duration::from_millis(290), "{took:?}");
+        assert!(took >= Duration::from_millis(100) && took < Duration::from_millis(900), "{took:?}");
 
         // Slowloris: headers that never finish are cut off.
         let mut s = tokio::net::TcpStream::connect(web).await?;

@@ -1,0 +1,5 @@
+//! Shared parts of Wayfinder's benchmark programs: plots and the machine
+//! description every report starts with.
+
+pub mod machine;
+pub mod svg;
