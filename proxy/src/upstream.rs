@@ -645,4 +645,59 @@ mod tests {
         }));
         assert_eq!(u.active().hash_key, HashKey::Header("x-user".into()));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_takes_an_endpoint_out_never_all_and_brings_it_back() {
+        let u = up(Kind::RoundRobin);
+        u.apply(
+            Origin::Mesh,
+            Update::Reset(vec![d("a", 1, true), d("b", 2, true), d("c", 3, true)]),
+        );
+        u.set_policy(Some(ServicePolicy {
+            service: "web".into(),
+            outlier: Some(wayfinder_proto::v1::OutlierDetection {
+                consecutive_failures: 2,
+                base_ejection_ms: 1000,
+                max_ejection_percent: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }));
+        let s = u.active().settings.clone();
+        let ep = |id: &str| {
+            u.active()
+                .balancer
+                .endpoints()
+                .iter()
+                .find(|e| &*e.id == id)
+                .cloned()
+                .expect("in rotation")
+        };
+        let (a, b) = (ep("a"), ep("b"));
+        u.report(&a, Outcome::Reset, &s);
+        assert_eq!(ids(&u), ["a", "b", "c"], "one failure is not enough");
+        u.report(&a, Outcome::Reset, &s);
+        assert_eq!(ids(&u), ["b", "c"]);
+        u.report(&b, Outcome::ConnectFailed, &s);
+        u.report(&b, Outcome::ConnectFailed, &s);
+        assert_eq!(ids(&u), ["c"], "100% allows all but the last");
+        let c = ep("c");
+        u.report(&c, Outcome::ConnectFailed, &s);
+        u.report(&c, Outcome::ConnectFailed, &s);
+        assert_eq!(ids(&u), ["c"], "never the last one");
+
+        tokio::time::sleep(Duration::from_millis(1001)).await;
+        assert_eq!(
+            ids(&u),
+            ["a", "b", "c"],
+            "back after the base ejection time"
+        );
+        // On probation: one more failure ejects again, for twice as long.
+        u.report(&a, Outcome::Reset, &s);
+        assert_eq!(ids(&u), ["b", "c"]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(ids(&u), ["b", "c"]);
+        tokio::time::sleep(Duration::from_millis(501)).await;
+        assert_eq!(ids(&u), ["a", "b", "c"]);
+    }
 }
