@@ -57,6 +57,9 @@ pub async fn run(channel: Channel, upstream: Arc<Upstream>, node: String) {
                     attempt = 0;
                     match event.kind {
                         Some(Kind::Snapshot(s)) => {
+                            // Policy first: requests woken by the first
+                            // endpoints must already see it.
+                            upstream.set_policy(s.policy);
                             let eps: Vec<_> = s.endpoints.iter().filter_map(discovered).collect();
                             upstream.apply(
                                 Origin::Mesh,
@@ -66,7 +69,6 @@ pub async fn run(channel: Channel, upstream: Arc<Upstream>, node: String) {
                                     Update::Reset(eps)
                                 },
                             );
-                            upstream.set_policy(s.policy);
                         }
                         Some(Kind::Delta(d)) => {
                             if d.prev_version != last_version {
