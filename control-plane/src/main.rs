@@ -50,7 +50,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    wayfinder_proto::server::init_logs(&args.log_format);
+    wayfinder_proto::server::init_logs(&args.log_format, Vec::new());
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

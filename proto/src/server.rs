@@ -5,20 +5,28 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prometheus_client::registry::Registry;
 
+/// A layer a binary adds next to the logs (e.g. span export).
+pub type ExtraLayer =
+    Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
 /// Logs to stderr, filtered by `WAYFINDER_LOG` (default `info`), human or
-/// JSON; colours only on a terminal.
-pub fn init_logs(format: &str) {
+/// JSON; colours only on a terminal. `extra` layers keep their own filters,
+/// so exported spans do not depend on the log level.
+pub fn init_logs(format: &str, extra: Vec<ExtraLayer>) {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("WAYFINDER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
+    let fmt: ExtraLayer = if format == "json" {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        builder.init();
-    }
+        fmt.with_filter(filter).boxed()
+    };
+    let mut layers = extra;
+    layers.push(fmt);
+    tracing_subscriber::registry().with(layers).init();
 }
 
 /// `registry` in the OpenMetrics text format.

@@ -26,6 +26,7 @@ use crate::metrics::{LatencyLabels, ProxyMetrics, RequestLabels, status_class};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Breakers;
 use crate::settings::{Defaults, Settings};
+use crate::telemetry;
 use crate::upstream::{Clients, Upstream, Upstreams};
 
 /// Response body type of the proxy.
@@ -48,6 +49,8 @@ pub struct Proxy {
     /// The local app as an endpoint (its stats live as long as the sidecar).
     app: Option<Arc<EndpointStats>>,
     app_clients: Clients,
+    /// This sidecar's service (span names) and whether to log each request.
+    pub local: Local,
     /// Metrics.
     pub metrics: ProxyMetrics,
 }
@@ -214,6 +217,15 @@ impl Head {
     }
 }
 
+/// What a sidecar knows about itself that requests need.
+#[derive(Debug, Clone, Default)]
+pub struct Local {
+    /// The service of the app it fronts (`client` for a client-only sidecar).
+    pub service: String,
+    /// Log one line per request.
+    pub access_log: bool,
+}
+
 /// One attempt failed before response headers.
 #[derive(Debug)]
 pub enum SendError {
@@ -230,6 +242,7 @@ impl Proxy {
         default_kind: Kind,
         app: Option<SocketAddr>,
         defaults: Defaults,
+        local: Local,
         metrics: ProxyMetrics,
     ) -> Arc<Self> {
         let app_limits = Arc::new(Limits::default());
@@ -245,6 +258,7 @@ impl Proxy {
             defaults,
             app: app.map(|a| EndpointStats::new("app", a, 1)),
             app_clients,
+            local,
             metrics,
         })
     }
@@ -279,11 +293,21 @@ impl Proxy {
         if req.headers_mut().remove(ORIG_PROTO).is_some() {
             *req.version_mut() = Version::HTTP_11;
         }
+        let started = Instant::now();
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let span = telemetry::span(
+            telemetry::Kind::Server,
+            &self.local.service,
+            method.as_str(),
+            &path,
+            req.headers(),
+        );
         let resp = if is_upgrade(&req) {
             forward_upgrade(req, &app, &self.app_clients).await
         } else {
             let (parts, body) = req.into_parts();
-            let head = Head::new(parts);
+            let mut head = Head::new(parts);
+            telemetry::inject(&span, &mut head.headers);
             match self
                 .send(
                     &self.app_clients,
@@ -302,7 +326,43 @@ impl Proxy {
                 }
             }
         };
-        self.count("inbound", "app", resp)
+        self.finish("inbound", "app", &span, (&method, &path), started, resp)
+    }
+
+    /// Ends a request: its span, the access log line and the request counter.
+    pub fn finish(
+        &self,
+        direction: &'static str,
+        upstream: &str,
+        span: &tracing::Span,
+        (method, path): (&Method, &str),
+        started: Instant,
+        resp: Response<Body>,
+    ) -> Response<Body> {
+        let status = resp.status().as_u16();
+        let error = resp
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok());
+        telemetry::finish(span, status, error);
+        if self.local.access_log {
+            tracing::info!(
+                target: "wayfinder::access",
+                direction,
+                upstream,
+                method = method.as_str(),
+                path,
+                status,
+                error = error.unwrap_or("-"),
+                attempts = resp
+                    .headers()
+                    .get(crate::outbound::ATTEMPTS_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-"),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+            );
+        }
+        self.count(direction, upstream, resp)
     }
 
     /// Counts a finished request.

@@ -14,4 +14,5 @@ pub mod register;
 pub mod replay;
 pub mod resilience;
 pub mod settings;
+pub mod telemetry;
 pub mod upstream;

@@ -15,11 +15,12 @@ use wayfinder_proto::v1::{Health, Instance, Protocol};
 use wayfinder_proxy::admin;
 use wayfinder_proxy::balance::Kind;
 use wayfinder_proxy::discovery::{Origin, Sources, dns};
-use wayfinder_proxy::http_proxy::Proxy;
+use wayfinder_proxy::http_proxy::{Local, Proxy};
 use wayfinder_proxy::listener::{self, Listener, Open, Role};
 use wayfinder_proxy::metrics::ProxyMetrics;
 use wayfinder_proxy::register::{self, Check};
 use wayfinder_proxy::settings::Defaults;
+use wayfinder_proxy::telemetry;
 
 /// Wayfinder sidecar proxy.
 #[derive(Parser, Debug)]
@@ -88,6 +89,22 @@ struct Args {
     /// Log format.
     #[arg(long, env = "WAYFINDER_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     log_format: String,
+    /// Log one line per request (target `wayfinder::access`).
+    #[arg(long, env = "WAYFINDER_ACCESS_LOG")]
+    access_log: bool,
+    /// OTLP/gRPC collector for spans (Jaeger: http://HOST:4317); no spans without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0 to 1 (a caller's decision in `traceparent` is kept).
+    #[arg(long, env = "WAYFINDER_TRACE_SAMPLING", default_value_t = 1.0, value_parser = sampling)]
+    trace_sampling: f64,
+}
+
+fn sampling(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share: use 0 to 1")),
+    }
 }
 
 /// One `--upstream NAME[:PORT]=ADDR`.
@@ -135,8 +152,42 @@ fn balancer(s: &str) -> Result<Kind, String> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    wayfinder_proto::server::init_logs(&args.log_format);
-    match run(args).await {
+    let mut prom = Registry::default();
+    let metrics = ProxyMetrics::register(&mut prom);
+    let node = args
+        .instance
+        .clone()
+        .or_else(|| {
+            args.service
+                .as_ref()
+                .map(|s| format!("{s}-{}", std::process::id()))
+        })
+        .unwrap_or_else(|| format!("client-{}", std::process::id()));
+    let mut layers = Vec::new();
+    let mut exporter = None;
+    if let Some(endpoint) = &args.otlp_endpoint {
+        let cfg = telemetry::Config {
+            endpoint: endpoint.clone(),
+            sampling: args.trace_sampling,
+            service: args.service.clone().unwrap_or_else(|| "client".into()),
+            instance: node.clone(),
+        };
+        match telemetry::init(&cfg, metrics.spans.clone()) {
+            Ok((layer, t)) => {
+                layers.push(layer);
+                exporter = Some(t);
+            }
+            Err(e) => {
+                eprintln!("wf-proxy: --otlp-endpoint {endpoint:?}: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    wayfinder_proto::server::init_logs(&args.log_format, layers);
+    let result = run(args, prom, metrics, node).await;
+    // Flush the last spans; the SDK blocks, and exports need the runtime.
+    let _ = tokio::task::spawn_blocking(move || drop(exporter)).await;
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wf-proxy: {e:#}");
@@ -151,7 +202,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
         .with_context(|| format!("binding the {what} listener on {addr}"))
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) -> Result<()> {
     if args.app.is_some() && args.service.is_none() {
         bail!("--app needs --service: the app is registered as an instance of it");
     }
@@ -168,17 +219,6 @@ async fn run(args: Args) -> Result<()> {
         .keep_alive_timeout(Duration::from_secs(5))
         .connect_lazy();
 
-    let mut prom = Registry::default();
-    let metrics = ProxyMetrics::register(&mut prom);
-    let node = args
-        .instance
-        .clone()
-        .or_else(|| {
-            args.service
-                .as_ref()
-                .map(|s| format!("{s}-{}", std::process::id()))
-        })
-        .unwrap_or_else(|| format!("client-{}", std::process::id()));
     let default_origin = if args.discovery == "dns" {
         Origin::Dns
     } else {
@@ -210,6 +250,10 @@ async fn run(args: Args) -> Result<()> {
         args.app,
         Defaults {
             connect: args.connect_timeout,
+        },
+        Local {
+            service: args.service.clone().unwrap_or_else(|| "client".into()),
+            access_log: args.access_log,
         },
         metrics,
     );

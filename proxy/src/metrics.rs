@@ -126,6 +126,8 @@ pub struct ProxyMetrics {
     pub overflows: Family<OverflowLabels, Counter>,
     /// Endpoints that active health checks turned healthy or unhealthy.
     pub health_transitions: Family<HealthLabels, Counter>,
+    /// Spans exported and dropped.
+    pub spans: crate::telemetry::ExportCounters,
 }
 
 impl ProxyMetrics {
@@ -146,6 +148,7 @@ impl ProxyMetrics {
             ejections: Family::default(),
             overflows: Family::default(),
             health_transitions: Family::default(),
+            spans: crate::telemetry::ExportCounters::default(),
         };
         reg.register(
             "wayfinder_proxy_requests",
@@ -206,6 +209,16 @@ impl ProxyMetrics {
             "wayfinder_proxy_health_transitions",
             "Endpoints turned healthy or unhealthy by active health checks",
             m.health_transitions.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_spans_exported",
+            "Trace spans accepted by the OTLP collector",
+            m.spans.exported.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_spans_dropped",
+            "Trace spans dropped because their export failed (collector away or slow)",
+            m.spans.dropped.clone(),
         );
         m
     }

@@ -22,6 +22,7 @@ use crate::metrics::{OverflowLabels, UpstreamLabels};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Overflow;
 use crate::resilience::retry::{self, Outcome};
+use crate::telemetry;
 use crate::upstream::HashKey;
 
 /// Response header: how many attempts the request took.
@@ -48,8 +49,17 @@ pub async fn outbound(
             None => return reply(grpc, StatusCode::BAD_REQUEST, "no-service-in-host"),
         },
     };
-    let resp = route(&proxy, req, &name, grpc, client).await;
-    proxy.count("outbound", &name, resp)
+    let started = std::time::Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let span = telemetry::span(
+        telemetry::Kind::Client,
+        &name,
+        method.as_str(),
+        &path,
+        req.headers(),
+    );
+    let resp = route(&proxy, req, &name, grpc, client, &span).await;
+    proxy.finish("outbound", &name, &span, (&method, &path), started, resp)
 }
 
 async fn route(
@@ -58,6 +68,7 @@ async fn route(
     name: &str,
     grpc: bool,
     client: SocketAddr,
+    span: &tracing::Span,
 ) -> Response<Body> {
     let up = proxy.upstream(name);
     if !up.wait_ready(DISCOVERY_WAIT).await {
@@ -118,7 +129,9 @@ async fn route(
     }
 
     let (parts, body) = req.into_parts();
-    let head = Head::new(parts);
+    let mut head = Head::new(parts);
+    // The next hop's span is a child of this request's client span.
+    telemetry::inject(span, &mut head.headers);
     let limit = if s.retry.max_attempts > 1 {
         s.retry.max_body
     } else {
@@ -265,6 +278,11 @@ async fn route(
         };
         resp.headers_mut()
             .insert(ATTEMPTS_HEADER, HeaderValue::from(attempt));
+        if !span.is_none() {
+            span.record("wayfinder.endpoint", &*ep.id);
+            span.record("wayfinder.attempts", attempt);
+            span.record("wayfinder.retries", attempt - 1);
+        }
         return resp;
     }
 }

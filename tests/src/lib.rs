@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod load;
 pub mod mesh;
+pub mod otlp;
 use tonic::transport::Channel;
 
 /// Upper bound for any single end-to-end test.

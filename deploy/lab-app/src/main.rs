@@ -8,6 +8,9 @@
 //! GET  /fault            the faults in force and how many requests were served
 //! POST /fault?fail=0.3&delay_ms=200&healthy=false   change the faults (any subset)
 //! POST /fault/reset      back to normal
+//! GET  /chain?to=api     calls service `api` through the sidecar's outbound
+//!                        listener (`--outbound`), passing `traceparent` on,
+//!                        and answers with both instances
 //! ```
 //! Any other path answers like `/`, so it can stand in for any API.
 
@@ -17,11 +20,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::{Query, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bytes::Bytes;
 use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 /// The lab's test service.
@@ -34,6 +41,9 @@ struct Args {
     /// Instance name reported in every answer.
     #[arg(long, env = "LAB_APP_NAME", default_value = "lab-app")]
     name: String,
+    /// The sidecar's Host-routed outbound listener, for `/chain`.
+    #[arg(long, env = "LAB_APP_OUTBOUND")]
+    outbound: Option<SocketAddr>,
 }
 
 #[derive(Default)]
@@ -48,6 +58,69 @@ struct App {
     name: String,
     count: AtomicU64,
     faults: Faults,
+    outbound: Option<SocketAddr>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+#[derive(Deserialize)]
+struct ChainQuery {
+    to: String,
+}
+
+/// Calls `to` through the sidecar, as an app in a mesh does: plain HTTP to
+/// the service's name, the trace context passed on.
+async fn chain(
+    State(app): State<Arc<App>>,
+    Query(q): Query<ChainQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(outbound) = app.outbound else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "start lab-app with --outbound to use /chain\n",
+        )
+            .into_response();
+    };
+    let valid = !q.to.is_empty()
+        && q.to.len() <= 63
+        && q.to
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return (StatusCode::BAD_REQUEST, "to must be a service name\n").into_response();
+    }
+    let mut req = hyper::Request::get(format!("http://{outbound}/"))
+        .header(hyper::header::HOST, q.to.as_str());
+    for name in ["traceparent", "tracestate"] {
+        if let Some(v) = headers.get(name) {
+            req = req.header(name, v);
+        }
+    }
+    let Ok(req) = req.body(Full::new(Bytes::new())) else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    match app.client.request(req).await {
+        Ok(resp) => {
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let downstream: serde_json::Value =
+                serde_json::from_slice(&body).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(&body).into())
+                });
+            let code = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            (
+                code,
+                Json(serde_json::json!({ "instance": app.name, "to": q.to, "answer": downstream })),
+            )
+                .into_response()
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("calling {}: {e}\n", q.to)).into_response(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -129,6 +202,8 @@ async fn main() -> anyhow::Result<()> {
         name: args.name,
         count: AtomicU64::new(0),
         faults: Faults::default(),
+        outbound: args.outbound,
+        client: Client::builder(TokioExecutor::new()).build_http(),
     });
     let router = Router::new()
         .route("/healthz", get(healthz))
@@ -137,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
             get(|State(app): State<Arc<App>>| async move { faults(&app) }).post(fault),
         )
         .route("/fault/reset", post(reset))
+        .route("/chain", get(chain))
         .fallback(hello)
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
