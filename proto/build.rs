@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "protos/wayfinder/v1/registry.proto",
     "protos/wayfinder/v1/discovery.proto",
     "protos/wayfinder/v1/admin.proto",
+    "protos/wayfinder/v1/telemetry.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

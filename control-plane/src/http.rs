@@ -21,11 +21,15 @@ pub struct HttpState {
     pub registry: Arc<Registry>,
     /// Every metric of the process.
     pub metrics: Arc<PromRegistry>,
+    /// Traffic reported by sidecars (the dashboard's edges).
+    pub traffic: Arc<crate::traffic::Traffic>,
 }
 
-/// The router: `/healthz`, `/metrics`, `/v1/services`, `/v1/services/{name}`.
+/// The router: `/healthz`, `/metrics`, `/v1/services`, `/v1/services/{name}`,
+/// and the dashboard (`/`, `/v1/dashboard`, `/v1/dashboard/events`).
 pub fn router(state: HttpState) -> Router {
     Router::new()
+        .merge(crate::dashboard::router())
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/services", get(services))
@@ -39,7 +43,7 @@ async fn metrics(State(s): State<HttpState>) -> Response {
 
 /// One service as JSON.
 #[derive(Serialize)]
-struct ServiceView {
+pub struct ServiceView {
     name: String,
     version: u64,
     instances: u32,
@@ -48,7 +52,8 @@ struct ServiceView {
     policy: Option<ServicePolicy>,
 }
 
-fn view(registry: &Registry, name: &str) -> Option<ServiceView> {
+/// The view of service `name`, if it exists.
+pub fn view(registry: &Registry, name: &str) -> Option<ServiceView> {
     let (version, endpoints) = registry.endpoints(name)?;
     Some(ServiceView {
         name: name.to_string(),

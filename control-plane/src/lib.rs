@@ -1,8 +1,10 @@
 //! Wayfinder's control plane: the registry with its leases, the discovery
 //! push, per-service policy, durable state, and the gRPC and HTTP servers.
 
+pub mod dashboard;
 pub mod grpc;
 pub mod http;
 pub mod policy_file;
 pub mod registry;
 pub mod store;
+pub mod traffic;

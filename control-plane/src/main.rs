@@ -10,6 +10,7 @@ use clap::Parser;
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use wayfinder_control::grpc::telemetry::TelemetryService;
 use wayfinder_control::grpc::{
     TRANSPORT_LIMIT, admin::AdminService, discovery, registry::RegistryService,
 };
@@ -18,7 +19,9 @@ use wayfinder_control::store::{FileStore, Persister, Store};
 use wayfinder_control::{http, policy_file::PolicyWatcher};
 use wayfinder_proto::policy::parse_duration;
 use wayfinder_proto::shared::discovery_server::DiscoveryServer;
-use wayfinder_proto::v1::{admin_server::AdminServer, registry_server::RegistryServer};
+use wayfinder_proto::v1::{
+    admin_server::AdminServer, registry_server::RegistryServer, telemetry_server::TelemetryServer,
+};
 
 /// Wayfinder control plane: registry, leases, discovery push and policy.
 #[derive(Parser, Debug)]
@@ -100,9 +103,11 @@ async fn run(args: Args) -> Result<()> {
 
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http_listener.local_addr()?;
+    let traffic = Arc::new(wayfinder_control::traffic::Traffic::default());
     let http_app = http::router(http::HttpState {
         registry: registry.clone(),
         metrics: Arc::new(prom),
+        traffic: traffic.clone(),
     });
     let shutdown = shutdown_signal();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -135,6 +140,10 @@ async fn run(args: Args) -> Result<()> {
         )
         .add_service(
             AdminServer::new(AdminService::new(registry.clone(), persister.clone()))
+                .max_decoding_message_size(TRANSPORT_LIMIT),
+        )
+        .add_service(
+            TelemetryServer::new(TelemetryService::new(traffic))
                 .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {

@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod encoded;
+pub mod latency;
 pub mod policy;
 #[cfg(feature = "server")]
 pub mod server;

@@ -51,6 +51,8 @@ pub struct Proxy {
     app_clients: Clients,
     /// This sidecar's service (span names) and whether to log each request.
     pub local: Local,
+    /// Traffic per upstream for the dashboard.
+    pub traffic: Arc<crate::traffic::Traffic>,
     /// Metrics.
     pub metrics: ProxyMetrics,
 }
@@ -259,6 +261,7 @@ impl Proxy {
             app: app.map(|a| EndpointStats::new("app", a, 1)),
             app_clients,
             local,
+            traffic: Arc::default(),
             metrics,
         })
     }
@@ -345,6 +348,9 @@ impl Proxy {
             .get(ERROR_HEADER)
             .and_then(|v| v.to_str().ok());
         telemetry::finish(span, status, error);
+        if direction == "outbound" {
+            self.traffic.record(upstream, status, started.elapsed());
+        }
         if self.local.access_log {
             tracing::info!(
                 target: "wayfinder::access",

@@ -15,4 +15,5 @@ pub mod replay;
 pub mod resilience;
 pub mod settings;
 pub mod telemetry;
+pub mod traffic;
 pub mod upstream;

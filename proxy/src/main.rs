@@ -330,6 +330,13 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         ));
     }
 
+    tokio::spawn(wayfinder_proxy::traffic::report_loop(
+        proxy.traffic.clone(),
+        channel.clone(),
+        node.clone(),
+        args.service.clone().unwrap_or_else(|| "client".into()),
+    ));
+
     let lease = Arc::new(AtomicU64::new(0));
     if let (Some(app), Some(service), Some(inbound)) = (args.app, args.service.clone(), inbound) {
         let (htx, hrx) = tokio::sync::watch::channel(Health::Unknown);

@@ -298,3 +298,124 @@ async fn request_metrics_are_exact() -> Result<()> {
     })
     .await
 }
+
+/// Reads server-sent events from `path` until one named `snapshot` arrives.
+async fn first_snapshot(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: cp\r\nAccept: text/event-stream\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut lines = BufReader::new(s).lines();
+    let mut named = false;
+    let read = async {
+        while let Some(line) = lines.next_line().await? {
+            if line == "event: snapshot" {
+                named = true;
+            } else if named && let Some(data) = line.strip_prefix("data: ") {
+                return Ok::<_, anyhow::Error>(serde_json::from_str(data)?);
+            }
+        }
+        bail!("the event stream ended")
+    };
+    tokio::time::timeout(Duration::from_secs(5), read).await?
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_instances_and_live_traffic() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let _lab: Vec<_> = (1..=3)
+            .map(|i| wayfinder_tests::mesh::instance(&cp, &format!("web-{i}")))
+            .collect::<Result<_>>()?;
+        wait_serving(&cp, "web", 3).await?;
+        let (_client, web, _) = wayfinder_tests::mesh::client(&cp, &[])?;
+        for _ in 0..30 {
+            let (status, _, _) = http_request(web, "GET", "/", "web", "").await?;
+            assert_eq!(status, 200);
+        }
+        // The client sidecar reports every 2 s; the edge carries every request.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = cp.get("/v1/dashboard").await?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            let edge = v["edges"].as_array().and_then(|e| {
+                e.iter()
+                    .find(|e| e["caller"] == "client" && e["callee"] == "web")
+                    .cloned()
+            });
+            // The requests may span two reports: wait for all of them.
+            if let Some(e) = edge.filter(|e| e["requests"].as_u64() >= Some(30)) {
+                assert_eq!(e["requests"], 30, "{e}");
+                assert_eq!(e["error_rate"], 0.0);
+                assert!(e["p99_ms"].as_f64().is_some_and(|p| p > 0.0), "{e}");
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no edge on the dashboard: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // The page's own stream carries the same view.
+        let snap = first_snapshot(cp.http, "/v1/dashboard/events").await?;
+        assert_eq!(snap["services"][0]["name"], "web", "{snap}");
+        assert_eq!(snap["edges"][0]["requests"], 30, "{snap}");
+
+        // Bad reports are refused.
+        let mut t =
+            wayfinder_proto::v1::telemetry_client::TelemetryClient::new(cp.channel().await?);
+        let bad = wayfinder_proto::v1::TrafficReport {
+            node: "n".into(),
+            service: "client".into(),
+            edges: vec![wayfinder_proto::v1::EdgeTraffic {
+                callee: "web".into(),
+                requests: 1,
+                errors: 0,
+                latency_buckets: vec![1],
+            }],
+        };
+        let e = t.report(bad).await.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("latency_buckets"), "{e}");
+
+        // And in a real browser: the page renders every instance and the edge.
+        let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
+            .into_iter()
+            .find(|b| {
+                std::process::Command::new("which")
+                    .arg(b)
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+        else {
+            eprintln!(
+                "SKIPPED the browser check: no chromium installed (bash .ci/run installs it)"
+            );
+            return Ok(());
+        };
+        let profile = tempfile::tempdir()?;
+        let out = tokio::time::timeout(
+            Duration::from_secs(40),
+            tokio::process::Command::new(chromium)
+                .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+                .arg(format!("--user-data-dir={}", profile.path().display()))
+                .arg(format!("http://{}/", cp.http))
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await??;
+        let dom = String::from_utf8_lossy(&out.stdout);
+        for i in 1..=3 {
+            assert!(
+                dom.contains(&format!("<td>web-{i}</td>")),
+                "web-{i} missing from the page: {dom}"
+            );
+        }
+        assert_eq!(dom.matches("health serving").count(), 3, "{dom}");
+        assert!(dom.contains("data-edge=\"client-&gt;web\""), "{dom}");
+        Ok(())
+    })
+    .await
+}

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod discovery;
 pub mod registry;
+pub mod telemetry;
 
 use prost::Message;
 use tonic::Status;
