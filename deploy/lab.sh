@@ -2,10 +2,14 @@
 # The local lab on loopback, no Docker: builds Wayfinder, then starts
 #   wf-control            gRPC 127.0.0.1:15010, HTTP 127.0.0.1:15014 (policy: deploy/policy.toml)
 #   web-1..3              lab-app on 127.0.0.1:9001-9003, each with its sidecar
-#                         (inbound 127.0.0.1:1600N, admin 127.0.0.1:1510N)
+#                         (inbound 127.0.0.1:1600N, admin 127.0.0.1:1510N, Host-routed
+#                         outbound 127.0.0.1:1508N, which the app's /chain?to=api uses)
+#   api-1                 lab-app on 127.0.0.1:9011 with its sidecar (inbound 127.0.0.1:16011)
 #   client sidecar        web=127.0.0.1:15001 (explicit), Host-routed HTTP on 127.0.0.1:15080,
 #                         admin 127.0.0.1:15000
 # sends a few requests through the mesh, and follows `web` live. Ctrl-C stops everything.
+# The dashboard is at http://127.0.0.1:15014/. With OTEL_EXPORTER_OTLP_ENDPOINT set (Jaeger:
+# http://127.0.0.1:4317) every sidecar exports its spans there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,13 +39,19 @@ wait_http http://127.0.0.1:15014/healthz
 
 for i in 1 2 3; do
   echo "== web-$i: lab-app 127.0.0.1:900$i + sidecar (inbound 127.0.0.1:1600$i)"
-  "$bin/lab-app" --listen "127.0.0.1:900$i" --name "web-$i" 2>/dev/null &
+  "$bin/lab-app" --listen "127.0.0.1:900$i" --name "web-$i" --outbound "127.0.0.1:1508$i" 2>/dev/null &
   pids+=($!)
   "$bin/wf-proxy" --service web --instance "web-$i" --app "127.0.0.1:900$i" \
-    --inbound "127.0.0.1:1600$i" --admin "127.0.0.1:1510$i" --health-check /healthz \
-    2>"wf-lab-web-$i.log" &
+    --inbound "127.0.0.1:1600$i" --admin "127.0.0.1:1510$i" --outbound "127.0.0.1:1508$i" \
+    --health-check /healthz 2>"wf-lab-web-$i.log" &
   pids+=($!)
 done
+echo "== api-1: lab-app 127.0.0.1:9011 + sidecar (inbound 127.0.0.1:16011)"
+"$bin/lab-app" --listen 127.0.0.1:9011 --name api-1 2>/dev/null &
+pids+=($!)
+"$bin/wf-proxy" --service api --instance api-1 --app 127.0.0.1:9011 \
+  --inbound 127.0.0.1:16011 --admin 127.0.0.1:15111 --health-check /healthz 2>wf-lab-api-1.log &
+pids+=($!)
 echo "== client sidecar (web=127.0.0.1:15001, Host-routed 127.0.0.1:15080, admin 127.0.0.1:15000)"
 "$bin/wf-proxy" --admin 127.0.0.1:15000 --upstream web=127.0.0.1:15001 --outbound 127.0.0.1:15080 \
   2>wf-lab-client.log &
@@ -56,6 +66,7 @@ done
 echo "== six requests through the mesh (client sidecar -> web sidecar -> lab-app)"
 for _ in $(seq 6); do curl -s http://127.0.0.1:15001/; echo; done
 echo
+echo "Dashboard: http://127.0.0.1:15014/    |  two hops: curl 'http://127.0.0.1:15001/chain?to=api'"
 echo "Try: curl -H 'Host: web' http://127.0.0.1:15080/   |  curl -X POST 'http://127.0.0.1:9002/fault?healthy=false'"
 echo "     curl http://127.0.0.1:15000/endpoints          |  curl http://127.0.0.1:15014/metrics"
 echo "     edit deploy/policy.toml (reloaded live)        |  logs: wf-lab-*.log"
