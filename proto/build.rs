@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "protos/wayfinder/v1/discovery.proto",
     "protos/wayfinder/v1/admin.proto",
     "protos/wayfinder/v1/telemetry.proto",
+    "protos/wayfinder/v1/identity.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

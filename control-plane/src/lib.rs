@@ -1,6 +1,7 @@
 //! Wayfinder's control plane: the registry with its leases, the discovery
 //! push, per-service policy, durable state, and the gRPC and HTTP servers.
 
+pub mod ca;
 pub mod dashboard;
 pub mod grpc;
 pub mod http;

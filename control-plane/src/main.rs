@@ -10,6 +10,8 @@ use clap::Parser;
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use wayfinder_control::ca::Ca;
+use wayfinder_control::grpc::identity::{IdentityService, JoinToken};
 use wayfinder_control::grpc::telemetry::TelemetryService;
 use wayfinder_control::grpc::{
     TRANSPORT_LIMIT, admin::AdminService, discovery, registry::RegistryService,
@@ -20,7 +22,8 @@ use wayfinder_control::{http, policy_file::PolicyWatcher};
 use wayfinder_proto::policy::parse_duration;
 use wayfinder_proto::shared::discovery_server::DiscoveryServer;
 use wayfinder_proto::v1::{
-    admin_server::AdminServer, registry_server::RegistryServer, telemetry_server::TelemetryServer,
+    admin_server::AdminServer, identity_server::IdentityServer, registry_server::RegistryServer,
+    telemetry_server::TelemetryServer,
 };
 
 /// Wayfinder control plane: registry, leases, discovery push and policy.
@@ -48,11 +51,54 @@ struct Args {
     /// Log format.
     #[arg(long, env = "WAYFINDER_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     log_format: String,
+    /// Trust domain of workload identities (spiffe://DOMAIN/svc/NAME).
+    #[arg(
+        long,
+        env = "WAYFINDER_TRUST_DOMAIN",
+        default_value = "wayfinder.local"
+    )]
+    trust_domain: String,
+    /// CA directory (root, intermediate, bundle); generated there on first start.
+    /// Default: DATA_DIR/ca.
+    #[arg(long, env = "WAYFINDER_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Lifetime of workload certificates (e.g. "24h", "90s").
+    #[arg(long, env = "WAYFINDER_CERT_LIFETIME", default_value = "24h", value_parser = lifetime)]
+    cert_lifetime: Duration,
+    /// Join token sidecars present for a certificate: TOKEN, TOKEN:svc1,svc2
+    /// (only those services), optionally @EXPIRES (Unix seconds). Repeatable.
+    #[arg(long = "join-token", env = "WAYFINDER_JOIN_TOKEN")]
+    join_tokens: Vec<JoinToken>,
+    /// Serve gRPC over TLS with a certificate from the CA; clients trust CA_DIR/bundle.crt.
+    #[arg(long, env = "WAYFINDER_TLS")]
+    tls: bool,
+    /// Names in the gRPC certificate (default: localhost, 127.0.0.1 and the gRPC address).
+    #[arg(long = "tls-name", env = "WAYFINDER_TLS_NAMES", value_delimiter = ',')]
+    tls_names: Vec<String>,
+}
+
+/// A certificate lifetime: `Ns`, `Nm` or `Nh`, from 10 s to 30 days.
+fn lifetime(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?}: use e.g. \"24h\", \"30m\" or \"90s\" (10s to 720h)");
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(bad()),
+    };
+    if !(10..=720 * 3600).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    // One crypto provider for every TLS user in the process (rustls, tonic).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     wayfinder_proto::server::init_logs(&args.log_format, Vec::new());
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -84,6 +130,34 @@ async fn run(args: Args) -> Result<()> {
             &mut prom,
         )?),
         None => None,
+    };
+    let ca_dir = args
+        .ca_dir
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("ca"));
+    let ca = Arc::new(
+        Ca::load_or_create(&ca_dir, &args.trust_domain, args.cert_lifetime)
+            .context("setting up the certificate authority")?,
+    );
+    registry.set_trust_bundle(ca.bundle().to_vec());
+    let identity = IdentityService::new(ca.clone(), args.join_tokens.clone(), &mut prom);
+    let tls = if args.tls {
+        let mut names = args.tls_names.clone();
+        if names.is_empty() {
+            names = vec!["localhost".into(), "127.0.0.1".into()];
+            if !args.grpc.ip().is_unspecified() {
+                names.push(args.grpc.ip().to_string());
+            }
+        }
+        let (cert, key) = ca
+            .server_identity(&names)
+            .context("issuing the control plane's certificate")?;
+        Some(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(cert, key)),
+        )
+    } else {
+        None
     };
     let persister = Persister::start(registry.clone(), store.clone(), &mut prom);
     let watch_metrics = discovery::WatchMetrics::register(&mut prom);
@@ -121,9 +195,13 @@ async fn run(args: Args) -> Result<()> {
     });
 
     // Tests and scripts pass port 0 and read the bound addresses from this line.
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, "wf-control serving");
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = args.tls, ca = %ca_dir.display(), "wf-control serving");
     let mut grpc_stop = stop_rx;
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("TLS for gRPC")?;
+    }
+    let server = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -146,6 +224,7 @@ async fn run(args: Args) -> Result<()> {
             TelemetryServer::new(TelemetryService::new(traffic))
                 .max_decoding_message_size(TRANSPORT_LIMIT),
         )
+        .add_service(IdentityServer::new(identity).max_decoding_message_size(TRANSPORT_LIMIT))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         });

@@ -195,7 +195,7 @@ impl Service {
         !self.endpoints.is_empty() || self.policy.is_some()
     }
 
-    fn snapshot(&self, name: &str) -> WatchEvent {
+    fn snapshot(&self, name: &str, trust_bundle: &[Vec<u8>]) -> WatchEvent {
         WatchEvent {
             service: name.to_string(),
             version: self.version,
@@ -204,6 +204,7 @@ impl Service {
                 exists: self.exists(),
                 endpoints: self.endpoints.values().map(Entry::endpoint).collect(),
                 policy: self.policy.clone(),
+                trust_bundle: trust_bundle.to_vec(),
             })),
         }
     }
@@ -250,6 +251,8 @@ pub struct Registry {
     state: Mutex<State>,
     leases: LeaseConfig,
     metrics: RegistryMetrics,
+    /// Roots (DER) sent with every snapshot.
+    trust_bundle: std::sync::RwLock<Vec<Vec<u8>>>,
 }
 
 /// Result of a successful registration.
@@ -337,6 +340,7 @@ impl Registry {
             state: Mutex::new(state),
             leases,
             metrics,
+            trust_bundle: Default::default(),
         });
         reg.update_gauges(&reg.lock());
         reg
@@ -684,6 +688,13 @@ impl Registry {
         ))
     }
 
+    /// Sets the roots every snapshot carries from now on.
+    pub fn set_trust_bundle(&self, roots: Vec<Vec<u8>>) {
+        if let Ok(mut b) = self.trust_bundle.write() {
+            *b = roots;
+        }
+    }
+
     /// Starts watching `name` from `last_version` (0 = snapshot). Creates an
     /// empty entry for a service that does not exist yet, so its first
     /// registration reaches the watcher as a delta.
@@ -716,7 +727,16 @@ impl Registry {
             };
         }
         Subscription {
-            initial: vec![EncodedWatchEvent::new(&svc.snapshot(name))],
+            initial: vec![EncodedWatchEvent::new(
+                &svc.snapshot(
+                    name,
+                    &self
+                        .trust_bundle
+                        .read()
+                        .map(|b| b.clone())
+                        .unwrap_or_default(),
+                ),
+            )],
             rx,
             snapshot: true,
         }

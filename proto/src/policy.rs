@@ -102,6 +102,94 @@ pub struct ServicePolicy {
     /// Active health checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// Who may call the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authz: Option<Authz>,
+}
+
+/// Who may call a service (checked by its sidecars on the way in).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authz {
+    /// What happens to a request no rule allows: `allow` (default) or `deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<AuthzDefault>,
+    /// Allow rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<AuthzRule>,
+}
+
+/// The fate of a request no rule allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthzDefault {
+    /// Let it through.
+    Allow,
+    /// Refuse it.
+    Deny,
+}
+
+/// One allow rule.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzRule {
+    /// Callers: service names, SPIFFE IDs, or `"*"` (any authenticated caller).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<Caller>,
+    /// HTTP methods; none = any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<HttpMethod>,
+    /// Path prefixes; none = any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<HttpPath>,
+}
+
+/// A caller in an authorization rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Caller(String);
+
+impl TryFrom<String> for Caller {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = s == "*"
+            || crate::validate::service_name(&s).is_ok()
+            || (s.starts_with("spiffe://")
+                && s.len() <= 2048
+                && s[9..].contains('/')
+                && s.bytes().all(|b| b.is_ascii_graphic()));
+        if !ok {
+            return Err(format!(
+                "{s:?} is not a caller: use a service name, a spiffe:// ID or \"*\""
+            ));
+        }
+        Ok(Self(s))
+    }
+}
+impl From<Caller> for String {
+    fn from(c: Caller) -> String {
+        c.0
+    }
+}
+
+/// An HTTP method name such as `GET`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HttpMethod(String);
+
+impl TryFrom<String> for HttpMethod {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(format!("{s:?} is not an HTTP method: use e.g. \"GET\""));
+        }
+        Ok(Self(s))
+    }
+}
+impl From<HttpMethod> for String {
+    fn from(m: HttpMethod) -> String {
+        m.0
+    }
 }
 
 /// Discovery source.
@@ -674,6 +762,18 @@ impl ServicePolicy {
                 max_requests: count(c.max_requests),
                 max_active_retries: count(c.max_active_retries),
             }),
+            authz: self.authz.as_ref().map(|a| v1::Authorization {
+                default_deny: a.default == Some(AuthzDefault::Deny),
+                allow: a
+                    .allow
+                    .iter()
+                    .map(|r| v1::AuthzRule {
+                        from: r.from.iter().map(|c| c.0.clone()).collect(),
+                        methods: r.methods.iter().map(|m| m.0.clone()).collect(),
+                        path_prefixes: r.paths.iter().map(|p| p.0.clone()).collect(),
+                    })
+                    .collect(),
+            }),
             health_check: self.health_check.as_ref().map(|h| v1::HealthCheck {
                 enabled: h.enabled.unwrap_or(true),
                 http_path: h.http_path.clone().map(String::from).unwrap_or_default(),
@@ -845,6 +945,39 @@ impl ServicePolicy {
                 )?,
             }),
         };
+        let authz = match &p.authz {
+            None => None,
+            Some(a) => {
+                let mut allow = Vec::new();
+                for (i, r) in a.allow.iter().enumerate() {
+                    let field = format!("authz.allow[{i}]");
+                    allow.push(AuthzRule {
+                        from: r
+                            .from
+                            .iter()
+                            .map(|c| Caller::try_from(c.clone()))
+                            .collect::<Result<_, _>>()
+                            .map_err(|m| err(&format!("{field}.from"), m))?,
+                        methods: r
+                            .methods
+                            .iter()
+                            .map(|m| HttpMethod::try_from(m.clone()))
+                            .collect::<Result<_, _>>()
+                            .map_err(|m| err(&format!("{field}.methods"), m))?,
+                        paths: r
+                            .path_prefixes
+                            .iter()
+                            .map(|p| HttpPath::try_from(p.clone()))
+                            .collect::<Result<_, _>>()
+                            .map_err(|m| err(&format!("{field}.paths"), m))?,
+                    });
+                }
+                Some(Authz {
+                    default: a.default_deny.then_some(AuthzDefault::Deny),
+                    allow,
+                })
+            }
+        };
         Ok((
             name,
             ServicePolicy {
@@ -856,6 +989,7 @@ impl ServicePolicy {
                 outlier,
                 circuit_breaker,
                 health_check,
+                authz,
             },
         ))
     }
@@ -887,6 +1021,15 @@ backoff_max = "250ms"
 consecutive_failures = 5
 base_ejection = "30s"
 max_ejection_percent = 50
+
+[services.web.authz]
+default = "deny"
+[[services.web.authz.allow]]
+from = ["client", "spiffe://wayfinder.local/svc/api"]
+methods = ["GET"]
+paths = ["/public/"]
+[[services.web.authz.allow]]
+from = ["*"]
 
 [services.api]
 discovery = "dns"

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod identity;
 pub mod registry;
 pub mod telemetry;
 
