@@ -32,6 +32,10 @@ pub enum ConnectError {
     /// The endpoint refused or could not be reached.
     #[error("connect failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The TLS handshake with a sidecar failed (wrong identity, untrusted or
+    /// expired certificate).
+    #[error("mTLS handshake failed: {0}")]
+    Tls(std::io::Error),
     /// The target was not an IP:port (a bug: the proxy builds the URIs).
     #[error("target {0:?} is not an IP address and port")]
     BadTarget(String),
@@ -80,17 +84,41 @@ impl Limits {
     }
 }
 
+/// A byte stream to an endpoint: plain TCP, or mTLS to a sidecar.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync> Stream for T {}
+
+/// mTLS to the sidecars of one service.
+#[derive(Clone)]
+pub struct Tls {
+    /// Client config with the sidecar's certificate and the ALPN to offer.
+    pub connector: tokio_rustls::TlsConnector,
+    /// The name the peer's certificate must carry (`<service>.svc.<domain>`).
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
 /// Connects to one upstream's endpoints.
 #[derive(Clone)]
 pub struct Connector {
     breakers: Arc<Breakers>,
     limits: Arc<Limits>,
+    tls: Option<Tls>,
 }
 
 impl Connector {
     /// A connector charging `breakers` under `limits`.
     pub fn new(breakers: Arc<Breakers>, limits: Arc<Limits>) -> Self {
-        Self { breakers, limits }
+        Self {
+            breakers,
+            limits,
+            tls: None,
+        }
+    }
+
+    /// The same connector, speaking mTLS on top of TCP.
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// A connection slot, then a TCP connection to `addr`, each bounded by
@@ -106,8 +134,17 @@ impl Connector {
             .await
             .map_err(|_| ConnectError::Timeout)??;
         let _ = stream.set_nodelay(true);
+        let io: Box<dyn Stream> = match &self.tls {
+            None => Box::new(stream),
+            Some(tls) => Box::new(
+                tokio::time::timeout(timeout, tls.connector.connect(tls.name.clone(), stream))
+                    .await
+                    .map_err(|_| ConnectError::Timeout)?
+                    .map_err(ConnectError::Tls)?,
+            ),
+        };
         Ok(Conn {
-            io: TokioIo::new(stream),
+            io: TokioIo::new(io),
             _permit: permit,
         })
     }
@@ -136,13 +173,13 @@ impl tower_service::Service<Uri> for Connector {
 
 /// An open connection holding its breaker slot.
 pub struct Conn {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<Box<dyn Stream>>,
     _permit: Permit,
 }
 
 impl Conn {
-    /// The TCP stream, for opaque relays.
-    pub fn into_parts(self) -> (TcpStream, Permit) {
+    /// The stream, for opaque relays.
+    pub fn into_parts(self) -> (Box<dyn Stream>, Permit) {
         (self.io.into_inner(), self._permit)
     }
 }

@@ -13,6 +13,8 @@ pub enum Protocol {
     Http1,
     /// HTTP/2 with prior knowledge (h2c, gRPC).
     Http2,
+    /// A TLS handshake (a ClientHello record): mTLS from another sidecar.
+    Tls,
     /// Anything else.
     Opaque,
 }
@@ -36,6 +38,14 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf.is_empty() {
         return None;
     }
+    // A TLS record of type handshake (22), protocol version 3.x.
+    if buf[0] == 0x16 {
+        return match buf.get(1) {
+            None => None,
+            Some(3) => Some(Protocol::Tls),
+            Some(_) => Some(Protocol::Opaque),
+        };
+    }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
         return (n == H2_PREFACE.len()).then_some(Protocol::Http2);
@@ -56,6 +66,16 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_hello_is_tls() {
+        assert_eq!(
+            classify(&[0x16, 0x03, 0x01, 0x02, 0x00]),
+            Some(Protocol::Tls)
+        );
+        assert_eq!(classify(&[0x16]), None, "one byte is not enough");
+        assert_eq!(classify(&[0x16, 0x99]), Some(Protocol::Opaque));
+    }
 
     #[test]
     fn recognises_http_and_falls_back_to_opaque() {

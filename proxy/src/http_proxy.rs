@@ -22,12 +22,13 @@ use hyper_util::rt::TokioIo;
 use crate::balance::{EndpointStats, Kind};
 use crate::connector::{ConnectError, Connector, Limits};
 use crate::discovery::{Origin, Sources};
+use crate::identity::Identity;
 use crate::metrics::{LatencyLabels, ProxyMetrics, RequestLabels, status_class};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Breakers;
 use crate::settings::{Defaults, Settings};
-use crate::telemetry;
 use crate::upstream::{Clients, Upstream, Upstreams};
+use crate::{authz, telemetry};
 
 /// Response body type of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -53,6 +54,12 @@ pub struct Proxy {
     pub local: Local,
     /// Traffic per upstream for the dashboard.
     pub traffic: Arc<crate::traffic::Traffic>,
+    /// The workload identity, when the sidecar has one (mTLS between sidecars).
+    pub identity: Option<Arc<Identity>>,
+    /// TLS for the inbound side, built once from the identity.
+    pub tls_server: Option<Arc<rustls::ServerConfig>>,
+    /// Refusal kinds already logged (each is logged once, then only counted).
+    logged: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Metrics.
     pub metrics: ProxyMetrics,
 }
@@ -226,6 +233,10 @@ pub struct Local {
     pub service: String,
     /// Log one line per request.
     pub access_log: bool,
+    /// With an identity: refuse plaintext on the inbound side.
+    pub strict: bool,
+    /// Deny inbound requests of services without an authorization policy.
+    pub default_deny: bool,
 }
 
 /// One attempt failed before response headers.
@@ -245,6 +256,7 @@ impl Proxy {
         app: Option<SocketAddr>,
         defaults: Defaults,
         local: Local,
+        identity: Option<Arc<Identity>>,
         metrics: ProxyMetrics,
     ) -> Arc<Self> {
         let app_limits = Arc::new(Limits::default());
@@ -252,6 +264,7 @@ impl Proxy {
         let app_clients = Clients::new(
             Connector::new(Arc::new(Breakers::default()), app_limits),
             crate::settings::DEFAULT_IDLE,
+            None,
         );
         Arc::new(Self {
             upstreams: Upstreams::default(),
@@ -262,6 +275,9 @@ impl Proxy {
             app_clients,
             local,
             traffic: Arc::default(),
+            tls_server: identity.as_ref().map(|i| i.server_config()),
+            identity,
+            logged: Default::default(),
             metrics,
         })
     }
@@ -280,6 +296,7 @@ impl Proxy {
                 self.sources.default_origin,
                 self.defaults,
                 self.metrics.clone(),
+                self.identity.clone(),
             );
             self.sources.start(&up);
             tokio::spawn(crate::resilience::health_check::run(up.clone()));
@@ -287,11 +304,50 @@ impl Proxy {
         })
     }
 
-    /// Inbound: hand `req` to the local app.
-    pub async fn inbound(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+    /// Refuses a connection: counted, and logged the first time for each
+    /// kind (a misconfigured peer must not flood the log).
+    pub fn refuse(&self, reason: &'static str, peer: SocketAddr, detail: &str) {
+        self.metrics
+            .refused
+            .get_or_create(&crate::metrics::ReasonLabels { reason })
+            .inc();
+        let first = self.logged.lock().is_ok_and(|mut l| l.insert(reason));
+        if first {
+            tracing::warn!(%peer, reason, detail, "inbound connection refused (logged once per kind; see wayfinder_proxy_inbound_refused_total)");
+        }
+    }
+
+    /// Whether `caller` may make `ask` of this sidecar's service.
+    pub fn authorized(&self, caller: Option<&str>, ask: Option<(&str, &str)>) -> bool {
+        let policy = self
+            .upstreams
+            .get(&self.local.service)
+            .and_then(|u| u.active().policy.as_ref().and_then(|p| p.authz.clone()));
+        let ask = match ask {
+            Some((m, p)) => authz::Ask::Http(m, p),
+            None => authz::Ask::Tcp,
+        };
+        authz::allowed(policy.as_ref(), self.local.default_deny, caller, ask)
+    }
+
+    /// Inbound: hand `req` (from `caller`, when mTLS says who) to the local app.
+    pub async fn inbound(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        caller: Option<Arc<str>>,
+    ) -> Response<Body> {
         let Some(app) = self.app.clone() else {
             return error(StatusCode::NOT_FOUND, "no-app");
         };
+        if !self.authorized(
+            caller.as_deref(),
+            Some((req.method().as_str(), req.uri().path())),
+        ) {
+            let grpc = is_grpc(req.headers());
+            self.metrics.forbidden.inc();
+            let resp = reply(grpc, StatusCode::FORBIDDEN, "forbidden");
+            return self.count("inbound", "app", resp);
+        }
         // A request that was HTTP/1 before the sidecar hop goes back to HTTP/1.
         if req.headers_mut().remove(ORIG_PROTO).is_some() {
             *req.version_mut() = Version::HTTP_11;
@@ -406,7 +462,10 @@ impl Proxy {
         let started = Instant::now();
         let guard = ep.start();
         let result = if use_h2 {
-            clients.h2.request(req).await
+            match &clients.mesh {
+                Some(mesh) if to_sidecar => mesh.request(req).await,
+                _ => clients.h2.request(req).await,
+            }
         } else {
             clients.h1.request(req).await
         };

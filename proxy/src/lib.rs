@@ -2,11 +2,13 @@
 //! forwarding, balancers, discovery, registration and the admin server.
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod connector;
 pub mod detect;
 pub mod discovery;
 pub mod http_proxy;
+pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod outbound;

@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::balance::PickContext;
+use crate::connector::Stream;
 use crate::detect::{Protocol, classify};
 use crate::http_proxy::Proxy;
 use crate::metrics::{BytesLabels, DirectionLabels};
@@ -180,11 +181,27 @@ async fn connection(
     if proto.is_none() && !remembered {
         proxy.metrics.detect_timeouts.inc();
     }
+    // With an identity, the inbound side takes mTLS from other sidecars;
+    // plaintext only in permissive mode.
+    if matches!(role, Role::Inbound) && proxy.identity.is_some() {
+        match proto {
+            Some(Protocol::Tls) => return inbound_tls(stream, peer, proxy, shutdown).await,
+            _ if proxy.local.strict => {
+                proxy.refuse(
+                    "plaintext",
+                    peer,
+                    "plaintext connection to a strict (mTLS-only) inbound",
+                );
+                return;
+            }
+            _ => {}
+        }
+    }
     match proto {
         Some(Protocol::Http1 | Protocol::Http2) => {
-            serve_http(stream, peer, role, proxy, shutdown).await
+            serve_http(stream, peer, role, proxy, None, shutdown).await
         }
-        Some(Protocol::Opaque) => {
+        Some(Protocol::Opaque | Protocol::Tls) => {
             if let Some((server, slot)) = connect_target(&role, &proxy, peer).await {
                 relay(stream, server, slot, &role, &proxy).await;
             }
@@ -194,7 +211,7 @@ async fn connection(
             if let Some(Protocol::Http1 | Protocol::Http2) =
                 detect(&stream, DEFAULT_HEADER_READ).await
             {
-                serve_http(stream, peer, role, proxy, shutdown).await;
+                serve_http(stream, peer, role, proxy, None, shutdown).await;
             }
         }
         // The client said nothing yet: connect, and let whoever speaks first
@@ -208,13 +225,13 @@ async fn connection(
             let client_first = tokio::select! {
                 biased;
                 _ = stream.readable() => true,
-                _ = server.readable() => false,
+                _ = readable(&server) => false,
             };
             if client_first {
                 let proto = detect(&stream, window).await;
                 if let Some(Protocol::Http1 | Protocol::Http2) = proto {
                     drop((server, slot));
-                    return serve_http(stream, peer, role, proxy, shutdown).await;
+                    return serve_http(stream, peer, role, proxy, None, shutdown).await;
                 }
             } else {
                 server_first.store(true, Ordering::Relaxed);
@@ -224,20 +241,86 @@ async fn connection(
     }
 }
 
-async fn serve_http(
+/// Resolves when the target has sent something (or closed).
+async fn readable(server: &Target) {
+    match server {
+        Target::Tcp(s) => {
+            let _ = s.readable().await;
+        }
+        // A TLS peer is a sidecar: it never speaks first.
+        Target::Stream(_) => std::future::pending().await,
+    }
+}
+
+/// An mTLS connection from another sidecar: HTTP/2 or opaque TCP by ALPN,
+/// the caller's identity taken from its certificate.
+async fn inbound_tls(
     stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let Some(config) = proxy.tls_server.clone() else {
+        return;
+    };
+    let accepted = tokio::time::timeout(
+        TLS_HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(stream),
+    )
+    .await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            proxy.refuse("handshake", peer, &format!("mTLS handshake failed: {e}"));
+            return;
+        }
+        Err(_) => {
+            proxy.refuse("handshake", peer, "mTLS handshake timed out");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let caller: Option<Arc<str>> = conn
+        .peer_certificates()
+        .and_then(crate::identity::peer_id)
+        .map(Arc::from);
+    if conn.alpn_protocol() == Some(crate::identity::ALPN_TCP) {
+        if !proxy.authorized(caller.as_deref(), None) {
+            proxy.refuse(
+                "forbidden",
+                peer,
+                "opaque connection denied by authorization policy",
+            );
+            return;
+        }
+        if let Some((server, slot)) = connect_target(&Role::Inbound, &proxy, peer).await {
+            relay(tls, server, slot, &Role::Inbound, &proxy).await;
+        }
+        return;
+    }
+    serve_http(tls, peer, Role::Inbound, proxy, caller, shutdown).await;
+}
+
+/// How long another sidecar may take to finish a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_http<S>(
+    stream: S,
     peer: SocketAddr,
     role: Role,
     proxy: Arc<Proxy>,
+    caller: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let p = proxy.clone();
     let r = role.clone();
     let svc = service_fn(move |req| {
-        let (p, r) = (p.clone(), r.clone());
+        let (p, r, caller) = (p.clone(), r.clone(), caller.clone());
         async move {
             let resp = match r {
-                Role::Inbound => p.inbound(req).await,
+                Role::Inbound => p.inbound(req, caller).await,
                 Role::Upstream(name) => outbound(p, req, Some(name), peer).await,
                 Role::HostRouted => outbound(p, req, None, peer).await,
             };
@@ -278,19 +361,30 @@ async fn serve_http(
     }
 }
 
+/// Where an opaque relay goes: the app or a plain endpoint over TCP, or a
+/// sidecar over mTLS.
+enum Target {
+    Tcp(TcpStream),
+    Stream(Box<dyn Stream>),
+}
+
 /// Connects to the role's target for an opaque relay. Outbound, a connect
 /// failure moves on to the next endpoint (nothing was sent yet), up to the
 /// retry policy's attempts, and the relay holds a `max_connections` slot.
+/// Meshed endpoints are reached over mTLS when the sidecar has an identity.
 async fn connect_target(
     role: &Role,
     proxy: &Arc<Proxy>,
     peer: SocketAddr,
-) -> Option<(TcpStream, Option<Permit>)> {
+) -> Option<(Target, Option<Permit>)> {
     let target = match role {
         Role::Inbound => match proxy.app() {
             Some(app) => TcpStream::connect(app)
                 .await
-                .map(|s| (s, None))
+                .map(|s| {
+                    let _ = s.set_nodelay(true);
+                    (Target::Tcp(s), None)
+                })
                 .map_err(|e| format!("{app}: {e}")),
             None => Err("no app".to_string()),
         },
@@ -298,15 +392,18 @@ async fn connect_target(
             let up = proxy.upstream(name);
             up.wait_ready(crate::http_proxy::DISCOVERY_WAIT).await;
             let active = up.active();
-            let connector = up.connector();
             let tries = active.settings.retry.max_attempts as usize;
             let mut result = Err("no endpoints".to_string());
             for i in active.balancer.pick(&PickContext::default()).take(tries) {
                 let ep = &active.balancer.endpoints()[i];
+                let connector = match up.mesh_tcp_connector() {
+                    Some(c) if ep.meshed => c,
+                    _ => up.connector(),
+                };
                 match connector.connect(ep.addr).await {
                     Ok(conn) => {
                         let (stream, slot) = conn.into_parts();
-                        result = Ok((stream, Some(slot)));
+                        result = Ok((Target::Stream(stream), Some(slot)));
                         break;
                     }
                     Err(e) => {
@@ -320,10 +417,7 @@ async fn connect_target(
         Role::HostRouted => Err("host routing needs HTTP".to_string()),
     };
     match target {
-        Ok((server, slot)) => {
-            let _ = server.set_nodelay(true);
-            Some((server, slot))
-        }
+        Ok(t) => Some(t),
         Err(e) => {
             tracing::debug!(%peer, ?role, error = %e, "no target for an opaque connection; closing");
             None
@@ -332,16 +426,18 @@ async fn connect_target(
 }
 
 /// Relays bytes both ways until either side closes.
-async fn relay(
-    mut client: TcpStream,
-    mut server: TcpStream,
+async fn relay<C: Stream>(
+    mut client: C,
+    server: Target,
     _slot: Option<Permit>,
     role: &Role,
     proxy: &Proxy,
 ) {
-    let (from_client, to_client) = tokio::io::copy_bidirectional(&mut client, &mut server)
-        .await
-        .unwrap_or_default();
+    let copied = match server {
+        Target::Tcp(mut s) => tokio::io::copy_bidirectional(&mut client, &mut s).await,
+        Target::Stream(mut s) => tokio::io::copy_bidirectional(&mut client, &mut s).await,
+    };
+    let (from_client, to_client) = copied.unwrap_or_default();
     for (flow, n) in [("from_client", from_client), ("to_client", to_client)] {
         proxy
             .metrics

@@ -95,6 +95,20 @@ struct Args {
     /// OTLP/gRPC collector for spans (Jaeger: http://HOST:4317); no spans without it.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Join token for a workload certificate from the control plane; with it
+    /// the sidecar speaks mTLS to other sidecars.
+    #[arg(long, env = "WAYFINDER_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// With an identity, whether the inbound side also takes plaintext
+    /// ("permissive", for migration) or only mTLS ("strict").
+    #[arg(long, env = "WAYFINDER_INBOUND_MODE", default_value = "strict", value_parser = ["strict", "permissive"])]
+    inbound_mode: String,
+    /// Inbound requests to a service without an authorization policy: allow or deny.
+    #[arg(long, env = "WAYFINDER_DEFAULT_AUTHZ", default_value = "allow", value_parser = ["allow", "deny"])]
+    default_authz: String,
+    /// Roots (PEM) to verify an https:// control plane with (wf-control's CA_DIR/bundle.crt).
+    #[arg(long, env = "WAYFINDER_CA_BUNDLE")]
+    ca_bundle: Option<std::path::PathBuf>,
     /// Share of new traces sampled, 0 to 1 (a caller's decision in `traceparent` is kept).
     #[arg(long, env = "WAYFINDER_TRACE_SAMPLING", default_value_t = 1.0, value_parser = sampling)]
     trace_sampling: f64,
@@ -152,6 +166,8 @@ fn balancer(s: &str) -> Result<Kind, String> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    // One crypto provider for every TLS user in the process (rustls, tonic).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut prom = Registry::default();
     let metrics = ProxyMetrics::register(&mut prom);
     let node = args
@@ -211,8 +227,21 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         p if p.starts_with('/') => Check::Http(p.to_string()),
         other => bail!("--health-check {other:?}: use \"tcp\" or an HTTP path starting with '/'"),
     };
-    let channel = Endpoint::from_shared(args.control_plane.clone())
-        .with_context(|| format!("--control-plane {:?} is not a URL", args.control_plane))?
+    let mut endpoint = Endpoint::from_shared(args.control_plane.clone())
+        .with_context(|| format!("--control-plane {:?} is not a URL", args.control_plane))?;
+    if args.control_plane.starts_with("https://") {
+        let Some(path) = &args.ca_bundle else {
+            bail!("--control-plane is https: give --ca-bundle (wf-control's CA_DIR/bundle.crt)");
+        };
+        let pem = std::fs::read(path).with_context(|| format!("--ca-bundle {}", path.display()))?;
+        endpoint = endpoint
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            )
+            .context("TLS to the control plane")?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -232,6 +261,15 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
             None
         }
     };
+    let local_service = args.service.clone().unwrap_or_else(|| "client".into());
+    let identity = match &args.join_token {
+        Some(token) => {
+            let id = certify(&channel, &local_service, token).await?;
+            tokio::spawn(id.clone().renew_loop());
+            Some(id)
+        }
+        None => None,
+    };
     let sources = Sources {
         control_plane: channel.clone(),
         node: node.clone(),
@@ -243,6 +281,7 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
             .filter_map(|u| Some((u.name.clone(), u.port?)))
             .collect(),
         default_dns_port: args.dns_port,
+        identity: identity.clone(),
     };
     let proxy = Proxy::new(
         sources,
@@ -252,9 +291,12 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
             connect: args.connect_timeout,
         },
         Local {
-            service: args.service.clone().unwrap_or_else(|| "client".into()),
+            service: local_service.clone(),
             access_log: args.access_log,
+            strict: args.inbound_mode == "strict",
+            default_deny: args.default_authz == "deny",
         },
+        identity.clone(),
         metrics,
     );
 
@@ -384,6 +426,29 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         );
     }
     Ok(())
+}
+
+/// The first certificate: refusals end start-up with the control plane's
+/// reason; an unreachable control plane is retried for a while.
+async fn certify(
+    channel: &tonic::transport::Channel,
+    service: &str,
+    token: &str,
+) -> Result<Arc<wayfinder_proxy::identity::Identity>> {
+    use wayfinder_proxy::identity::{Identity, IdentityError};
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut attempt = 0;
+    loop {
+        match Identity::certify(channel.clone(), service, token).await {
+            Ok(id) => return Ok(id),
+            Err(IdentityError::Unreachable(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "control plane unreachable; retrying for a certificate");
+                tokio::time::sleep(wayfinder_proto::backoff::backoff(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => bail!("no workload certificate for service {service:?}: {e}"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

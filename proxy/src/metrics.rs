@@ -70,6 +70,13 @@ pub struct OverflowLabels {
     pub limit: &'static str,
 }
 
+/// Labels naming why something was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `plaintext`, `handshake`, `forbidden`.
+    pub reason: &'static str,
+}
+
 /// Labels of health check transitions.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HealthLabels {
@@ -128,6 +135,10 @@ pub struct ProxyMetrics {
     pub health_transitions: Family<HealthLabels, Counter>,
     /// Spans exported and dropped.
     pub spans: crate::telemetry::ExportCounters,
+    /// Inbound connections refused (mTLS, authorization).
+    pub refused: Family<ReasonLabels, Counter>,
+    /// HTTP requests denied by authorization.
+    pub forbidden: Counter,
 }
 
 impl ProxyMetrics {
@@ -149,6 +160,8 @@ impl ProxyMetrics {
             overflows: Family::default(),
             health_transitions: Family::default(),
             spans: crate::telemetry::ExportCounters::default(),
+            refused: Family::default(),
+            forbidden: Counter::default(),
         };
         reg.register(
             "wayfinder_proxy_requests",
@@ -209,6 +222,16 @@ impl ProxyMetrics {
             "wayfinder_proxy_health_transitions",
             "Endpoints turned healthy or unhealthy by active health checks",
             m.health_transitions.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_inbound_refused",
+            "Inbound connections refused: plaintext to a strict inbound, failed mTLS handshake, TCP denied by authorization",
+            m.refused.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_forbidden",
+            "Inbound HTTP requests denied by the service's authorization policy (403)",
+            m.forbidden.clone(),
         );
         reg.register(
             "wayfinder_proxy_spans_exported",

@@ -18,8 +18,9 @@ use tokio::time::Instant;
 use wayfinder_proto::v1::{BalancerKind, DiscoveryMode, ServicePolicy};
 
 use crate::balance::{self, Balancer, EndpointStats, Kind};
-use crate::connector::{Connector, Limits};
+use crate::connector::{Connector, Limits, Tls};
 use crate::discovery::{Discovered, Origin, Update};
+use crate::identity::{ALPN_H2, ALPN_TCP, Identity};
 use crate::metrics::{HealthLabels, ProxyMetrics, UpstreamLabels};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Breakers;
@@ -60,12 +61,24 @@ pub struct Clients {
     pub h1: Client<Connector, ReplayBody>,
     /// HTTP/2: to sidecars, and to endpoints for HTTP/2 clients.
     pub h2: Client<Connector, ReplayBody>,
+    /// HTTP/2 over mTLS to sidecars, when this sidecar has an identity.
+    pub mesh: Option<Client<Connector, ReplayBody>>,
     idle: Duration,
 }
 
 impl Clients {
-    /// Clients whose pooled connections close after `idle` unused.
-    pub fn new(connector: Connector, idle: Duration) -> Self {
+    /// Clients whose pooled connections close after `idle` unused; `mesh`
+    /// is the mTLS connector to the service's sidecars, if any.
+    pub fn new(connector: Connector, idle: Duration, mesh: Option<Connector>) -> Self {
+        let mesh = mesh.map(|c| {
+            Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(idle)
+                .http2_keep_alive_interval(Some(Duration::from_secs(30)))
+                .build(c)
+        });
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(idle)
@@ -77,7 +90,7 @@ impl Clients {
             .pool_idle_timeout(idle)
             .http2_keep_alive_interval(Some(Duration::from_secs(30)))
             .build(connector);
-        Self { h1, h2, idle }
+        Self { h1, h2, mesh, idle }
     }
 }
 
@@ -118,6 +131,7 @@ pub struct Upstream {
     limits: Arc<Limits>,
     clients: RwLock<Arc<Clients>>,
     metrics: ProxyMetrics,
+    identity: Option<Arc<Identity>>,
 }
 
 /// An endpoint as `/endpoints` shows it.
@@ -159,6 +173,21 @@ fn known(prev: Option<Known>, d: Discovered) -> Known {
     }
 }
 
+/// `plain` with mTLS to the sidecars of `service`, offering `alpn`.
+fn mesh_connector(
+    plain: &Connector,
+    identity: Option<&Arc<Identity>>,
+    service: &str,
+    alpn: &[u8],
+) -> Option<Connector> {
+    let id = identity?;
+    let name = id.server_name(service)?;
+    Some(plain.clone().with_tls(Tls {
+        connector: tokio_rustls::TlsConnector::from(id.client_config(alpn)),
+        name,
+    }))
+}
+
 fn origin_of(policy: Option<&ServicePolicy>, default: Origin) -> Origin {
     match policy.and_then(|p| DiscoveryMode::try_from(p.discovery).ok()) {
         Some(DiscoveryMode::Mesh) => Origin::Mesh,
@@ -188,15 +217,15 @@ impl Upstream {
         default_origin: Origin,
         defaults: Defaults,
         metrics: ProxyMetrics,
+        identity: Option<Arc<Identity>>,
     ) -> Arc<Self> {
         let settings = Settings::resolve(None, default_origin, &defaults);
         let breakers = Arc::new(Breakers::default());
         let limits = Arc::new(Limits::default());
         limits.set(&settings);
-        let clients = Clients::new(
-            Connector::new(breakers.clone(), limits.clone()),
-            settings.timeouts.idle,
-        );
+        let plain = Connector::new(breakers.clone(), limits.clone());
+        let mesh = mesh_connector(&plain, identity.as_ref(), name, ALPN_H2);
+        let clients = Clients::new(plain, settings.timeouts.idle, mesh);
         Arc::new(Self {
             name: name.to_string(),
             default_kind,
@@ -219,6 +248,7 @@ impl Upstream {
             limits,
             clients: RwLock::new(Arc::new(clients)),
             metrics,
+            identity,
         })
     }
 
@@ -255,6 +285,17 @@ impl Upstream {
     /// A connector for opaque relays, under the same breakers and timeout.
     pub fn connector(&self) -> Connector {
         Connector::new(self.breakers.clone(), self.limits.clone())
+    }
+
+    /// A connector for opaque relays to the service's sidecars, over mTLS;
+    /// `None` without an identity.
+    pub fn mesh_tcp_connector(&self) -> Option<Connector> {
+        mesh_connector(
+            &self.connector(),
+            self.identity.as_ref(),
+            &self.name,
+            ALPN_TCP,
+        )
     }
 
     /// Whether the first discovery answer arrived.
@@ -438,7 +479,9 @@ impl Upstream {
         };
         self.limits.set(&settings);
         if self.clients().idle != settings.timeouts.idle {
-            let c = Clients::new(self.connector(), settings.timeouts.idle);
+            let plain = self.connector();
+            let mesh = mesh_connector(&plain, self.identity.as_ref(), &self.name, ALPN_H2);
+            let c = Clients::new(plain, settings.timeouts.idle, mesh);
             *self.clients.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
         }
         let active = Active {
@@ -530,7 +573,14 @@ mod tests {
 
     fn up(kind: Kind) -> Arc<Upstream> {
         let metrics = ProxyMetrics::register(&mut prometheus_client::registry::Registry::default());
-        Upstream::new("web", kind, Origin::Mesh, Defaults::default(), metrics)
+        Upstream::new(
+            "web",
+            kind,
+            Origin::Mesh,
+            Defaults::default(),
+            metrics,
+            None,
+        )
     }
 
     fn ids(u: &Upstream) -> Vec<String> {

@@ -32,7 +32,12 @@ fn discovered(e: &Endpoint) -> Option<Discovered> {
 }
 
 /// Watches `upstream`'s service forever.
-pub async fn run(channel: Channel, upstream: Arc<Upstream>, node: String) {
+pub async fn run(
+    channel: Channel,
+    upstream: Arc<Upstream>,
+    node: String,
+    identity: Option<Arc<crate::identity::Identity>>,
+) {
     let mut last_version = 0u64;
     let mut attempt = 0u32;
     loop {
@@ -60,6 +65,9 @@ pub async fn run(channel: Channel, upstream: Arc<Upstream>, node: String) {
                             // Policy first: requests woken by the first
                             // endpoints must already see it.
                             upstream.set_policy(s.policy);
+                            if let Some(id) = &identity {
+                                id.set_roots(&s.trust_bundle);
+                            }
                             let eps: Vec<_> = s.endpoints.iter().filter_map(discovered).collect();
                             upstream.apply(
                                 Origin::Mesh,

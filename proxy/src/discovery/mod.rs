@@ -28,6 +28,8 @@ pub struct Sources {
     pub dns_ports: HashMap<String, u16>,
     /// Port of DNS-discovered endpoints otherwise.
     pub default_dns_port: u16,
+    /// The workload identity, whose trust roots snapshots update.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 impl Sources {
@@ -39,6 +41,7 @@ impl Sources {
             self.control_plane.clone(),
             up.clone(),
             self.node.clone(),
+            self.identity.clone(),
         ));
         match &self.dns {
             Some(r) => {
