@@ -317,12 +317,14 @@ impl Proxy {
         }
     }
 
-    /// Whether `caller` may make `ask` of this sidecar's service.
-    pub fn authorized(&self, caller: Option<&str>, ask: Option<(&str, &str)>) -> bool {
-        let policy = self
-            .upstreams
-            .get(&self.local.service)
-            .and_then(|u| u.active().policy.as_ref().and_then(|p| p.authz.clone()));
+    /// Whether `caller` may make `ask` of this sidecar's service. Until the
+    /// service's own policy is known, nothing is allowed (fail closed).
+    pub async fn authorized(&self, caller: Option<&str>, ask: Option<(&str, &str)>) -> bool {
+        let own = self.upstream(&self.local.service);
+        if !own.wait_ready(DISCOVERY_WAIT).await {
+            return false;
+        }
+        let policy = own.active().policy.as_ref().and_then(|p| p.authz.clone());
         let ask = match ask {
             Some((m, p)) => authz::Ask::Http(m, p),
             None => authz::Ask::Tcp,
@@ -339,10 +341,8 @@ impl Proxy {
         let Some(app) = self.app.clone() else {
             return error(StatusCode::NOT_FOUND, "no-app");
         };
-        if !self.authorized(
-            caller.as_deref(),
-            Some((req.method().as_str(), req.uri().path())),
-        ) {
+        let ask = (req.method().as_str(), req.uri().path());
+        if !self.authorized(caller.as_deref(), Some(ask)).await {
             let grpc = is_grpc(req.headers());
             self.metrics.forbidden.inc();
             let resp = reply(grpc, StatusCode::FORBIDDEN, "forbidden");

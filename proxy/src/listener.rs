@@ -285,7 +285,7 @@ async fn inbound_tls(
         .and_then(crate::identity::peer_id)
         .map(Arc::from);
     if conn.alpn_protocol() == Some(crate::identity::ALPN_TCP) {
-        if !proxy.authorized(caller.as_deref(), None) {
+        if !proxy.authorized(caller.as_deref(), None).await {
             proxy.refuse(
                 "forbidden",
                 peer,

@@ -300,6 +300,12 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         metrics,
     );
 
+    if args.app.is_some() {
+        // The service's own policy (authorization) must be known before
+        // inbound requests are let through.
+        proxy.upstream(&local_service);
+    }
+
     // Bind everything first: a taken port is a start-up error, not a surprise later.
     let mut listeners = Vec::new();
     let inbound = if args.app.is_some() {

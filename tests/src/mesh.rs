@@ -37,32 +37,42 @@ pub fn sidecar(
     app: SocketAddr,
     check: &str,
 ) -> Result<Process> {
+    sidecar_with(cp, service, name, app, check, &[])
+}
+
+/// [`sidecar`] with more flags.
+pub fn sidecar_with(
+    cp: &ControlPlane,
+    service: &str,
+    name: &str,
+    app: SocketAddr,
+    check: &str,
+    extra: &[&str],
+) -> Result<Process> {
     let app = app.to_string();
     let url = cp.url();
-    Process::start(
-        "wf-proxy",
-        &[
-            "--control-plane",
-            &url,
-            "--service",
-            service,
-            "--instance",
-            name,
-            "--app",
-            &app,
-            "--inbound",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--health-check",
-            check,
-            "--health-interval",
-            "200ms",
-            "--drain-timeout",
-            "2s",
-        ],
-        "wf-proxy listening",
-    )
+    let mut args = vec![
+        "--control-plane",
+        &url,
+        "--service",
+        service,
+        "--instance",
+        name,
+        "--app",
+        &app,
+        "--inbound",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--health-check",
+        check,
+        "--health-interval",
+        "200ms",
+        "--drain-timeout",
+        "2s",
+    ];
+    args.extend_from_slice(extra);
+    Process::start("wf-proxy", &args, "wf-proxy listening")
 }
 
 /// A `web` instance: lab-app plus sidecar checking `/healthz`.
