@@ -25,6 +25,10 @@ cargo build --release --workspace --bins
 bin=target/release
 data=${WAYFINDER_DATA_DIR:-./wf-data}
 export WAYFINDER_CONTROL_PLANE=http://127.0.0.1:15010
+# Secure by default: every sidecar gets a certificate with this run's token
+# and the sidecars speak mTLS to each other.
+WAYFINDER_JOIN_TOKEN=${WAYFINDER_JOIN_TOKEN:-lab-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')}
+export WAYFINDER_JOIN_TOKEN
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }

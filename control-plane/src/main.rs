@@ -67,7 +67,11 @@ struct Args {
     cert_lifetime: Duration,
     /// Join token sidecars present for a certificate: TOKEN, TOKEN:svc1,svc2
     /// (only those services), optionally @EXPIRES (Unix seconds). Repeatable.
-    #[arg(long = "join-token", env = "WAYFINDER_JOIN_TOKEN")]
+    #[arg(
+        long = "join-token",
+        env = "WAYFINDER_JOIN_TOKEN",
+        hide_env_values = true
+    )]
     join_tokens: Vec<JoinToken>,
     /// Serve gRPC over TLS with a certificate from the CA; clients trust CA_DIR/bundle.crt.
     #[arg(long, env = "WAYFINDER_TLS")]
