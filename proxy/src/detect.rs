@@ -1,10 +1,11 @@
 //! Protocol detection from a connection's first bytes.
 //!
-//! HTTP is recognised by a method token and a space (or the HTTP/2 preface);
-//! anything else is opaque TCP. A client that sends nothing within the
-//! detection window (server-speaks-first protocols: MySQL, SMTP, NATS) is
-//! relayed as opaque TCP at once, and the listener remembers it so later
-//! connections skip the wait entirely.
+//! HTTP is recognised by a method token and a space (or the HTTP/2 preface),
+//! mTLS from another sidecar by a TLS handshake record; anything else is
+//! opaque TCP. When a client sends nothing within the detection window, the
+//! listener connects to the target and lets whoever speaks first decide
+//! (`listener.rs`): server-speaks-first protocols (MySQL, SMTP, NATS) become
+//! opaque TCP and the port is remembered as such.
 
 /// What a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,8 +88,8 @@ mod tests {
         assert_eq!(classify(b"P"), None);
         assert_eq!(
             classify(b"\x16\x03\x01"),
-            Some(Protocol::Opaque),
-            "TLS is opaque here"
+            Some(Protocol::Tls),
+            "relayed as opaque TCP unless it is mTLS to an inbound side with an identity"
         );
         assert_eq!(
             classify(b"*1\r\n$4\r\nPING"),

@@ -529,7 +529,11 @@ pub async fn forward_upgrade(
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     let req = req.map(|b| ReplayBody::new(b, 0));
-    let mut resp = match clients.h1.request(req).await {
+    let client = match &clients.mesh_h1 {
+        Some(mesh) if ep.meshed => mesh,
+        _ => &clients.h1,
+    };
+    let mut resp = match client.request(req).await {
         Ok(r) => r,
         Err(e) => {
             let (status, reason) = SendError::Client(e).reply();

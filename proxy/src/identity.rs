@@ -9,7 +9,7 @@
 //! connections keep their session, new handshakes use the new certificate.
 //!
 //! Between sidecars: TLS 1.3 only, both sides authenticated, ALPN `h2` for
-//! HTTP and `wayfinder/tcp` for opaque TCP. The trust roots come with every
+//! HTTP (`http/1.1` for upgrades) and `wayfinder/tcp` for opaque TCP. The trust roots come with every
 //! certificate and every discovery snapshot, so a root can be rotated by
 //! publishing old and new roots together.
 
@@ -31,6 +31,8 @@ use wayfinder_proto::v1::{CertifyRequest, identity_client::IdentityClient};
 
 /// ALPN protocol for HTTP between sidecars.
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN protocol for HTTP/1.1 between sidecars (upgrades such as WebSocket).
+pub const ALPN_H1: &[u8] = b"http/1.1";
 /// ALPN protocol for opaque TCP between sidecars.
 pub const ALPN_TCP: &[u8] = b"wayfinder/tcp";
 /// Share of a certificate's lifetime after which it is renewed.
@@ -241,7 +243,7 @@ impl Identity {
         let mut cfg = ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
             .with_client_cert_verifier(Arc::new(Dynamic(self.clone())))
             .with_cert_resolver(Arc::new(Dynamic(self.clone())));
-        cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_TCP.to_vec()];
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_H1.to_vec(), ALPN_TCP.to_vec()];
         Arc::new(cfg)
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -203,7 +204,7 @@ async fn connection(
         }
         Some(Protocol::Opaque | Protocol::Tls) => {
             if let Some((server, slot)) = connect_target(&role, &proxy, peer).await {
-                relay(stream, server, slot, &role, &proxy).await;
+                relay(stream, server, &[], slot, &role, &proxy).await;
             }
         }
         // Host routing needs HTTP: a silent client just gets longer to speak.
@@ -219,36 +220,32 @@ async fn connection(
         // port is remembered as server-first; a client that was merely slow
         // still gets HTTP, so one slow client never turns a port opaque.
         None => {
-            let Some((server, slot)) = connect_target(&role, &proxy, peer).await else {
+            let Some((mut server, slot)) = connect_target(&role, &proxy, peer).await else {
                 return;
             };
-            let client_first = tokio::select! {
+            let mut greeting = vec![0u8; 4096];
+            let first = tokio::select! {
                 biased;
-                _ = stream.readable() => true,
-                _ = readable(&server) => false,
+                _ = stream.readable() => None,
+                r = server.read(&mut greeting) => Some(r),
             };
-            if client_first {
-                let proto = detect(&stream, window).await;
-                if let Some(Protocol::Http1 | Protocol::Http2) = proto {
-                    drop((server, slot));
-                    return serve_http(stream, peer, role, proxy, None, shutdown).await;
+            match first {
+                None => {
+                    let proto = detect(&stream, window).await;
+                    if let Some(Protocol::Http1 | Protocol::Http2) = proto {
+                        drop((server, slot));
+                        return serve_http(stream, peer, role, proxy, None, shutdown).await;
+                    }
+                    relay(stream, server, &[], slot, &role, &proxy).await;
                 }
-            } else {
-                server_first.store(true, Ordering::Relaxed);
+                Some(Ok(n)) if n > 0 => {
+                    server_first.store(true, Ordering::Relaxed);
+                    relay(stream, server, &greeting[..n], slot, &role, &proxy).await;
+                }
+                // The target closed or failed before anyone spoke.
+                Some(_) => {}
             }
-            relay(stream, server, slot, &role, &proxy).await;
         }
-    }
-}
-
-/// Resolves when the target has sent something (or closed).
-async fn readable(server: &Target) {
-    match server {
-        Target::Tcp(s) => {
-            let _ = s.readable().await;
-        }
-        // A TLS peer is a sidecar: it never speaks first.
-        Target::Stream(_) => std::future::pending().await,
     }
 }
 
@@ -294,7 +291,7 @@ async fn inbound_tls(
             return;
         }
         if let Some((server, slot)) = connect_target(&Role::Inbound, &proxy, peer).await {
-            relay(tls, server, slot, &Role::Inbound, &proxy).await;
+            relay(tls, server, &[], slot, &Role::Inbound, &proxy).await;
         }
         return;
     }
@@ -361,13 +358,6 @@ async fn serve_http<S>(
     }
 }
 
-/// Where an opaque relay goes: the app or a plain endpoint over TCP, or a
-/// sidecar over mTLS.
-enum Target {
-    Tcp(TcpStream),
-    Stream(Box<dyn Stream>),
-}
-
 /// Connects to the role's target for an opaque relay. Outbound, a connect
 /// failure moves on to the next endpoint (nothing was sent yet), up to the
 /// retry policy's attempts, and the relay holds a `max_connections` slot.
@@ -376,14 +366,14 @@ async fn connect_target(
     role: &Role,
     proxy: &Arc<Proxy>,
     peer: SocketAddr,
-) -> Option<(Target, Option<Permit>)> {
+) -> Option<(Box<dyn Stream>, Option<Permit>)> {
     let target = match role {
         Role::Inbound => match proxy.app() {
             Some(app) => TcpStream::connect(app)
                 .await
                 .map(|s| {
                     let _ = s.set_nodelay(true);
-                    (Target::Tcp(s), None)
+                    (Box::new(s) as Box<dyn Stream>, None)
                 })
                 .map_err(|e| format!("{app}: {e}")),
             None => Err("no app".to_string()),
@@ -403,7 +393,7 @@ async fn connect_target(
                 match connector.connect(ep.addr).await {
                     Ok(conn) => {
                         let (stream, slot) = conn.into_parts();
-                        result = Ok((Target::Stream(stream), Some(slot)));
+                        result = Ok((stream, Some(slot)));
                         break;
                     }
                     Err(e) => {
@@ -425,19 +415,23 @@ async fn connect_target(
     }
 }
 
-/// Relays bytes both ways until either side closes.
+/// Relays bytes both ways until either side closes; `greeting` is what the
+/// server already said.
 async fn relay<C: Stream>(
     mut client: C,
-    server: Target,
+    mut server: Box<dyn Stream>,
+    greeting: &[u8],
     _slot: Option<Permit>,
     role: &Role,
     proxy: &Proxy,
 ) {
-    let copied = match server {
-        Target::Tcp(mut s) => tokio::io::copy_bidirectional(&mut client, &mut s).await,
-        Target::Stream(mut s) => tokio::io::copy_bidirectional(&mut client, &mut s).await,
-    };
-    let (from_client, to_client) = copied.unwrap_or_default();
+    if !greeting.is_empty() && client.write_all(greeting).await.is_err() {
+        return;
+    }
+    let (from_client, mut to_client) = tokio::io::copy_bidirectional(&mut client, &mut server)
+        .await
+        .unwrap_or_default();
+    to_client += greeting.len() as u64;
     for (flow, n) in [("from_client", from_client), ("to_client", to_client)] {
         proxy
             .metrics

@@ -20,7 +20,7 @@ use wayfinder_proto::v1::{BalancerKind, DiscoveryMode, ServicePolicy};
 use crate::balance::{self, Balancer, EndpointStats, Kind};
 use crate::connector::{Connector, Limits, Tls};
 use crate::discovery::{Discovered, Origin, Update};
-use crate::identity::{ALPN_H2, ALPN_TCP, Identity};
+use crate::identity::{ALPN_H1, ALPN_H2, ALPN_TCP, Identity};
 use crate::metrics::{HealthLabels, ProxyMetrics, UpstreamLabels};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Breakers;
@@ -63,13 +63,25 @@ pub struct Clients {
     pub h2: Client<Connector, ReplayBody>,
     /// HTTP/2 over mTLS to sidecars, when this sidecar has an identity.
     pub mesh: Option<Client<Connector, ReplayBody>>,
+    /// HTTP/1.1 over mTLS to sidecars, for upgrades (WebSocket).
+    pub mesh_h1: Option<Client<Connector, ReplayBody>>,
     idle: Duration,
 }
 
 impl Clients {
     /// Clients whose pooled connections close after `idle` unused; `mesh`
-    /// is the mTLS connector to the service's sidecars, if any.
-    pub fn new(connector: Connector, idle: Duration, mesh: Option<Connector>) -> Self {
+    /// are the mTLS connectors (ALPN h2, http/1.1) to the service's sidecars.
+    pub fn new(connector: Connector, idle: Duration, mesh: Option<(Connector, Connector)>) -> Self {
+        let (mesh, mesh_h1) = match mesh {
+            Some((h2, h1)) => (Some(h2), Some(h1)),
+            None => (None, None),
+        };
+        let mesh_h1 = mesh_h1.map(|c| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(idle)
+                .build(c)
+        });
         let mesh = mesh.map(|c| {
             Client::builder(TokioExecutor::new())
                 .http2_only(true)
@@ -90,7 +102,13 @@ impl Clients {
             .pool_idle_timeout(idle)
             .http2_keep_alive_interval(Some(Duration::from_secs(30)))
             .build(connector);
-        Self { h1, h2, mesh, idle }
+        Self {
+            h1,
+            h2,
+            mesh,
+            mesh_h1,
+            idle,
+        }
     }
 }
 
@@ -188,6 +206,18 @@ fn mesh_connector(
     }))
 }
 
+/// The HTTP/2 and HTTP/1.1 mTLS connectors to the sidecars of `service`.
+fn mesh_connectors(
+    plain: &Connector,
+    identity: Option<&Arc<Identity>>,
+    service: &str,
+) -> Option<(Connector, Connector)> {
+    Some((
+        mesh_connector(plain, identity, service, ALPN_H2)?,
+        mesh_connector(plain, identity, service, ALPN_H1)?,
+    ))
+}
+
 fn origin_of(policy: Option<&ServicePolicy>, default: Origin) -> Origin {
     match policy.and_then(|p| DiscoveryMode::try_from(p.discovery).ok()) {
         Some(DiscoveryMode::Mesh) => Origin::Mesh,
@@ -224,7 +254,7 @@ impl Upstream {
         let limits = Arc::new(Limits::default());
         limits.set(&settings);
         let plain = Connector::new(breakers.clone(), limits.clone());
-        let mesh = mesh_connector(&plain, identity.as_ref(), name, ALPN_H2);
+        let mesh = mesh_connectors(&plain, identity.as_ref(), name);
         let clients = Clients::new(plain, settings.timeouts.idle, mesh);
         Arc::new(Self {
             name: name.to_string(),
@@ -480,7 +510,7 @@ impl Upstream {
         self.limits.set(&settings);
         if self.clients().idle != settings.timeouts.idle {
             let plain = self.connector();
-            let mesh = mesh_connector(&plain, self.identity.as_ref(), &self.name, ALPN_H2);
+            let mesh = mesh_connectors(&plain, self.identity.as_ref(), &self.name);
             let c = Clients::new(plain, settings.timeouts.idle, mesh);
             *self.clients.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use wayfinder_tests::mesh::{
-    admin_get, client, instance, instance_of, lab_app, sidecar, wait_serving,
+    admin_get, client, instance, instance_of, lab_app, sidecar_with, wait_serving,
 };
 use wayfinder_tests::{ControlPlane, Process, bounded, http_request, metric, wfctl};
 
@@ -115,6 +115,17 @@ async fn an_unhealthy_app_leaves_rotation_and_sigterm_deregisters() -> Result<()
 
 #[tokio::test]
 async fn server_speaks_first_protocols_work_without_a_stall() -> Result<()> {
+    server_speaks_first(false).await
+}
+
+#[tokio::test]
+async fn server_speaks_first_protocols_work_over_mtls_too() -> Result<()> {
+    server_speaks_first(true).await
+}
+
+async fn server_speaks_first(mtls: bool) -> Result<()> {
+    const TOKEN: &str = "smtp-token-0123456789";
+    let tok: &[&str] = if mtls { &["--join-token", TOKEN] } else { &[] };
     bounded(async {
         // A server that greets first, as SMTP, MySQL or NATS do, then echoes.
         let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -136,22 +147,20 @@ async fn server_speaks_first_protocols_work_without_a_stall() -> Result<()> {
                 });
             }
         });
-        let cp = ControlPlane::start(&[])?;
-        let _side = sidecar(&cp, "smtp", "smtp-1", app, "tcp")?;
+        let cp = ControlPlane::start(tok)?;
+        let _side = sidecar_with(&cp, "smtp", "smtp-1", app, "tcp", tok)?;
         wait_serving(&cp, "smtp", 1).await?;
         let url = cp.url();
-        let client = Process::start(
-            "wf-proxy",
-            &[
-                "--control-plane",
-                &url,
-                "--admin",
-                "127.0.0.1:0",
-                "--upstream",
-                "smtp=127.0.0.1:0",
-            ],
-            "wf-proxy listening",
-        )?;
+        let mut args = vec![
+            "--control-plane",
+            &url,
+            "--admin",
+            "127.0.0.1:0",
+            "--upstream",
+            "smtp=127.0.0.1:0",
+        ];
+        args.extend_from_slice(tok);
+        let client = Process::start("wf-proxy", &args, "wf-proxy listening")?;
         let addr = client.addr("upstreams=smtp=")?;
         for round in 0..3 {
             let started = Instant::now();
@@ -222,12 +231,23 @@ async fn proxy_errors_say_why() -> Result<()> {
 
 #[tokio::test]
 async fn grpc_chunked_bodies_and_upgrades_pass_through_two_sidecars() -> Result<()> {
+    protocols_through_two_sidecars(false).await
+}
+
+#[tokio::test]
+async fn grpc_chunked_bodies_and_upgrades_pass_through_two_sidecars_over_mtls() -> Result<()> {
+    protocols_through_two_sidecars(true).await
+}
+
+async fn protocols_through_two_sidecars(mtls: bool) -> Result<()> {
+    const TOKEN: &str = "protocols-token-0123456789";
+    let tok: &[&str] = if mtls { &["--join-token", TOKEN] } else { &[] };
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
+        let cp = ControlPlane::start(tok)?;
         let url = cp.url();
 
         // gRPC (h2c): wf-control's own Admin API, served behind a sidecar.
-        let _ctl_side = sidecar(&cp, "ctl", "ctl-1", cp.grpc, "tcp")?;
+        let _ctl_side = sidecar_with(&cp, "ctl", "ctl-1", cp.grpc, "tcp", tok)?;
         // An app that accepts an HTTP/1.1 Upgrade, then echoes raw bytes.
         let up_server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let up_addr = up_server.local_addr()?;
@@ -251,20 +271,18 @@ async fn grpc_chunked_bodies_and_upgrades_pass_through_two_sidecars() -> Result<
                 });
             }
         });
-        let _up_side = sidecar(&cp, "echo", "echo-1", up_addr, "tcp")?;
+        let _up_side = sidecar_with(&cp, "echo", "echo-1", up_addr, "tcp", tok)?;
         let (web_app, web_addr) = lab_app("web-1")?;
-        let _web_side = sidecar(&cp, "web", "web-1", web_addr, "/healthz")?;
+        let _web_side = sidecar_with(&cp, "web", "web-1", web_addr, "/healthz", tok)?;
         wait_serving(&cp, "ctl", 1).await?;
         wait_serving(&cp, "echo", 1).await?;
         wait_serving(&cp, "web", 1).await?;
-        let client = Process::start(
-            "wf-proxy",
-            &[
-                "--control-plane", &url, "--admin", "127.0.0.1:0", "--upstream", "ctl=127.0.0.1:0",
-                "--upstream", "echo=127.0.0.1:0", "--upstream", "web=127.0.0.1:0",
-            ],
-            "wf-proxy listening",
-        )?;
+        let mut args = vec![
+            "--control-plane", &url, "--admin", "127.0.0.1:0", "--upstream", "ctl=127.0.0.1:0",
+            "--upstream", "echo=127.0.0.1:0", "--upstream", "web=127.0.0.1:0",
+        ];
+        args.extend_from_slice(tok);
+        let client = Process::start("wf-proxy", &args, "wf-proxy listening")?;
 
         let ch = tonic::transport::Channel::from_shared(format!("http://{}", client.addr("ctl=")?))?
             .connect()
