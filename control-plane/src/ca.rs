@@ -62,6 +62,7 @@ pub struct Ca {
     trust_domain: String,
     intermediate: Issuer<'static, KeyPair>,
     intermediate_der: Vec<u8>,
+    root_der: Vec<u8>,
     bundle: Vec<Vec<u8>>,
     lifetime: Duration,
 }
@@ -189,6 +190,7 @@ impl Ca {
         let int_pem = std::fs::read_to_string(&int_crt).map_err(io(&int_crt))?;
         let intermediate = Issuer::from_ca_cert_pem(&int_pem, key).map_err(|e| bad(&int_crt, e))?;
         let intermediate_der = pem_certs(&int_crt)?.remove(0);
+        let root_der = pem_certs(&root_crt)?.remove(0);
         let bundle = if bundle_path.exists() {
             pem_certs(&bundle_path)?
         } else {
@@ -198,6 +200,7 @@ impl Ca {
             trust_domain: trust_domain.to_string(),
             intermediate,
             intermediate_der,
+            root_der,
             bundle,
             lifetime,
         })
@@ -271,8 +274,14 @@ impl Ca {
         })
     }
 
+    /// The root certificate (DER), whose SHA-256 clients may pin.
+    pub fn root(&self) -> &[u8] {
+        &self.root_der
+    }
+
     /// A serving certificate for the control plane itself, for `names`
-    /// (DNS names or IP addresses): chain PEM and key PEM.
+    /// (DNS names or IP addresses): chain PEM (leaf, intermediate, root, so
+    /// clients that pin the root find it) and key PEM.
     pub fn server_identity(&self, names: &[String]) -> Result<(String, String), CaError> {
         let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
         let mut p =
@@ -286,7 +295,7 @@ impl Ca {
             .signed_by(&key, &self.intermediate)
             .map_err(|e| CaError::Sign(e.to_string()))?;
         Ok((
-            cert.pem() + &pem(&self.intermediate_der),
+            cert.pem() + &pem(&self.intermediate_der) + &pem(&self.root_der),
             key.serialize_pem(),
         ))
     }
@@ -374,5 +383,24 @@ mod tests {
         let n = tampered.len();
         tampered[n - 5] ^= 0xff;
         assert!(matches!(ca.issue(&tampered, "web"), Err(CaError::Csr(_))));
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    #[test]
+    fn the_serving_chain_carries_leaf_intermediate_and_root() {
+        use rustls::pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca =
+            Ca::load_or_create(&dir.path().join("ca"), "lab.local", DEFAULT_LIFETIME).expect("ca");
+        let (chain, _) = ca.server_identity(&["localhost".into()]).expect("issued");
+        let certs: Vec<_> = CertificateDer::pem_slice_iter(chain.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("parses");
+        assert_eq!(certs.len(), 3, "{chain}");
+        assert_eq!(certs[2].as_ref(), ca.root());
     }
 }

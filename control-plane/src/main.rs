@@ -199,7 +199,12 @@ async fn run(args: Args) -> Result<()> {
     });
 
     // Tests and scripts pass port 0 and read the bound addresses from this line.
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = args.tls, ca = %ca_dir.display(), "wf-control serving");
+    let pin = {
+        let d = ring::digest::digest(&ring::digest::SHA256, ca.root());
+        let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    };
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = args.tls, ca = %ca_dir.display(), ca_pin = %pin, "wf-control serving");
     let mut grpc_stop = stop_rx;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod authz;
 pub mod balance;
 pub mod connector;
+pub mod control_plane;
 pub mod detect;
 pub mod discovery;
 pub mod http_proxy;

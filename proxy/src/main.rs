@@ -9,11 +9,11 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tonic::transport::Endpoint;
 use wayfinder_proto::policy::parse_duration;
 use wayfinder_proto::v1::{Health, Instance, Protocol};
 use wayfinder_proxy::admin;
 use wayfinder_proxy::balance::Kind;
+use wayfinder_proxy::control_plane::{self, Trust};
 use wayfinder_proxy::discovery::{Origin, Sources, dns};
 use wayfinder_proxy::http_proxy::{Local, Proxy};
 use wayfinder_proxy::listener::{self, Listener, Open, Role};
@@ -109,6 +109,9 @@ struct Args {
     /// Roots (PEM) to verify an https:// control plane with (wf-control's CA_DIR/bundle.crt).
     #[arg(long, env = "WAYFINDER_CA_BUNDLE")]
     ca_bundle: Option<std::path::PathBuf>,
+    /// Or the SHA-256 of wf-control's root certificate, `sha256:HEX` (it logs it at start).
+    #[arg(long, env = "WAYFINDER_CA_PIN", value_parser = control_plane::parse_pin)]
+    ca_pin: Option<[u8; 32]>,
     /// Share of new traces sampled, 0 to 1 (a caller's decision in `traceparent` is kept).
     #[arg(long, env = "WAYFINDER_TRACE_SAMPLING", default_value_t = 1.0, value_parser = sampling)]
     trace_sampling: f64,
@@ -227,26 +230,14 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         p if p.starts_with('/') => Check::Http(p.to_string()),
         other => bail!("--health-check {other:?}: use \"tcp\" or an HTTP path starting with '/'"),
     };
-    let mut endpoint = Endpoint::from_shared(args.control_plane.clone())
-        .with_context(|| format!("--control-plane {:?} is not a URL", args.control_plane))?;
-    if args.control_plane.starts_with("https://") {
-        let Some(path) = &args.ca_bundle else {
-            bail!("--control-plane is https: give --ca-bundle (wf-control's CA_DIR/bundle.crt)");
-        };
-        let pem = std::fs::read(path).with_context(|| format!("--ca-bundle {}", path.display()))?;
-        endpoint = endpoint
-            .tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-            )
-            .context("TLS to the control plane")?;
-    }
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy();
+    let trust = match (&args.ca_bundle, &args.ca_pin) {
+        (Some(path), _) => Trust::Bundle(
+            std::fs::read(path).with_context(|| format!("--ca-bundle {}", path.display()))?,
+        ),
+        (None, Some(pin)) => Trust::Pin(*pin),
+        (None, None) => Trust::None,
+    };
+    let channel = control_plane::channel(&args.control_plane, trust)?;
 
     let default_origin = if args.discovery == "dns" {
         Origin::Dns

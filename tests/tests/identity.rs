@@ -436,18 +436,74 @@ async fn the_control_plane_serves_grpc_over_tls_to_sidecars_that_trust_its_bundl
         let mut args = base.to_vec();
         args.extend_from_slice(&["--ca-bundle", &bundle]);
         let _sidecar = Process::start("wf-proxy", &args, "wf-proxy listening")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (status, body) = cp.get("/v1/services/web").await?;
-            if status == 200 && body.contains("\"serving\":1") {
-                break;
+        let serving = |n: usize| {
+            let cp = &cp;
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let (status, body) = cp.get("/v1/services/web").await?;
+                    if status == 200 && body.contains(&format!("\"serving\":{n}")) {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    if Instant::now() > deadline {
+                        bail!("{n} sidecars never registered over TLS: {status} {body}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
-            if Instant::now() > deadline {
-                bail!("the sidecar never registered over TLS: {status} {body}");
+        };
+        serving(1).await?;
+
+        // Bootstrapping from a pinned root instead of a bundle file: the
+        // control plane logs the pin; its chain carries the root.
+        let log = cp.log_text();
+        let pin = log
+            .split("ca_pin=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .context("ca_pin in the start-up line")?
+            .to_string();
+        let (app2, addr2) = lab_app("web-2")?;
+        let app2_addr = addr2.to_string();
+        let pinned = |pin: String, name: &'static str, app: String| {
+            let url = url.clone();
+            move || {
+                Process::start(
+                    "wf-proxy",
+                    &[
+                        "--control-plane",
+                        &url,
+                        "--service",
+                        "web",
+                        "--instance",
+                        name,
+                        "--app",
+                        &app,
+                        "--inbound",
+                        "127.0.0.1:0",
+                        "--admin",
+                        "127.0.0.1:0",
+                        "--ca-pin",
+                        &pin,
+                    ],
+                    "wf-proxy listening",
+                )
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        drop(app);
+        };
+        let _second = pinned(pin.clone(), "web-2", app2_addr.clone())()?;
+        serving(2).await?;
+        // A wrong pin: the sidecar starts, but never reaches the control plane.
+        let wrong = format!("sha256:{}", "ab".repeat(32));
+        let third = pinned(wrong, "web-3", app2_addr)()?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (_, body) = cp.get("/v1/services/web").await?;
+        assert!(body.contains("\"instances\":2"), "{body}");
+        assert!(
+            third.log_text().contains("pinned root"),
+            "{}",
+            third.log_text()
+        );
+        drop((app, app2));
         Ok(())
     })
     .await

@@ -204,9 +204,9 @@ async fn server_speaks_first(mtls: bool) -> Result<()> {
 async fn proxy_errors_say_why() -> Result<()> {
     bounded(async {
         let cp = ControlPlane::start(&[])?;
-        // A static endpoint nobody listens on.
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let (ok, _, err) = wfctl(&cp, &["register", "dead", &dead.to_string()])?;
+        // A static endpoint nobody listens on (a released ephemeral port
+        // could be taken by a process of a test running in parallel).
+        let (ok, _, err) = wfctl(&cp, &["register", "dead", "127.0.0.254:9"])?;
         assert!(ok, "{err}");
         let (_client, _, outbound) = client(&cp, &[])?;
 
