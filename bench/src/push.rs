@@ -213,6 +213,7 @@ async fn main() -> Result<()> {
                     })
                     .collect(),
                 node: format!("bench-{w}"),
+                ..Default::default()
             };
             let Ok(resp) = DiscoveryClient::new(ch).watch(req).await else {
                 return;

@@ -32,6 +32,7 @@ pub async fn run(ch: Channel, services: Vec<String>, count: u64, out: Format) ->
                 })
                 .collect(),
             node: "wfctl".into(),
+            ..Default::default()
         };
         let mut client = DiscoveryClient::new(ch.clone());
         let err = match client.watch(req).await {

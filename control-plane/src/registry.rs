@@ -695,6 +695,19 @@ impl Registry {
         }
     }
 
+    /// Whether a client holding roots with `sha256` needs the current bundle.
+    pub fn bundle_differs(&self, sha256: &[u8]) -> bool {
+        if sha256.is_empty() {
+            return false;
+        }
+        let b = self
+            .trust_bundle
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_default();
+        wayfinder_proto::bundle_sha256(&b) != sha256
+    }
+
     /// Starts watching `name` from `last_version` (0 = snapshot). Creates an
     /// empty entry for a service that does not exist yet, so its first
     /// registration reaches the watcher as a delta.

@@ -23,6 +23,16 @@ pub mod shared {
     include!(concat!(env!("OUT_DIR"), "/shared/wayfinder.v1.rs"));
 }
 
+/// SHA-256 over DER roots concatenated in order: how a watcher tells the
+/// control plane which trust bundle it has.
+pub fn bundle_sha256(roots: &[Vec<u8>]) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for r in roots {
+        ctx.update(r);
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
 /// Largest gRPC message either side accepts (4 MiB, tonic's default, stated
 /// here so client and server agree).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

@@ -76,6 +76,8 @@ pub struct Identity {
     channel: Channel,
     current: RwLock<Current>,
     verifiers: RwLock<Verifiers>,
+    /// SHA-256 of the roots trusted now (sent with watches).
+    bundle_sha256: RwLock<Vec<u8>>,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -166,6 +168,7 @@ impl Identity {
             token: token.to_string(),
             channel,
             verifiers: RwLock::new(verifiers(&bundle)?),
+            bundle_sha256: RwLock::new(wayfinder_proto::bundle_sha256(&bundle)),
             current: RwLock::new(current),
         }))
     }
@@ -213,14 +216,30 @@ impl Identity {
         if ders.is_empty() {
             return;
         }
+        let sha = wayfinder_proto::bundle_sha256(ders);
+        if self.bundle_sha256.read().is_ok_and(|b| *b == sha) {
+            return;
+        }
         match verifiers(ders) {
             Ok(v) => {
                 if let Ok(mut cur) = self.verifiers.write() {
                     *cur = v;
                 }
+                if let Ok(mut b) = self.bundle_sha256.write() {
+                    *b = sha;
+                }
+                tracing::info!(roots = ders.len(), "trust bundle updated");
             }
             Err(e) => tracing::warn!(error = %e, "trust bundle ignored"),
         }
+    }
+
+    /// SHA-256 of the trusted roots, as watch requests carry it.
+    pub fn bundle_sha256(&self) -> Vec<u8> {
+        self.bundle_sha256
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_default()
     }
 
     /// This sidecar's SPIFFE ID.

@@ -55,6 +55,7 @@ async fn watch(cp: &ControlPlane, services: &[(&str, u64)]) -> Result<Streaming<
             })
             .collect(),
         node: "test".into(),
+        ..Default::default()
     };
     Ok(DiscoveryClient::new(cp.channel().await?)
         .watch(req)
@@ -373,6 +374,7 @@ async fn a_watcher_that_never_reads_does_not_hold_back_the_others() -> Result<()
                     last_version: 0,
                 }],
                 node: "stuck".into(),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -604,6 +606,7 @@ async fn bad_input_is_refused_and_the_server_keeps_serving() -> Result<()> {
                     last_version: 0,
                 }],
                 node: String::new(),
+                ..Default::default()
             })
             .await
             .expect_err("bad name");

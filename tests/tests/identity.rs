@@ -508,3 +508,56 @@ async fn the_control_plane_serves_grpc_over_tls_to_sidecars_that_trust_its_bundl
     })
     .await
 }
+
+#[tokio::test]
+async fn a_root_added_to_the_bundle_is_trusted_by_running_sidecars_after_a_restart() -> Result<()> {
+    bounded(async {
+        let mut cp = ControlPlane::start(&["--join-token", TOKEN])?;
+        let (_app, web) = web(&cp, &[])?;
+        wait_serving(&cp, "web", 1).await?;
+        let inbound = web.addr("inbound=")?;
+
+        // The next root, and a client certificate under it.
+        let next_key = rcgen::KeyPair::generate()?;
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "next root");
+        let next = rcgen::CertifiedIssuer::self_signed(p, next_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let mut leaf =
+            rcgen::CertificateParams::new(vec!["client.svc.wayfinder.local".to_string()])?;
+        leaf.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://wayfinder.local/svc/client".try_into()?,
+        ));
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = leaf.signed_by(&key, &next)?;
+        let connector = tls_client(&cp, vec![cert.der().to_vec()], &key)?;
+        assert!(
+            handshake(inbound, &connector).await.is_err(),
+            "not trusted yet"
+        );
+
+        // Publish old and new roots together; the sidecar learns it from its
+        // next snapshot, without a restart of its own.
+        let bundle = cp.data.path().join("ca/bundle.crt");
+        let mut pem = std::fs::read_to_string(&bundle)?;
+        pem.push_str(&next.pem());
+        std::fs::write(&bundle, pem)?;
+        cp.terminate()?;
+        cp.restart()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while handshake(inbound, &connector).await.is_err() {
+            let e = handshake(inbound, &connector).await.err();
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the new root never reached the sidecar: {e:?}\n{}",
+                web.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    })
+    .await
+}

@@ -71,6 +71,7 @@ async fn policy_file_reload_applies_valid_changes_and_keeps_the_policy_on_errors
                     last_version: 0,
                 }],
                 node: "test".into(),
+                ..Default::default()
             })
             .await?
             .into_inner();

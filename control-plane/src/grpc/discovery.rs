@@ -134,7 +134,10 @@ impl discovery_server::Discovery for DiscoveryService {
 
         let mut initial = Vec::new();
         let mut streams = StreamMap::new();
+        // A client with another trust bundle gets snapshots (they carry it).
+        let new_bundle = self.registry.bundle_differs(&req.trust_bundle_sha256);
         for (name, last) in wanted {
+            let last = if new_bundle { 0 } else { last };
             let sub = self.registry.subscribe(&name, last);
             if sub.snapshot {
                 self.metrics

@@ -47,6 +47,10 @@ pub async fn run(
                 last_version,
             }],
             node: node.clone(),
+            trust_bundle_sha256: identity
+                .as_ref()
+                .map(|i| i.bundle_sha256())
+                .unwrap_or_default(),
         };
         match DiscoveryClient::new(channel.clone()).watch(req).await {
             Ok(resp) => {
