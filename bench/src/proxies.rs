@@ -1,0 +1,618 @@
+//! Proxy benchmark: the same backend reached directly, through one
+//! wf-proxy hop, through two sidecars (plaintext and mTLS), through HAProxy
+//! and through nginx, measured in one run on one machine.
+//!
+//! For each target: HTTP/1.1 keep-alive maximum throughput at 32
+//! connections (wrk), HTTP/2 maximum throughput (h2load, 32 connections ×
+//! 10 streams), latency percentiles at a fixed rate of half the HTTP/1.1
+//! maximum (a paced generator here, timed from each request's scheduled
+//! start so a stall is not hidden), the proxy's CPU per 1,000 requests, and
+//! its RSS idle and with 1,000 open connections. Run it with `bench/run.sh`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use wayfinder_bench::{machine, svg};
+
+#[derive(Parser, Debug)]
+#[command(about = "wf-proxy beside HAProxy and nginx, one run")]
+struct Args {
+    /// Directory of wf-control, wf-proxy, lab-app and wfctl.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Seconds per throughput measurement.
+    #[arg(long, default_value_t = 5)]
+    secs: u64,
+    /// Seconds of the fixed-rate latency run.
+    #[arg(long, default_value_t = 5)]
+    paced_secs: u64,
+    /// Where the report goes.
+    #[arg(long, default_value = "bench/results")]
+    out_dir: PathBuf,
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Procs {
+    fn spawn(&mut self, bin: &Path, args: &[String], log: &Path) -> Result<u32> {
+        let out = std::fs::File::create(log)?;
+        let child = Command::new(bin)
+            .args(args)
+            .env("WAYFINDER_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id();
+        self.0.push(child);
+        Ok(pid)
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+async fn wait_for(addr: SocketAddr, path: &str, ok: impl Fn(u16, &str) -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((status, body)) = wayfinder_tests::http_get(addr, path).await
+            && ok(status, &body)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{addr}{path} did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// CPU seconds (user + system) a process used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_secs(*p)).sum()
+}
+
+fn rss_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| machine::rss_mib(*p).0).sum()
+}
+
+/// One thing to measure: where clients send, and which processes are the proxy.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    proxy_pids: Vec<u32>,
+    h2: bool,
+}
+
+/// `wrk`: requests per second and p99 (ms) at 32 keep-alive connections.
+fn wrk(addr: SocketAddr, secs: u64) -> Result<(f64, f64)> {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c32", &format!("-d{secs}s"), "--latency"])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("wrk output: {text}"))?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .and_then(|v| duration_ms(v.trim()))
+        .unwrap_or(f64::NAN);
+    Ok((rps, p99))
+}
+
+fn duration_ms(v: &str) -> Option<f64> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1e3,
+        "ms" => n,
+        "s" => n * 1e3,
+        _ => return None,
+    })
+}
+
+/// `h2load`: requests per second over HTTP/2 (h2c), 32 connections × 10 streams.
+fn h2load(addr: SocketAddr, secs: u64) -> Result<f64> {
+    let out = Command::new("h2load")
+        .args(["-c32", "-m10", "-t1", &format!("-D{secs}")])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let l = l.strip_prefix("finished in ")?;
+            l.split(", ")
+                .nth(1)?
+                .strip_suffix(" req/s")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("h2load output: {text}"))
+}
+
+/// Latency at a fixed `rate` over 32 connections: each request is timed from
+/// when it was due, so a stall shows in every request it delays.
+async fn paced(addr: SocketAddr, rate: f64, secs: u64) -> Vec<f64> {
+    let conns = 32usize;
+    let per_conn = Duration::from_secs_f64(conns as f64 / rate.max(1.0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(1)
+                .build_http();
+            let uri: hyper::Uri = match format!("http://{addr}/").parse() {
+                Ok(u) => u,
+                Err(_) => return Vec::new(),
+            };
+            let start = tokio::time::Instant::now() + per_conn.mul_f64(c as f64 / conns as f64);
+            let mut due = start;
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep_until(due).await;
+                let req = hyper::Request::get(uri.clone()).body(Empty::new());
+                if let Ok(req) = req
+                    && let Ok(resp) = client.request(req).await
+                {
+                    let _ = resp.into_body().collect().await;
+                    lat.push(due.elapsed().as_secs_f64() * 1e3);
+                }
+                due += per_conn;
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        if let Ok(l) = t.await {
+            all.extend(l);
+        }
+    }
+    all.sort_by(f64::total_cmp);
+    all
+}
+
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// Opens `n` keep-alive connections that each made one request, and keeps
+/// them open until dropped.
+async fn open_connections(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+            break;
+        };
+        if s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+            .await
+            .is_ok()
+        {
+            let mut buf = [0u8; 512];
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+            conns.push(s);
+        }
+    }
+    conns
+}
+
+struct Row {
+    name: &'static str,
+    h1_rps: f64,
+    h1_p99: f64,
+    h2_rps: Option<f64>,
+    paced: Vec<f64>,
+    rate: f64,
+    cpu_ms_per_1000: Option<f64>,
+    rss_idle: Option<f64>,
+    rss_1000: Option<f64>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    for b in ["wrk", "h2load", "haproxy", "nginx"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {b} || test -x /usr/sbin/{b}")])
+            .output();
+        if !found.is_ok_and(|o| o.status.success()) {
+            bail!("{b} is missing: run bench/run.sh, which installs it");
+        }
+    }
+    let work = tempfile::tempdir()?;
+    let dir = work.path();
+    let mut procs = Procs(Vec::new());
+    let bin = |n: &str| args.bin_dir.join(n);
+
+    println!("== starting the backend, the control plane and the proxies");
+    let app = free_port()?;
+    procs.spawn(
+        &bin("lab-app"),
+        &[
+            s("--listen"),
+            local(app).to_string(),
+            s("--name"),
+            s("web-1"),
+        ],
+        &dir.join("app.log"),
+    )?;
+    wait_for(local(app), "/healthz", |st, _| st == 200).await?;
+
+    let token = "bench-token-0123456789";
+    let (grpc, http) = (free_port()?, free_port()?);
+    procs.spawn(
+        &bin("wf-control"),
+        &[
+            s("--grpc"),
+            local(grpc).to_string(),
+            s("--http"),
+            local(http).to_string(),
+            s("--data-dir"),
+            dir.join("data").to_string_lossy().to_string(),
+            s("--join-token"),
+            s(token),
+        ],
+        &dir.join("control.log"),
+    )?;
+    wait_for(local(http), "/healthz", |st, _| st == 200).await?;
+    let cp = format!("http://{}", local(grpc));
+    // The backend as a plain (non-meshed) static endpoint, for one hop.
+    let status = Command::new(bin("wfctl"))
+        .env("WAYFINDER_CONTROL_PLANE", &cp)
+        .args(["register", "direct", &local(app).to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "wfctl register failed");
+
+    let mut sidecar =
+        |service: Option<&str>, name: &str, extra: Vec<String>| -> Result<(u32, u16, u16)> {
+            let (listen, admin) = (free_port()?, free_port()?);
+            let mut a = vec![
+                s("--control-plane"),
+                cp.clone(),
+                s("--admin"),
+                local(admin).to_string(),
+                s("--instance"),
+                s(name),
+            ];
+            if let Some(svc) = service {
+                a.extend([
+                    s("--service"),
+                    s(svc),
+                    s("--app"),
+                    local(app).to_string(),
+                    s("--inbound"),
+                    local(listen).to_string(),
+                ]);
+            }
+            a.extend(extra);
+            let pid = procs.spawn(&bin("wf-proxy"), &a, &dir.join(format!("{name}.log")))?;
+            Ok((pid, listen, admin))
+        };
+    // One hop: a client-only sidecar straight to the backend.
+    let one_port = free_port()?;
+    let (one_pid, _, one_admin) = sidecar(
+        None,
+        "one-hop",
+        vec![s("--upstream"), format!("direct={}", local(one_port))],
+    )?;
+    // Two hops, plaintext and mTLS: client sidecar → server sidecar → backend.
+    let (web_pid, _, _) = sidecar(Some("web"), "web-plain", vec![])?;
+    let two_port = free_port()?;
+    let (two_pid, _, two_admin) = sidecar(
+        None,
+        "two-hop",
+        vec![s("--upstream"), format!("web={}", local(two_port))],
+    )?;
+    let (webs_pid, _, _) = sidecar(Some("webs"), "web-mtls", vec![s("--join-token"), s(token)])?;
+    let mtls_port = free_port()?;
+    let (mtls_pid, _, mtls_admin) = sidecar(
+        None,
+        "two-hop-mtls",
+        vec![
+            s("--upstream"),
+            format!("webs={}", local(mtls_port)),
+            s("--join-token"),
+            s(token),
+        ],
+    )?;
+    for admin in [one_admin, two_admin, mtls_admin] {
+        wait_for(local(admin), "/endpoints", |_, b| {
+            b.contains("\"healthy\":true")
+        })
+        .await?;
+    }
+
+    // HAProxy and nginx, one hop each, tuned as a lab would: keep-alive to
+    // the backend, one worker/thread as the sidecar's fair share.
+    let ha_port = free_port()?;
+    let ha_cfg = format!(
+        "global\n    maxconn 20000\n    nbthread 1\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    \
+         timeout server 30s\n    option http-keep-alive\n\nfrontend web\n    bind 127.0.0.1:{ha_port} proto h2,http/1.1\n    \
+         default_backend web\n\nbackend web\n    http-reuse always\n    server web1 {}\n",
+        local(app)
+    );
+    // h2c on one bind needs HTTP/1 and HTTP/2 detection: HAProxy does it
+    // when `proto` is not forced; keep the default for HTTP/1 and a second
+    // bind for h2c.
+    let ha_h2 = free_port()?;
+    let ha_cfg = ha_cfg.replace(
+        &format!("bind 127.0.0.1:{ha_port} proto h2,http/1.1"),
+        &format!("bind 127.0.0.1:{ha_port}\n    bind 127.0.0.1:{ha_h2} proto h2"),
+    );
+    std::fs::write(dir.join("haproxy.cfg"), &ha_cfg)?;
+    let haproxy = which("haproxy");
+    let ha_pid = procs.spawn(
+        &haproxy,
+        &[
+            s("-db"),
+            s("-f"),
+            dir.join("haproxy.cfg").to_string_lossy().to_string(),
+        ],
+        &dir.join("haproxy.log"),
+    )?;
+    let ng_port = free_port()?;
+    let ng_h2 = free_port()?;
+    let p = dir.to_string_lossy();
+    let ng_cfg = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/nginx-error.log;\n\
+         events {{ worker_connections 20000; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {p}/body;\n    \
+         proxy_temp_path {p}/proxy;\n    fastcgi_temp_path {p}/fcgi;\n    uwsgi_temp_path {p}/uwsgi;\n    scgi_temp_path {p}/scgi;\n    \
+         upstream web {{ server {}; keepalive 64; }}\n    \
+         server {{ listen 127.0.0.1:{ng_port}; listen 127.0.0.1:{ng_h2} http2; keepalive_requests 1000000;\n        \
+         location / {{ proxy_pass http://web; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
+        local(app)
+    );
+    std::fs::write(dir.join("nginx.conf"), &ng_cfg)?;
+    let ng_pid = procs.spawn(
+        &which("nginx"),
+        &[
+            s("-p"),
+            p.to_string(),
+            s("-c"),
+            dir.join("nginx.conf").to_string_lossy().to_string(),
+        ],
+        &dir.join("nginx.log"),
+    )?;
+    for port in [ha_port, ng_port, one_port, two_port, mtls_port] {
+        wait_for(local(port), "/", |st, _| st == 200).await?;
+    }
+
+    let targets = [
+        Target {
+            name: "direct",
+            addr: local(app),
+            proxy_pids: vec![],
+            h2: true,
+        },
+        Target {
+            name: "wf-proxy, one hop",
+            addr: local(one_port),
+            proxy_pids: vec![one_pid],
+            h2: true,
+        },
+        Target {
+            name: "wf-proxy, two hops",
+            addr: local(two_port),
+            proxy_pids: vec![two_pid, web_pid],
+            h2: true,
+        },
+        Target {
+            name: "wf-proxy, two hops mTLS",
+            addr: local(mtls_port),
+            proxy_pids: vec![mtls_pid, webs_pid],
+            h2: true,
+        },
+        Target {
+            name: "HAProxy",
+            addr: local(ha_port),
+            proxy_pids: vec![ha_pid],
+            h2: true,
+        },
+        Target {
+            name: "nginx",
+            addr: local(ng_port),
+            proxy_pids: vec![ng_pid],
+            h2: true,
+        },
+    ];
+    let h2_addr = |t: &Target| match t.name {
+        "HAProxy" => local(ha_h2),
+        "nginx" => local(ng_h2),
+        _ => t.addr,
+    };
+    let mut rows = Vec::new();
+    for t in &targets {
+        println!("== {}", t.name);
+        let rss_idle = (!t.proxy_pids.is_empty()).then(|| rss_of(&t.proxy_pids));
+        // Warm up connections and caches.
+        let _ = wrk(t.addr, 1);
+        let cpu0 = cpu_of(&t.proxy_pids);
+        let (h1_rps, h1_p99) = wrk(t.addr, args.secs)?;
+        let cpu = cpu_of(&t.proxy_pids) - cpu0;
+        println!("   HTTP/1.1: {h1_rps:.0} req/s, p99 {h1_p99:.2} ms at full load");
+        let h2_rps = if t.h2 {
+            h2load(h2_addr(t), args.secs).ok()
+        } else {
+            None
+        };
+        if let Some(r) = h2_rps {
+            println!("   HTTP/2: {r:.0} req/s");
+        }
+        let rate = h1_rps / 2.0;
+        let lat = paced(t.addr, rate, args.paced_secs).await;
+        println!(
+            "   at {rate:.0} req/s: p50 {:.3} ms, p99 {:.3} ms",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99)
+        );
+        let rss_1000 = if t.proxy_pids.is_empty() {
+            None
+        } else {
+            let conns = open_connections(t.addr, 1000).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let r = rss_of(&t.proxy_pids);
+            println!(
+                "   RSS {:.1} MiB idle, {r:.1} MiB with {} connections",
+                rss_idle.unwrap_or(0.0),
+                conns.len()
+            );
+            drop(conns);
+            Some(r)
+        };
+        rows.push(Row {
+            name: t.name,
+            h1_rps,
+            h1_p99,
+            h2_rps,
+            paced: lat,
+            rate,
+            cpu_ms_per_1000: (!t.proxy_pids.is_empty())
+                .then(|| cpu * 1e3 / (h1_rps * args.secs as f64) * 1e3),
+            rss_idle,
+            rss_1000,
+        });
+    }
+    report(&args, &rows)
+}
+
+fn which(name: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from(name)
+}
+
+fn report(args: &Args, rows: &[Row]) -> Result<()> {
+    let date = machine::date();
+    let fmt = |v: Option<f64>, d: usize| v.map_or("–".to_string(), |v| format!("{v:.d$}"));
+    let mut md = format!(
+        "# Proxies side by side ({date})\n\nMachine: {}. Everything on loopback on this machine: load generators (wrk, h2load, a paced \
+         generator), proxies and the backend (lab-app) share the cores, so the numbers are ratios for this machine, not capacities.\n\n\
+         HTTP/1.1: wrk, 1 thread, 32 keep-alive connections, {} s. HTTP/2: h2load, 32 connections × 10 streams, {} s (h2c). \
+         Fixed rate: half the HTTP/1.1 maximum of the same target, 32 connections, {} s, latency from each request's scheduled start. \
+         CPU: the proxy processes' user + system time during the HTTP/1.1 run. RSS: the proxy processes, idle and with 1,000 open \
+         keep-alive connections. Two hops count both sidecars.\n\n\
+         | target | HTTP/1.1 req/s | HTTP/2 req/s | half rate req/s | p50 ms @ half | p99 ms @ half | p99 ms @ max | CPU ms / 1,000 req | RSS idle MiB | RSS 1,000 conns MiB |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        machine::describe(),
+        args.secs,
+        args.secs,
+        args.paced_secs
+    );
+    for r in rows {
+        md += &format!(
+            "| {} | {:.0} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {} | {} | {} |\n",
+            r.name,
+            r.h1_rps,
+            fmt(r.h2_rps, 0),
+            r.rate,
+            pct(&r.paced, 0.5),
+            pct(&r.paced, 0.99),
+            r.h1_p99,
+            fmt(r.cpu_ms_per_1000, 1),
+            fmt(r.rss_idle, 1),
+            fmt(r.rss_1000, 1),
+        );
+    }
+    let find = |n: &str| rows.iter().find(|r| r.name == n);
+    if let (Some(one), Some(ha), Some(direct), Some(two)) = (
+        find("wf-proxy, one hop"),
+        find("HAProxy"),
+        find("direct"),
+        find("wf-proxy, two hops"),
+    ) {
+        md += &format!(
+            "\nTargets (issue 9), as ratios in this run:\n\n\
+             - one hop ÷ HAProxy, HTTP/1.1 req/s: **{:.2}** (target ≥ 1.1)\n\
+             - two hops − direct, p99 at half rate: **{:+.3} ms** (target ≤ 0.6 ms; each at half its own maximum)\n\
+             - one-hop RSS: **{} MiB idle, {} MiB with 1,000 connections** (targets ≤ 8 and ≤ 25)\n",
+            one.h1_rps / ha.h1_rps,
+            pct(&two.paced, 0.99) - pct(&direct.paced, 0.99),
+            fmt(one.rss_idle, 1),
+            fmt(one.rss_1000, 1),
+        );
+    }
+    let svg_name = format!("proxies-{date}.svg");
+    md += &format!("\n![latency at half rate]({svg_name})\n");
+    let colors = [
+        "#7f7f7f", "#1f77b4", "#17becf", "#9467bd", "#d62728", "#2ca02c",
+    ];
+    let curves: Vec<_> = rows
+        .iter()
+        .zip(colors)
+        .map(|(r, color)| svg::Curve {
+            label: r.name,
+            sorted_ms: &r.paced,
+            color,
+        })
+        .collect();
+    std::fs::create_dir_all(&args.out_dir)?;
+    std::fs::write(
+        args.out_dir.join(&svg_name),
+        svg::cdf("Latency at half of each target's maximum (CDF)", &curves),
+    )?;
+    let path = args.out_dir.join(format!("proxies-{date}.md"));
+    std::fs::write(&path, &md)?;
+    println!("\n{md}\nwritten to {}", path.display());
+    Ok(())
+}
