@@ -383,7 +383,7 @@ async fn main() -> Result<()> {
     // the backend, one worker/thread as the sidecar's fair share.
     let ha_port = free_port()?;
     let ha_cfg = format!(
-        "global\n    maxconn 20000\n    nbthread 1\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    \
+        "global\n    maxconn 8000\n    nbthread 1\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    \
          timeout server 30s\n    option http-keep-alive\n\nfrontend web\n    bind 127.0.0.1:{ha_port} proto h2,http/1.1\n    \
          default_backend web\n\nbackend web\n    http-reuse always\n    server web1 {}\n",
         local(app)
@@ -430,8 +430,17 @@ async fn main() -> Result<()> {
         ],
         &dir.join("nginx.log"),
     )?;
-    for port in [ha_port, ng_port, one_port, two_port, mtls_port] {
-        wait_for(local(port), "/", |st, _| st == 200).await?;
+    for (port, log) in [
+        (ha_port, "haproxy.log"),
+        (ng_port, "nginx-error.log"),
+        (one_port, "one-hop.log"),
+        (two_port, "two-hop.log"),
+        (mtls_port, "two-hop-mtls.log"),
+    ] {
+        if let Err(e) = wait_for(local(port), "/", |st, _| st == 200).await {
+            let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+            bail!("{e}: {log}:\n{text}");
+        }
     }
 
     let targets = [

@@ -335,6 +335,10 @@ impl Upstream {
 
     /// Waits up to `limit` for the first discovery answer.
     pub async fn wait_ready(&self, limit: Duration) -> bool {
+        // The common case, without a subscription and a timer per request.
+        if self.is_ready() {
+            return true;
+        }
         let mut rx = self.ready.subscribe();
         tokio::time::timeout(limit, rx.wait_for(|r| *r))
             .await
