@@ -41,6 +41,9 @@ struct Args {
     out_dir: PathBuf,
 }
 
+/// Rounds of the throughput measurement (the median is reported).
+const ROUNDS: usize = 3;
+
 struct Procs(Vec<Child>);
 
 impl Drop for Procs {
@@ -488,23 +491,35 @@ async fn main() -> Result<()> {
     };
     // First every maximum, then latency for all at one common rate: half
     // the two-hop maximum, so "added latency" compares like with like.
+    // Throughput is the median of three rounds that visit the targets in
+    // turn: on a small shared machine one round can be off by a third.
+    let mut h1: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+    for round in 1..=ROUNDS {
+        for (i, t) in targets.iter().enumerate() {
+            let _ = wrk(t.addr, 1);
+            let cpu0 = cpu_of(&t.proxy_pids);
+            let (rps, p99) = wrk(t.addr, args.secs)?;
+            let cpu = cpu_of(&t.proxy_pids) - cpu0;
+            println!(
+                "== round {round}: {}: HTTP/1.1 {rps:.0} req/s, p99 {p99:.2} ms at full load",
+                t.name
+            );
+            h1[i].push((rps, p99, cpu));
+        }
+    }
     let mut rows = Vec::new();
-    for t in &targets {
-        println!("== {}", t.name);
+    for (i, t) in targets.iter().enumerate() {
+        let mut runs = h1[i].clone();
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (h1_rps, h1_p99, cpu) = runs[runs.len() / 2];
         let rss_idle = (!t.proxy_pids.is_empty()).then(|| rss_of(&t.proxy_pids));
-        // Warm up connections and caches.
-        let _ = wrk(t.addr, 1);
-        let cpu0 = cpu_of(&t.proxy_pids);
-        let (h1_rps, h1_p99) = wrk(t.addr, args.secs)?;
-        let cpu = cpu_of(&t.proxy_pids) - cpu0;
-        println!("   HTTP/1.1: {h1_rps:.0} req/s, p99 {h1_p99:.2} ms at full load");
         let h2_rps = if t.h2 {
             h2load(h2_addr(t), args.secs).ok()
         } else {
             None
         };
         if let Some(r) = h2_rps {
-            println!("   HTTP/2: {r:.0} req/s");
+            println!("== {}: HTTP/2 {r:.0} req/s", t.name);
         }
         let rss_1000 = if t.proxy_pids.is_empty() {
             None
@@ -567,7 +582,7 @@ fn report(args: &Args, rows: &[Row]) -> Result<()> {
     let mut md = format!(
         "# Proxies side by side ({date})\n\nMachine: {}. Everything on loopback on this machine: load generators (wrk, h2load, a paced \
          generator), proxies and the backend (lab-app) share the cores, so the numbers are ratios for this machine, not capacities.\n\n\
-         HTTP/1.1: wrk, 1 thread, 32 keep-alive connections, {} s. HTTP/2: h2load, 32 connections × 10 streams, {} s (h2c). \
+         HTTP/1.1: wrk, 1 thread, 32 keep-alive connections, {} s, median of 3 rounds visiting the targets in turn. HTTP/2: h2load, 32 connections × 10 streams, {} s (h2c). \
          Fixed rate: one rate for every target, half the HTTP/1.1 maximum of two hops, 32 connections, {} s, latency from each request's scheduled start. \
          CPU: the proxy processes' user + system time during the HTTP/1.1 run. RSS: the proxy processes, idle and with 1,000 open \
          keep-alive connections. Two hops count both sidecars.\n\n\
