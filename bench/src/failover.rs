@@ -10,13 +10,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
+use wayfinder_bench::lab::{Procs, free_port, local, wait_for};
 use wayfinder_bench::{machine, svg};
 use wayfinder_tests::load::{self, Report, Spec};
 
@@ -45,66 +45,6 @@ struct Args {
 
 /// Requests after the kill whose latency shows the disruption.
 const AFTER: usize = 2_000;
-
-/// Child processes killed on drop.
-#[derive(Default)]
-struct Procs(Vec<Child>);
-
-impl Procs {
-    fn spawn(&mut self, bin: &Path, args: &[&str], log: &Path) -> Result<usize> {
-        let out = std::fs::File::create(log)?;
-        let child = Command::new(bin)
-            .args(args)
-            .env("WAYFINDER_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        self.0.push(child);
-        Ok(self.0.len() - 1)
-    }
-
-    fn kill(&mut self, i: usize) {
-        let _ = self.0[i].kill();
-        let _ = self.0[i].wait();
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// Polls `addr` + `path` until the body satisfies `ok`.
-async fn wait_for(addr: SocketAddr, path: &str, ok: impl Fn(u16, &str) -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok((status, body)) = wayfinder_tests::http_get(addr, path).await
-            && ok(status, &body)
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{addr}{path} did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A target under test: where clients send, and which processes die midway.
 struct Setup {

@@ -6,12 +6,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
+use wayfinder_bench::lab::{Procs, free_port, local, wait_for};
 use wayfinder_bench::{machine, svg};
 use wayfinder_proto::v1::{CertifyRequest, identity_client::IdentityClient};
 use wayfinder_tests::load::{self, Report, Spec};
@@ -38,56 +39,6 @@ struct Args {
 
 const TOKEN: &str = "bench-token-0123456789";
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn spawn(procs: &mut Procs, bin: &Path, args: &[String], log: &Path) -> Result<()> {
-    let out = std::fs::File::create(log)?;
-    let child = Command::new(bin)
-        .args(args)
-        .env("WAYFINDER_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    procs.0.push(child);
-    Ok(())
-}
-
-async fn wait_for(addr: SocketAddr, path: &str, ok: impl Fn(u16, &str) -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok((status, body)) = wayfinder_tests::http_get(addr, path).await
-            && ok(status, &body)
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{addr}{path} did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 struct Lab {
     _procs: Procs,
     front: SocketAddr,
@@ -96,7 +47,7 @@ struct Lab {
 }
 
 async fn lab(args: &Args, dir: &Path, mtls: bool) -> Result<Lab> {
-    let mut procs = Procs(Vec::new());
+    let mut procs = Procs::default();
     let s = |v: &str| v.to_string();
     let (grpc, http, app, inbound, admin, front, client_admin) = (
         free_port()?,
@@ -123,15 +74,13 @@ async fn lab(args: &Args, dir: &Path, mtls: bool) -> Result<Lab> {
         vec![]
     };
     cp.extend(token.clone());
-    spawn(
-        &mut procs,
+    procs.spawn(
         &args.bin_dir.join("wf-control"),
         &cp,
         &dir.join("control.log"),
     )?;
     wait_for(local(http), "/healthz", |st, _| st == 200).await?;
-    spawn(
-        &mut procs,
+    procs.spawn(
         &args.bin_dir.join("lab-app"),
         &[
             s("--listen"),
@@ -158,12 +107,7 @@ async fn lab(args: &Args, dir: &Path, mtls: bool) -> Result<Lab> {
     ]);
     side.extend([s("--admin"), local(admin).to_string()]);
     side.extend(token.clone());
-    spawn(
-        &mut procs,
-        &args.bin_dir.join("wf-proxy"),
-        &side,
-        &dir.join("web.log"),
-    )?;
+    procs.spawn(&args.bin_dir.join("wf-proxy"), &side, &dir.join("web.log"))?;
     let mut client = vec![
         s("--control-plane"),
         url,
@@ -172,8 +116,7 @@ async fn lab(args: &Args, dir: &Path, mtls: bool) -> Result<Lab> {
     ];
     client.extend([s("--upstream"), format!("web={}", local(front))]);
     client.extend(token);
-    spawn(
-        &mut procs,
+    procs.spawn(
         &args.bin_dir.join("wf-proxy"),
         &client,
         &dir.join("client.log"),

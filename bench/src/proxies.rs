@@ -11,10 +11,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use clap::Parser;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use wayfinder_bench::lab::{Procs, free_port, local, wait_for};
 use wayfinder_bench::{machine, svg};
 
 #[derive(Parser, Debug)]
@@ -44,61 +45,8 @@ struct Args {
 /// Rounds of the throughput measurement (the median is reported).
 const ROUNDS: usize = 3;
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Procs {
-    fn spawn(&mut self, bin: &Path, args: &[String], log: &Path) -> Result<u32> {
-        let out = std::fs::File::create(log)?;
-        let child = Command::new(bin)
-            .args(args)
-            .env("WAYFINDER_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child.id();
-        self.0.push(child);
-        Ok(pid)
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 fn s(v: &str) -> String {
     v.to_string()
-}
-
-async fn wait_for(addr: SocketAddr, path: &str, ok: impl Fn(u16, &str) -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok((status, body)) = wayfinder_tests::http_get(addr, path).await
-            && ok(status, &body)
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{addr}{path} did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// CPU seconds (user + system) a process used so far.
@@ -281,7 +229,7 @@ async fn main() -> Result<()> {
     }
     let work = tempfile::tempdir()?;
     let dir = work.path();
-    let mut procs = Procs(Vec::new());
+    let mut procs = Procs::default();
     let bin = |n: &str| args.bin_dir.join(n);
 
     println!("== starting the backend, the control plane and the proxies");
@@ -345,7 +293,8 @@ async fn main() -> Result<()> {
                 ]);
             }
             a.extend(extra);
-            let pid = procs.spawn(&bin("wf-proxy"), &a, &dir.join(format!("{name}.log")))?;
+            let i = procs.spawn(&bin("wf-proxy"), &a, &dir.join(format!("{name}.log")))?;
+            let pid = procs.pid(i);
             Ok((pid, listen, admin))
         };
     // One hop: a client-only sidecar straight to the backend.
@@ -410,6 +359,7 @@ async fn main() -> Result<()> {
         ],
         &dir.join("haproxy.log"),
     )?;
+    let ha_pid = procs.pid(ha_pid);
     let ng_port = free_port()?;
     let ng_h2 = free_port()?;
     let p = dir.to_string_lossy();
@@ -433,6 +383,7 @@ async fn main() -> Result<()> {
         ],
         &dir.join("nginx.log"),
     )?;
+    let ng_pid = procs.pid(ng_pid);
     for (port, log) in [
         (ha_port, "haproxy.log"),
         (ng_port, "nginx-error.log"),
