@@ -63,7 +63,10 @@ pub struct Ca {
     intermediate: Issuer<'static, KeyPair>,
     intermediate_der: Vec<u8>,
     root_der: Vec<u8>,
+    /// Intermediate and root as PEM, appended to serving certificates.
+    chain_tail_pem: String,
     bundle: Vec<Vec<u8>>,
+    bundle_pem: String,
     lifetime: Duration,
 }
 
@@ -109,44 +112,21 @@ fn ca_params(name: &str, path_len: u8) -> Result<CertificateParams, CaError> {
     Ok(p)
 }
 
-fn pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, CaError> {
+/// A PEM file's text (ending in a newline) and its certificates (DER).
+fn read_pem(path: &Path) -> Result<(String, Vec<Vec<u8>>), CaError> {
     use rustls::pki_types::pem::PemObject;
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(path, e))?
+    let mut text = std::fs::read_to_string(path).map_err(io(path))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(text.as_bytes())
         .map(|c| c.map(|c| c.to_vec()))
         .collect::<Result<_, _>>()
         .map_err(|e| bad(path, e))?;
     if certs.is_empty() {
         return Err(bad(path, "no certificate in the file"));
     }
-    Ok(certs)
-}
-
-fn pem(der: &[u8]) -> String {
-    use std::fmt::Write;
-    let b64 = base64_encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        let _ = writeln!(out, "{}", String::from_utf8_lossy(line));
+    if !text.ends_with('\n') {
+        text.push('\n');
     }
-    out + "-----END CERTIFICATE-----\n"
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
-            if i <= c.len() {
-                out.push(T[(n >> shift & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    Ok((text, certs))
 }
 
 impl Ca {
@@ -187,21 +167,22 @@ impl Ca {
         }
         let key_pem = std::fs::read_to_string(&int_key).map_err(io(&int_key))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&int_key, e))?;
-        let int_pem = std::fs::read_to_string(&int_crt).map_err(io(&int_crt))?;
+        let (int_pem, int_certs) = read_pem(&int_crt)?;
         let intermediate = Issuer::from_ca_cert_pem(&int_pem, key).map_err(|e| bad(&int_crt, e))?;
-        let intermediate_der = pem_certs(&int_crt)?.remove(0);
-        let root_der = pem_certs(&root_crt)?.remove(0);
-        let bundle = if bundle_path.exists() {
-            pem_certs(&bundle_path)?
+        let (root_pem, root_certs) = read_pem(&root_crt)?;
+        let (bundle_pem, bundle) = if bundle_path.exists() {
+            read_pem(&bundle_path)?
         } else {
-            pem_certs(&root_crt)?
+            (root_pem.clone(), root_certs.clone())
         };
         Ok(Self {
             trust_domain: trust_domain.to_string(),
             intermediate,
-            intermediate_der,
-            root_der,
+            intermediate_der: int_certs[0].clone(),
+            root_der: root_certs[0].clone(),
+            chain_tail_pem: int_pem + &root_pem,
             bundle,
+            bundle_pem,
             lifetime,
         })
     }
@@ -212,8 +193,8 @@ impl Ca {
     }
 
     /// The roots as PEM, for clients bootstrapping trust in the control plane.
-    pub fn bundle_pem(&self) -> String {
-        self.bundle.iter().map(|d| pem(d)).collect()
+    pub fn bundle_pem(&self) -> &str {
+        &self.bundle_pem
     }
 
     /// The SPIFFE ID of `service`.
@@ -294,10 +275,7 @@ impl Ca {
         let cert = p
             .signed_by(&key, &self.intermediate)
             .map_err(|e| CaError::Sign(e.to_string()))?;
-        Ok((
-            cert.pem() + &pem(&self.intermediate_der) + &pem(&self.root_der),
-            key.serialize_pem(),
-        ))
+        Ok((cert.pem() + &self.chain_tail_pem, key.serialize_pem()))
     }
 }
 
