@@ -141,7 +141,8 @@ async fn route(
     let keeper = body.keeper();
     let mut body = Some(body);
     up.budget.deposit();
-    let labels = UpstreamLabels {
+    // Only retries use it: no allocation on requests that succeed at once.
+    let labels = || UpstreamLabels {
         upstream: name.to_string(),
     };
 
@@ -249,7 +250,11 @@ async fn route(
                 .budget
                 .withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec)
             {
-                proxy.metrics.budget_exhausted.get_or_create(&labels).inc();
+                proxy
+                    .metrics
+                    .budget_exhausted
+                    .get_or_create(&labels())
+                    .inc();
             } else if let Some(permit) = up
                 .breakers
                 .retries
@@ -257,7 +262,7 @@ async fn route(
             {
                 _retrying = Some(permit);
                 body = keeper.replay();
-                proxy.metrics.retries.get_or_create(&labels).inc();
+                proxy.metrics.retries.get_or_create(&labels()).inc();
                 let mut pause = retry::backoff(attempt, s.retry.backoff_base, s.retry.backoff_max);
                 if let Some(d) = deadline {
                     pause = pause.min(d.saturating_duration_since(Instant::now()));
