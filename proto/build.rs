@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
     "protos/wayfinder/v1/admin.proto",
     "protos/wayfinder/v1/telemetry.proto",
     "protos/wayfinder/v1/identity.proto",
+    "protos/wayfinder/v1/catalog.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -234,6 +234,12 @@ async fn run(args: Args) -> Result<()> {
                 .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .add_service(IdentityServer::new(identity).max_decoding_message_size(TRANSPORT_LIMIT))
+        .add_service(
+            wayfinder_proto::v1::catalog_server::CatalogServer::new(
+                wayfinder_control::grpc::catalog::CatalogService::new(registry.clone()),
+            )
+            .max_decoding_message_size(TRANSPORT_LIMIT),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         });

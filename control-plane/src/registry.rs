@@ -19,8 +19,8 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use wayfinder_proto::encoded::EncodedWatchEvent;
 use wayfinder_proto::v1::{
-    Delta, Endpoint, Health, Instance, ServicePolicy, ServiceSummary, Snapshot, WatchEvent,
-    watch_event::Kind,
+    CatalogService, CatalogUpdate, Delta, Endpoint, Health, Instance, ServicePolicy,
+    ServiceSummary, Snapshot, WatchEvent, watch_event::Kind,
 };
 
 use crate::store::{Persisted, PersistedEndpoint, PersistedService, Record};
@@ -253,6 +253,8 @@ pub struct Registry {
     metrics: RegistryMetrics,
     /// Roots (DER) sent with every snapshot.
     trust_bundle: std::sync::RwLock<Vec<Vec<u8>>>,
+    /// The latest version, for watchers of the whole registry (the catalog).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// Result of a successful registration.
@@ -341,6 +343,7 @@ impl Registry {
             leases,
             metrics,
             trust_bundle: Default::default(),
+            changed: tokio::sync::watch::channel(0).0,
         });
         reg.update_gauges(&reg.lock());
         reg
@@ -423,6 +426,7 @@ impl Registry {
         svc.log.push_back(pushed.clone());
         // No receivers is fine: nobody watches this service right now.
         let _ = svc.tx.send(pushed);
+        self.changed.send_replace(version);
         self.update_gauges(st);
         version
     }
@@ -676,6 +680,38 @@ impl Registry {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Wakes on every change to any service.
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Which addresses belong to which service: every existing service with
+    /// the distinct IPs of its instances, sorted.
+    pub fn catalog(&self) -> CatalogUpdate {
+        let st = self.lock();
+        let mut services: Vec<_> = st
+            .services
+            .iter()
+            .filter(|(_, s)| s.exists())
+            .map(|(name, s)| {
+                let addresses: std::collections::BTreeSet<_> = s
+                    .endpoints
+                    .values()
+                    .map(|e| e.instance.address.clone())
+                    .collect();
+                CatalogService {
+                    name: name.clone(),
+                    addresses: addresses.into_iter().collect(),
+                }
+            })
+            .collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        CatalogUpdate {
+            version: st.version,
+            services,
+        }
     }
 
     /// A service's version and endpoints (sorted by instance id).

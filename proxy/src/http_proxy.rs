@@ -60,6 +60,9 @@ pub struct Proxy {
     pub tls_server: Option<Arc<rustls::ServerConfig>>,
     /// Refusal kinds already logged (each is logged once, then only counted).
     logged: std::sync::Mutex<std::collections::HashSet<&'static str>>,
+    /// The mesh's address table, for transparently intercepted connections
+    /// (kept current only when the sidecar has a `--transparent` listener).
+    pub catalog: Arc<crate::transparent::catalog::Catalog>,
     /// Metrics.
     pub metrics: ProxyMetrics,
 }
@@ -278,6 +281,7 @@ impl Proxy {
             tls_server: identity.as_ref().map(|i| i.server_config()),
             identity,
             logged: Default::default(),
+            catalog: Default::default(),
             metrics,
         })
     }

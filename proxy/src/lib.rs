@@ -19,4 +19,5 @@ pub mod resilience;
 pub mod settings;
 pub mod telemetry;
 pub mod traffic;
+pub mod transparent;
 pub mod upstream;

@@ -32,6 +32,9 @@ pub enum Role {
     HostRouted,
     /// Inbound, to the local app (`--inbound`).
     Inbound,
+    /// Outbound, redirected here by iptables (`--transparent`): the original
+    /// destination decides the service.
+    Transparent,
 }
 
 impl Role {
@@ -167,6 +170,18 @@ async fn connection(
     server_first: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let role = match role {
+        Role::Transparent => match intercepted(&stream, &proxy, window).await {
+            Some(r) => r,
+            None => {
+                if let Some(orig) = crate::transparent::original_dst(&stream) {
+                    passthrough(stream, orig, &proxy).await;
+                }
+                return;
+            }
+        },
+        r => r,
+    };
     // On a port known to carry a server-first protocol, skip the window.
     let remembered = !matches!(role, Role::HostRouted) && server_first.load(Ordering::Relaxed);
     let started = Instant::now();
@@ -249,6 +264,47 @@ async fn connection(
     }
 }
 
+/// The role an intercepted connection takes: the service it is for, the
+/// Host-routed listener's when it was not redirected, or `None` to pass it
+/// through untouched.
+async fn intercepted(stream: &TcpStream, proxy: &Proxy, window: Duration) -> Option<Role> {
+    use crate::transparent::{Target, decide, original_dst, peek_host};
+    let local = stream.local_addr().ok()?;
+    let orig = original_dst(stream);
+    proxy.catalog.wait_loaded(CATALOG_WAIT).await;
+    let host = match orig {
+        Some(o) if o != local => peek_host(stream, window).await,
+        _ => None,
+    };
+    match decide(&proxy.catalog.table(), local, orig, host.as_deref()) {
+        Target::Service(name) => Some(Role::Upstream(name)),
+        Target::Direct => Some(Role::HostRouted),
+        Target::Passthrough(_) => None,
+    }
+}
+
+/// How long the first intercepted connections wait for the catalog.
+const CATALOG_WAIT: Duration = Duration::from_secs(2);
+
+/// Relays an intercepted connection to where the app meant it to go.
+async fn passthrough(stream: TcpStream, orig: SocketAddr, proxy: &Proxy) {
+    match TcpStream::connect(orig).await {
+        Ok(server) => {
+            let _ = server.set_nodelay(true);
+            relay(
+                stream,
+                Box::new(server),
+                &[],
+                None,
+                &Role::Transparent,
+                proxy,
+            )
+            .await;
+        }
+        Err(e) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
+    }
+}
+
 /// An mTLS connection from another sidecar: HTTP/2 or opaque TCP by ALPN,
 /// the caller's identity taken from its certificate.
 async fn inbound_tls(
@@ -319,7 +375,7 @@ async fn serve_http<S>(
             let resp = match r {
                 Role::Inbound => p.inbound(req, caller).await,
                 Role::Upstream(name) => outbound(p, req, Some(name), peer).await,
-                Role::HostRouted => outbound(p, req, None, peer).await,
+                Role::HostRouted | Role::Transparent => outbound(p, req, None, peer).await,
             };
             Ok::<_, std::convert::Infallible>(resp)
         }
@@ -404,7 +460,7 @@ async fn connect_target(
             }
             result
         }
-        Role::HostRouted => Err("host routing needs HTTP".to_string()),
+        Role::HostRouted | Role::Transparent => Err("host routing needs HTTP".to_string()),
     };
     match target {
         Ok(t) => Some(t),

@@ -54,6 +54,11 @@ struct Args {
     /// Outbound HTTP listener routed by Host / :authority (service name, with or without port).
     #[arg(long, env = "WAYFINDER_OUTBOUND")]
     outbound: Option<SocketAddr>,
+    /// Listener for connections iptables redirects here (`wf-proxy init`):
+    /// each goes to the service its original destination or Host names,
+    /// or passes through untouched.
+    #[arg(long, env = "WAYFINDER_TRANSPARENT")]
+    transparent: Option<SocketAddr>,
     /// Explicit outbound listener for one service: NAME[:PORT]=ADDR (repeatable);
     /// PORT is the service's port for DNS-discovered endpoints.
     #[arg(long = "upstream", env = "WAYFINDER_UPSTREAMS", value_delimiter = ',', value_parser = upstream)]
@@ -118,6 +123,92 @@ struct Args {
     /// Share of new traces sampled, 0 to 1 (a caller's decision in `traceparent` is kept).
     #[arg(long, env = "WAYFINDER_TRACE_SAMPLING", default_value_t = 1.0, value_parser = sampling)]
     trace_sampling: f64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Install iptables rules that send this network namespace's TCP through
+    /// the sidecar (run as root before the app starts, like Istio's init
+    /// container); `--cleanup` removes them.
+    Init(InitArgs),
+}
+
+/// `wf-proxy init`.
+#[derive(clap::Args, Debug)]
+struct InitArgs {
+    /// The uid the sidecar runs as; its own connections are not captured.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// Port of the sidecar's `--transparent` listener.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Port of the sidecar's `--inbound` listener.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// Leave inbound connections alone (capture outbound only).
+    #[arg(long)]
+    no_inbound: bool,
+    /// Inbound port not captured (repeatable; the admin port is always excluded).
+    #[arg(long = "exclude-inbound-port", value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination port not captured (repeatable).
+    #[arg(long = "exclude-outbound-port", value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination address or CIDR not captured (repeatable).
+    #[arg(long = "exclude-cidr", value_delimiter = ',', value_parser = wayfinder_proxy::transparent::iptables::parse_cidr)]
+    exclude_cidrs: Vec<String>,
+    /// The sidecar's admin port (never captured).
+    #[arg(long, default_value_t = 15000)]
+    admin_port: u16,
+    /// Print the iptables commands instead of running them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove the rules instead.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn init(a: InitArgs) -> std::process::ExitCode {
+    use wayfinder_proxy::transparent::iptables::{self, Rules};
+    let cmds = if a.cleanup {
+        iptables::cleanup()
+    } else {
+        let mut exclude_inbound_ports = vec![a.admin_port];
+        exclude_inbound_ports.extend(a.exclude_inbound_ports);
+        Rules {
+            proxy_uid: a.proxy_uid,
+            outbound_port: a.outbound_port,
+            inbound_port: (!a.no_inbound).then_some(a.inbound_port),
+            exclude_inbound_ports,
+            exclude_outbound_ports: a.exclude_outbound_ports,
+            exclude_cidrs: a.exclude_cidrs,
+        }
+        .install()
+    };
+    if a.dry_run {
+        for c in &cmds {
+            println!("iptables {}", c.join(" "));
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
+    if !a.cleanup {
+        // Start from a clean slate: a second init replaces, never doubles, the rules.
+        let _ = iptables::run(&iptables::cleanup(), true);
+    }
+    match iptables::run(&cmds, a.cleanup) {
+        Ok(()) => {
+            let what = if a.cleanup { "removed" } else { "installed" };
+            println!("wf-proxy init: interception rules {what}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wf-proxy init: {e}");
+            let _ = iptables::run(&iptables::cleanup(), true);
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn sampling(s: &str) -> Result<f64, String> {
@@ -170,7 +261,10 @@ fn balancer(s: &str) -> Result<Kind, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::Init(a)) = args.command.take() {
+        return init(a);
+    }
     // A sidecar gets a core or less (Linkerd sizes its proxy's runtime to
     // its CPU limit the same way). One worker keeps a request's tasks on one
     // thread: no cross-thread wake-ups, no lock traffic, fewer malloc arenas;
@@ -361,12 +455,31 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         }
         None => None,
     };
+    let transparent = match args.transparent {
+        Some(a) => {
+            let l = bind(a, "transparent").await?;
+            let addr = l.local_addr()?;
+            listeners.push(Listener {
+                socket: l,
+                role: Role::Transparent,
+                detect_timeout: args.detect_timeout,
+            });
+            tokio::spawn(wayfinder_proxy::transparent::catalog::watch(
+                channel.clone(),
+                proxy.catalog.clone(),
+                node.clone(),
+            ));
+            Some(addr)
+        }
+        None => None,
+    };
     let admin_listener = bind(args.admin, "admin").await?;
     let admin_addr = admin_listener.local_addr()?;
 
     let config = serde_json::json!({
         "control_plane": args.control_plane, "service": args.service, "instance": node,
         "app": args.app, "inbound": inbound, "outbound": outbound, "admin": admin_addr,
+        "transparent": transparent,
         "upstreams": bound, "discovery": args.discovery, "health_check": args.health_check,
         "health_interval_ms": args.health_interval.as_millis() as u64,
         "detect_timeout_ms": args.detect_timeout.as_millis() as u64,
@@ -428,6 +541,7 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
     tracing::info!(
         inbound = %inbound.map_or("-".into(), |a| a.to_string()),
         outbound = %outbound.map_or("-".into(), |a| a.to_string()),
+        transparent = %transparent.map_or("-".into(), |a| a.to_string()),
         admin = %admin_addr,
         upstreams = %bound.join(","),
         "wf-proxy listening"

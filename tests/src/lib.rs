@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod load;
 pub mod mesh;
+pub mod netns;
 pub mod otlp;
 use tonic::transport::Channel;
 
@@ -153,7 +154,26 @@ pub fn spawn_logged(
     args: &[String],
     ready: &str,
 ) -> Result<(Child, String, Arc<Mutex<String>>)> {
-    let mut child = Command::new(bin(name))
+    spawn_logged_in(&[], name, args, ready)
+}
+
+/// [`spawn_logged`] behind a command prefix (`ip netns exec NS`, `setpriv`)
+/// that execs the binary, so the child is the binary itself.
+pub fn spawn_logged_in(
+    prefix: &[String],
+    name: &str,
+    args: &[String],
+    ready: &str,
+) -> Result<(Child, String, Arc<Mutex<String>>)> {
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin(name));
+            c
+        }
+        None => Command::new(bin(name)),
+    };
+    let mut child = cmd
         .args(args)
         .env("WAYFINDER_LOG", "info")
         .stdin(Stdio::null())
@@ -203,8 +223,13 @@ pub struct Process {
 impl Process {
     /// Starts `name` with `args` and waits for `ready` in its log.
     pub fn start(name: &str, args: &[&str], ready: &str) -> Result<Self> {
+        Self::start_in(&[], name, args, ready)
+    }
+
+    /// [`Process::start`] behind a command prefix (see [`spawn_logged_in`]).
+    pub fn start_in(prefix: &[String], name: &str, args: &[&str], ready: &str) -> Result<Self> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let (child, ready_line, log) = spawn_logged(name, &args, ready)?;
+        let (child, ready_line, log) = spawn_logged_in(prefix, name, &args, ready)?;
         Ok(Self {
             child: Some(child),
             ready_line,

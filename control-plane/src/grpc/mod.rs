@@ -2,6 +2,7 @@
 //! registry: they validate input, call the registry and map errors to statuses.
 
 pub mod admin;
+pub mod catalog;
 pub mod discovery;
 pub mod identity;
 pub mod registry;

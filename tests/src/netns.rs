@@ -1,0 +1,142 @@
+//! Network namespaces a test creates for itself: a hub namespace with a
+//! bridge (where the control plane lives) and one namespace per instance,
+//! each with its own address on the bridge, as containers have. Everything
+//! is deleted on drop; names carry the test's pid so parallel tests and
+//! leftovers of a killed run never collide.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Why namespace tests cannot run here (not root, no `ip`, no iptables), or
+/// `None` when they can.
+pub fn unavailable() -> Option<String> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Some("not root: network namespaces need CAP_NET_ADMIN".into());
+    }
+    for tool in ["ip", "iptables", "setpriv", "curl"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    None
+}
+
+/// Runs a command, failing with its stderr.
+pub fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// A hub with a bridge on 10.77.0.0/24 (the hub is .1) and its instances.
+pub struct Lab {
+    /// The hub namespace.
+    pub hub: String,
+    tag: String,
+    nodes: Vec<String>,
+}
+
+impl Lab {
+    /// Creates the hub namespace and its bridge.
+    pub fn new(tag: &str) -> Result<Self> {
+        let tag = format!("wft{}{}", tag, std::process::id());
+        let hub = format!("{tag}-hub");
+        run(&["ip", "netns", "add", &hub])?;
+        let lab = Self {
+            hub: hub.clone(),
+            tag,
+            nodes: Vec::new(),
+        };
+        for cmd in [
+            vec!["ip", "-n", &hub, "link", "set", "lo", "up"],
+            vec!["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"],
+            vec![
+                "ip",
+                "-n",
+                &hub,
+                "addr",
+                "add",
+                "10.77.0.1/24",
+                "dev",
+                "br0",
+            ],
+            vec!["ip", "-n", &hub, "link", "set", "br0", "up"],
+        ] {
+            run(&cmd)?;
+        }
+        Ok(lab)
+    }
+
+    /// The address of host number `n` on the bridge.
+    pub fn ip(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, 0, n)
+    }
+
+    /// Creates namespace `name` with address 10.77.0.`n` on the bridge.
+    pub fn node(&mut self, name: &str, n: u8) -> Result<String> {
+        let ns = format!("{}-{name}", self.tag);
+        run(&["ip", "netns", "add", &ns])?;
+        self.nodes.push(ns.clone());
+        let veth = format!("v{n}");
+        let addr = format!("{}/24", Self::ip(n));
+        for cmd in [
+            vec!["ip", "-n", &ns, "link", "set", "lo", "up"],
+            vec![
+                "ip", "-n", &self.hub, "link", "add", &veth, "type", "veth", "peer", "name",
+                "eth0", "netns", &ns,
+            ],
+            vec![
+                "ip", "-n", &self.hub, "link", "set", &veth, "master", "br0", "up",
+            ],
+            vec!["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"],
+            vec!["ip", "-n", &ns, "link", "set", "eth0", "up"],
+        ] {
+            run(&cmd)?;
+        }
+        Ok(ns)
+    }
+
+    /// The prefix that runs a command in `ns`.
+    pub fn exec(ns: &str) -> Vec<String> {
+        ["ip", "netns", "exec", ns].map(String::from).to_vec()
+    }
+
+    /// The prefix that runs a command in `ns` as `uid` (a sidecar whose own
+    /// connections interception must leave alone).
+    pub fn exec_as(ns: &str, uid: u32) -> Vec<String> {
+        let mut p = Self::exec(ns);
+        p.extend([
+            "setpriv".to_string(),
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".to_string(),
+        ]);
+        p
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of every veth pair.
+        for ns in self.nodes.iter().chain(std::iter::once(&self.hub)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Transparent interception in network namespaces the test creates: apps
+//! dial plain IPs, iptables (`wf-proxy init`) hands the connections to the
+//! sidecar, and the sidecar balances them over the whole service.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use wayfinder_tests::mesh::instance_of;
+use wayfinder_tests::netns::{Lab, run, unavailable};
+use wayfinder_tests::{Process, bin, bounded};
+
+const CP: &str = "10.77.0.1:15010";
+
+/// `curl` run by an app in `ns`: (status, body).
+fn curl(ns: &str, url: &str) -> Result<(u16, String)> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// A `web` instance in its own namespace: lab-app on :8080, its sidecar's
+/// inbound on :15006 advertised with the namespace's address.
+fn web(lab: &mut Lab, i: u8) -> Result<(Process, Process)> {
+    let ns = lab.node(&format!("web{i}"), 10 + i)?;
+    let name = format!("web-{i}");
+    let app = Process::start_in(
+        &Lab::exec(&ns),
+        "lab-app",
+        &["--listen", "0.0.0.0:8080", "--name", &name],
+        "listening on",
+    )?;
+    let advertise = format!("{}:15006", Lab::ip(10 + i));
+    let url = format!("http://{CP}");
+    let sidecar = Process::start_in(
+        &Lab::exec(&ns),
+        "wf-proxy",
+        &[
+            "--control-plane",
+            &url,
+            "--service",
+            "web",
+            "--instance",
+            &name,
+            "--app",
+            "127.0.0.1:8080",
+            "--inbound",
+            "0.0.0.0:15006",
+            "--advertise",
+            &advertise,
+            "--admin",
+            "127.0.0.1:15000",
+            "--health-check",
+            "/healthz",
+            "--health-interval",
+            "200ms",
+        ],
+        "wf-proxy listening",
+    )?;
+    Ok((app, sidecar))
+}
+
+#[tokio::test]
+async fn calls_to_one_instance_ip_spread_over_the_service_and_others_pass_through() -> Result<()> {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    bounded(async {
+        let mut lab = Lab::new("tp")?;
+        let data = tempfile::tempdir()?;
+        let hub = Lab::exec(&lab.hub);
+        let _cp = Process::start_in(
+            &hub,
+            "wf-control",
+            &["--grpc", CP, "--http", "127.0.0.1:0", "--data-dir", &data.path().to_string_lossy()],
+            "wf-control serving",
+        )?;
+        // Not in the mesh: a server the client reaches untouched.
+        let _outside = Process::start_in(
+            &hub,
+            "lab-app",
+            &["--listen", "10.77.0.1:9999", "--name", "outside"],
+            "listening on",
+        )?;
+        let mut webs = Vec::new();
+        for i in 1..=3 {
+            webs.push(web(&mut lab, i)?);
+        }
+
+        let client = lab.node("client", 50)?;
+        let init = bin("wf-proxy").to_string_lossy().to_string();
+        run(&["ip", "netns", "exec", &client, &init, "init", "--proxy-uid", "1337"])?;
+        let rules = run(&["ip", "netns", "exec", &client, "iptables", "-t", "nat", "-S"])?;
+        assert!(rules.contains("WAYFINDER_OUTPUT"), "{rules}");
+        let url = format!("http://{CP}");
+        let sidecar = Process::start_in(
+            &Lab::exec_as(&client, 1337),
+            "wf-proxy",
+            // Round robin: the point is where calls go, not which is fastest.
+            &["--control-plane", &url, "--transparent", "127.0.0.1:15001", "--admin", "127.0.0.1:15000", "--balancer", "round-robin"],
+            "wf-proxy listening",
+        )?;
+
+        // The app always dials web-1's address, as an app that resolved
+        // `web` once would. Wait until all three are registered and healthy.
+        let target = format!("http://{}:8080/", Lab::ip(11));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        loop {
+            seen.clear();
+            let mut failed = Vec::new();
+            for _ in 0..30 {
+                let (status, body) = curl(&client, &target)?;
+                if status == 200 {
+                    *seen.entry(instance_of(&body)).or_default() += 1;
+                } else {
+                    failed.push(status);
+                }
+            }
+            if seen.len() == 3 && failed.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let wfctl = bin("wfctl").to_string_lossy().to_string();
+                let eps = run(&["ip", "netns", "exec", &lab.hub, &wfctl, "--control-plane", &url, "endpoints", "web"])?;
+                bail!(
+                    "calls to web-1's IP did not spread over web-1..3: {seen:?}, failed {failed:?}\n{eps}\n{}\n{}",
+                    sidecar.log_text(), webs.iter().map(|(_, s)| s.log_text()).collect::<Vec<_>>().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(
+            seen.keys().cloned().collect::<Vec<_>>(),
+            ["web-1", "web-2", "web-3"],
+            "{seen:?}"
+        );
+        // Every instance got a real share, not a stray request.
+        assert!(seen.values().all(|&n| n >= 3), "{seen:?}");
+
+        // An address the mesh does not know goes where the app meant.
+        let (status, body) = curl(&client, "http://10.77.0.1:9999/")?;
+        assert_eq!((status, instance_of(&body).as_str()), (200, "outside"), "{body}");
+
+        // The sidecar really carried them: its outbound metrics count them.
+        let admin = run(&["ip", "netns", "exec", &client, "curl", "-s", "http://127.0.0.1:15000/metrics"])?;
+        let requests: f64 = admin
+            .lines()
+            .filter(|l| l.starts_with("wayfinder_proxy_requests_total{") && l.contains("upstream=\"web\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(requests >= 30.0, "sidecar counted {requests} web requests:\n{admin}");
+
+        run(&["ip", "netns", "exec", &client, &init, "init", "--cleanup"])?;
+        let rules = run(&["ip", "netns", "exec", &client, "iptables", "-t", "nat", "-S"])?;
+        assert!(!rules.contains("WAYFINDER"), "rules left after --cleanup: {rules}");
+        drop(webs);
+        Ok(())
+    })
+    .await
+}
