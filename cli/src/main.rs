@@ -86,6 +86,41 @@ enum Command {
     /// Manage per-service policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Lab tools: a DNS server that answers like Docker's, and the
+    /// DNS-vs-balancer-vs-mesh comparison.
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LabCommand {
+    /// Answer service names with round-robin A records, as Docker's embedded DNS does.
+    Dns {
+        /// UDP address to answer on.
+        #[arg(long, default_value = "127.0.0.1:5353")]
+        listen: std::net::SocketAddr,
+        /// NAME=IP[+IP...] (repeatable), e.g. web=10.77.0.11+10.77.0.12.
+        #[arg(long = "record", required = true, value_parser = dns_record)]
+        records: Vec<(String, Vec<std::net::Ipv4Addr>)>,
+        /// TTL of the answers, in seconds.
+        #[arg(long, default_value_t = 5)]
+        ttl: u32,
+    },
+}
+
+fn dns_record(s: &str) -> Result<(String, Vec<std::net::Ipv4Addr>), String> {
+    let (name, ips) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=IP[+IP...]"))?;
+    wayfinder_proto::validate::service_name(name).map_err(|e| e.to_string())?;
+    let ips = ips
+        .split('+')
+        .map(|ip| {
+            ip.parse()
+                .map_err(|_| format!("{ip:?} is not an IPv4 address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((name.to_string(), ips))
 }
 
 #[derive(Subcommand, Debug)]
@@ -125,6 +160,9 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Command::Lab(lab) = cli.command {
+        return run_lab(lab).await;
+    }
     // Local validation first: a bad file is reported without a connection.
     if let Command::Policy(PolicyCommand::Apply { file }) = &cli.command {
         let policies = wayfinder_proto::policy::PolicyFile::load(file)?;
@@ -150,6 +188,27 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Policy(PolicyCommand::Get { service }) => {
             commands::policy_get(ch, t, &service, out).await
         }
-        Command::Policy(PolicyCommand::Apply { .. }) => unreachable!("handled above"),
+        Command::Policy(PolicyCommand::Apply { .. }) | Command::Lab(_) => {
+            unreachable!("handled above")
+        }
+    }
+}
+
+async fn run_lab(cmd: LabCommand) -> Result<()> {
+    match cmd {
+        LabCommand::Dns {
+            listen,
+            records,
+            ttl,
+        } => {
+            let server = wayfinder_cli::lab::dns::DnsServer::start(listen, ttl).await?;
+            for (name, ips) in records {
+                server.set(&name, ips);
+            }
+            // Scripts wait for this line.
+            eprintln!("wfctl lab dns: answering on {}", server.addr);
+            tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
     }
 }

@@ -440,7 +440,7 @@ async fn dns_endpoints_are_health_checked_actively() -> Result<()> {
             )?);
         }
         let app = |i: u8| SocketAddr::from(([127, 0, 0, 20 + i], port));
-        let dns = wayfinder_tests::DnsServer::start(30).await?;
+        let dns = wayfinder_tests::DnsServer::start("127.0.0.1:0".parse()?, 30).await?;
         dns.records
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?

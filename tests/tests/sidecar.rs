@@ -418,7 +418,7 @@ async fn dns_discovery_uses_every_record_and_follows_changes() -> Result<()> {
                 "listening on",
             )?);
         }
-        let dns = wayfinder_tests::DnsServer::start(1).await?;
+        let dns = wayfinder_tests::DnsServer::start("127.0.0.1:0".parse()?, 1).await?;
         let ip = |i: u8| std::net::Ipv4Addr::new(127, 0, 0, 10 + i);
         dns.records
             .lock()

@@ -174,3 +174,48 @@ async fn calls_to_one_instance_ip_spread_over_the_service_and_others_pass_throug
     })
     .await
 }
+
+#[tokio::test]
+async fn the_netns_lab_script_meshes_apps_that_call_services_by_name() -> Result<()> {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin_dir = bin("wf-proxy")
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    let prefix = format!("wfs{}", std::process::id());
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new("bash")
+            .arg(root.join("deploy/netns-lab.sh"))
+            .arg("--once")
+            .env("WAYFINDER_BIN", &bin_dir)
+            .env("WAYFINDER_LAB_PREFIX", &prefix)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Twelve calls by name and by address, every one answered by a web instance.
+    let answers: Vec<String> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(instance_of)
+        .collect();
+    assert_eq!(answers.len(), 12, "{stdout}");
+    assert!(answers.iter().all(|a| a.starts_with("web-")), "{stdout}");
+    let distinct: std::collections::BTreeSet<_> = answers.iter().collect();
+    assert!(distinct.len() >= 2, "calls were not balanced: {stdout}");
+    // The script removed what it made.
+    let left = run(&["ip", "netns", "list"])?;
+    assert!(!left.contains(&prefix), "namespaces left behind: {left}");
+    Ok(())
+}

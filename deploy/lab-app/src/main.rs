@@ -9,8 +9,9 @@
 //! POST /fault?fail=0.3&delay_ms=200&healthy=false   change the faults (any subset)
 //! POST /fault/reset      back to normal
 //! GET  /chain?to=api     calls service `api` through the sidecar's outbound
-//!                        listener (`--outbound`), passing `traceparent` on,
-//!                        and answers with both instances
+//!                        listener (`--outbound`), or without it `http://api/`
+//!                        by DNS (a transparent mesh intercepts that), passing
+//!                        `traceparent` on; answers with both instances
 //! ```
 //! Any other path answers like `/`, so it can stand in for any API.
 
@@ -74,13 +75,6 @@ async fn chain(
     Query(q): Query<ChainQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(outbound) = app.outbound else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "start lab-app with --outbound to use /chain\n",
-        )
-            .into_response();
-    };
     let valid = !q.to.is_empty()
         && q.to.len() <= 63
         && q.to
@@ -89,8 +83,13 @@ async fn chain(
     if !valid {
         return (StatusCode::BAD_REQUEST, "to must be a service name\n").into_response();
     }
-    let mut req = hyper::Request::get(format!("http://{outbound}/"))
-        .header(hyper::header::HOST, q.to.as_str());
+    // Through the sidecar's Host-routed listener, or (transparent mesh, or
+    // no mesh at all) straight to the name as DNS resolves it.
+    let url = match app.outbound {
+        Some(outbound) => format!("http://{outbound}/"),
+        None => format!("http://{}/", q.to),
+    };
+    let mut req = hyper::Request::get(url).header(hyper::header::HOST, q.to.as_str());
     for name in ["traceparent", "tracestate"] {
         if let Some(v) = headers.get(name) {
             req = req.header(name, v);

@@ -54,7 +54,7 @@ pub async fn run(resolver: Arc<TokioResolver>, upstream: Arc<Upstream>, port: u1
         let wait = match resolver.lookup_ip(upstream.name()).await {
             Ok(answer) => {
                 attempt = 0;
-                let eps: Vec<_> = answer
+                let mut eps: Vec<_> = answer
                     .iter()
                     .map(|ip| {
                         let addr = SocketAddr::new(ip, port);
@@ -67,6 +67,9 @@ pub async fn run(resolver: Arc<TokioResolver>, upstream: Arc<Upstream>, port: u1
                         }
                     })
                     .collect();
+                // Servers rotate or shuffle their answers (Docker's does):
+                // the same set must be the same update.
+                eps.sort_by_key(|e| e.addr);
                 upstream.apply(
                     Origin::Dns,
                     if eps.is_empty() {

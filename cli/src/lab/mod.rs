@@ -1,0 +1,3 @@
+//! Labs: what `wfctl lab` runs.
+
+pub mod dns;

@@ -1,0 +1,5 @@
+//! Library side of `wfctl`: the lab tooling (a DNS server that answers like
+//! Docker's, the DNS-vs-balancer-vs-mesh comparison and its report), shared
+//! with the end-to-end tests and benchmarks.
+
+pub mod lab;

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The netns lab: containers without Docker. Each instance gets its own
+# network namespace and address on a bridge, names resolve through a DNS
+# server that answers like Docker's embedded one (round-robin A records),
+# and every namespace is meshed transparently (`wf-proxy init`): the apps
+# call http://web/ by name and know nothing of the mesh.
+#
+#   wf-lab-hub      bridge 10.77.0.1/24, wf-control :15010, DNS :53 (wfctl lab dns)
+#   wf-lab-web1..3  lab-app :80 (web-1..3) + sidecar (uid 1337), 10.77.0.11-13
+#   wf-lab-client   sidecar (uid 1337), 10.77.0.50; the app is you:
+#                     sudo ip netns exec wf-lab-client curl http://web/
+#
+# Needs root, iproute2, iptables, setpriv and curl. Ctrl-C removes everything.
+#   deploy/netns-lab.sh          start, show a few calls, stay up
+#   deploy/netns-lab.sh --once   start, show the calls, tear down (what the tests run)
+# WAYFINDER_BIN=target/debug skips the release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+once=false; [ "${1:-}" = --once ] && once=true
+[ "$(id -u)" = 0 ] || { echo "netns-lab: run as root (network namespaces need CAP_NET_ADMIN)" >&2; exit 1; }
+for tool in ip iptables setpriv curl; do
+  command -v "$tool" >/dev/null || { echo "netns-lab: $tool is not installed" >&2; exit 1; }
+done
+
+if [ -z "${WAYFINDER_BIN:-}" ]; then
+  echo "== building (release)"
+  cargo build --release --workspace --bins
+  bin=$PWD/target/release
+else
+  bin=$(cd "$WAYFINDER_BIN" && pwd)
+fi
+prefix=${WAYFINDER_LAB_PREFIX:-wf-lab}
+hub=$prefix-hub
+cp=10.77.0.1:15010
+logs=${WAYFINDER_LAB_LOGS:-$(mktemp -d)}
+token=lab-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+nodes=()
+pids=()
+
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  for ns in "${nodes[@]}" "$hub"; do
+    ip netns del "$ns" 2>/dev/null || true
+    rm -rf "/etc/netns/$ns"
+  done
+}
+trap cleanup EXIT INT TERM
+
+in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+# start LOG NS CMD...: in the background, in NS; `ip netns exec` execs CMD, so
+# the pid kept is CMD's own (backgrounding a function would keep a subshell's).
+start() { local log=$1 ns=$2; shift 2; ip netns exec "$ns" "$@" 2>"$log" & pids+=($!); }
+# start_proxy LOG NS CMD...: the same as uid 1337, whose connections interception leaves alone.
+start_proxy() { local log=$1 ns=$2; shift 2; ip netns exec "$ns" setpriv --reuid=1337 --regid=1337 --clear-groups "$@" 2>"$log" & pids+=($!); }
+wait_for() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "netns-lab: timeout waiting for '$2' in $1" >&2; cat "$1" >&2; return 1; }
+
+echo "== hub $hub: bridge 10.77.0.1/24, wf-control $cp, DNS 10.77.0.1:53 (logs in $logs)"
+ip netns add "$hub"
+in_ns "$hub" ip link set lo up
+in_ns "$hub" ip link add br0 type bridge
+in_ns "$hub" ip addr add 10.77.0.1/24 dev br0
+in_ns "$hub" ip link set br0 up
+chmod 755 "$logs"
+start "$logs/control.log" "$hub" "$bin/wf-control" --grpc "$cp" --http 127.0.0.1:15014 \
+  --data-dir "$logs/control-data" --join-token "$token"
+wait_for "$logs/control.log" "wf-control serving"
+start "$logs/dns.log" "$hub" "$bin/wfctl" lab dns --listen 10.77.0.1:53 --ttl 5 \
+  --record web=10.77.0.11+10.77.0.12+10.77.0.13
+wait_for "$logs/dns.log" "answering on"
+
+# node NAME HOST: a namespace on the bridge at 10.77.0.HOST using the lab's DNS.
+node() {
+  local ns=$prefix-$1 n=$2
+  ip netns add "$ns"
+  nodes+=("$ns")
+  mkdir -p "/etc/netns/$ns"
+  printf 'nameserver 10.77.0.1\noptions ndots:0\n' >"/etc/netns/$ns/resolv.conf"
+  in_ns "$ns" ip link set lo up
+  ip -n "$hub" link add "v$n" type veth peer name eth0 netns "$ns"
+  ip -n "$hub" link set "v$n" master br0 up
+  in_ns "$ns" ip addr add "10.77.0.$n/24" dev eth0
+  in_ns "$ns" ip link set eth0 up
+  # Like an init container: capture the namespace's TCP for the sidecar.
+  in_ns "$ns" "$bin/wf-proxy" init --proxy-uid 1337 >/dev/null
+}
+
+for i in 1 2 3; do
+  ns=$prefix-web$i; n=$((10 + i))
+  echo "== $ns: lab-app web-$i on 10.77.0.$n:80, sidecar inbound :15006 (mTLS)"
+  node "web$i" "$n"
+  start "$logs/web-$i-app.log" "$ns" "$bin/lab-app" --listen 0.0.0.0:80 --name "web-$i"
+  start_proxy "$logs/web-$i.log" "$ns" "$bin/wf-proxy" --control-plane "http://$cp" --service web --instance "web-$i" \
+    --app 127.0.0.1:80 --inbound 0.0.0.0:15006 --advertise "10.77.0.$n:15006" \
+    --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 --health-check /healthz \
+    --join-token "$token"
+  wait_for "$logs/web-$i.log" "registered with the control plane"
+done
+
+echo "== $prefix-client: sidecar only, 10.77.0.50"
+node client 50
+start_proxy "$logs/client.log" "$prefix-client" "$bin/wf-proxy" --control-plane "http://$cp" \
+  --service client --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 --join-token "$token"
+wait_for "$logs/client.log" "wf-proxy listening"
+sleep 1
+
+echo "== the client app calls http://web/ by name, nine times:"
+for _ in $(seq 9); do
+  in_ns "$prefix-client" curl -s -m 5 http://web/ || echo "(failed)"
+  echo
+done
+echo "== and http://web-1's address directly: the sidecar still spreads the calls"
+for _ in $(seq 3); do
+  in_ns "$prefix-client" curl -s -m 5 http://10.77.0.11/ || echo "(failed)"
+  echo
+done
+$once && exit 0
+echo "== up. Try:  sudo ip netns exec $prefix-client curl http://web/"
+echo "   endpoints: sudo ip netns exec $hub $bin/wfctl --control-plane http://$cp endpoints web"
+echo "   Ctrl-C removes every namespace."
+wait
