@@ -3,4 +3,5 @@
 
 pub mod lab;
 pub mod machine;
-pub mod svg;
+/// Plots, shared with `wfctl lab compare`.
+pub use wayfinder_cli::lab::svg;

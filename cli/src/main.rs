@@ -106,6 +106,44 @@ enum LabCommand {
         #[arg(long, default_value_t = 5)]
         ttl: u32,
     },
+    /// One workload through DNS (resolved once, and per request), a plain
+    /// balancer (nginx when installed) and the mesh, with a backend killed,
+    /// one slowed and one added; writes a markdown report with plots.
+    Compare {
+        /// Requests per way.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// How much slower web-3 answers from 70% of the run.
+        #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+        slow: Duration,
+        /// Directory for report.md and its plots.
+        #[arg(long, default_value = "lab-compare")]
+        out: std::path::PathBuf,
+        /// Where wf-control, wf-proxy and lab-app are (default: next to wfctl).
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        /// nginx binary (default: `nginx` on PATH or /usr/sbin/nginx); "none" uses
+        /// the built-in TCP round robin, clearly labelled.
+        #[arg(long)]
+        nginx: Option<String>,
+    },
+}
+
+/// nginx as given, else found on PATH or in /usr/sbin.
+fn find_nginx(given: Option<String>) -> Option<std::path::PathBuf> {
+    match given.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(p.into()),
+        None => std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .chain([std::path::PathBuf::from("/usr/sbin")])
+            .map(|d| d.join("nginx"))
+            .find(|p| p.is_file()),
+    }
 }
 
 fn dns_record(s: &str) -> Result<(String, Vec<std::net::Ipv4Addr>), String> {
@@ -208,6 +246,35 @@ async fn run_lab(cmd: LabCommand) -> Result<()> {
             // Scripts wait for this line.
             eprintln!("wfctl lab dns: answering on {}", server.addr);
             tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
+        LabCommand::Compare {
+            requests,
+            concurrency,
+            slow,
+            out,
+            bin_dir,
+            nginx,
+        } => {
+            if requests < 100 || concurrency == 0 {
+                anyhow::bail!("--requests must be at least 100 and --concurrency at least 1");
+            }
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("wfctl's directory")?
+                    .to_path_buf(),
+            };
+            let cfg = wayfinder_cli::lab::compare::Config {
+                requests,
+                concurrency,
+                slow,
+                out,
+                bin_dir,
+                nginx: find_nginx(nginx),
+            };
+            wayfinder_cli::lab::compare::run(&cfg).await?;
             Ok(())
         }
     }

@@ -1,3 +1,35 @@
 //! Labs: what `wfctl lab` runs.
 
+pub mod compare;
 pub mod dns;
+pub mod report;
+pub mod svg;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// POSTs to a lab-app control path (`/fault?...`); returns the status.
+pub async fn http_post(addr: SocketAddr, path: &str) -> Result<u16> {
+    let call = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: lab\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .context("no answer within 5 s")??;
+    String::from_utf8_lossy(&buf)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP status from {addr}"))
+}

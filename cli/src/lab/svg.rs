@@ -1,0 +1,188 @@
+//! Small standalone SVG plots (no plotting dependency): latency CDFs and
+//! time series.
+
+/// One curve: a label and sorted samples in milliseconds.
+pub struct Curve<'a> {
+    /// Legend text.
+    pub label: &'a str,
+    /// Sorted samples (ms).
+    pub sorted_ms: &'a [f64],
+    /// Stroke colour.
+    pub color: &'a str,
+}
+
+/// Renders CDF curves on a logarithmic millisecond axis.
+pub fn cdf(title: &str, curves: &[Curve<'_>]) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 420.0, 70.0, 20.0, 40.0, 50.0);
+    let pw = w - left - right;
+    let ph = h - top - bottom;
+    let all = curves.iter().flat_map(|c| c.sorted_ms.iter().copied());
+    let max = all.clone().fold(0.001f64, f64::max);
+    let min = all.fold(f64::MAX, f64::min).max(0.01);
+    let (lo, hi) = (
+        min.log10().floor(),
+        max.log10().ceil().max(min.log10().floor() + 1.0),
+    );
+    let x = |ms: f64| left + (ms.max(0.01).log10() - lo) / (hi - lo) * pw;
+    let y = |q: f64| top + (1.0 - q) * ph;
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="{w}" height="{h}" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="15">{title}</text>
+"#,
+        w / 2.0
+    );
+    let mut e = lo;
+    while e <= hi {
+        let ms = 10f64.powf(e);
+        let xx = x(ms);
+        s += &format!(
+            r##"<line x1="{xx:.1}" y1="{top}" x2="{xx:.1}" y2="{:.1}" stroke="#ddd"/><text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>
+"##,
+            top + ph,
+            top + ph + 18.0,
+            if ms < 1.0 {
+                format!("{ms}")
+            } else {
+                format!("{ms:.0}")
+            }
+        );
+        e += 1.0;
+    }
+    for q in [0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0] {
+        s += &format!(
+            r##"<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{q}</text>
+"##,
+            y(q),
+            left + pw,
+            y(q),
+            left - 6.0,
+            y(q) + 4.0
+        );
+    }
+    s += &format!(
+        r#"<text x="{}" y="{}" text-anchor="middle">latency (ms, log scale)</text>
+<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">share of samples ≤ x</text>
+"#,
+        left + pw / 2.0,
+        h - 10.0,
+        top + ph / 2.0,
+        top + ph / 2.0
+    );
+    for (i, c) in curves.iter().enumerate() {
+        let n = c.sorted_ms.len().max(1) as f64;
+        let step = (c.sorted_ms.len() / 400).max(1);
+        let pts: Vec<String> = c
+            .sorted_ms
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| j % step == 0 || *j + 1 == c.sorted_ms.len())
+            .map(|(j, &v)| format!("{:.1},{:.1}", x(v), y((j + 1) as f64 / n)))
+            .collect();
+        s += &format!(
+            r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>
+<text x="{}" y="{}" fill="{}">{}</text>
+"#,
+            c.color,
+            pts.join(" "),
+            left + 10.0,
+            top + 16.0 + 16.0 * i as f64,
+            c.color,
+            c.label
+        );
+    }
+    s + "</svg>\n"
+}
+
+/// One time series: a label and (x, y) points in x order.
+pub struct Series<'a> {
+    /// Legend text.
+    pub label: &'a str,
+    /// Points.
+    pub points: &'a [(f64, f64)],
+    /// Stroke colour.
+    pub color: &'a str,
+}
+
+/// Renders series on linear axes starting at zero, with vertical markers
+/// (x, label) for events such as "backend killed".
+pub fn series(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    lines: &[Series<'_>],
+    markers: &[(f64, &str)],
+) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 420.0, 70.0, 20.0, 40.0, 50.0);
+    let pw = w - left - right;
+    let ph = h - top - bottom;
+    let pts = lines.iter().flat_map(|l| l.points.iter().copied());
+    let x_max = pts.clone().map(|p| p.0).fold(1e-9f64, f64::max);
+    let y_max = pts.map(|p| p.1).fold(1e-9f64, f64::max) * 1.1;
+    let x = |v: f64| left + v / x_max * pw;
+    let y = |v: f64| top + (1.0 - v / y_max) * ph;
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="{w}" height="{h}" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="15">{title}</text>
+"#,
+        w / 2.0
+    );
+    for i in 0..=4 {
+        let (xv, yv) = (x_max * f64::from(i) / 4.0, y_max * f64::from(i) / 4.0);
+        s += &format!(
+            r##"<line x1="{:.1}" y1="{top}" x2="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{xv:.1}</text>
+<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{yv:.0}</text>
+"##,
+            x(xv),
+            x(xv),
+            top + ph,
+            x(xv),
+            top + ph + 18.0,
+            y(yv),
+            left + pw,
+            y(yv),
+            left - 6.0,
+            y(yv) + 4.0
+        );
+    }
+    for (mx, label) in markers {
+        s += &format!(
+            r##"<line x1="{:.1}" y1="{top}" x2="{:.1}" y2="{:.1}" stroke="#999" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="#666">{label}</text>
+"##,
+            x(*mx),
+            x(*mx),
+            top + ph,
+            x(*mx) + 3.0,
+            top + ph - 6.0
+        );
+    }
+    s += &format!(
+        r#"<text x="{}" y="{}" text-anchor="middle">{x_label}</text>
+<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">{y_label}</text>
+"#,
+        left + pw / 2.0,
+        h - 10.0,
+        top + ph / 2.0,
+        top + ph / 2.0
+    );
+    for (i, l) in lines.iter().enumerate() {
+        let pts: Vec<String> = l
+            .points
+            .iter()
+            .map(|&(a, b)| format!("{:.1},{:.1}", x(a), y(b)))
+            .collect();
+        s += &format!(
+            r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>
+<text x="{}" y="{}" fill="{}">{}</text>
+"#,
+            l.color,
+            pts.join(" "),
+            left + 10.0,
+            top + 16.0 + 16.0 * i as f64,
+            l.color,
+            l.label
+        );
+    }
+    s + "</svg>\n"
+}
