@@ -180,7 +180,7 @@ async fn connect(cli: &Cli) -> Result<Channel> {
         .with_context(|| format!("{:?} is not a control-plane URL", cli.control_plane))?
         .connect_timeout(cli.timeout)
         .tcp_nodelay(true)
-        .connect()
+        .connect_with_connector(wayfinder_proto::dial::Dialer)
         .await
         .with_context(|| format!("cannot reach the control plane at {}", cli.control_plane))
 }

@@ -2,6 +2,8 @@
 //! per-service policy, shared by the control plane, the sidecar and wfctl.
 
 pub mod backoff;
+#[cfg(feature = "dial")]
+pub mod dial;
 pub mod encoded;
 pub mod latency;
 pub mod policy;

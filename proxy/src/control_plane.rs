@@ -14,6 +14,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tonic::transport::{Channel, Endpoint, Uri};
+use wayfinder_proto::dial::Dialer;
 
 /// How the control plane's certificate is trusted.
 pub enum Trust {
@@ -73,7 +74,7 @@ pub fn channel(url: &str, trust: Trust) -> Result<Channel> {
                         .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
                 )
                 .context("TLS to the control plane")?;
-            Ok(endpoint.connect_lazy())
+            Ok(endpoint.connect_with_connector_lazy(Dialer))
         }
         Trust::Pin(pin) if https => {
             let mut cfg = rustls::ClientConfig::builder()
@@ -85,7 +86,7 @@ pub fn channel(url: &str, trust: Trust) -> Result<Channel> {
                 tokio_rustls::TlsConnector::from(Arc::new(cfg)),
             )))
         }
-        _ => Ok(endpoint.connect_lazy()),
+        _ => Ok(endpoint.connect_with_connector_lazy(Dialer)),
     }
 }
 
@@ -187,8 +188,7 @@ impl tower_service::Service<Uri> for PinnedConnector {
             let port = uri.port_u16().unwrap_or(443);
             let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
                 .map_err(|_| bad("bad host name"))?;
-            let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)).await?;
-            let _ = tcp.set_nodelay(true);
+            let tcp = wayfinder_proto::dial::connect(&host, port).await?;
             Ok(TokioIo::new(tls.connect(name, tcp).await?))
         })
     }
@@ -206,4 +206,37 @@ mod tests {
         assert!(parse_pin("sha256:zz").is_err());
         assert!(parse_pin(&format!("sha256:{}", "g".repeat(64))).is_err());
     }
+}
+
+/// The local address that routes towards the control plane at `url`: what
+/// a sidecar bound to every address advertises to its peers.
+pub async fn route_ip(url: &str) -> Result<std::net::IpAddr> {
+    let uri: Uri = url
+        .parse()
+        .with_context(|| format!("--control-plane {url:?} is not a URL"))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("--control-plane {url:?} has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(15010);
+    let ip = wayfinder_proto::dial::resolve(host, port)
+        .await
+        .with_context(|| format!("resolving {host}"))?
+        .first()
+        .map(|a| a.ip())
+        .with_context(|| format!("{host} has no address"))?;
+    let any: std::net::SocketAddr = if ip.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    // Connecting a UDP socket sends nothing; it only asks the kernel's routing.
+    let probe = std::net::UdpSocket::bind(any)?;
+    probe.connect((ip, port))?;
+    let local = probe.local_addr()?.ip();
+    if local.is_unspecified() {
+        bail!("no route to the control plane at {ip}");
+    }
+    Ok(local)
 }

@@ -304,7 +304,8 @@ async fn start(args: Args) -> std::process::ExitCode {
         .unwrap_or_else(|| format!("client-{}", std::process::id()));
     let mut layers = Vec::new();
     let mut exporter = None;
-    if let Some(endpoint) = &args.otlp_endpoint {
+    // An empty value (compose's `${VAR:-}`) means no exporter.
+    if let Some(endpoint) = args.otlp_endpoint.as_ref().filter(|e| !e.is_empty()) {
         let cfg = telemetry::Config {
             endpoint: endpoint.clone(),
             sampling: args.trace_sampling,
@@ -519,7 +520,19 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
     if let (Some(app), Some(service), Some(inbound)) = (args.app, args.service.clone(), inbound) {
         let (htx, hrx) = tokio::sync::watch::channel(Health::Unknown);
         tokio::spawn(register::check_loop(app, check, args.health_interval, htx));
-        let advertise = args.advertise.unwrap_or(inbound);
+        let advertise = match args.advertise {
+            Some(a) => a,
+            // Bound to every address (a container): advertise the one that
+            // routes towards the control plane, as other sidecars reach us there.
+            None if inbound.ip().is_unspecified() => {
+                let ip = control_plane::route_ip(&args.control_plane)
+                    .await
+                    .context("finding the address to advertise (or pass --advertise)")?;
+                SocketAddr::new(ip, inbound.port())
+            }
+            None => inbound,
+        };
+        tracing::info!(%advertise, "advertising the inbound address");
         let instance = Instance {
             service,
             instance_id: node.clone(),

@@ -73,10 +73,16 @@ pub type Installed = (
 
 /// Sets up export to `cfg.endpoint`; call inside the tokio runtime.
 pub fn init(cfg: &Config, counters: ExportCounters) -> anyhow::Result<Installed> {
-    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+    // Our own channel: it resolves the collector's name without libc
+    // (static binaries in scratch images), e.g. http://jaeger:4317.
+    let channel = tonic::transport::Endpoint::from_shared(cfg.endpoint.clone())
+        .map_err(|e| anyhow::anyhow!("{:?} is not a URL: {e}", cfg.endpoint))?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect_with_connector_lazy(wayfinder_proto::dial::Dialer);
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
-        .with_endpoint(cfg.endpoint.clone())
+        .with_channel(channel)
         .with_timeout(std::time::Duration::from_secs(3))
         .build()?;
     let exporter = OnRuntime {

@@ -1,0 +1,136 @@
+//! Dialling by name without libc's resolver. The lab images are static
+//! binaries in `FROM scratch`, where glibc's getaddrinfo has no NSS modules
+//! to load and fails for every name; hickory reads /etc/resolv.conf (which
+//! Docker writes, pointing at its embedded DNS) and /etc/hosts itself.
+//! getaddrinfo remains the fallback for what hickory cannot answer.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+
+use hickory_resolver::TokioResolver;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tonic::transport::Uri;
+
+fn resolver() -> Result<&'static TokioResolver, String> {
+    static R: OnceLock<Result<TokioResolver, String>> = OnceLock::new();
+    R.get_or_init(|| {
+        TokioResolver::builder_tokio()
+            .and_then(|mut b| {
+                // IPv4 first: Docker's networks are IPv4 unless told otherwise.
+                b.options_mut().ip_strategy =
+                    hickory_resolver::config::LookupIpStrategy::Ipv4thenIpv6;
+                b.build()
+            })
+            .map_err(|e| format!("no DNS resolver from /etc/resolv.conf: {e}"))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// The addresses of `host` (an IP literal, with or without brackets, or a name).
+pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let dns_error = match resolver() {
+        Ok(r) => match r.lookup_ip(host).await {
+            Ok(answer) => {
+                let addrs: Vec<_> = answer.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+                if !addrs.is_empty() {
+                    return Ok(addrs);
+                }
+                format!("{host}: no address")
+            }
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e,
+    };
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            if addrs.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::NotFound, dns_error));
+            }
+            Ok(addrs)
+        }
+        Err(e) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("resolving {host}: {dns_error}; getaddrinfo: {e}"),
+        )),
+    }
+}
+
+/// Connects to the first address of `host` that accepts.
+pub async fn connect(host: &str, port: u16) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"));
+    for addr in resolve(host, port).await? {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// A connector for tonic channels (`Endpoint::connect_with_connector`) that
+/// resolves with [`resolve`]; tonic adds TLS on top when configured.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Dialer;
+
+impl tower_service::Service<Uri> for Dialer {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in the URL"))?
+                .to_string();
+            let https = uri.scheme_str() == Some("https");
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            Ok(TokioIo::new(connect(&host, port).await?))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn literals_resolve_without_dns() {
+        let v4 = resolve("127.0.0.1", 80).await.expect("v4");
+        assert_eq!(v4, vec![SocketAddr::from(([127, 0, 0, 1], 80))]);
+        let v6 = resolve("[::1]", 443).await.expect("v6");
+        assert_eq!(v6[0].port(), 443);
+        assert!(v6[0].is_ipv6());
+    }
+
+    #[tokio::test]
+    async fn the_dialer_connects_by_uri() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let uri: Uri = format!("http://{}", l.local_addr().expect("addr"))
+            .parse()
+            .expect("uri");
+        let mut d = Dialer;
+        let s = tower_service::Service::call(&mut d, uri).await;
+        assert!(s.is_ok(), "{s:?}");
+    }
+}
