@@ -194,20 +194,6 @@ impl tower_service::Service<Uri> for PinnedConnector {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pins_parse_and_print() {
-        let p = pin_of(b"root");
-        assert_eq!(parse_pin(&p).map(|b| b.len()), Ok(32));
-        assert!(parse_pin("sha1:00").is_err());
-        assert!(parse_pin("sha256:zz").is_err());
-        assert!(parse_pin(&format!("sha256:{}", "g".repeat(64))).is_err());
-    }
-}
-
 /// The local address that routes towards the control plane at `url`: what
 /// a sidecar bound to every address advertises to its peers.
 pub async fn route_ip(url: &str) -> Result<std::net::IpAddr> {
@@ -239,4 +225,18 @@ pub async fn route_ip(url: &str) -> Result<std::net::IpAddr> {
         bail!("no route to the control plane at {ip}");
     }
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_parse_and_print() {
+        let p = pin_of(b"root");
+        assert_eq!(parse_pin(&p).map(|b| b.len()), Ok(32));
+        assert!(parse_pin("sha1:00").is_err());
+        assert!(parse_pin("sha256:zz").is_err());
+        assert!(parse_pin(&format!("sha256:{}", "g".repeat(64))).is_err());
+    }
 }
