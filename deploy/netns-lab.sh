@@ -114,6 +114,13 @@ for _ in $(seq 3); do
   in_ns "$prefix-client" curl -s -m 5 http://10.77.0.11/ || echo "(failed)"
   echo
 done
+echo "== a caller outside the mesh (the hub) dials web-1's app port directly:"
+# Inbound capture sends it to web-1's sidecar, which takes mTLS only (strict).
+if in_ns "$hub" curl -s -m 3 -o /dev/null http://10.77.0.11/; then
+  echo "outside caller: answered (inbound not captured!)"
+else
+  echo "outside caller: refused (inbound captured, strict mTLS)"
+fi
 $once && exit 0
 echo "== up. Try:  sudo ip netns exec $prefix-client curl http://web/"
 echo "   endpoints: sudo ip netns exec $hub $bin/wfctl --control-plane http://$cp endpoints web"

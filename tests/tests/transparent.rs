@@ -214,6 +214,11 @@ async fn the_netns_lab_script_meshes_apps_that_call_services_by_name() -> Result
     assert!(answers.iter().all(|a| a.starts_with("web-")), "{stdout}");
     let distinct: std::collections::BTreeSet<_> = answers.iter().collect();
     assert!(distinct.len() >= 2, "calls were not balanced: {stdout}");
+    // Inbound capture: a plaintext caller outside the mesh meets the strict sidecar.
+    assert!(
+        stdout.contains("outside caller: refused (inbound captured, strict mTLS)"),
+        "{stdout}"
+    );
     // The script removed what it made.
     let left = run(&["ip", "netns", "list"])?;
     assert!(!left.contains(&prefix), "namespaces left behind: {left}");

@@ -310,7 +310,9 @@ impl Lab {
     async fn start(cfg: &Config, way: Way) -> Result<Self> {
         let port = common_port()?;
         let tmp = tempfile::tempdir()?;
-        let dns = DnsServer::start("127.0.0.1:0".parse()?, 0).await?;
+        // Docker answers with a TTL of 600 s; the clients here decide how
+        // long they keep an answer (once, or not at all).
+        let dns = DnsServer::start("127.0.0.1:0".parse()?, 600).await?;
         let mut lab = Self {
             cfg: cfg.clone(),
             port,
