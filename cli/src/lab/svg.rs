@@ -79,19 +79,26 @@ pub fn cdf(title: &str, curves: &[Curve<'_>]) -> String {
             .filter(|(j, _)| j % step == 0 || *j + 1 == c.sorted_ms.len())
             .map(|(j, &v)| format!("{:.1},{:.1}", x(v), y((j + 1) as f64 / n)))
             .collect();
-        s += &format!(
-            r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>
-<text x="{}" y="{}" fill="{}">{}</text>
-"#,
+        s += &line(
             c.color,
-            pts.join(" "),
-            left + 10.0,
-            top + 16.0 + 16.0 * i as f64,
-            c.color,
-            c.label
+            c.label,
+            &pts,
+            (left + 10.0, top + 16.0 + 16.0 * i as f64),
         );
     }
     s + "</svg>\n"
+}
+
+/// A polyline through `pts` and its legend entry at `legend`.
+fn line(color: &str, label: &str, pts: &[String], legend: (f64, f64)) -> String {
+    format!(
+        r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>
+<text x="{}" y="{}" fill="{color}">{label}</text>
+"#,
+        pts.join(" "),
+        legend.0,
+        legend.1
+    )
 }
 
 /// One time series: a label and (x, y) points in x order.
@@ -172,16 +179,11 @@ pub fn series(
             .iter()
             .map(|&(a, b)| format!("{:.1},{:.1}", x(a), y(b)))
             .collect();
-        s += &format!(
-            r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>
-<text x="{}" y="{}" fill="{}">{}</text>
-"#,
+        s += &line(
             l.color,
-            pts.join(" "),
-            left + 10.0,
-            top + 16.0 + 16.0 * i as f64,
-            l.color,
-            l.label
+            l.label,
+            &pts,
+            (left + 10.0, top + 16.0 + 16.0 * i as f64),
         );
     }
     s + "</svg>\n"

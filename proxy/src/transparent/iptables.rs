@@ -36,16 +36,12 @@ impl Rules {
     /// The `iptables` argument lists that install the rules, in order.
     pub fn install(&self) -> Vec<Vec<String>> {
         let mut cmds: Vec<Vec<String>> = Vec::new();
-        let mut nat = |args: &[&str]| {
-            let mut v = vec!["-w".to_string(), "-t".into(), "nat".into()];
-            v.extend(args.iter().map(|s| s.to_string()));
-            cmds.push(v);
-        };
+        let mut add = |args: &[&str]| cmds.push(nat(args));
         if let Some(port) = self.inbound_port {
-            nat(&["-N", INBOUND_CHAIN]);
+            add(&["-N", INBOUND_CHAIN]);
             for p in &self.exclude_inbound_ports {
                 let p = p.to_string();
-                nat(&[
+                add(&[
                     "-A",
                     INBOUND_CHAIN,
                     "-p",
@@ -57,7 +53,7 @@ impl Rules {
                 ]);
             }
             let port = port.to_string();
-            nat(&[
+            add(&[
                 "-A",
                 INBOUND_CHAIN,
                 "-p",
@@ -67,11 +63,11 @@ impl Rules {
                 "--to-ports",
                 &port,
             ]);
-            nat(&["-A", "PREROUTING", "-p", "tcp", "-j", INBOUND_CHAIN]);
+            add(&["-A", "PREROUTING", "-p", "tcp", "-j", INBOUND_CHAIN]);
         }
-        nat(&["-N", OUTBOUND_CHAIN]);
+        add(&["-N", OUTBOUND_CHAIN]);
         let uid = self.proxy_uid.to_string();
-        nat(&[
+        add(&[
             "-A",
             OUTBOUND_CHAIN,
             "-m",
@@ -81,14 +77,14 @@ impl Rules {
             "-j",
             "RETURN",
         ]);
-        nat(&["-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN"]);
-        nat(&["-A", OUTBOUND_CHAIN, "-d", "127.0.0.0/8", "-j", "RETURN"]);
+        add(&["-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN"]);
+        add(&["-A", OUTBOUND_CHAIN, "-d", "127.0.0.0/8", "-j", "RETURN"]);
         for c in &self.exclude_cidrs {
-            nat(&["-A", OUTBOUND_CHAIN, "-d", c, "-j", "RETURN"]);
+            add(&["-A", OUTBOUND_CHAIN, "-d", c, "-j", "RETURN"]);
         }
         for p in &self.exclude_outbound_ports {
             let p = p.to_string();
-            nat(&[
+            add(&[
                 "-A",
                 OUTBOUND_CHAIN,
                 "-p",
@@ -100,7 +96,7 @@ impl Rules {
             ]);
         }
         let port = self.outbound_port.to_string();
-        nat(&[
+        add(&[
             "-A",
             OUTBOUND_CHAIN,
             "-p",
@@ -110,9 +106,17 @@ impl Rules {
             "--to-ports",
             &port,
         ]);
-        nat(&["-A", "OUTPUT", "-p", "tcp", "-j", OUTBOUND_CHAIN]);
+        add(&["-A", "OUTPUT", "-p", "tcp", "-j", OUTBOUND_CHAIN]);
         cmds
     }
+}
+
+/// One `iptables` argument list on the nat table (`-w`: wait for the lock
+/// rather than fail when another tool holds it).
+fn nat(args: &[&str]) -> Vec<String> {
+    let mut v = vec!["-w".to_string(), "-t".into(), "nat".into()];
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
 }
 
 /// The argument lists that remove whatever [`Rules::install`] added; each
@@ -120,11 +124,6 @@ impl Rules {
 pub fn cleanup() -> Vec<Vec<String>> {
     let mut cmds = Vec::new();
     for (hook, chain) in [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)] {
-        let nat = |args: &[&str]| {
-            let mut v = vec!["-w".to_string(), "-t".into(), "nat".into()];
-            v.extend(args.iter().map(|s| s.to_string()));
-            v
-        };
         cmds.push(nat(&["-D", hook, "-p", "tcp", "-j", chain]));
         cmds.push(nat(&["-F", chain]));
         cmds.push(nat(&["-X", chain]));
