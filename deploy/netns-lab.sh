@@ -82,7 +82,7 @@ node() {
   in_ns "$ns" ip addr add "10.77.0.$n/24" dev eth0
   in_ns "$ns" ip link set eth0 up
   # Like an init container: capture the namespace's TCP for the sidecar.
-  in_ns "$ns" "$bin/wf-proxy" init --proxy-uid 1337 >/dev/null
+  in_ns "$ns" "$bin/wf-proxy" init --proxy-uid 1337 --control-plane "$cp" >/dev/null
 }
 
 for i in 1 2 3; do

@@ -162,6 +162,10 @@ struct InitArgs {
     /// The sidecar's admin port (never captured).
     #[arg(long, default_value_t = 15000)]
     admin_port: u16,
+    /// The control plane (URL or IP:PORT); connections to it are never
+    /// captured, whoever opens them (wfctl in the app's namespace).
+    #[arg(long, env = "WAYFINDER_CONTROL_PLANE")]
+    control_plane: Option<String>,
     /// Print the iptables commands instead of running them.
     #[arg(long)]
     dry_run: bool,
@@ -170,8 +174,38 @@ struct InitArgs {
     cleanup: bool,
 }
 
+/// The control plane's IPv4 address and port, from a URL or IP:PORT.
+fn control_plane_addr(s: &str) -> Result<SocketAddr> {
+    let url = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    };
+    let uri: tonic::transport::Uri = url.parse().context("not a URL or IP:PORT")?;
+    let host = uri.host().context("no host")?;
+    let port = uri.port_u16().unwrap_or(15010);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let addrs = rt.block_on(wayfinder_proto::dial::resolve(host, port))?;
+    addrs
+        .into_iter()
+        .find(SocketAddr::is_ipv4)
+        .context("no IPv4 address (interception is IPv4 only)")
+}
+
 fn init(a: InitArgs) -> std::process::ExitCode {
     use wayfinder_proxy::transparent::iptables::{self, Rules};
+    let control_plane = match a.control_plane.as_deref().filter(|_| !a.cleanup) {
+        Some(cp) => match control_plane_addr(cp) {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                eprintln!("wf-proxy init: --control-plane {cp:?}: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let cmds = if a.cleanup {
         iptables::cleanup()
     } else {
@@ -184,6 +218,7 @@ fn init(a: InitArgs) -> std::process::ExitCode {
             exclude_inbound_ports,
             exclude_outbound_ports: a.exclude_outbound_ports,
             exclude_cidrs: a.exclude_cidrs,
+            control_plane,
         }
         .install()
     };

@@ -104,9 +104,10 @@ async fn calls_to_one_instance_ip_spread_over_the_service_and_others_pass_throug
 
         let client = lab.node("client", 50)?;
         let init = bin("wf-proxy").to_string_lossy().to_string();
-        run(&["ip", "netns", "exec", &client, &init, "init", "--proxy-uid", "1337"])?;
+        run(&["ip", "netns", "exec", &client, &init, "init", "--proxy-uid", "1337", "--control-plane", CP])?;
         let rules = run(&["ip", "netns", "exec", &client, "iptables", "-t", "nat", "-S"])?;
         assert!(rules.contains("WAYFINDER_OUTPUT"), "{rules}");
+        assert!(rules.contains("-d 10.77.0.1/32 -p tcp -m tcp --dport 15010 -j RETURN"), "{rules}");
         let url = format!("http://{CP}");
         let sidecar = Process::start_in(
             &Lab::exec_as(&client, 1337),

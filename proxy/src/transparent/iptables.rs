@@ -30,6 +30,8 @@ pub struct Rules {
     pub exclude_outbound_ports: Vec<u16>,
     /// Outbound destinations left alone (`10.0.0.0/8`, `192.168.1.7`).
     pub exclude_cidrs: Vec<String>,
+    /// The control plane, never captured whoever dials it.
+    pub control_plane: Option<std::net::SocketAddr>,
 }
 
 impl Rules {
@@ -79,6 +81,21 @@ impl Rules {
         ]);
         add(&["-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN"]);
         add(&["-A", OUTBOUND_CHAIN, "-d", "127.0.0.0/8", "-j", "RETURN"]);
+        if let Some(cp) = self.control_plane {
+            let (ip, port) = (format!("{}/32", cp.ip()), cp.port().to_string());
+            add(&[
+                "-A",
+                OUTBOUND_CHAIN,
+                "-d",
+                &ip,
+                "-p",
+                "tcp",
+                "--dport",
+                &port,
+                "-j",
+                "RETURN",
+            ]);
+        }
         for c in &self.exclude_cidrs {
             add(&["-A", OUTBOUND_CHAIN, "-d", c, "-j", "RETURN"]);
         }
@@ -185,6 +202,7 @@ mod tests {
             exclude_inbound_ports: vec![15000],
             exclude_outbound_ports: vec![15010],
             exclude_cidrs: vec!["10.9.0.0/16".into()],
+            control_plane: Some(([10, 9, 0, 1], 15010).into()),
         }
     }
 
@@ -202,6 +220,9 @@ mod tests {
         };
         assert!(pos("--uid-owner 1337 -j RETURN") < pos("REDIRECT --to-ports 15001"));
         assert!(pos("-d 10.9.0.0/16 -j RETURN") < pos("REDIRECT --to-ports 15001"));
+        assert!(
+            pos("-d 10.9.0.1/32 -p tcp --dport 15010 -j RETURN") < pos("REDIRECT --to-ports 15001")
+        );
         assert!(pos("--dport 15010 -j RETURN") < pos("REDIRECT --to-ports 15001"));
         assert!(pos("--dport 15000 -j RETURN") < pos("REDIRECT --to-ports 15006"));
         // The hooks are added once the chains are complete, so no packet
