@@ -89,6 +89,17 @@ pub fn cdf(title: &str, curves: &[Curve<'_>]) -> String {
     s + "</svg>\n"
 }
 
+/// The next "round" number at or above `v` (1, 2, 4 or 5 times a power of
+/// ten), so axis ticks at quarters read well.
+fn nice(v: f64) -> f64 {
+    let p = 10f64.powf(v.max(1e-9).log10().floor());
+    [1.0, 2.0, 4.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|&c| c >= v)
+        .unwrap_or(10.0 * p)
+}
+
 /// A polyline through `pts` and its legend entry at `legend`.
 fn line(color: &str, label: &str, pts: &[String], legend: (f64, f64)) -> String {
     format!(
@@ -124,8 +135,8 @@ pub fn series(
     let pw = w - left - right;
     let ph = h - top - bottom;
     let pts = lines.iter().flat_map(|l| l.points.iter().copied());
-    let x_max = pts.clone().map(|p| p.0).fold(1e-9f64, f64::max);
-    let y_max = pts.map(|p| p.1).fold(1e-9f64, f64::max) * 1.1;
+    let x_max = nice(pts.clone().map(|p| p.0).fold(1e-9f64, f64::max));
+    let y_max = nice(pts.map(|p| p.1).fold(1e-9f64, f64::max) * 1.05);
     let x = |v: f64| left + v / x_max * pw;
     let y = |v: f64| top + (1.0 - v / y_max) * ph;
     let mut s = format!(
@@ -138,8 +149,8 @@ pub fn series(
     for i in 0..=4 {
         let (xv, yv) = (x_max * f64::from(i) / 4.0, y_max * f64::from(i) / 4.0);
         s += &format!(
-            r##"<line x1="{:.1}" y1="{top}" x2="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{xv:.1}</text>
-<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{yv:.0}</text>
+            r##"<line x1="{:.1}" y1="{top}" x2="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{xv}</text>
+<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{yv}</text>
 "##,
             x(xv),
             x(xv),
@@ -187,4 +198,43 @@ pub fn series(
         );
     }
     s + "</svg>\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axes_end_on_round_numbers() {
+        assert_eq!(nice(99.0), 100.0);
+        assert_eq!(nice(37.0), 40.0);
+        assert_eq!(nice(1.0), 1.0);
+        assert_eq!(nice(0.7), 1.0);
+        assert_eq!(nice(2100.0), 4000.0);
+    }
+
+    #[test]
+    fn series_draw_every_line_and_marker() {
+        let pts = [(0.0, 1.0), (50.0, 3.0), (99.0, 0.0)];
+        let svg = series(
+            "t",
+            "x",
+            "y",
+            &[
+                Series {
+                    label: "a",
+                    points: &pts,
+                    color: "red",
+                },
+                Series {
+                    label: "b",
+                    points: &pts,
+                    color: "blue",
+                },
+            ],
+            &[(40.0, "killed")],
+        );
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains(">killed</text>") && svg.ends_with("</svg>\n"));
+    }
 }
