@@ -2,6 +2,7 @@
 //! description every report starts with.
 
 pub mod lab;
-pub mod machine;
+/// The machine description, shared with `wfctl lab compare`.
+pub use wayfinder_cli::lab::machine;
 /// Plots, shared with `wfctl lab compare`.
 pub use wayfinder_cli::lab::svg;

@@ -2,6 +2,7 @@
 
 pub mod compare;
 pub mod dns;
+pub mod machine;
 pub mod report;
 pub mod svg;
 

@@ -21,6 +21,12 @@ pub fn markdown(cfg: &Config, rows: &[Row]) -> String {
     let _ = writeln!(s, "# DNS vs balancer vs mesh\n");
     let _ = writeln!(
         s,
+        "{}, on {} (every process on this machine, over loopback).\n",
+        super::machine::date(),
+        super::machine::describe()
+    );
+    let _ = writeln!(
+        s,
         "{} requests per way at concurrency {}, `GET /` to lab-app instances of `web` on \
          127.0.0.11-14. At 40% of the requests web-2 is killed (its DNS record goes away, as \
          Docker's does), at 70% web-3 answers {} ms slower, at 85% web-4 starts (its record \

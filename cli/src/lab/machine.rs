@@ -1,4 +1,4 @@
-//! What a benchmark ran on, for the report's header.
+//! What a benchmark or lab comparison ran on, for the report's header.
 
 use std::process::Command;
 
