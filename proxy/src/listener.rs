@@ -170,7 +170,11 @@ async fn connection(
     server_first: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let role = match role {
+    // An intercepted connection first finds its service; the bytes peeked
+    // for its Host also tell whether the client is silent, and then the
+    // detection window is not waited twice.
+    let transparent = matches!(role, Role::Transparent);
+    let (role, silent) = match role {
         Role::Transparent => match intercepted(&stream, &proxy, window).await {
             Some(r) => r,
             None => {
@@ -180,12 +184,14 @@ async fn connection(
                 return;
             }
         },
-        r => r,
+        r => (r, false),
     };
     // On a port known to carry a server-first protocol, skip the window.
-    let remembered = !matches!(role, Role::HostRouted) && server_first.load(Ordering::Relaxed);
+    // Intercepted connections go to many destinations: nothing to remember.
+    let remembered =
+        !transparent && !matches!(role, Role::HostRouted) && server_first.load(Ordering::Relaxed);
     let started = Instant::now();
-    let proto = if remembered {
+    let proto = if remembered || silent {
         None
     } else {
         detect(&stream, window).await
@@ -254,7 +260,9 @@ async fn connection(
                     relay(stream, server, &[], slot, &role, &proxy).await;
                 }
                 Some(Ok(n)) if n > 0 => {
-                    server_first.store(true, Ordering::Relaxed);
+                    if !transparent {
+                        server_first.store(true, Ordering::Relaxed);
+                    }
                     relay(stream, server, &greeting[..n], slot, &role, &proxy).await;
                 }
                 // The target closed or failed before anyone spoke.
@@ -264,21 +272,26 @@ async fn connection(
     }
 }
 
-/// The role an intercepted connection takes: the service it is for, the
-/// Host-routed listener's when it was not redirected, or `None` to pass it
-/// through untouched.
-async fn intercepted(stream: &TcpStream, proxy: &Proxy, window: Duration) -> Option<Role> {
-    use crate::transparent::{Target, decide, original_dst, peek_host};
+/// The role an intercepted connection takes — the service it is for, or
+/// the Host-routed listener's when it was not redirected — and whether its
+/// client stayed silent; `None` to pass it through untouched.
+async fn intercepted(stream: &TcpStream, proxy: &Proxy, window: Duration) -> Option<(Role, bool)> {
+    use crate::transparent::{Peeked, Target, decide, original_dst, peek_host};
     let local = stream.local_addr().ok()?;
     let orig = original_dst(stream);
     proxy.catalog.wait_loaded(CATALOG_WAIT).await;
-    let host = match orig {
+    let peeked = match orig {
         Some(o) if o != local => peek_host(stream, window).await,
+        _ => Peeked::NoHost,
+    };
+    let host = match &peeked {
+        Peeked::Host(h) => Some(h.as_str()),
         _ => None,
     };
-    match decide(&proxy.catalog.table(), local, orig, host.as_deref()) {
-        Target::Service(name) => Some(Role::Upstream(name)),
-        Target::Direct => Some(Role::HostRouted),
+    let silent = peeked == Peeked::Silent;
+    match decide(&proxy.catalog.table(), local, orig, host) {
+        Target::Service(name) => Some((Role::Upstream(name), silent)),
+        Target::Direct => Some((Role::HostRouted, false)),
         Target::Passthrough(_) => None,
     }
 }

@@ -61,29 +61,47 @@ pub fn decide(
     }
 }
 
+/// What the first bytes of an intercepted connection said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peeked {
+    /// An HTTP/1 request head with this Host.
+    Host(String),
+    /// Bytes, but no Host to go by (not HTTP/1, no Host header, or a head
+    /// that did not complete within the window).
+    NoHost,
+    /// Nothing within the window: the server may be the one to speak first.
+    Silent,
+}
+
 /// The Host header of an HTTP/1 request whose head arrives within `window`
 /// (peeked: the bytes stay for whoever serves the connection).
-pub async fn peek_host(stream: &TcpStream, window: Duration) -> Option<String> {
+pub async fn peek_host(stream: &TcpStream, window: Duration) -> Peeked {
     let deadline = tokio::time::Instant::now() + window;
     let mut buf = vec![0u8; 8192];
+    let mut seen = false;
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => return Peeked::NoHost,
+            Err(_) if seen => return Peeked::NoHost,
+            Err(_) => return Peeked::Silent,
+        };
         if n == 0 {
-            return None;
+            return Peeked::NoHost;
         }
+        seen = true;
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf[..n]) {
-            Ok(httparse::Status::Complete(_)) => return host_of(req.headers),
+            Ok(httparse::Status::Complete(_)) => {
+                return host_of(req.headers).map_or(Peeked::NoHost, Peeked::Host);
+            }
             // Not HTTP/1 after all, or too many headers: no Host to go by.
-            Err(_) => return None,
-            Ok(httparse::Status::Partial) if n == buf.len() => return None,
+            Err(_) => return Peeked::NoHost,
+            Ok(httparse::Status::Partial) if n == buf.len() => return Peeked::NoHost,
             Ok(httparse::Status::Partial) => {
                 if tokio::time::Instant::now() >= deadline {
-                    return None;
+                    return Peeked::NoHost;
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -173,10 +191,31 @@ mod tests {
         });
         let (server, _) = l.accept().await.expect("test input");
         let host = peek_host(&server, Duration::from_secs(2)).await;
-        assert_eq!(host.as_deref(), Some("web.lab:8080"));
+        assert_eq!(host, Peeked::Host("web.lab:8080".into()));
         let mut buf = [0u8; 3];
         let n = server.peek(&mut buf).await.expect("test input");
         assert_eq!(&buf[..n], b"GET");
         drop(client.await.expect("test input"));
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_told_apart_from_one_without_host() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let silent = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = l.accept().await.expect("accept");
+        let window = Duration::from_millis(30);
+        assert_eq!(peek_host(&server, window).await, Peeked::Silent);
+        use tokio::io::AsyncWriteExt;
+        let mut talker = TcpStream::connect(addr).await.expect("connect");
+        talker
+            .write_all(b"\x16\x03\x01 not http")
+            .await
+            .expect("write");
+        let (server2, _) = l.accept().await.expect("accept");
+        assert_eq!(peek_host(&server2, window).await, Peeked::NoHost);
+        drop((silent, talker));
     }
 }
