@@ -154,6 +154,15 @@ async fn calls_to_one_instance_ip_spread_over_the_service_and_others_pass_throug
         // Every instance got a real share, not a stray request.
         assert!(seen.values().all(|&n| n >= 3), "{seen:?}");
 
+        // HTTP/2 with prior knowledge carries no HTTP/1 Host to peek at: the
+        // original address alone names the service.
+        let mut h2: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..9 {
+            let out = run(&["ip", "netns", "exec", &client, "curl", "-s", "-m", "5", "--http2-prior-knowledge", &target])?;
+            *h2.entry(instance_of(&out)).or_default() += 1;
+        }
+        assert_eq!(h2.keys().cloned().collect::<Vec<_>>(), ["web-1", "web-2", "web-3"], "{h2:?}");
+
         // An address the mesh does not know goes where the app meant.
         let (status, body) = curl(&client, "http://10.77.0.1:9999/")?;
         assert_eq!((status, instance_of(&body).as_str()), (200, "outside"), "{body}");
