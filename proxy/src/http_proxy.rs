@@ -490,12 +490,18 @@ impl Proxy {
         };
         match result {
             Ok(resp) => {
-                self.metrics
-                    .latency
-                    .get_or_create(&LatencyLabels {
-                        direction,
-                        upstream: upstream.to_string(),
-                        endpoint: ep.id.to_string(),
+                // An endpoint serves one direction of one upstream, so its
+                // series never changes.
+                ep.latency
+                    .get_or_init(|| {
+                        self.metrics
+                            .latency
+                            .get_or_create(&LatencyLabels {
+                                direction,
+                                upstream: upstream.to_string(),
+                                endpoint: ep.id.to_string(),
+                            })
+                            .clone()
                     })
                     .observe(started.elapsed().as_secs_f64());
                 guard.finish();

@@ -59,6 +59,9 @@ pub struct EndpointStats {
     /// `addr` as a URI authority, built once: formatting and parsing it
     /// per request was a tenth of the proxy's own instructions.
     pub authority: Option<hyper::http::uri::Authority>,
+    /// This endpoint's latency histogram, looked up once: the metric family
+    /// lookup hashed and allocated its labels on every request.
+    pub latency: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -99,6 +102,7 @@ impl EndpointStats {
             }),
             outlier: Mutex::default(),
             authority: hyper::http::uri::Authority::try_from(addr.to_string()).ok(),
+            latency: std::sync::OnceLock::new(),
         })
     }
 
