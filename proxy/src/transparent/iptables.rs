@@ -38,24 +38,13 @@ impl Rules {
     /// The `iptables` argument lists that install the rules, in order.
     pub fn install(&self) -> Vec<Vec<String>> {
         let mut cmds: Vec<Vec<String>> = Vec::new();
-        let mut add = |args: &[&str]| cmds.push(nat(args));
         if let Some(port) = self.inbound_port {
-            add(&["-N", INBOUND_CHAIN]);
-            for p in &self.exclude_inbound_ports {
-                let p = p.to_string();
-                add(&[
-                    "-A",
-                    INBOUND_CHAIN,
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    &p,
-                    "-j",
-                    "RETURN",
-                ]);
+            cmds.push(nat(&["-N", INBOUND_CHAIN]));
+            for &p in &self.exclude_inbound_ports {
+                cmds.push(return_port(INBOUND_CHAIN, p));
             }
             let port = port.to_string();
-            add(&[
+            cmds.push(nat(&[
                 "-A",
                 INBOUND_CHAIN,
                 "-p",
@@ -64,12 +53,12 @@ impl Rules {
                 "REDIRECT",
                 "--to-ports",
                 &port,
-            ]);
-            add(&["-A", "PREROUTING", "-p", "tcp", "-j", INBOUND_CHAIN]);
+            ]));
+            cmds.push(nat(&["-A", "PREROUTING", "-p", "tcp", "-j", INBOUND_CHAIN]));
         }
-        add(&["-N", OUTBOUND_CHAIN]);
+        cmds.push(nat(&["-N", OUTBOUND_CHAIN]));
         let uid = self.proxy_uid.to_string();
-        add(&[
+        cmds.push(nat(&[
             "-A",
             OUTBOUND_CHAIN,
             "-m",
@@ -78,12 +67,19 @@ impl Rules {
             &uid,
             "-j",
             "RETURN",
-        ]);
-        add(&["-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN"]);
-        add(&["-A", OUTBOUND_CHAIN, "-d", "127.0.0.0/8", "-j", "RETURN"]);
+        ]));
+        cmds.push(nat(&["-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN"]));
+        cmds.push(nat(&[
+            "-A",
+            OUTBOUND_CHAIN,
+            "-d",
+            "127.0.0.0/8",
+            "-j",
+            "RETURN",
+        ]));
         if let Some(cp) = self.control_plane {
             let (ip, port) = (format!("{}/32", cp.ip()), cp.port().to_string());
-            add(&[
+            cmds.push(nat(&[
                 "-A",
                 OUTBOUND_CHAIN,
                 "-d",
@@ -94,26 +90,16 @@ impl Rules {
                 &port,
                 "-j",
                 "RETURN",
-            ]);
+            ]));
         }
         for c in &self.exclude_cidrs {
-            add(&["-A", OUTBOUND_CHAIN, "-d", c, "-j", "RETURN"]);
+            cmds.push(nat(&["-A", OUTBOUND_CHAIN, "-d", c, "-j", "RETURN"]));
         }
-        for p in &self.exclude_outbound_ports {
-            let p = p.to_string();
-            add(&[
-                "-A",
-                OUTBOUND_CHAIN,
-                "-p",
-                "tcp",
-                "--dport",
-                &p,
-                "-j",
-                "RETURN",
-            ]);
+        for &p in &self.exclude_outbound_ports {
+            cmds.push(return_port(OUTBOUND_CHAIN, p));
         }
         let port = self.outbound_port.to_string();
-        add(&[
+        cmds.push(nat(&[
             "-A",
             OUTBOUND_CHAIN,
             "-p",
@@ -122,10 +108,16 @@ impl Rules {
             "REDIRECT",
             "--to-ports",
             &port,
-        ]);
-        add(&["-A", "OUTPUT", "-p", "tcp", "-j", OUTBOUND_CHAIN]);
+        ]));
+        cmds.push(nat(&["-A", "OUTPUT", "-p", "tcp", "-j", OUTBOUND_CHAIN]));
         cmds
     }
+}
+
+/// Leaves connections to TCP `port` alone in `chain`.
+fn return_port(chain: &str, port: u16) -> Vec<String> {
+    let port = port.to_string();
+    nat(&["-A", chain, "-p", "tcp", "--dport", &port, "-j", "RETURN"])
 }
 
 /// One `iptables` argument list on the nat table (`-w`: wait for the lock
