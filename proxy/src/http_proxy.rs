@@ -23,7 +23,7 @@ use crate::balance::{EndpointStats, Kind};
 use crate::connector::{ConnectError, Connector, Limits};
 use crate::discovery::{Origin, Sources};
 use crate::identity::Identity;
-use crate::metrics::{LatencyLabels, ProxyMetrics, RequestLabels, status_class};
+use crate::metrics::{LatencyLabels, ProxyMetrics};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Breakers;
 use crate::settings::{Defaults, Settings};
@@ -50,6 +50,8 @@ pub struct Proxy {
     /// The local app as an endpoint (its stats live as long as the sidecar).
     app: Option<Arc<EndpointStats>>,
     app_clients: Clients,
+    /// Inbound requests to the app by status class.
+    app_requests: crate::metrics::RequestCounters,
     /// This sidecar's service (span names) and whether to log each request.
     pub local: Local,
     /// Traffic per upstream for the dashboard.
@@ -291,6 +293,7 @@ impl Proxy {
             defaults,
             app: app.map(|a| EndpointStats::new("app", a, 1)),
             app_clients,
+            app_requests: Default::default(),
             local,
             traffic: Arc::default(),
             tls_server: identity.as_ref().map(|i| i.server_config()),
@@ -365,7 +368,7 @@ impl Proxy {
             let grpc = is_grpc(req.headers());
             self.metrics.forbidden.inc();
             let resp = reply(grpc, StatusCode::FORBIDDEN, "forbidden");
-            return self.count("inbound", "app", resp);
+            return self.count("inbound", "app", &self.app_requests, resp);
         }
         // A request that was HTTP/1 before the sidecar hop goes back to HTTP/1.
         if req.headers_mut().remove(ORIG_PROTO).is_some() {
@@ -404,14 +407,19 @@ impl Proxy {
                 }
             }
         };
-        self.finish("inbound", "app", &span, (&method, &path), started, resp)
+        self.finish(
+            ("inbound", "app", &self.app_requests),
+            &span,
+            (&method, &path),
+            started,
+            resp,
+        )
     }
 
     /// Ends a request: its span, the access log line and the request counter.
     pub fn finish(
         &self,
-        direction: &'static str,
-        upstream: &str,
+        (direction, upstream, counters): (&'static str, &str, &crate::metrics::RequestCounters),
         span: &tracing::Span,
         (method, path): (&Method, &str),
         started: Instant,
@@ -443,7 +451,7 @@ impl Proxy {
                 ms = started.elapsed().as_secs_f64() * 1e3,
             );
         }
-        self.count(direction, upstream, resp)
+        self.count(direction, upstream, counters, resp)
     }
 
     /// Counts a finished request.
@@ -451,16 +459,15 @@ impl Proxy {
         &self,
         direction: &'static str,
         upstream: &str,
+        counters: &crate::metrics::RequestCounters,
         resp: Response<Body>,
     ) -> Response<Body> {
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                direction,
-                upstream: upstream.to_string(),
-                status: status_class(resp.status().as_u16()),
-            })
-            .inc();
+        counters.inc(
+            &self.metrics.requests,
+            direction,
+            upstream,
+            resp.status().as_u16(),
+        );
         resp
     }
 

@@ -257,3 +257,60 @@ pub fn status_class(code: u16) -> &'static str {
         _ => "5xx",
     }
 }
+
+/// One request counter per status class for one (direction, upstream),
+/// looked up in the family once instead of on every request.
+#[derive(Default)]
+pub struct RequestCounters([std::sync::OnceLock<Counter>; 5]);
+
+impl RequestCounters {
+    /// Counts a response with `status` to `upstream`.
+    pub fn inc(
+        &self,
+        family: &Family<RequestLabels, Counter>,
+        direction: &'static str,
+        upstream: &str,
+        status: u16,
+    ) {
+        let class = status_class(status);
+        let i = usize::from(class.as_bytes()[0].saturating_sub(b'1')).min(4);
+        self.0[i]
+            .get_or_init(|| {
+                family
+                    .get_or_create(&RequestLabels {
+                        direction,
+                        upstream: upstream.to_string(),
+                        status: class,
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod request_counter_tests {
+    use super::*;
+
+    #[test]
+    fn counters_land_in_the_family_by_status_class() {
+        let family: Family<RequestLabels, Counter> = Family::default();
+        let counters = RequestCounters::default();
+        for status in [200, 204, 200, 503, 404, 101] {
+            counters.inc(&family, "outbound", "web", status);
+        }
+        let get = |status: &'static str| {
+            family
+                .get_or_create(&RequestLabels {
+                    direction: "outbound",
+                    upstream: "web".into(),
+                    status,
+                })
+                .get()
+        };
+        assert_eq!(
+            [get("1xx"), get("2xx"), get("4xx"), get("5xx"), get("3xx")],
+            [1, 3, 1, 1, 0]
+        );
+    }
+}

@@ -24,6 +24,7 @@ use crate::resilience::breaker::Overflow;
 use crate::resilience::retry::{self, Outcome};
 use crate::telemetry;
 use crate::upstream::HashKey;
+use crate::upstream::Upstream;
 
 /// Response header: how many attempts the request took.
 pub const ATTEMPTS_HEADER: &str = "x-wayfinder-attempts";
@@ -58,19 +59,26 @@ pub async fn outbound(
         &path,
         req.headers(),
     );
-    let resp = route(&proxy, req, &name, grpc, client, &span).await;
-    proxy.finish("outbound", &name, &span, (&method, &path), started, resp)
+    let up = proxy.upstream(&name);
+    let resp = route(&proxy, &up, req, &name, grpc, client, &span).await;
+    proxy.finish(
+        ("outbound", &name, &up.requests),
+        &span,
+        (&method, &path),
+        started,
+        resp,
+    )
 }
 
 async fn route(
     proxy: &Arc<Proxy>,
+    up: &Arc<Upstream>,
     req: Request<Incoming>,
     name: &str,
     grpc: bool,
     client: SocketAddr,
     span: &tracing::Span,
 ) -> Response<Body> {
-    let up = proxy.upstream(name);
     if !up.wait_ready(DISCOVERY_WAIT).await {
         return reply(grpc, StatusCode::SERVICE_UNAVAILABLE, "discovery-pending");
     }

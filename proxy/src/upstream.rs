@@ -150,6 +150,8 @@ pub struct Upstream {
     clients: RwLock<Arc<Clients>>,
     metrics: ProxyMetrics,
     identity: Option<Arc<Identity>>,
+    /// Outbound requests to this service by status class.
+    pub requests: crate::metrics::RequestCounters,
 }
 
 /// An endpoint as `/endpoints` shows it.
@@ -279,6 +281,7 @@ impl Upstream {
             clients: RwLock::new(Arc::new(clients)),
             metrics,
             identity,
+            requests: Default::default(),
         })
     }
 
