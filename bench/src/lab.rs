@@ -52,12 +52,8 @@ impl Drop for Procs {
     }
 }
 
-/// A port nothing listens on right now.
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+/// A port nothing listens on right now (shared with `wfctl lab compare`).
+pub use wayfinder_cli::lab::free_port;
 
 /// `127.0.0.1:port`.
 pub fn local(port: u16) -> SocketAddr {

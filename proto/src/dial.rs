@@ -12,20 +12,44 @@ use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tonic::transport::Uri;
 
+/// A resolver asking `server` (UDP, then TCP for long answers, like nginx's
+/// `resolver`) or, without one, the system's configuration; `tune` sets
+/// its options (address families, caching).
+pub fn build_resolver(
+    server: Option<SocketAddr>,
+    tune: impl FnOnce(&mut ResolverOpts),
+) -> Result<TokioResolver, String> {
+    let mut builder = match server {
+        Some(addr) => {
+            let conns = [ConnectionConfig::udp(), ConnectionConfig::tcp()].map(|mut c| {
+                c.port = addr.port();
+                c
+            });
+            let ns = NameServerConfig::new(addr.ip(), true, conns.to_vec());
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(vec![ns]),
+                TokioRuntimeProvider::default(),
+            )
+        }
+        None => TokioResolver::builder_tokio().map_err(|e| e.to_string())?,
+    };
+    tune(builder.options_mut());
+    builder.build().map_err(|e| e.to_string())
+}
+
 fn resolver() -> Result<&'static TokioResolver, String> {
     static R: OnceLock<Result<TokioResolver, String>> = OnceLock::new();
     R.get_or_init(|| {
-        TokioResolver::builder_tokio()
-            .and_then(|mut b| {
-                // IPv4 first: Docker's networks are IPv4 unless told otherwise.
-                b.options_mut().ip_strategy =
-                    hickory_resolver::config::LookupIpStrategy::Ipv4thenIpv6;
-                b.build()
-            })
+        // IPv4 first: Docker's networks are IPv4 unless told otherwise.
+        build_resolver(None, |o| o.ip_strategy = LookupIpStrategy::Ipv4thenIpv6)
             .map_err(|e| format!("no DNS resolver from /etc/resolv.conf: {e}"))
     })
     .as_ref()

@@ -194,24 +194,33 @@ impl tower_service::Service<Uri> for PinnedConnector {
     }
 }
 
+/// The addresses of the control plane at `url`: a URL, or HOST:PORT without
+/// a scheme (port 15010 when none is given).
+pub async fn resolve(url: &str) -> Result<Vec<std::net::SocketAddr>> {
+    let full = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    };
+    let uri: Uri = full
+        .parse()
+        .with_context(|| format!("control plane {url:?} is not a URL or HOST:PORT"))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("control plane {url:?} has no host"))?;
+    wayfinder_proto::dial::resolve(host, uri.port_u16().unwrap_or(15010))
+        .await
+        .with_context(|| format!("resolving {host}"))
+}
+
 /// The local address that routes towards the control plane at `url`: what
 /// a sidecar bound to every address advertises to its peers.
 pub async fn route_ip(url: &str) -> Result<std::net::IpAddr> {
-    let uri: Uri = url
-        .parse()
-        .with_context(|| format!("--control-plane {url:?} is not a URL"))?;
-    let host = uri
-        .host()
-        .with_context(|| format!("--control-plane {url:?} has no host"))?
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(15010);
-    let ip = wayfinder_proto::dial::resolve(host, port)
-        .await
-        .with_context(|| format!("resolving {host}"))?
+    let target = *resolve(url)
+        .await?
         .first()
-        .map(|a| a.ip())
-        .with_context(|| format!("{host} has no address"))?;
+        .with_context(|| format!("control plane {url:?} has no address"))?;
+    let ip = target.ip();
     let any: std::net::SocketAddr = if ip.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -219,7 +228,7 @@ pub async fn route_ip(url: &str) -> Result<std::net::IpAddr> {
     };
     // Connecting a UDP socket sends nothing; it only asks the kernel's routing.
     let probe = std::net::UdpSocket::bind(any)?;
-    probe.connect((ip, port))?;
+    probe.connect(target)?;
     let local = probe.local_addr()?.ip();
     if local.is_unspecified() {
         bail!("no route to the control plane at {ip}");

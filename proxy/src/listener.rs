@@ -176,13 +176,9 @@ async fn connection(
     let transparent = matches!(role, Role::Transparent);
     let (role, silent) = match role {
         Role::Transparent => match intercepted(&stream, &proxy, window).await {
-            Some(r) => r,
-            None => {
-                if let Some(orig) = crate::transparent::original_dst(&stream) {
-                    passthrough(stream, orig, &proxy).await;
-                }
-                return;
-            }
+            Intercepted::Serve(r, silent) => (r, silent),
+            Intercepted::Passthrough(orig) => return passthrough(stream, orig, &proxy).await,
+            Intercepted::Lost => return,
         },
         r => (r, false),
     };
@@ -272,12 +268,23 @@ async fn connection(
     }
 }
 
-/// The role an intercepted connection takes — the service it is for, or
-/// the Host-routed listener's when it was not redirected — and whether its
-/// client stayed silent; `None` to pass it through untouched.
-async fn intercepted(stream: &TcpStream, proxy: &Proxy, window: Duration) -> Option<(Role, bool)> {
+/// What becomes of an intercepted connection.
+enum Intercepted {
+    /// Served in this role (the service it is for, or the Host-routed
+    /// listener's when it was not redirected); `true` when its client
+    /// stayed silent through the detection window.
+    Serve(Role, bool),
+    /// Relayed untouched to where the app meant it to go.
+    Passthrough(SocketAddr),
+    /// The socket is gone before anything could be decided.
+    Lost,
+}
+
+async fn intercepted(stream: &TcpStream, proxy: &Proxy, window: Duration) -> Intercepted {
     use crate::transparent::{Peeked, Target, decide, original_dst, peek_host};
-    let local = stream.local_addr().ok()?;
+    let Ok(local) = stream.local_addr() else {
+        return Intercepted::Lost;
+    };
     let orig = original_dst(stream);
     proxy.catalog.wait_loaded(CATALOG_WAIT).await;
     let peeked = match orig {
@@ -290,9 +297,9 @@ async fn intercepted(stream: &TcpStream, proxy: &Proxy, window: Duration) -> Opt
     };
     let silent = peeked == Peeked::Silent;
     match decide(&proxy.catalog.table(), local, orig, host) {
-        Target::Service(name) => Some((Role::Upstream(name), silent)),
-        Target::Direct => Some((Role::HostRouted, false)),
-        Target::Passthrough(_) => None,
+        Target::Service(name) => Intercepted::Serve(Role::Upstream(name), silent),
+        Target::Direct => Intercepted::Serve(Role::HostRouted, false),
+        Target::Passthrough(orig) => Intercepted::Passthrough(orig),
     }
 }
 

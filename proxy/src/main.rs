@@ -174,21 +174,12 @@ struct InitArgs {
     cleanup: bool,
 }
 
-/// The control plane's IPv4 address and port, from a URL or IP:PORT.
+/// The control plane's IPv4 address and port, from a URL or HOST:PORT.
 fn control_plane_addr(s: &str) -> Result<SocketAddr> {
-    let url = if s.contains("://") {
-        s.to_string()
-    } else {
-        format!("http://{s}")
-    };
-    let uri: tonic::transport::Uri = url.parse().context("not a URL or IP:PORT")?;
-    let host = uri.host().context("no host")?;
-    let port = uri.port_u16().unwrap_or(15010);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let addrs = rt.block_on(wayfinder_proto::dial::resolve(host, port))?;
-    addrs
+    rt.block_on(control_plane::resolve(s))?
         .into_iter()
         .find(SocketAddr::is_ipv4)
         .context("no IPv4 address (interception is IPv4 only)")

@@ -302,8 +302,8 @@ struct Lab {
     control: Option<String>,
     /// Where the client sends (balancer, mesh).
     front: Option<SocketAddr>,
-    _tmp: tempfile::TempDir,
-    _fallback: Option<tokio::task::JoinHandle<()>>,
+    tmp: tempfile::TempDir,
+    fallback: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Lab {
@@ -320,11 +320,11 @@ impl Lab {
             dns,
             control: None,
             front: None,
-            _tmp: tmp,
-            _fallback: None,
+            tmp,
+            fallback: None,
         };
         if way == Way::Mesh {
-            let data = lab._tmp.path().join("control");
+            let data = lab.tmp.path().join("control");
             let line = lab.procs.start(
                 "control",
                 &cfg.bin_dir.join("wf-control"),
@@ -426,13 +426,13 @@ impl Lab {
 
     /// nginx with a static upstream block over web-1..3, or the fallback.
     async fn start_balancer(&mut self) -> Result<SocketAddr> {
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let listen = SocketAddr::from(([127, 0, 0, 1], super::free_port()?));
         let servers: Vec<SocketAddr> = (1..=3)
             .map(|i| SocketAddr::new(IpAddr::V4(backend_ip(i)), self.port))
             .collect();
         match &self.cfg.nginx {
             Some(nginx) => {
-                let dir = self._tmp.path();
+                let dir = self.tmp.path();
                 let conf = dir.join("nginx.conf");
                 std::fs::write(&conf, nginx_conf(dir, listen, &servers))?;
                 let mut child = Command::new(nginx)
@@ -453,7 +453,7 @@ impl Lab {
             }
             None => {
                 let l = tokio::net::TcpListener::bind(listen).await?;
-                self._fallback = Some(tokio::spawn(round_robin(l, servers)));
+                self.fallback = Some(tokio::spawn(round_robin(l, servers)));
             }
         }
         Ok(listen)
@@ -518,24 +518,8 @@ type Resolver = hickory_resolver::TokioResolver;
 
 /// A resolver asking only `server`, caching nothing (as getaddrinfo does).
 fn resolver(server: SocketAddr) -> Result<Resolver> {
-    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-    let mut udp = ConnectionConfig::udp();
-    udp.port = server.port();
-    let ns = NameServerConfig::new(server.ip(), true, vec![udp]);
-    let mut builder = Resolver::builder_with_config(
-        ResolverConfig::from_name_servers(vec![ns]),
-        hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
-    );
-    builder.options_mut().cache_size = 0;
-    builder
-        .build()
+    wayfinder_proto::dial::build_resolver(Some(server), |o| o.cache_size = 0)
         .map_err(|e| anyhow::anyhow!("DNS resolver: {e}"))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// nginx as a lab would set it up: a static upstream, keep-alive to the

@@ -12,6 +12,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// POSTs to a lab-app control path (`/fault?...`); returns the status.
 pub async fn http_post(addr: SocketAddr, path: &str) -> Result<u16> {
     let call = async {

@@ -8,10 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{
-    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
-};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::config::LookupIpStrategy;
 use wayfinder_proto::backoff::backoff;
 
 use super::{Discovered, Origin, Update};
@@ -25,25 +22,11 @@ pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 pub const MAX_REFRESH: Duration = Duration::from_secs(30);
 
 /// A resolver using `server` (like nginx's `resolver`) or, without one, the
-/// system's configuration.
+/// system's configuration, asking for A and AAAA records.
 pub fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
-    let mut builder = match server {
-        Some(addr) => {
-            let conns = [ConnectionConfig::udp(), ConnectionConfig::tcp()].map(|mut c| {
-                c.port = addr.port();
-                c
-            });
-            let ns = NameServerConfig::new(addr.ip(), true, conns.to_vec());
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(vec![ns]),
-                TokioRuntimeProvider::default(),
-            )
-        }
-        None => TokioResolver::builder_tokio().map_err(|e| e.to_string())?,
-    };
-    let opts = builder.options_mut();
-    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-    builder.build().map_err(|e| e.to_string())
+    wayfinder_proto::dial::build_resolver(server, |o| {
+        o.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    })
 }
 
 /// Resolves `upstream`'s name for as long as its endpoints come from DNS.

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use tonic::transport::Channel;
@@ -72,44 +72,33 @@ impl Table {
     }
 }
 
-/// The table, kept current by [`watch`].
-#[derive(Default)]
-pub struct Catalog {
-    table: RwLock<Arc<Table>>,
-    ready: tokio::sync::Notify,
-    loaded: std::sync::atomic::AtomicBool,
+/// The table, kept current by [`watch`]; `None` until the first arrives.
+pub struct Catalog(tokio::sync::watch::Sender<Option<Arc<Table>>>);
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(None).0)
+    }
 }
 
 impl Catalog {
-    /// The current table.
+    /// The current table (empty before the first).
     pub fn table(&self) -> Arc<Table> {
-        self.table
-            .read()
-            .map(|t| t.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.0.borrow().clone().unwrap_or_default()
     }
 
     /// Waits (bounded) for the first table, so the first connections after
     /// start-up are not passed through for want of it.
     pub async fn wait_loaded(&self, limit: std::time::Duration) {
-        use std::sync::atomic::Ordering;
-        if self.loaded.load(Ordering::Acquire) {
+        if self.0.borrow().is_some() {
             return;
         }
-        let notified = self.ready.notified();
-        if self.loaded.load(Ordering::Acquire) {
-            return;
-        }
-        let _ = tokio::time::timeout(limit, notified).await;
+        let mut rx = self.0.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await;
     }
 
     fn set(&self, t: Table) {
-        if let Ok(mut cur) = self.table.write() {
-            *cur = Arc::new(t);
-        }
-        self.loaded
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.ready.notify_waiters();
+        self.0.send_replace(Some(Arc::new(t)));
     }
 }
 
