@@ -306,6 +306,16 @@ struct Lab {
     fallback: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // A dropped JoinHandle leaves its task running: stop the fallback
+        // balancer with its lab, so its port and sockets go too.
+        if let Some(task) = &self.fallback {
+            task.abort();
+        }
+    }
+}
+
 impl Lab {
     async fn start(cfg: &Config, way: Way) -> Result<Self> {
         let port = common_port()?;
