@@ -43,17 +43,7 @@ impl Rules {
             for &p in &self.exclude_inbound_ports {
                 cmds.push(return_port(INBOUND_CHAIN, p));
             }
-            let port = port.to_string();
-            cmds.push(nat(&[
-                "-A",
-                INBOUND_CHAIN,
-                "-p",
-                "tcp",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                &port,
-            ]));
+            cmds.push(redirect(INBOUND_CHAIN, port));
             cmds.push(nat(&["-A", "PREROUTING", "-p", "tcp", "-j", INBOUND_CHAIN]));
         }
         cmds.push(nat(&["-N", OUTBOUND_CHAIN]));
@@ -98,20 +88,25 @@ impl Rules {
         for &p in &self.exclude_outbound_ports {
             cmds.push(return_port(OUTBOUND_CHAIN, p));
         }
-        let port = self.outbound_port.to_string();
-        cmds.push(nat(&[
-            "-A",
-            OUTBOUND_CHAIN,
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port,
-        ]));
+        cmds.push(redirect(OUTBOUND_CHAIN, self.outbound_port));
         cmds.push(nat(&["-A", "OUTPUT", "-p", "tcp", "-j", OUTBOUND_CHAIN]));
         cmds
     }
+}
+
+/// Sends the TCP connections that reach the end of `chain` to local `port`.
+fn redirect(chain: &str, port: u16) -> Vec<String> {
+    let port = port.to_string();
+    nat(&[
+        "-A",
+        chain,
+        "-p",
+        "tcp",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &port,
+    ])
 }
 
 /// Leaves connections to TCP `port` alone in `chain`.
