@@ -13,12 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v protoc >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  # Only etcd-client's build needs protoc; our own protos compile with protox.
-  echo "== installing protobuf-compiler"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null 2>&1 || \
-    echo "   (could not install protobuf-compiler; not needed yet)"
-fi
+bash deploy/setup.sh
 
 echo "== building (release)"
 cargo build --release --workspace --bins

@@ -19,22 +19,38 @@ use crate::registry::Registry;
 pub struct HttpState {
     /// The registry.
     pub registry: Arc<Registry>,
+    /// The store backend (readiness).
+    pub backend: Arc<dyn crate::store::Backend>,
     /// Every metric of the process.
     pub metrics: Arc<PromRegistry>,
     /// Traffic reported by sidecars (the dashboard's edges).
     pub traffic: Arc<crate::traffic::Traffic>,
 }
 
-/// The router: `/healthz`, `/metrics`, `/v1/services`, `/v1/services/{name}`,
+/// The router: `/healthz`, `/readyz` (503 while a replica is cut off from
+/// etcd), `/metrics`, `/v1/services`, `/v1/services/{name}`,
 /// and the dashboard (`/`, `/v1/dashboard`, `/v1/dashboard/events`).
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .merge(crate::dashboard::router())
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/services", get(services))
         .route("/v1/services/{name}", get(service))
         .with_state(state)
+}
+
+async fn ready(State(s): State<HttpState>) -> Response {
+    if s.backend.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the store is unreachable; serving the last known state\n",
+        )
+            .into_response()
+    }
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {

@@ -17,7 +17,7 @@ use wayfinder_control::grpc::{
     TRANSPORT_LIMIT, admin::AdminService, discovery, registry::RegistryService,
 };
 use wayfinder_control::registry::{LeaseConfig, Registry, RegistryMetrics};
-use wayfinder_control::store::{FileStore, Persister, Store};
+use wayfinder_control::store::{Backend, Embedded, FileStore, Persister, Store, etcd::Etcd};
 use wayfinder_control::{http, policy_file::PolicyWatcher};
 use wayfinder_proto::policy::parse_duration;
 use wayfinder_proto::shared::discovery_server::DiscoveryServer;
@@ -36,9 +36,16 @@ struct Args {
     /// HTTP address (/healthz, /metrics, /v1/services).
     #[arg(long, env = "WAYFINDER_HTTP", default_value = "127.0.0.1:15014")]
     http: SocketAddr,
-    /// Directory of the embedded store.
+    /// Directory of the embedded store (and of the CA, by default).
     #[arg(long, env = "WAYFINDER_DATA_DIR", default_value = "./wf-data")]
     data_dir: PathBuf,
+    /// Where the registry is kept: "embedded" (files in DATA_DIR), or
+    /// etcd://HOST:PORT[,HOST:PORT...] shared by several replicas.
+    #[arg(long, env = "WAYFINDER_STORE", default_value = "embedded")]
+    store: String,
+    /// Key prefix in etcd; replicas of one mesh share it.
+    #[arg(long, env = "WAYFINDER_ETCD_PREFIX", default_value = wayfinder_control::store::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
     /// Policy file (TOML), reloaded when it changes.
     #[arg(long, env = "WAYFINDER_POLICY")]
     policy: Option<PathBuf>,
@@ -115,26 +122,13 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let mut prom = PromRegistry::default();
-    let store: Arc<dyn Store> =
-        Arc::new(FileStore::open(&args.data_dir).context("opening the data directory")?);
-    let persisted = store.load().context("loading saved state")?;
-    let restored = persisted.as_ref().map_or(0, |p| p.services.len());
     let leases = LeaseConfig {
         default_ttl: args.lease_ttl,
         grace: args.lease_grace,
         ..LeaseConfig::default()
     };
-    let registry = Registry::new(leases, RegistryMetrics::register(&mut prom), persisted);
-    tracing::info!(store = %store.describe(), services = restored, "state loaded");
-
-    let policy = match &args.policy {
-        Some(path) => Some(PolicyWatcher::load(
-            path.clone(),
-            registry.clone(),
-            &mut prom,
-        )?),
-        None => None,
-    };
+    let metrics = RegistryMetrics::register(&mut prom);
+    // The CA comes first: with etcd its root is published for the other replicas.
     let ca_dir = args
         .ca_dir
         .clone()
@@ -143,8 +137,41 @@ async fn run(args: Args) -> Result<()> {
         Ca::load_or_create(&ca_dir, &args.trust_domain, args.cert_lifetime)
             .context("setting up the certificate authority")?,
     );
-    registry.set_trust_bundle(ca.bundle().to_vec());
-    let identity = IdentityService::new(ca.clone(), args.join_tokens.clone(), &mut prom);
+    let (registry, backend, persister): (_, Arc<dyn Backend>, _) = if args.store == "embedded" {
+        let store: Arc<dyn Store> =
+            Arc::new(FileStore::open(&args.data_dir).context("opening the data directory")?);
+        let persisted = store.load().context("loading saved state")?;
+        let restored = persisted.as_ref().map_or(0, |p| p.services.len());
+        let registry = Registry::new(leases, metrics, persisted);
+        registry.set_trust_bundle(ca.bundle().to_vec());
+        tracing::info!(store = %store.describe(), services = restored, "state loaded");
+        let persister = Persister::start(registry.clone(), store.clone(), &mut prom);
+        let backend = Embedded::new(registry.clone(), persister.clone(), store.describe());
+        (registry, Arc::new(backend), Some(persister))
+    } else {
+        let registry = Registry::mirror(leases, metrics);
+        let etcd = Etcd::start(
+            &args.store,
+            &args.etcd_prefix,
+            registry.clone(),
+            leases,
+            ca.bundle().to_vec(),
+        )
+        .await?;
+        tracing::info!(store = %etcd.describe(), services = registry.services().len(), "state loaded");
+        (registry, etcd as Arc<dyn Backend>, None)
+    };
+
+    let policy = match &args.policy {
+        Some(path) => Some(PolicyWatcher::load(path.clone(), backend.clone(), &mut prom).await?),
+        None => None,
+    };
+    let identity = IdentityService::new(
+        ca.clone(),
+        registry.clone(),
+        args.join_tokens.clone(),
+        &mut prom,
+    );
     let tls = if args.tls {
         let mut names = args.tls_names.clone();
         if names.is_empty() {
@@ -163,7 +190,6 @@ async fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    let persister = Persister::start(registry.clone(), store.clone(), &mut prom);
     let watch_metrics = discovery::WatchMetrics::register(&mut prom);
 
     // Bind both ports before serving so a taken port is a clear start-up error.
@@ -184,6 +210,7 @@ async fn run(args: Args) -> Result<()> {
     let traffic = Arc::new(wayfinder_control::traffic::Traffic::default());
     let http_app = http::router(http::HttpState {
         registry: registry.clone(),
+        backend: backend.clone(),
         metrics: Arc::new(prom),
         traffic: traffic.clone(),
     });
@@ -215,7 +242,7 @@ async fn run(args: Args) -> Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(
-            RegistryServer::new(RegistryService::new(registry.clone(), persister.clone()))
+            RegistryServer::new(RegistryService::new(backend.clone()))
                 .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .add_service(
@@ -226,7 +253,7 @@ async fn run(args: Args) -> Result<()> {
             .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .add_service(
-            AdminServer::new(AdminService::new(registry.clone(), persister.clone()))
+            AdminServer::new(AdminService::new(registry.clone(), backend.clone()))
                 .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .add_service(
@@ -255,7 +282,9 @@ async fn run(args: Args) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), http_task).await;
-    if !persister.durable(registry.dirty()).await {
+    if let Some(persister) = persister
+        && !persister.durable(registry.dirty()).await
+    {
         anyhow::bail!("could not write the final state");
     }
     Ok(())

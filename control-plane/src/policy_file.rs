@@ -13,7 +13,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use prometheus_client::registry::Registry as PromRegistry;
 use wayfinder_proto::policy::{PolicyError, PolicyFile};
 
-use crate::registry::Registry;
+use crate::store::Backend;
 
 /// How often the file is checked for changes.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -23,10 +23,10 @@ struct ResultLabel {
     result: &'static str,
 }
 
-/// Applies a policy file to the registry and keeps it applied.
+/// Applies a policy file through the store backend and keeps it applied.
 pub struct PolicyWatcher {
     path: PathBuf,
-    registry: Arc<Registry>,
+    backend: Arc<dyn Backend>,
     managed: BTreeSet<String>,
     last: Option<Vec<u8>>,
     reloads: Family<ResultLabel, Counter>,
@@ -34,9 +34,9 @@ pub struct PolicyWatcher {
 
 impl PolicyWatcher {
     /// Loads `path` once; fails with the validation error when it is invalid.
-    pub fn load(
+    pub async fn load(
         path: PathBuf,
-        registry: Arc<Registry>,
+        backend: Arc<dyn Backend>,
         prom: &mut PromRegistry,
     ) -> Result<Self, PolicyError> {
         let reloads = Family::default();
@@ -47,12 +47,12 @@ impl PolicyWatcher {
         );
         let mut me = Self {
             path,
-            registry,
+            backend,
             managed: BTreeSet::new(),
             last: None,
             reloads,
         };
-        me.check()?;
+        me.check().await?;
         Ok(me)
     }
 
@@ -60,14 +60,14 @@ impl PolicyWatcher {
     pub async fn run(mut self) {
         loop {
             tokio::time::sleep(POLL).await;
-            if let Err(e) = self.check() {
+            if let Err(e) = self.check().await {
                 // The previous policy stays in force; say so once per change.
                 tracing::error!(error = %e, "policy file refused; keeping the policy in force");
             }
         }
     }
 
-    fn check(&mut self) -> Result<(), PolicyError> {
+    async fn check(&mut self) -> Result<(), PolicyError> {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) => {
@@ -103,10 +103,27 @@ impl PolicyWatcher {
             .keys()
             .map(|k| k.as_str().to_string())
             .collect();
+        let store_error = |e: crate::store::BackendError| PolicyError {
+            file: name.clone(),
+            line: 0,
+            field: "(store)".into(),
+            message: e.to_string(),
+        };
         for gone in self.managed.difference(&now) {
-            self.registry.remove_policy(gone);
+            self.backend
+                .remove_policy(gone)
+                .await
+                .map_err(store_error)?;
         }
-        let (version, changed) = self.registry.apply_policies(file.to_proto());
+        let (version, changed) =
+            self.backend
+                .apply_policies(file.to_proto())
+                .await
+                .map_err(|e| {
+                    // Not the file's fault: read it again next time.
+                    self.last = None;
+                    store_error(e)
+                })?;
         self.managed = now;
         self.reloads
             .get_or_create(&ResultLabel { result: "applied" })

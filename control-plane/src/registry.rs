@@ -224,6 +224,7 @@ struct Lease {
     state: LeaseState,
 }
 
+#[derive(Default)]
 struct State {
     version: u64,
     next_lease: u64,
@@ -255,6 +256,10 @@ pub struct Registry {
     trust_bundle: std::sync::RwLock<Vec<Vec<u8>>>,
     /// The latest version, for watchers of the whole registry (the catalog).
     changed: tokio::sync::watch::Sender<u64>,
+    /// A mirror of a shared store (etcd): changes arrive through
+    /// [`Registry::apply`] with the store's revisions as versions, leases
+    /// expire in the store, and nothing is queued for a local store.
+    mirror: bool,
 }
 
 /// Result of a successful registration.
@@ -295,12 +300,8 @@ impl Registry {
         persisted: Option<Persisted>,
     ) -> Arc<Self> {
         let mut state = State {
-            version: 0,
             next_lease: 1,
-            services: HashMap::new(),
-            leases: HashMap::new(),
-            dirty: 0,
-            pending: Vec::new(),
+            ..State::default()
         };
         if let Some(p) = persisted {
             state.version = p.version.saturating_add(RESTART_VERSION_GAP);
@@ -338,15 +339,37 @@ impl Registry {
                 state.services.insert(s.name, svc);
             }
         }
+        Self::with_state(state, leases, metrics, false)
+    }
+
+    fn with_state(
+        state: State,
+        leases: LeaseConfig,
+        metrics: RegistryMetrics,
+        mirror: bool,
+    ) -> Arc<Self> {
         let reg = Arc::new(Self {
             state: Mutex::new(state),
             leases,
             metrics,
             trust_bundle: Default::default(),
             changed: tokio::sync::watch::channel(0).0,
+            mirror,
         });
         reg.update_gauges(&reg.lock());
         reg
+    }
+
+    /// An empty registry that mirrors a shared store: it changes only through
+    /// [`Registry::apply`] and [`Registry::reset`], and its versions are the
+    /// store's revisions, the same on every replica.
+    pub fn mirror(leases: LeaseConfig, metrics: RegistryMetrics) -> Arc<Self> {
+        Self::with_state(State::default(), leases, metrics, true)
+    }
+
+    /// Whether this registry mirrors a shared store.
+    pub fn is_mirror(&self) -> bool {
+        self.mirror
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -359,48 +382,23 @@ impl Registry {
     /// Applies `change` to `name`: bumps the version, encodes the delta once,
     /// logs it for resumption and broadcasts it. Returns the new version.
     fn commit(&self, st: &mut State, name: &str, change: Change) -> u64 {
-        st.version += 1;
+        let version = st.version + 1;
+        self.commit_at(st, name, change, version)
+    }
+
+    /// [`Registry::commit`] at a given version (a store revision).
+    fn commit_at(&self, st: &mut State, name: &str, change: Change, version: u64) -> u64 {
+        st.version = st.version.max(version);
         st.dirty += 1;
-        let version = st.version;
+        if !self.mirror {
+            Self::queue_records(st, name, &change, version);
+        }
         let svc = st
             .services
             .entry(name.to_string())
             .or_insert_with(|| Service::new(0));
         let prev_version = svc.version;
         svc.version = version;
-        for e in change.added.iter().chain(&change.changed) {
-            let id = e
-                .instance
-                .as_ref()
-                .map(|i| i.instance_id.as_str())
-                .unwrap_or_default();
-            if let Some(entry) = svc.endpoints.get(id) {
-                let ttl_ms = entry
-                    .lease
-                    .and_then(|l| st.leases.get(&l))
-                    .map(|l| l.ttl.as_millis() as u32);
-                st.pending.push(Record::PutEndpoint {
-                    service: name.to_string(),
-                    endpoint: persisted_endpoint(entry, ttl_ms),
-                });
-            }
-        }
-        for id in &change.removed {
-            st.pending.push(Record::DeleteEndpoint {
-                service: name.to_string(),
-                instance_id: id.clone(),
-            });
-        }
-        if change.policy.is_some() || change.policy_removed {
-            st.pending.push(Record::Policy {
-                service: name.to_string(),
-                policy: change.policy.clone(),
-            });
-        }
-        st.pending.push(Record::Version {
-            service: name.to_string(),
-            version,
-        });
         let event = WatchEvent {
             service: name.to_string(),
             version,
@@ -429,6 +427,48 @@ impl Registry {
         self.changed.send_replace(version);
         self.update_gauges(st);
         version
+    }
+
+    /// Queues the store records of a change made here.
+    fn queue_records(st: &mut State, name: &str, change: &Change, version: u64) {
+        let Some(svc) = st.services.get(name) else {
+            return;
+        };
+        let mut records = Vec::new();
+        for e in change.added.iter().chain(&change.changed) {
+            let id = e
+                .instance
+                .as_ref()
+                .map(|i| i.instance_id.as_str())
+                .unwrap_or_default();
+            if let Some(entry) = svc.endpoints.get(id) {
+                let ttl_ms = entry
+                    .lease
+                    .and_then(|l| st.leases.get(&l))
+                    .map(|l| l.ttl.as_millis() as u32);
+                records.push(Record::PutEndpoint {
+                    service: name.to_string(),
+                    endpoint: persisted_endpoint(entry, ttl_ms),
+                });
+            }
+        }
+        for id in &change.removed {
+            records.push(Record::DeleteEndpoint {
+                service: name.to_string(),
+                instance_id: id.clone(),
+            });
+        }
+        if change.policy.is_some() || change.policy_removed {
+            records.push(Record::Policy {
+                service: name.to_string(),
+                policy: change.policy.clone(),
+            });
+        }
+        records.push(Record::Version {
+            service: name.to_string(),
+            version,
+        });
+        st.pending.extend(records);
     }
 
     fn update_gauges(&self, st: &State) {
@@ -578,21 +618,263 @@ impl Registry {
         port: u32,
     ) -> Result<u64, RegistryError> {
         let mut st = self.lock();
+        let id = Self::find_static(&st, service, address, port)?;
+        Ok(self.remove_entry(&mut st, service, &id))
+    }
+
+    /// The instance id of the static endpoint `address:port` of `service`.
+    pub fn static_instance(
+        &self,
+        service: &str,
+        address: &str,
+        port: u32,
+    ) -> Result<String, RegistryError> {
+        Self::find_static(&self.lock(), service, address, port)
+    }
+
+    fn find_static(
+        st: &State,
+        service: &str,
+        address: &str,
+        port: u32,
+    ) -> Result<String, RegistryError> {
         let found = st.services.get(service).and_then(|s| {
             s.endpoints
                 .values()
                 .find(|e| e.instance.address == address && e.instance.port == port)
                 .map(|e| (e.instance.instance_id.clone(), e.lease))
         });
-        let unknown = || RegistryError::UnknownEndpoint {
+        let (id, lease) = found.ok_or_else(|| RegistryError::UnknownEndpoint {
             service: service.to_string(),
             address: format!("{address}:{port}"),
-        };
-        let (id, lease) = found.ok_or_else(unknown)?;
+        })?;
         if lease.is_some() {
             return Err(RegistryError::Conflict(id));
         }
-        Ok(self.remove_entry(&mut st, service, &id))
+        Ok(id)
+    }
+
+    /// The lease of instance `id` of `service`: `None` when it is not
+    /// registered, `Some(None)` for a static endpoint.
+    pub fn lease_of(&self, service: &str, id: &str) -> Option<Option<u64>> {
+        let st = self.lock();
+        Some(st.services.get(service)?.endpoints.get(id)?.lease)
+    }
+
+    /// What lease `lease_id` keeps: service, instance id, TTL and the
+    /// instance's health.
+    pub fn lease_holder(&self, lease_id: u64) -> Option<(String, String, Duration, Health)> {
+        let st = self.lock();
+        let lease = st.leases.get(&lease_id)?;
+        let health = st
+            .services
+            .get(&lease.service)?
+            .endpoints
+            .get(&lease.instance_id)?
+            .health;
+        Some((
+            lease.service.clone(),
+            lease.instance_id.clone(),
+            lease.ttl,
+            health,
+        ))
+    }
+
+    /// The latest version.
+    pub fn version(&self) -> u64 {
+        self.lock().version
+    }
+
+    /// Instance `id` of `service` as the store keeps it.
+    pub fn endpoint(&self, service: &str, id: &str) -> Option<PersistedEndpoint> {
+        let st = self.lock();
+        let e = st.services.get(service)?.endpoints.get(id)?;
+        let ttl_ms = e
+            .lease
+            .and_then(|l| st.leases.get(&l))
+            .map(|l| l.ttl.as_millis() as u32);
+        Some(persisted_endpoint(e, ttl_ms))
+    }
+
+    /// Applies the records of one revision of a shared store, as one change
+    /// per service. A service is versioned by its `Version` record when that
+    /// moves it forward, else by `revision`. Puts that change nothing are
+    /// skipped, so applying a state the registry already has pushes nothing.
+    pub fn apply(&self, revision: u64, records: Vec<Record>) {
+        let mut st = self.lock();
+        let mut order: Vec<String> = Vec::new();
+        let mut changes: HashMap<String, Change> = HashMap::new();
+        let mut versions: HashMap<String, u64> = HashMap::new();
+        let touched = |order: &mut Vec<String>, name: &str| {
+            if !order.iter().any(|n| n == name) {
+                order.push(name.to_string());
+            }
+        };
+        for r in records {
+            match r {
+                Record::PutEndpoint { service, endpoint } => {
+                    let PersistedEndpoint {
+                        instance,
+                        health,
+                        lease,
+                        ttl_ms,
+                        ..
+                    } = endpoint;
+                    let id = instance.instance_id.clone();
+                    let svc = st
+                        .services
+                        .entry(service.clone())
+                        .or_insert_with(|| Service::new(0));
+                    let old = svc.endpoints.get(&id);
+                    if old.is_some_and(|o| {
+                        o.instance == instance && o.health == health && o.lease == lease
+                    }) {
+                        continue;
+                    }
+                    let existed = old.is_some();
+                    let old_lease = old.and_then(|o| o.lease).filter(|l| Some(*l) != lease);
+                    let entry = Entry {
+                        instance,
+                        health,
+                        version: revision,
+                        lease,
+                    };
+                    let ep = entry.endpoint();
+                    svc.endpoints.insert(id.clone(), entry);
+                    if let Some(l) = old_lease {
+                        st.leases.remove(&l);
+                    }
+                    if let Some(l) = lease {
+                        let ttl = Duration::from_millis(ttl_ms.unwrap_or(0).into());
+                        st.leases.insert(
+                            l,
+                            Lease {
+                                service: service.clone(),
+                                instance_id: id,
+                                ttl,
+                                // The store expires mirrored leases; this
+                                // deadline is never read.
+                                state: LeaseState::Active {
+                                    deadline: Instant::now() + ttl,
+                                },
+                            },
+                        );
+                    }
+                    touched(&mut order, &service);
+                    let c = changes.entry(service).or_default();
+                    if existed {
+                        c.changed.push(ep);
+                    } else {
+                        c.added.push(ep);
+                    }
+                }
+                Record::DeleteEndpoint {
+                    service,
+                    instance_id,
+                } => {
+                    let Some(old) = st
+                        .services
+                        .get_mut(&service)
+                        .and_then(|s| s.endpoints.remove(&instance_id))
+                    else {
+                        continue;
+                    };
+                    if let Some(l) = old.lease {
+                        st.leases.remove(&l);
+                    }
+                    touched(&mut order, &service);
+                    changes
+                        .entry(service)
+                        .or_default()
+                        .removed
+                        .push(instance_id);
+                }
+                Record::Policy { service, policy } => {
+                    let svc = st
+                        .services
+                        .entry(service.clone())
+                        .or_insert_with(|| Service::new(0));
+                    if svc.policy == policy {
+                        continue;
+                    }
+                    svc.policy = policy.clone();
+                    touched(&mut order, &service);
+                    let c = changes.entry(service).or_default();
+                    c.policy_removed = policy.is_none();
+                    c.policy = policy;
+                }
+                Record::Version { service, version } => {
+                    versions.insert(service, version);
+                }
+                Record::Counters { .. } => {}
+            }
+        }
+        for name in order {
+            let Some(change) = changes.remove(&name) else {
+                continue;
+            };
+            let current = st.services.get(&name).map_or(0, |s| s.version);
+            let version = versions
+                .get(&name)
+                .copied()
+                .filter(|v| *v > current)
+                .unwrap_or(revision);
+            self.commit_at(&mut st, &name, change, version);
+        }
+        st.version = st.version.max(revision);
+    }
+
+    /// Makes the registry equal to `state`, read from a shared store at
+    /// `revision` (after a start or a lost connection): only the differences
+    /// reach the watchers.
+    pub fn reset(&self, revision: u64, state: Persisted) {
+        let mut records = Vec::new();
+        {
+            let st = self.lock();
+            let wanted: HashMap<&str, &PersistedService> = state
+                .services
+                .iter()
+                .map(|s| (s.name.as_str(), s))
+                .collect();
+            for (name, svc) in &st.services {
+                let keep = wanted.get(name.as_str());
+                for id in svc.endpoints.keys() {
+                    if !keep
+                        .is_some_and(|k| k.endpoints.iter().any(|e| &e.instance.instance_id == id))
+                    {
+                        records.push(Record::DeleteEndpoint {
+                            service: name.clone(),
+                            instance_id: id.clone(),
+                        });
+                    }
+                }
+                if svc.policy.is_some() && keep.is_none_or(|k| k.policy.is_none()) {
+                    records.push(Record::Policy {
+                        service: name.clone(),
+                        policy: None,
+                    });
+                }
+            }
+        }
+        for s in state.services {
+            records.push(Record::Version {
+                service: s.name.clone(),
+                version: s.version,
+            });
+            if s.policy.is_some() {
+                records.push(Record::Policy {
+                    service: s.name.clone(),
+                    policy: s.policy,
+                });
+            }
+            for endpoint in s.endpoints {
+                records.push(Record::PutEndpoint {
+                    service: s.name.clone(),
+                    endpoint,
+                });
+            }
+        }
+        self.apply(revision, records);
     }
 
     fn remove_entry(&self, st: &mut State, service: &str, id: &str) -> u64 {
@@ -731,6 +1013,14 @@ impl Registry {
         }
     }
 
+    /// The roots every snapshot carries.
+    pub fn trust_bundle(&self) -> Vec<Vec<u8>> {
+        self.trust_bundle
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_default()
+    }
+
     /// Whether a client holding roots with `sha256` needs the current bundle.
     pub fn bundle_differs(&self, sha256: &[u8]) -> bool {
         if sha256.is_empty() {
@@ -802,6 +1092,9 @@ impl Registry {
     /// and removes instances whose grace period ended. Returns how many
     /// leases expired and how many instances were removed.
     pub fn reap(&self, now: Instant) -> (usize, usize) {
+        if self.mirror {
+            return (0, 0);
+        }
         let mut st = self.lock();
         let mut expired = Vec::new();
         let mut removed = Vec::new();
@@ -1155,5 +1448,114 @@ mod tests {
             reg.deregister_address("web", "127.0.0.1", 1),
             Err(RegistryError::Conflict(_))
         ));
+    }
+
+    fn mirror() -> Arc<Registry> {
+        Registry::mirror(
+            LeaseConfig::default(),
+            RegistryMetrics::register(&mut Prom::default()),
+        )
+    }
+
+    fn put(id: &str, port: u32, health: Health, lease: Option<u64>) -> Record {
+        Record::PutEndpoint {
+            service: "web".into(),
+            endpoint: PersistedEndpoint {
+                instance: inst("web", id, port),
+                health,
+                version: 0,
+                lease,
+                ttl_ms: lease.map(|_| 2000),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mirror_versions_changes_by_store_revision_and_skips_echoes() {
+        let reg = mirror();
+        let mut sub = reg.subscribe("web", 0);
+        reg.apply(
+            7,
+            vec![
+                put("web-1", 1, Health::Serving, Some(70)),
+                put("web-2", 2, Health::Serving, None),
+            ],
+        );
+        let d = delta(&sub.rx.try_recv().expect("one delta for the revision"));
+        assert_eq!((d.prev_version, d.added.len()), (0, 2));
+        assert_eq!(reg.endpoints("web").expect("exists").0, 7);
+        assert_eq!(reg.lease_holder(70).map(|h| h.1), Some("web-1".to_string()));
+
+        // The same state again (a write coming back, a reconnect) pushes nothing.
+        reg.apply(8, vec![put("web-2", 2, Health::Serving, None)]);
+        assert!(sub.rx.try_recv().is_err());
+
+        reg.apply(
+            9,
+            vec![Record::DeleteEndpoint {
+                service: "web".into(),
+                instance_id: "web-1".into(),
+            }],
+        );
+        let d = delta(&sub.rx.try_recv().expect("removal"));
+        assert_eq!((d.prev_version, d.removed), (7, vec!["web-1".to_string()]));
+        assert!(reg.lease_holder(70).is_none(), "its lease is gone too");
+        // Nothing is queued for a local store, and leases are etcd's to expire.
+        assert!(reg.take_pending().1.is_empty());
+        assert_eq!(reg.reap(Instant::now() + Duration::from_secs(3600)), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_mirror_reset_pushes_only_the_differences() {
+        let reg = mirror();
+        reg.apply(
+            5,
+            vec![
+                put("web-1", 1, Health::Serving, None),
+                put("web-2", 2, Health::Serving, None),
+            ],
+        );
+        let mut sub = reg.subscribe("web", 5);
+        assert!(sub.initial.is_empty(), "resumes at the revision");
+        // While cut off: web-2 left, web-3 came, a policy was set.
+        let state = Persisted {
+            version: 12,
+            next_lease: 0,
+            services: vec![PersistedService {
+                name: "web".into(),
+                version: 11,
+                policy: Some(ServicePolicy {
+                    service: "web".into(),
+                    balancer: 1,
+                    ..Default::default()
+                }),
+                endpoints: vec![
+                    PersistedEndpoint {
+                        instance: inst("web", "web-1", 1),
+                        health: Health::Serving,
+                        version: 5,
+                        lease: None,
+                        ttl_ms: None,
+                    },
+                    PersistedEndpoint {
+                        instance: inst("web", "web-3", 3),
+                        health: Health::Serving,
+                        version: 11,
+                        lease: None,
+                        ttl_ms: None,
+                    },
+                ],
+            }],
+        };
+        reg.reset(12, state.clone());
+        let d = delta(&sub.rx.try_recv().expect("one delta"));
+        assert_eq!(d.prev_version, 5);
+        assert_eq!(d.removed, vec!["web-2".to_string()]);
+        assert_eq!(d.added.len(), 1);
+        assert!(d.policy.is_some());
+        assert!(d.changed.is_empty(), "web-1 did not change");
+        assert_eq!(reg.endpoints("web").expect("exists").0, 11);
+        reg.reset(13, state);
+        assert!(sub.rx.try_recv().is_err(), "the same state again is silent");
     }
 }

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,7 +15,6 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tonic::transport::{Channel, Endpoint, Uri};
-use wayfinder_proto::dial::Dialer;
 
 /// How the control plane's certificate is trusted.
 pub enum Trust {
@@ -49,45 +49,83 @@ pub fn pin_of(der: &[u8]) -> String {
     format!("sha256:{hex}")
 }
 
-/// A lazily connecting channel to `url` with `trust`.
-pub fn channel(url: &str, trust: Trust) -> Result<Channel> {
-    let https = url.starts_with("https://");
-    let endpoint_url = match (&trust, https) {
-        // With a pin, this module does TLS itself: tonic sees plain h2.
-        (Trust::Pin(_), true) => url.replacen("https://", "http://", 1),
-        (Trust::None, true) => {
+/// A lazily connecting channel to the control plane: one URL, or the URLs of
+/// several replicas separated by commas. The connection stays with the
+/// replica that answered; when it breaks, the next connect tries the others
+/// in turn, so a sidecar fails over when its replica dies.
+pub fn channel(urls: &str, trust: Trust) -> Result<Channel> {
+    let mut targets = Vec::new();
+    let mut schemes = std::collections::BTreeSet::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let uri: Uri = url
+            .parse()
+            .with_context(|| format!("--control-plane {url:?} is not a URL"))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => bail!("--control-plane {url:?}: use http://HOST:PORT or https://HOST:PORT"),
+        };
+        let host = uri
+            .host()
+            .with_context(|| format!("--control-plane {url:?} has no host"))?
+            .to_string();
+        schemes.insert(https);
+        targets.push((host, uri.port_u16().unwrap_or(if https { 443 } else { 80 })));
+    }
+    if schemes.len() > 1 {
+        bail!("--control-plane {urls:?}: every replica must be http or every one https");
+    }
+    let Some((first_host, first_port)) = targets.first().cloned() else {
+        bail!("--control-plane is empty");
+    };
+    let https = schemes.contains(&true);
+    let tls = match trust {
+        _ if !https => None,
+        Trust::None => {
             bail!("--control-plane is https: give --ca-bundle FILE or --ca-pin sha256:HEX")
         }
-        _ => url.to_string(),
+        Trust::Bundle(pem) => {
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                roots
+                    .add(cert.context("--ca-bundle holds a bad certificate")?)
+                    .context("--ca-bundle")?;
+            }
+            Some(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        }
+        Trust::Pin(pin) => Some(
+            rustls::ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Pinned(pin)))
+                .with_no_client_auth(),
+        ),
     };
-    let mut endpoint = Endpoint::from_shared(endpoint_url)
-        .with_context(|| format!("--control-plane {url:?} is not a URL"))?
-        .connect_timeout(Duration::from_secs(2))
+    let tls = tls.map(|mut cfg| {
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    });
+    // The connector does TLS itself (with the name of the replica it
+    // reached), so tonic sees plain h2 to the first address.
+    let host = if first_host.contains(':') && !first_host.starts_with('[') {
+        format!("[{first_host}]")
+    } else {
+        first_host
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{host}:{first_port}"))
+        .with_context(|| format!("--control-plane {urls:?} is not a URL"))?
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
-    match trust {
-        Trust::Bundle(pem) if https => {
-            endpoint = endpoint
-                .tls_config(
-                    tonic::transport::ClientTlsConfig::new()
-                        .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-                )
-                .context("TLS to the control plane")?;
-            Ok(endpoint.connect_with_connector_lazy(Dialer))
-        }
-        Trust::Pin(pin) if https => {
-            let mut cfg = rustls::ClientConfig::builder()
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Pinned(pin)))
-                .with_no_client_auth();
-            cfg.alpn_protocols = vec![b"h2".to_vec()];
-            Ok(endpoint.connect_with_connector_lazy(PinnedConnector(
-                tokio_rustls::TlsConnector::from(Arc::new(cfg)),
-            )))
-        }
-        _ => Ok(endpoint.connect_with_connector_lazy(Dialer)),
-    }
+    Ok(endpoint.connect_with_connector_lazy(Failover {
+        targets: Arc::new(targets),
+        current: Arc::new(AtomicUsize::new(0)),
+        tls,
+    }))
 }
 
 /// Accepts a server chain that contains the pinned root and verifies to it.
@@ -164,13 +202,40 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
-/// TCP, then TLS with the pinned verifier, for tonic.
+/// How long one replica gets to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// TCP to the current replica, or the next ones in turn; then TLS when asked.
 #[derive(Clone)]
-struct PinnedConnector(tokio_rustls::TlsConnector);
+struct Failover {
+    targets: Arc<Vec<(String, u16)>>,
+    current: Arc<AtomicUsize>,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
 
-type Io = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+type Io = TokioIo<Box<dyn Transport>>;
 
-impl tower_service::Service<Uri> for PinnedConnector {
+/// A byte stream to the control plane: TCP, or TLS over TCP.
+trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Transport for T {}
+
+impl Failover {
+    async fn connect(&self, host: &str, port: u16) -> std::io::Result<Box<dyn Transport>> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, wayfinder_proto::dial::connect(host, port))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad host name"))?;
+        Ok(Box::new(tls.connect(name, tcp).await?))
+    }
+}
+
+impl tower_service::Service<Uri> for Failover {
     type Response = Io;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Io, std::io::Error>> + Send>>;
@@ -179,24 +244,38 @@ impl tower_service::Service<Uri> for PinnedConnector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = self.0.clone();
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let me = self.clone();
         Box::pin(async move {
-            let bad =
-                |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
-            let host = uri.host().ok_or_else(|| bad("no host"))?.to_string();
-            let port = uri.port_u16().unwrap_or(443);
-            let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-                .map_err(|_| bad("bad host name"))?;
-            let tcp = wayfinder_proto::dial::connect(&host, port).await?;
-            Ok(TokioIo::new(tls.connect(name, tcp).await?))
+            let n = me.targets.len();
+            let start = me.current.load(Ordering::Relaxed);
+            let mut last = std::io::Error::other("no control plane address");
+            for i in 0..n {
+                let idx = (start + i) % n;
+                let (host, port) = &me.targets[idx];
+                match me.connect(host, *port).await {
+                    Ok(io) => {
+                        if idx != start {
+                            tracing::info!(control_plane = %format!("{host}:{port}"), "connected to another control-plane replica");
+                        }
+                        me.current.store(idx, Ordering::Relaxed);
+                        return Ok(TokioIo::new(io));
+                    }
+                    Err(e) => {
+                        tracing::debug!(control_plane = %format!("{host}:{port}"), error = %e, "control plane unreachable");
+                        last = e;
+                    }
+                }
+            }
+            Err(last)
         })
     }
 }
 
 /// The addresses of the control plane at `url`: a URL, or HOST:PORT without
-/// a scheme (port 15010 when none is given).
+/// a scheme (port 15010 when none is given). Of a list of replicas, the first.
 pub async fn resolve(url: &str) -> Result<Vec<std::net::SocketAddr>> {
+    let url = url.split(',').next().unwrap_or(url).trim();
     let full = if url.contains("://") {
         url.to_string()
     } else {

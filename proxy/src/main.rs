@@ -26,7 +26,8 @@ use wayfinder_proxy::telemetry;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Control plane gRPC address.
+    /// Control plane gRPC address; replicas as a comma-separated list
+    /// (the sidecar stays with one and fails over to the next).
     #[arg(
         long,
         env = "WAYFINDER_CONTROL_PLANE",
@@ -174,28 +175,35 @@ struct InitArgs {
     cleanup: bool,
 }
 
-/// The control plane's IPv4 address and port, from a URL or HOST:PORT.
-fn control_plane_addr(s: &str) -> Result<SocketAddr> {
+/// The IPv4 address and port of every control-plane replica in `s` (URLs or
+/// HOST:PORT, separated by commas).
+fn control_plane_addrs(s: &str) -> Result<Vec<SocketAddr>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(control_plane::resolve(s))?
-        .into_iter()
-        .find(SocketAddr::is_ipv4)
-        .context("no IPv4 address (interception is IPv4 only)")
+    s.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|url| {
+            rt.block_on(control_plane::resolve(url))?
+                .into_iter()
+                .find(SocketAddr::is_ipv4)
+                .with_context(|| format!("{url}: no IPv4 address (interception is IPv4 only)"))
+        })
+        .collect()
 }
 
 fn init(a: InitArgs) -> std::process::ExitCode {
     use wayfinder_proxy::transparent::iptables::{self, Rules};
     let control_plane = match a.control_plane.as_deref().filter(|_| !a.cleanup) {
-        Some(cp) => match control_plane_addr(cp) {
-            Ok(addr) => Some(addr),
+        Some(cp) => match control_plane_addrs(cp) {
+            Ok(addrs) => addrs,
             Err(e) => {
                 eprintln!("wf-proxy init: --control-plane {cp:?}: {e:#}");
                 return std::process::ExitCode::FAILURE;
             }
         },
-        None => None,
+        None => Vec::new(),
     };
     let cmds = if a.cleanup {
         iptables::cleanup()

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod etcd;
 pub mod load;
 pub mod mesh;
 pub mod netns;
@@ -173,9 +174,18 @@ pub fn spawn_logged_in(
         }
         None => Command::new(bin(name)),
     };
+    cmd.args(args).env("WAYFINDER_LOG", "info");
+    spawn_command(cmd, name, ready)
+}
+
+/// Spawns `cmd`, collects its stderr, and waits (15 s at most) for the first
+/// line containing `ready`.
+pub fn spawn_command(
+    mut cmd: Command,
+    name: &str,
+    ready: &str,
+) -> Result<(Child, String, Arc<Mutex<String>>)> {
     let mut child = cmd
-        .args(args)
-        .env("WAYFINDER_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -49,11 +49,22 @@ pub fn sidecar_with(
     check: &str,
     extra: &[&str],
 ) -> Result<Process> {
+    sidecar_at(&cp.url(), service, name, app, check, extra)
+}
+
+/// [`sidecar_with`] for the control plane at `url` (replicas: a comma-separated list).
+pub fn sidecar_at(
+    url: &str,
+    service: &str,
+    name: &str,
+    app: SocketAddr,
+    check: &str,
+    extra: &[&str],
+) -> Result<Process> {
     let app = app.to_string();
-    let url = cp.url();
     let mut args = vec![
         "--control-plane",
-        &url,
+        url,
         "--service",
         service,
         "--instance",
@@ -88,10 +99,14 @@ pub fn instance(cp: &ControlPlane, name: &str) -> Result<Instance> {
 
 /// A client-only sidecar with an explicit `web` listener and a Host-routed one.
 pub fn client(cp: &ControlPlane, extra: &[&str]) -> Result<(Process, SocketAddr, SocketAddr)> {
-    let url = cp.url();
+    client_at(&cp.url(), extra)
+}
+
+/// [`client`] for the control plane at `url` (replicas: a comma-separated list).
+pub fn client_at(url: &str, extra: &[&str]) -> Result<(Process, SocketAddr, SocketAddr)> {
     let mut args = vec![
         "--control-plane",
-        &url,
+        url,
         "--admin",
         "127.0.0.1:0",
         "--outbound",

@@ -51,6 +51,8 @@ pub struct Lab {
     pub hub: String,
     tag: String,
     nodes: Vec<String>,
+    /// The root namespace's end of a veth to the bridge, if attached.
+    host_link: Option<String>,
 }
 
 impl Lab {
@@ -63,6 +65,7 @@ impl Lab {
             hub: hub.clone(),
             tag,
             nodes: Vec::new(),
+            host_link: None,
         };
         for cmd in [
             vec!["ip", "-n", &hub, "link", "set", "lo", "up"],
@@ -113,6 +116,28 @@ impl Lab {
         Ok(ns)
     }
 
+    /// Puts the test's own (root) namespace on the bridge as 10.77.0.`n`,
+    /// so binaries started without a prefix reach the nodes.
+    pub fn attach_host(&mut self, n: u8) -> Result<()> {
+        let link = format!("wfh{}", std::process::id() % 1_000_000);
+        let peer = format!("h{n}");
+        let addr = format!("{}/24", Self::ip(n));
+        run(&[
+            "ip", "link", "add", &link, "type", "veth", "peer", "name", &peer, "netns", &self.hub,
+        ])?;
+        self.host_link = Some(link.clone());
+        for cmd in [
+            vec![
+                "ip", "-n", &self.hub, "link", "set", &peer, "master", "br0", "up",
+            ],
+            vec!["ip", "addr", "add", &addr, "dev", &link],
+            vec!["ip", "link", "set", &link, "up"],
+        ] {
+            run(&cmd)?;
+        }
+        Ok(())
+    }
+
     /// The prefix that runs a command in `ns`.
     pub fn exec(ns: &str) -> Vec<String> {
         ["ip", "netns", "exec", ns].map(String::from).to_vec()
@@ -134,6 +159,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if let Some(link) = &self.host_link {
+            let _ = Command::new("ip").args(["link", "del", link]).status();
+        }
         // Deleting a namespace deletes its end of every veth pair.
         for ns in self.nodes.iter().chain(std::iter::once(&self.hub)) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();

@@ -10,23 +10,20 @@ use wayfinder_proto::v1::{
 };
 use wayfinder_proto::validate;
 
-use super::{check_size, invalid, not_durable};
+use super::{check_size, invalid};
 use crate::registry::Registry;
-use crate::store::Persister;
+use crate::store::Backend;
 
 /// Serves the Admin API.
 pub struct AdminService {
     registry: Arc<Registry>,
-    persister: Arc<Persister>,
+    backend: Arc<dyn Backend>,
 }
 
 impl AdminService {
-    /// A service over `registry`.
-    pub fn new(registry: Arc<Registry>, persister: Arc<Persister>) -> Self {
-        Self {
-            registry,
-            persister,
-        }
+    /// A service reading `registry` and writing through `backend`.
+    pub fn new(registry: Arc<Registry>, backend: Arc<dyn Backend>) -> Self {
+        Self { registry, backend }
     }
 }
 
@@ -70,11 +67,8 @@ impl admin_server::Admin for AdminService {
             let (name, model) = PolicyModel::from_proto(p).map_err(invalid)?;
             policies.push(model.to_proto(name.as_str()));
         }
-        let (version, changed) = self.registry.apply_policies(policies);
+        let (version, changed) = self.backend.apply_policies(policies).await?;
         tracing::info!(?changed, version, "policies applied");
-        if !self.persister.durable(self.registry.dirty()).await {
-            return Err(not_durable());
-        }
         Ok(Response::new(ApplyPolicyResponse { version, changed }))
     }
 

@@ -77,6 +77,8 @@ struct ResultLabel {
 /// The Identity service.
 pub struct IdentityService {
     ca: Arc<Ca>,
+    /// Where the trust bundle comes from (with replicas, every replica's root).
+    registry: Arc<crate::registry::Registry>,
     tokens: Vec<JoinToken>,
     results: Family<ResultLabel, Counter>,
     logged: Mutex<HashSet<&'static str>>,
@@ -84,7 +86,12 @@ pub struct IdentityService {
 
 impl IdentityService {
     /// Issues from `ca` to holders of `tokens`.
-    pub fn new(ca: Arc<Ca>, tokens: Vec<JoinToken>, prom: &mut PromRegistry) -> Self {
+    pub fn new(
+        ca: Arc<Ca>,
+        registry: Arc<crate::registry::Registry>,
+        tokens: Vec<JoinToken>,
+        prom: &mut PromRegistry,
+    ) -> Self {
         let results = Family::<ResultLabel, Counter>::default();
         prom.register(
             "wayfinder_control_certify",
@@ -93,6 +100,7 @@ impl IdentityService {
         );
         Self {
             ca,
+            registry,
             tokens,
             results,
             logged: Mutex::default(),
@@ -172,7 +180,7 @@ impl Identity for IdentityService {
         tracing::info!(service = %r.service, id = %issued.spiffe_id, "certificate issued");
         Ok(Response::new(CertifyResponse {
             chain: issued.chain,
-            trust_bundle: self.ca.bundle().to_vec(),
+            trust_bundle: self.registry.trust_bundle(),
             spiffe_id: issued.spiffe_id,
             dns_name: issued.dns_name,
             not_after_unix_ms: issued.not_after_unix_ms,

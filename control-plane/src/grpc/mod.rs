@@ -12,6 +12,7 @@ use prost::Message;
 use tonic::Status;
 
 use crate::registry::RegistryError;
+use crate::store::BackendError;
 
 /// Largest request an RPC accepts; bigger ones are refused with
 /// `InvalidArgument` before any work. Messages beyond tonic's transport limit
@@ -42,14 +43,18 @@ impl From<RegistryError> for Status {
     }
 }
 
+impl From<BackendError> for Status {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Registry(e) => e.into(),
+            BackendError::NotDurable | BackendError::Unavailable(_) => {
+                Status::unavailable(e.to_string())
+            }
+        }
+    }
+}
+
 /// Refuses an invalid name or field with `InvalidArgument`.
 pub fn invalid(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
-}
-
-/// The answer when a change was made but could not be made durable in time.
-pub fn not_durable() -> Status {
-    Status::unavailable(
-        "the change is visible but could not be written to the store in time; retry",
-    )
 }

@@ -12,31 +12,18 @@ use wayfinder_proto::v1::{
 };
 use wayfinder_proto::validate;
 
-use super::{check_size, invalid, not_durable};
-use crate::registry::Registry;
-use crate::store::Persister;
+use super::{check_size, invalid};
+use crate::store::Backend;
 
 /// Serves the Registry API.
 pub struct RegistryService {
-    registry: Arc<Registry>,
-    persister: Arc<Persister>,
+    backend: Arc<dyn Backend>,
 }
 
 impl RegistryService {
-    /// A service over `registry`, acknowledging once `persister` made changes durable.
-    pub fn new(registry: Arc<Registry>, persister: Arc<Persister>) -> Self {
-        Self {
-            registry,
-            persister,
-        }
-    }
-
-    async fn durable(&self) -> Result<(), Status> {
-        if self.persister.durable(self.registry.dirty()).await {
-            Ok(())
-        } else {
-            Err(not_durable())
-        }
+    /// A service writing through `backend`.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
     }
 }
 
@@ -67,10 +54,10 @@ impl registry_server::Registry for RegistryService {
             format!("{}:{}", instance.address, instance.port),
         );
         let r = self
-            .registry
-            .register(instance, req.static_endpoint, ttl, initial)?;
+            .backend
+            .register(instance, req.static_endpoint, ttl, initial)
+            .await?;
         tracing::info!(%service, instance = %id, %addr, lease = r.lease_id, static_endpoint = req.static_endpoint, "registered");
-        self.durable().await?;
         Ok(Response::new(RegisterResponse {
             lease_id: r.lease_id,
             ttl_ms: u32::try_from(r.ttl.as_millis()).unwrap_or(u32::MAX),
@@ -85,19 +72,22 @@ impl registry_server::Registry for RegistryService {
         &self,
         req: Request<Streaming<Heartbeat>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        let registry = self.registry.clone();
+        let backend = self.backend.clone();
         let beats = req.into_inner();
         // Each heartbeat is answered in order; the first bad one ends the
         // stream with its status, which tells the sidecar what to do.
         let out = beats
-            .map(move |beat| {
-                let beat = beat?;
-                let h = health(beat.health)?;
-                let ttl = registry.heartbeat(beat.lease_id, h)?;
-                Ok(KeepAliveResponse {
-                    lease_id: beat.lease_id,
-                    ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
-                })
+            .then(move |beat| {
+                let backend = backend.clone();
+                async move {
+                    let beat = beat?;
+                    let h = health(beat.health)?;
+                    let ttl = backend.heartbeat(beat.lease_id, h).await?;
+                    Ok(KeepAliveResponse {
+                        lease_id: beat.lease_id,
+                        ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
+                    })
+                }
             })
             .scan(false, |failed, item: Result<KeepAliveResponse, Status>| {
                 if *failed {
@@ -114,17 +104,17 @@ impl registry_server::Registry for RegistryService {
         req: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
         let version = match req.into_inner().target {
-            Some(Target::LeaseId(id)) => self.registry.deregister_lease(id)?,
+            Some(Target::LeaseId(id)) => self.backend.deregister_lease(id).await?,
             Some(Target::Endpoint(ep)) => {
                 validate::service_name(&ep.service).map_err(invalid)?;
                 let ip = validate::address(&ep.address).map_err(invalid)?;
                 validate::port(ep.port).map_err(invalid)?;
-                self.registry
-                    .deregister_address(&ep.service, &ip.to_string(), ep.port)?
+                self.backend
+                    .deregister_address(&ep.service, &ip.to_string(), ep.port)
+                    .await?
             }
             None => return Err(Status::invalid_argument("give a lease id or an endpoint")),
         };
-        self.durable().await?;
         Ok(Response::new(DeregisterResponse { version }))
     }
 }

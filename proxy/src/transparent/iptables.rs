@@ -30,8 +30,8 @@ pub struct Rules {
     pub exclude_outbound_ports: Vec<u16>,
     /// Outbound destinations left alone (`10.0.0.0/8`, `192.168.1.7`).
     pub exclude_cidrs: Vec<String>,
-    /// The control plane, never captured whoever dials it.
-    pub control_plane: Option<std::net::SocketAddr>,
+    /// The control plane (every replica), never captured whoever dials it.
+    pub control_plane: Vec<std::net::SocketAddr>,
 }
 
 impl Rules {
@@ -67,7 +67,7 @@ impl Rules {
             "-j",
             "RETURN",
         ]));
-        if let Some(cp) = self.control_plane {
+        for cp in &self.control_plane {
             let (ip, port) = (format!("{}/32", cp.ip()), cp.port().to_string());
             cmds.push(nat(&[
                 "-A",
@@ -189,7 +189,7 @@ mod tests {
             exclude_inbound_ports: vec![15000],
             exclude_outbound_ports: vec![15010],
             exclude_cidrs: vec!["10.9.0.0/16".into()],
-            control_plane: Some(([10, 9, 0, 1], 15010).into()),
+            control_plane: vec![([10, 9, 0, 1], 15010).into()],
         }
     }
 
