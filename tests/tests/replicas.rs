@@ -14,6 +14,7 @@ use wayfinder_tests::netns::{self, Lab};
 use wayfinder_tests::{ControlPlane, bin, http_get, metric, wfctl};
 
 const POLICY: &str = "[services.web]\nbalancer = \"least-request\"\n";
+const TOKEN: &str = "replica-token-0123456789";
 
 fn skipped() -> bool {
     match etcd::unavailable() {
@@ -28,6 +29,21 @@ fn skipped() -> bool {
 /// A replica on `store` whose sidecars get 2 s leases.
 fn replica(store: &str) -> Result<ControlPlane> {
     ControlPlane::start(&["--store", store, "--lease-ttl", "2s"])
+}
+
+/// A replica on `store` with the mesh's CA in `ca` (shared by every replica)
+/// certifying sidecars that present [`TOKEN`].
+fn replica_with_ca(store: &str, ca: &std::path::Path) -> Result<ControlPlane> {
+    ControlPlane::start(&[
+        "--store",
+        store,
+        "--lease-ttl",
+        "2s",
+        "--ca-dir",
+        &ca.to_string_lossy(),
+        "--join-token",
+        TOKEN,
+    ])
 }
 
 /// Instance ids of `service` as `cp` lists them.
@@ -106,16 +122,20 @@ async fn sidecars_fail_over_between_replicas_and_the_mesh_survives_a_full_restar
     tokio::time::timeout(Duration::from_secs(100), async {
         let mut etcd = Etcd::single()?;
         let store = etcd.spec();
-        let mut a = replica(&store)?;
-        let mut b = replica(&store)?;
+        let ca = tempfile::tempdir()?;
+        let mut a = replica_with_ca(&store, ca.path())?;
+        let mut b = replica_with_ca(&store, ca.path())?;
         let ab = format!("{},{}", a.url(), b.url());
         let ba = format!("{},{}", b.url(), a.url());
+        let id = ["--join-token", TOKEN];
 
-        // web-1 and the client stay with A, web-2 with B.
+        // web-1 and the client stay with A, web-2 with B. Every sidecar gets
+        // its certificate from its replica and they speak mTLS (strict
+        // inbound): calls across replicas prove they share the CA.
         let (_app1, addr1) = lab_app("web-1")?;
-        let s1 = sidecar_at(&ab, "web", "web-1", addr1, "/healthz", &[])?;
+        let s1 = sidecar_at(&ab, "web", "web-1", addr1, "/healthz", &id)?;
         let (_app2, addr2) = lab_app("web-2")?;
-        let _s2 = sidecar_at(&ba, "web", "web-2", addr2, "/healthz", &[])?;
+        let s2 = sidecar_at(&ba, "web", "web-2", addr2, "/healthz", &id)?;
         wait_serving(&a, "web", 2).await?;
         wait_serving(&b, "web", 2).await?;
         let dir = tempfile::tempdir()?;
@@ -128,16 +148,22 @@ async fn sidecars_fail_over_between_replicas_and_the_mesh_survives_a_full_restar
             Some("least-request"),
             "B serves A's policy"
         );
-        let (client, web, _) = client_at(&ab, &[])?;
+        let (client, web, _) = client_at(&ab, &id)?;
         until_answered_by(web, "web-1", Duration::from_secs(10)).await?;
         until_answered_by(web, "web-2", Duration::from_secs(10)).await?;
+        for (who, log) in [("client", client.log_text()), ("web-2", s2.log_text())] {
+            assert!(
+                log.contains("certificate obtained"),
+                "{who} has an identity: {log}"
+            );
+        }
         let gaps_before = snapshots_after_gaps(&b).await?;
 
         // A dies. web-3 joins through B; the client, which watched on A,
         // must reach B and learn about web-3.
         a.kill();
         let (_app3, addr3) = lab_app("web-3")?;
-        let _s3 = sidecar_at(&b.url(), "web", "web-3", addr3, "/healthz", &[])?;
+        let _s3 = sidecar_at(&b.url(), "web", "web-3", addr3, "/healthz", &id)?;
         until_answered_by(web, "web-3", Duration::from_secs(15)).await?;
         assert!(
             client
