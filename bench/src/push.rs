@@ -1,11 +1,15 @@
 //! Control-plane push benchmark: many endpoints, many watch streams, and the
 //! time from a change to its receipt by every watcher.
 //!
-//! Starts its own `wf-control` (release build), registers `services ×
-//! endpoints` static endpoints, opens `watchers` watch streams (one TCP
-//! connection each, like sidecars), each on the hot service plus random
-//! others, then makes `changes` changes to the hot service at a fixed rate.
-//! Writes a markdown report and an SVG CDF under `bench/results/`.
+//! Runs two set-ups one after the other in the same run: one `wf-control`
+//! with the embedded store, and two replicas over one etcd on loopback
+//! (Debian's etcd-server; skipped with a note when absent). Each registers
+//! `services × endpoints` static endpoints, opens `watchers` watch streams
+//! (one TCP connection each, like sidecars; with replicas, half on each),
+//! each on the hot service plus random others, then makes `changes` changes
+//! to the hot service at a fixed rate (with replicas, alternately through
+//! each, so half the changes cross from one replica to the other's
+//! watchers). Writes a markdown report and an SVG CDF under `bench/results/`.
 
 use wayfinder_bench::machine::{self, rss_mib};
 use wayfinder_bench::svg;
@@ -55,33 +59,37 @@ struct Args {
     /// Where the report goes.
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
+    /// Only the embedded store (no etcd replicas).
+    #[arg(long)]
+    embedded_only: bool,
 }
 
 struct ControlPlane {
     child: Child,
     grpc: String,
-    _data: PathBuf,
+    _data: tempfile::TempDir,
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._data);
     }
 }
 
-fn start(bin: &PathBuf) -> Result<ControlPlane> {
-    let data = std::env::temp_dir().join(format!("wf-push-bench-{}", std::process::id()));
+fn start(bin: &PathBuf, store: &str) -> Result<ControlPlane> {
+    let data = tempfile::tempdir()?;
     let mut child = Command::new(bin)
         .args([
             "--grpc",
             "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
+            "--store",
+            store,
             "--data-dir",
         ])
-        .arg(&data)
+        .arg(data.path())
         .env("WAYFINDER_LOG", "warn,wf_control=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -144,23 +152,35 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
-    let cp = start(&args.wf_control)?;
-    let url = format!("http://{}", cp.grpc);
-    let pid = cp.child.id();
+/// What one set-up measured.
+struct Outcome {
+    name: String,
+    per_receipt: Vec<f64>,
+    all_watchers: Vec<f64>,
+    missing: usize,
+    expected: usize,
+    reg_secs: f64,
+    watch_secs: f64,
+    /// RSS of the first wf-control: idle, loaded, with watchers, end, peak (MiB).
+    rss: [f64; 5],
+}
+
+/// Registers, watches and changes against `cps` (one, or replicas of one store).
+async fn scenario(name: &str, cps: &[ControlPlane], args: &Args) -> Result<Outcome> {
+    println!("== {name}");
+    let urls: Vec<String> = cps.iter().map(|c| format!("http://{}", c.grpc)).collect();
+    let pid = cps[0].child.id();
     let (rss_idle, _) = rss_mib(pid);
     println!(
         "wf-control pid {pid} on {} ({rss_idle:.1} MiB idle)",
-        cp.grpc
+        cps[0].grpc
     );
 
     // 1. Registrations.
     let total = args.services * args.endpoints;
     let t = Instant::now();
     let channels: Vec<Channel> =
-        futures::future::try_join_all((0..8).map(|_| channel(&url))).await?;
+        futures::future::try_join_all((0..8).map(|i| channel(&urls[i % urls.len()]))).await?;
     let sem = Arc::new(Semaphore::new(64));
     let mut tasks = Vec::new();
     for n in 0..total {
@@ -201,7 +221,7 @@ async fn main() -> Result<()> {
         let mut names = vec![hot.clone()];
         let extra = (args.services_per_watcher.saturating_sub(1) as usize).min(others.len());
         names.extend(others.choose_multiple(&mut rand::rng(), extra).cloned());
-        let ch = channel(&url).await?;
+        let ch = channel(&urls[w as usize % urls.len()]).await?;
         let (rx_tx, ready_tx, hot) = (rx_tx.clone(), ready_tx.clone(), hot.clone());
         tokio::spawn(async move {
             let req = WatchRequest {
@@ -253,13 +273,19 @@ async fn main() -> Result<()> {
     );
 
     // 3. Changes at a fixed rate: add then remove an endpoint of the hot service.
-    let mut reg = RegistryClient::new(channels[0].clone());
+    // channels[i] goes to replica i % replicas: alternate between them.
+    let mut regs: Vec<_> = channels[..urls.len()]
+        .iter()
+        .map(|c| RegistryClient::new(c.clone()))
+        .collect();
     let mut sent: HashMap<u64, Instant> = HashMap::new();
     let mut tick =
         tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
     for k in 0..args.changes {
         tick.tick().await;
         let t0 = Instant::now();
+        let n = regs.len();
+        let reg = &mut regs[(k as usize / 2) % n];
         let version = if k % 2 == 0 {
             reg.register(RegisterRequest {
                 instance: Some(instance(&hot, format!("hot-{k}"), 20_000 + k)),
@@ -308,67 +334,178 @@ async fn main() -> Result<()> {
     per_receipt.sort_by(f64::total_cmp);
     let mut all_watchers: Vec<f64> = per_change.values().copied().collect();
     all_watchers.sort_by(f64::total_cmp);
+    println!(
+        "{name}: all {} watchers p50 {:.2} ms, p99 {:.2} ms; {missing} missing",
+        args.watchers,
+        pct(&all_watchers, 0.5),
+        pct(&all_watchers, 0.99)
+    );
+    Ok(Outcome {
+        name: name.to_string(),
+        per_receipt,
+        all_watchers,
+        missing,
+        expected,
+        reg_secs,
+        watch_secs,
+        rss: [rss_idle, rss_loaded, rss_watching, rss_end, rss_peak],
+    })
+}
 
-    // 4. Report.
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut outcomes = Vec::new();
+    {
+        let cp = start(&args.wf_control, "embedded")?;
+        outcomes.push(scenario("embedded store, 1 wf-control", &[cp], &args).await?);
+    }
+    let mut skipped = String::new();
+    if args.embedded_only {
+        skipped = "The etcd set-up was not run (`--embedded-only`).".into();
+    } else if let Some(why) = wayfinder_tests::etcd::unavailable() {
+        println!("skipping the etcd replicas: {why}");
+        skipped = format!("The etcd set-up was skipped: {why}.");
+    } else {
+        let etcd = wayfinder_tests::etcd::Etcd::single()?;
+        let cps = [
+            start(&args.wf_control, &etcd.spec())?,
+            start(&args.wf_control, &etcd.spec())?,
+        ];
+        outcomes.push(scenario("etcd store, 2 replicas", &cps, &args).await?);
+    }
+    report(&args, &outcomes, &skipped)
+}
+
+fn report(args: &Args, outcomes: &[Outcome], skipped: &str) -> Result<()> {
+    let total = args.services * args.endpoints;
+    let mut rows = String::new();
+    let mut line = |label: &str, f: &dyn Fn(&Outcome) -> String, target: &str| {
+        rows.push_str(&format!("| {label} |"));
+        for o in outcomes {
+            rows.push_str(&format!(" {} |", f(o)));
+        }
+        rows.push_str(&format!(" {target} |\n"));
+    };
+    let w = args.watchers;
+    line(
+        "change → receipt, p50 (each watcher)",
+        &|o| format!("{:.2} ms", pct(&o.per_receipt, 0.5)),
+        "",
+    );
+    line(
+        "change → receipt, p99 (each watcher)",
+        &|o| format!("{:.2} ms", pct(&o.per_receipt, 0.99)),
+        "",
+    );
+    line(
+        &format!("change → receipt by **all** {w} watchers, p50"),
+        &|o| format!("{:.2} ms", pct(&o.all_watchers, 0.5)),
+        "",
+    );
+    line(
+        &format!("change → receipt by **all** {w} watchers, p99"),
+        &|o| format!("{:.2} ms", pct(&o.all_watchers, 0.99)),
+        "≤ 100 ms",
+    );
+    line(
+        "change → receipt by all, max",
+        &|o| format!("{:.2} ms", pct(&o.all_watchers, 1.0)),
+        "",
+    );
+    line(
+        "receipts missing",
+        &|o| format!("{} of {}", o.missing, o.expected),
+        "0",
+    );
+    line(
+        &format!("registration of {total} endpoints (64 in flight)"),
+        &|o| {
+            format!(
+                "{:.2} s ({:.0}/s)",
+                o.reg_secs,
+                f64::from(total) / o.reg_secs
+            )
+        },
+        "",
+    );
+    line(
+        &format!("{w} watchers opened and synced"),
+        &|o| format!("{:.2} s", o.watch_secs),
+        "",
+    );
+    line(
+        "RSS of (the first) wf-control: idle / loaded / with watchers / end",
+        &|o| {
+            format!(
+                "{:.1} / {:.1} / {:.1} / {:.1} MiB",
+                o.rss[0], o.rss[1], o.rss[2], o.rss[3]
+            )
+        },
+        "≤ 200 MB",
+    );
+    line("peak RSS", &|o| format!("{:.1} MiB", o.rss[4]), "≤ 200 MB");
+    let header: String = outcomes.iter().map(|o| format!(" {} |", o.name)).collect();
+    let rule: String = outcomes.iter().map(|_| "---|").collect();
     let date = machine::date();
     let machine = machine::describe();
     let svg_name = format!("push-{date}.svg");
     let md = format!(
         "# Control-plane push benchmark ({date})\n\n\
-Machine: {machine}. wf-control (release build) and the load generator share the machine.\n\n\
-Setup: {services} services × {endpoints} endpoints = {total} static endpoints; {watchers} watch streams, each on its own \
+Machine: {machine}. wf-control (release build), etcd and the load generator share the machine.\n\n\
+Setup: {services} services × {endpoints} endpoints = {total} static endpoints; {w} watch streams, each on its own \
 TCP connection, watching the hot service plus {others} random others; {changes} changes (add / remove an endpoint of the \
 hot service) at {rate}/s. Latency is measured in the load generator from sending the change RPC to receiving the event, \
 so it includes the RPC, the durable write to the store and the fan-out to every stream.\n\n\
-| metric | value | target |\n|---|---|---|\n\
-| change → receipt, p50 (each watcher) | {r50:.2} ms | |\n\
-| change → receipt, p99 (each watcher) | {r99:.2} ms | |\n\
-| change → receipt by **all** {watchers} watchers, p50 | {a50:.2} ms | |\n\
-| change → receipt by **all** {watchers} watchers, p99 | {a99:.2} ms | ≤ 100 ms |\n\
-| change → receipt by all, max | {amax:.2} ms | |\n\
-| receipts missing | {missing} of {expected} | 0 |\n\
-| registration of {total} endpoints | {reg_secs:.2} s ({reg_rate:.0}/s, 64 in flight) | |\n\
-| {watchers} watchers opened and synced | {watch_secs:.2} s | |\n\
-| wf-control RSS idle / loaded / with watchers / end | {rss_idle:.1} / {rss_loaded:.1} / {rss_watching:.1} / {rss_end:.1} MiB | ≤ 200 MB |\n\
-| wf-control peak RSS | {rss_peak:.1} MiB | ≤ 200 MB |\n\n\
+With etcd: two wf-control replicas over one etcd member on loopback (Debian's etcd-server); half of the watch \
+streams on each replica, changes alternately through each, so every change reaches its own replica's watchers \
+through etcd's watch and the other replica's the same way. A write is answered once it came back through the \
+watch. {skipped}\n\n\
+| metric |{header} target |\n|---|{rule}---|\n{rows}\n\
 ![latency CDF]({svg_name})\n\n\
 Reproduce: `bash bench/push.sh` (or `cargo run --release -p wayfinder-bench --bin push-bench -- --help`).\n",
         services = args.services,
         endpoints = args.endpoints,
-        watchers = args.watchers,
         others = args.services_per_watcher.saturating_sub(1),
         changes = args.changes,
         rate = args.rate,
-        r50 = pct(&per_receipt, 0.5),
-        r99 = pct(&per_receipt, 0.99),
-        a50 = pct(&all_watchers, 0.5),
-        a99 = pct(&all_watchers, 0.99),
-        amax = pct(&all_watchers, 1.0),
-        reg_rate = total as f64 / reg_secs,
     );
     std::fs::create_dir_all(&args.out_dir)?;
     let md_path = args.out_dir.join(format!("push-{date}.md"));
     std::fs::write(&md_path, &md)?;
+    let colors = [("#1f77b4", "#aec7e8"), ("#d62728", "#ff9896")];
+    let labels: Vec<(String, String)> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                format!("{}: all watchers", o.name),
+                format!("{}: each receipt", o.name),
+            )
+        })
+        .collect();
+    let mut curves = Vec::new();
+    for ((o, (all, each)), (c_all, c_each)) in outcomes.iter().zip(&labels).zip(colors) {
+        curves.push(svg::Curve {
+            label: all,
+            sorted_ms: &o.all_watchers,
+            color: c_all,
+        });
+        curves.push(svg::Curve {
+            label: each,
+            sorted_ms: &o.per_receipt,
+            color: c_each,
+        });
+    }
     let plot = svg::cdf(
         &format!(
             "wf-control push: {} watchers, {total} endpoints",
             args.watchers
         ),
-        &[
-            svg::Curve {
-                label: "each receipt",
-                sorted_ms: &per_receipt,
-                color: "#1f77b4",
-            },
-            svg::Curve {
-                label: "all watchers received (per change)",
-                sorted_ms: &all_watchers,
-                color: "#d62728",
-            },
-        ],
+        &curves,
     );
     std::fs::write(args.out_dir.join(&svg_name), plot)?;
     println!("\n{md}\nwritten to {}", md_path.display());
+    let missing: usize = outcomes.iter().map(|o| o.missing).sum();
     if missing > 0 {
         bail!("{missing} receipts missing");
     }
