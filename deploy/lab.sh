@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash deploy/setup.sh
+bash deploy/setup.sh build
 
 echo "== building (release)"
 cargo build --release --workspace --bins

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Installs, idempotently, the Debian packages that building and testing
-# Wayfinder need. The lab (deploy/lab.sh) and CI (.ci/run) both call it.
+# Installs, idempotently, the Debian packages Wayfinder needs:
+#   bash deploy/setup.sh build   what building needs (deploy/lab.sh calls this)
+#   bash deploy/setup.sh test    that and what the tests use (.ci/run calls this)
+# build:
 #   protobuf-compiler  etcd-client's build script (our own protos compile with protox)
+# test, in addition:
 #   etcd-server        the control-plane replica tests run a real etcd
 #   iproute2 iptables util-linux curl
 #                      the network-namespace labs and transparent interception tests
@@ -10,7 +13,12 @@
 # More packages: WAYFINDER_CI_PACKAGES="a b". Not root or no apt-get: says what is missing.
 set -euo pipefail
 
-packages="protobuf-compiler etcd-server iproute2 iptables util-linux curl nginx-light chromium ${WAYFINDER_CI_PACKAGES:-}"
+packages="protobuf-compiler"
+case "${1:-test}" in
+  build) ;;
+  test) packages="$packages etcd-server iproute2 iptables util-linux curl nginx-light chromium ${WAYFINDER_CI_PACKAGES:-}" ;;
+  *) echo "usage: $0 build|test" >&2; exit 2 ;;
+esac
 need=()
 for pkg in $packages; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")

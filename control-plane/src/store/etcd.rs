@@ -10,6 +10,7 @@
 //!   trust bundle is its own root plus these; private keys never leave a
 //!   replica.
 //!
+//! Every change is one etcd transaction (a lease grant or revoke aside).
 //! Writes go to etcd first; a replica's registry changes only through one
 //! watch on the prefix, so every replica applies the same changes in the same
 //! order with etcd's revisions as versions. A sidecar that moves to another
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use thiserror::Error;
 use tokio::sync::{Notify, watch};
@@ -603,25 +604,20 @@ impl Backend for Etcd {
         if let Some((l, _)) = lease {
             options = options.with_lease(l);
         }
-        let (key, value) = (
+        let txn = Txn::new().and_then([TxnOp::put(
             self.endpoint_key(&service, &id),
             Self::endpoint_json(&endpoint)?,
-        );
-        let resp = retry(|| {
-            let mut kv = self.client.kv_client();
-            let (key, value, options) = (key.clone(), value.clone(), options.clone());
-            async move { kv.put(key, value, Some(options)).await }
-        })
-        .await
-        .map_err(unavailable)?;
+            Some(options),
+        )]);
+        let resp = self.txn(txn).await.map_err(unavailable)?;
         let version = revision(resp.header());
         // A sidecar registering again replaces its old lease, which now holds
         // no key: revoke it rather than let it linger until its TTL.
-        if let Some(old) = resp
-            .prev_key()
-            .map(KeyValue::lease)
-            .filter(|l| *l != 0 && Some(*l) != lease.map(|(l, _)| l))
-        {
+        let previous = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Put(p) => p.prev_key().map(KeyValue::lease),
+            _ => None,
+        });
+        if let Some(old) = previous.filter(|l| *l != 0 && Some(*l) != lease.map(|(l, _)| l)) {
             let mut leases = self.client.lease_client();
             tokio::spawn(async move {
                 let _ = leases.revoke(old).await;
@@ -746,16 +742,10 @@ impl Backend for Etcd {
         if self.registry.policy(service).is_none() {
             return Ok(false);
         }
-        let key = self.policy_key(service);
-        let resp = retry(|| {
-            let mut kv = self.client.kv_client();
-            let key = key.clone();
-            async move { kv.delete(key, None).await }
-        })
-        .await
-        .map_err(unavailable)?;
+        let txn = Txn::new().and_then([TxnOp::delete(self.policy_key(service), None)]);
+        let resp = self.txn(txn).await.map_err(unavailable)?;
         self.applied(revision(resp.header())).await?;
-        Ok(resp.deleted() > 0)
+        Ok(true)
     }
 
     fn ready(&self) -> bool {
