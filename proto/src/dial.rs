@@ -8,8 +8,10 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
@@ -128,6 +130,92 @@ impl tower_service::Service<Uri> for Dialer {
             let https = uri.scheme_str() == Some("https");
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
             Ok(TokioIo::new(connect(&host, port).await?))
+        })
+    }
+}
+
+/// How long one replica gets to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connector for tonic channels to a replicated server (control-plane
+/// replicas, etcd members): TCP to the target that answered last, else the
+/// next ones in turn; then TLS when asked. tonic calls it again when the
+/// connection breaks, so the channel moves to a live target by itself and
+/// stays there.
+#[derive(Clone)]
+pub struct Failover {
+    targets: Arc<Vec<(String, u16)>>,
+    current: Arc<AtomicUsize>,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+/// What [`Failover`] connects: TCP or TLS over TCP, for hyper.
+pub type Io = TokioIo<Box<dyn Transport>>;
+
+/// A byte stream to the control plane: TCP, or TLS over TCP.
+pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Transport for T {}
+
+impl Failover {
+    /// Dials `targets` (host, port), starting with the first.
+    pub fn new(targets: Vec<(String, u16)>, tls: Option<tokio_rustls::TlsConnector>) -> Self {
+        Self {
+            targets: Arc::new(targets),
+            current: Arc::new(AtomicUsize::new(0)),
+            tls,
+        }
+    }
+
+    async fn connect(&self, host: &str, port: u16) -> std::io::Result<Box<dyn Transport>> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect(host, port))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(
+            host.trim_matches(['[', ']']).to_string(),
+        )
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad host name"))?;
+        Ok(Box::new(tls.connect(name, tcp).await?))
+    }
+}
+
+impl tower_service::Service<Uri> for Failover {
+    type Response = Io;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Io, std::io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            let n = me.targets.len();
+            let start = me.current.load(Ordering::Relaxed);
+            let mut last = std::io::Error::other("no control plane address");
+            for i in 0..n {
+                let idx = (start + i) % n;
+                let (host, port) = &me.targets[idx];
+                match me.connect(host, *port).await {
+                    Ok(io) => {
+                        if idx != start {
+                            tracing::info!(peer = %format!("{host}:{port}"), "connected to another replica");
+                        }
+                        me.current.store(idx, Ordering::Relaxed);
+                        return Ok(TokioIo::new(io));
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %format!("{host}:{port}"), error = %e, "unreachable");
+                        last = e;
+                    }
+                }
+            }
+            Err(last)
         })
     }
 }

@@ -2,19 +2,15 @@
 //! file, or TLS verified with a pinned root (bootstrap from one hash, as
 //! `kubeadm join --discovery-token-ca-cert-hash` does).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tonic::transport::{Channel, Endpoint, Uri};
+use wayfinder_proto::dial::Failover;
 
 /// How the control plane's certificate is trusted.
 pub enum Trust {
@@ -121,11 +117,7 @@ pub fn channel(urls: &str, trust: Trust) -> Result<Channel> {
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
-    Ok(endpoint.connect_with_connector_lazy(Failover {
-        targets: Arc::new(targets),
-        current: Arc::new(AtomicUsize::new(0)),
-        tls,
-    }))
+    Ok(endpoint.connect_with_connector_lazy(Failover::new(targets, tls)))
 }
 
 /// Accepts a server chain that contains the pinned root and verifies to it.
@@ -199,76 +191,6 @@ impl ServerCertVerifier for Pinned {
         rustls::crypto::ring::default_provider()
             .signature_verification_algorithms
             .supported_schemes()
-    }
-}
-
-/// How long one replica gets to accept a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// TCP to the current replica, or the next ones in turn; then TLS when asked.
-#[derive(Clone)]
-struct Failover {
-    targets: Arc<Vec<(String, u16)>>,
-    current: Arc<AtomicUsize>,
-    tls: Option<tokio_rustls::TlsConnector>,
-}
-
-type Io = TokioIo<Box<dyn Transport>>;
-
-/// A byte stream to the control plane: TCP, or TLS over TCP.
-trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Transport for T {}
-
-impl Failover {
-    async fn connect(&self, host: &str, port: u16) -> std::io::Result<Box<dyn Transport>> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, wayfinder_proto::dial::connect(host, port))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
-        let Some(tls) = &self.tls else {
-            return Ok(Box::new(tcp));
-        };
-        let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad host name"))?;
-        Ok(Box::new(tls.connect(name, tcp).await?))
-    }
-}
-
-impl tower_service::Service<Uri> for Failover {
-    type Response = Io;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Io, std::io::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let me = self.clone();
-        Box::pin(async move {
-            let n = me.targets.len();
-            let start = me.current.load(Ordering::Relaxed);
-            let mut last = std::io::Error::other("no control plane address");
-            for i in 0..n {
-                let idx = (start + i) % n;
-                let (host, port) = &me.targets[idx];
-                match me.connect(host, *port).await {
-                    Ok(io) => {
-                        if idx != start {
-                            tracing::info!(control_plane = %format!("{host}:{port}"), "connected to another control-plane replica");
-                        }
-                        me.current.store(idx, Ordering::Relaxed);
-                        return Ok(TokioIo::new(io));
-                    }
-                    Err(e) => {
-                        tracing::debug!(control_plane = %format!("{host}:{port}"), error = %e, "control plane unreachable");
-                        last = e;
-                    }
-                }
-            }
-            Err(last)
-        })
     }
 }
 

@@ -32,6 +32,7 @@ use etcd_client::{
 };
 use thiserror::Error;
 use tokio::sync::{Notify, watch};
+use wayfinder_proto::dial::Failover;
 use wayfinder_proto::v1::{Health, Instance, ServicePolicy};
 
 use super::{Backend, BackendError, Persisted, PersistedEndpoint, PersistedService, Record};
@@ -41,6 +42,8 @@ use crate::registry::{LeaseConfig, Registered, Registry, RegistryError};
 pub const DEFAULT_PREFIX: &str = "/wayfinder/";
 /// How long start-up waits for etcd before giving up.
 const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request to etcd may take before it is tried again.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a write waits to come back through the watch.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest response read from etcd (the whole prefix at start).
@@ -64,19 +67,27 @@ pub enum EtcdError {
 
 /// The members of `etcd://HOST:PORT[,HOST:PORT...]`, as URLs.
 pub fn parse_spec(spec: &str) -> Result<Vec<String>, EtcdError> {
+    Ok(parse_members(spec)?
+        .into_iter()
+        .map(|(h, p)| format!("http://{h}:{p}"))
+        .collect())
+}
+
+/// The members of `etcd://HOST:PORT[,HOST:PORT...]`.
+fn parse_members(spec: &str) -> Result<Vec<(String, u16)>, EtcdError> {
     let bad = || EtcdError::BadSpec(spec.to_string());
     let list = spec.strip_prefix("etcd://").ok_or_else(bad)?;
-    let members: Vec<String> = list
+    let members: Vec<(String, u16)> = list
         .split(',')
         .map(str::trim)
         .filter(|m| !m.is_empty())
         .map(|m| {
             let (host, port) = m.rsplit_once(':').ok_or_else(bad)?;
-            port.parse::<u16>().map_err(|_| bad())?;
+            let port = port.parse::<u16>().map_err(|_| bad())?;
             if host.is_empty() || m.contains('/') {
                 return Err(bad());
             }
-            Ok(format!("http://{m}"))
+            Ok((host.to_string(), port))
         })
         .collect::<Result<_, _>>()?;
     if members.is_empty() {
@@ -129,9 +140,11 @@ fn unavailable(e: etcd_client::Error) -> BackendError {
     BackendError::Unavailable(e.to_string())
 }
 
-/// Runs `op` again on transport failures. etcd-client balances requests over
-/// the members, and one may still be sent to a member that just died; the
-/// retry goes to another.
+/// Runs `op` again on transport failures and timeouts: the connection moves
+/// to another member when its member died, and a member that lost its leader
+/// answers once a new one is elected. Every write retried here is idempotent
+/// (a put of the same value, a delete) or harmless (a lease granted twice
+/// expires unused).
 async fn retry<T, F, Fut>(mut op: F) -> Result<T, etcd_client::Error>
 where
     F: FnMut() -> Fut,
@@ -152,7 +165,10 @@ where
 fn transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) => true,
-        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
         _ => false,
     }
 }
@@ -195,15 +211,33 @@ impl Etcd {
             endpoints: members.join(","),
             message,
         };
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
-        let client = tokio::time::timeout(START_TIMEOUT, Client::connect(&members, Some(options)))
-            .await
-            .map_err(|_| unreachable("no answer".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
+        // One connection, to one member at a time: when it breaks, the
+        // failover connector moves to the next member. (etcd-client's own
+        // balanced channel kept sending requests to a member that had died,
+        // which then hung until their timeout.) HTTP/2 pings notice a member
+        // that is cut off rather than gone.
+        // A request forwarded to a leader that just died waits for etcd's
+        // own timeout (seconds); a short one here and a retry go to the new
+        // leader instead.
+        let channel = tonic::transport::Endpoint::from_shared(members[0].clone())
+            .map_err(|e| unreachable(e.to_string()))?
+            .timeout(REQUEST_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true)
+            .connect_with_connector_lazy(Failover::new(parse_members(spec)?, None));
+        let client = tokio::time::timeout(
+            START_TIMEOUT,
+            Client::from_channel(
+                etcd_client::Channel::Tonic(channel),
+                // Members without a leader refuse at once instead of waiting.
+                Some(ConnectOptions::new().with_require_leader(true)),
+            ),
+        )
+        .await
+        .map_err(|_| unreachable("no answer".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
         let prefix = if prefix.ends_with('/') {
             prefix.to_string()
         } else {
@@ -341,7 +375,7 @@ impl Etcd {
     /// Follows the prefix from revision `from` forever: on a broken watch it
     /// reports not ready, reads the prefix again when etcd answers, and goes on.
     async fn follow(self: Arc<Self>, mut from: i64) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Duration::from_millis(50);
         loop {
             let why = self.watch_from(from).await;
             if self.ready.swap(false, Ordering::Relaxed) {
@@ -349,11 +383,11 @@ impl Etcd {
             }
             loop {
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(Duration::from_secs(1));
                 match self.load().await {
                     Ok(rev) => {
                         from = rev + 1;
-                        backoff = Duration::from_millis(100);
+                        backoff = Duration::from_millis(50);
                         self.ready.store(true, Ordering::Relaxed);
                         tracing::info!(etcd = %self.members, revision = rev, "caught up with etcd");
                         break;
