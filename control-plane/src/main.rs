@@ -137,30 +137,7 @@ async fn run(args: Args) -> Result<()> {
         Ca::load_or_create(&ca_dir, &args.trust_domain, args.cert_lifetime)
             .context("setting up the certificate authority")?,
     );
-    let (registry, backend, persister): (_, Arc<dyn Backend>, _) = if args.store == "embedded" {
-        let store: Arc<dyn Store> =
-            Arc::new(FileStore::open(&args.data_dir).context("opening the data directory")?);
-        let persisted = store.load().context("loading saved state")?;
-        let restored = persisted.as_ref().map_or(0, |p| p.services.len());
-        let registry = Registry::new(leases, metrics, persisted);
-        registry.set_trust_bundle(ca.bundle().to_vec());
-        tracing::info!(store = %store.describe(), services = restored, "state loaded");
-        let persister = Persister::start(registry.clone(), store.clone(), &mut prom);
-        let backend = Embedded::new(registry.clone(), persister.clone(), store.describe());
-        (registry, Arc::new(backend), Some(persister))
-    } else {
-        let registry = Registry::mirror(leases, metrics);
-        let etcd = Etcd::start(
-            &args.store,
-            &args.etcd_prefix,
-            registry.clone(),
-            leases,
-            ca.bundle().to_vec(),
-        )
-        .await?;
-        tracing::info!(store = %etcd.describe(), services = registry.services().len(), "state loaded");
-        (registry, etcd as Arc<dyn Backend>, None)
-    };
+    let (registry, backend, persister) = open_store(&args, leases, metrics, &ca, &mut prom).await?;
 
     let policy = match &args.policy {
         Some(path) => Some(PolicyWatcher::load(path.clone(), backend.clone(), &mut prom).await?),
@@ -288,6 +265,40 @@ async fn run(args: Args) -> Result<()> {
         anyhow::bail!("could not write the final state");
     }
     Ok(())
+}
+
+/// The registry and the backend its changes go through: the embedded files
+/// in the data directory (with their writer), or etcd shared by replicas.
+async fn open_store(
+    args: &Args,
+    leases: LeaseConfig,
+    metrics: RegistryMetrics,
+    ca: &Ca,
+    prom: &mut PromRegistry,
+) -> Result<(Arc<Registry>, Arc<dyn Backend>, Option<Arc<Persister>>)> {
+    if args.store != "embedded" {
+        let registry = Registry::mirror(leases, metrics);
+        let etcd = Etcd::start(
+            &args.store,
+            &args.etcd_prefix,
+            registry.clone(),
+            leases,
+            ca.bundle().to_vec(),
+        )
+        .await?;
+        tracing::info!(store = %etcd.describe(), services = registry.services().len(), "state loaded");
+        return Ok((registry, etcd, None));
+    }
+    let store: Arc<dyn Store> =
+        Arc::new(FileStore::open(&args.data_dir).context("opening the data directory")?);
+    let persisted = store.load().context("loading saved state")?;
+    let restored = persisted.as_ref().map_or(0, |p| p.services.len());
+    let registry = Registry::new(leases, metrics, persisted);
+    registry.set_trust_bundle(ca.bundle().to_vec());
+    tracing::info!(store = %store.describe(), services = restored, "state loaded");
+    let persister = Persister::start(registry.clone(), store.clone(), prom);
+    let backend = Embedded::new(registry.clone(), persister.clone(), store.describe());
+    Ok((registry, Arc::new(backend), Some(persister)))
 }
 
 /// Expires leases and drops unwatched empty services. A 100 ms tick bounds how
