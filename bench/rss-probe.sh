@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where a one-hop sidecar's memory goes: VmRSS split into heap (RssAnon) and code
-# pages (RssFile) at start, after 5 s of wrk load, and with 1,000 idle keep-alive
+# pages (RssFile) at start, after 5 s of wrk load (at once and once quiet), and with 1,000 idle keep-alive
 # connections. Loopback only; needs wrk and python3. Usage: bench/rss-probe.sh [BIN_DIR]
 set -u
 cd "$(dirname "$0")/.."
@@ -19,6 +19,8 @@ show() { echo "$1: $(grep -E 'VmRSS|RssAnon|RssFile' /proc/$pid/status | tr -s '
 show start
 wrk -t2 -c32 -d5s http://127.0.0.1:25012/ | grep Requests/sec
 sleep 1; show after-load
+# The sidecar trims its heap once it has been quiet for a whole 5 s interval.
+sleep 11; show after-load-quiet
 python3 - <<'PY' &
 import socket, time
 cs=[]

@@ -543,6 +543,7 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         ));
     }
 
+    tokio::spawn(wayfinder_proxy::memory::trim_when_idle());
     tokio::spawn(wayfinder_proxy::traffic::report_loop(
         proxy.traffic.clone(),
         channel.clone(),
