@@ -367,11 +367,6 @@ impl Registry {
         Self::with_state(State::default(), leases, metrics, true)
     }
 
-    /// Whether this registry mirrors a shared store.
-    pub fn is_mirror(&self) -> bool {
-        self.mirror
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock aborts the process (panic = "abort"
         // in release), so a poisoned lock only happens in tests; the state is
@@ -442,13 +437,9 @@ impl Registry {
                 .map(|i| i.instance_id.as_str())
                 .unwrap_or_default();
             if let Some(entry) = svc.endpoints.get(id) {
-                let ttl_ms = entry
-                    .lease
-                    .and_then(|l| st.leases.get(&l))
-                    .map(|l| l.ttl.as_millis() as u32);
                 records.push(Record::PutEndpoint {
                     service: name.to_string(),
-                    endpoint: persisted_endpoint(entry, ttl_ms),
+                    endpoint: st.persisted(entry),
                 });
             }
         }
@@ -688,12 +679,7 @@ impl Registry {
     /// Instance `id` of `service` as the store keeps it.
     pub fn endpoint(&self, service: &str, id: &str) -> Option<PersistedEndpoint> {
         let st = self.lock();
-        let e = st.services.get(service)?.endpoints.get(id)?;
-        let ttl_ms = e
-            .lease
-            .and_then(|l| st.leases.get(&l))
-            .map(|l| l.ttl.as_millis() as u32);
-        Some(persisted_endpoint(e, ttl_ms))
+        Some(st.persisted(st.services.get(service)?.endpoints.get(id)?))
     }
 
     /// Applies the records of one revision of a shared store, as one change
@@ -702,14 +688,8 @@ impl Registry {
     /// skipped, so applying a state the registry already has pushes nothing.
     pub fn apply(&self, revision: u64, records: Vec<Record>) {
         let mut st = self.lock();
-        let mut order: Vec<String> = Vec::new();
-        let mut changes: HashMap<String, Change> = HashMap::new();
+        let mut changes: BTreeMap<String, Change> = BTreeMap::new();
         let mut versions: HashMap<String, u64> = HashMap::new();
-        let touched = |order: &mut Vec<String>, name: &str| {
-            if !order.iter().any(|n| n == name) {
-                order.push(name.to_string());
-            }
-        };
         for r in records {
             match r {
                 Record::PutEndpoint { service, endpoint } => {
@@ -760,7 +740,6 @@ impl Registry {
                             },
                         );
                     }
-                    touched(&mut order, &service);
                     let c = changes.entry(service).or_default();
                     if existed {
                         c.changed.push(ep);
@@ -782,7 +761,6 @@ impl Registry {
                     if let Some(l) = old.lease {
                         st.leases.remove(&l);
                     }
-                    touched(&mut order, &service);
                     changes
                         .entry(service)
                         .or_default()
@@ -798,7 +776,6 @@ impl Registry {
                         continue;
                     }
                     svc.policy = policy.clone();
-                    touched(&mut order, &service);
                     let c = changes.entry(service).or_default();
                     c.policy_removed = policy.is_none();
                     c.policy = policy;
@@ -809,10 +786,7 @@ impl Registry {
                 Record::Counters { .. } => {}
             }
         }
-        for name in order {
-            let Some(change) = changes.remove(&name) else {
-                continue;
-            };
+        for (name, change) in changes {
             let current = st.services.get(&name).map_or(0, |s| s.version);
             let version = versions
                 .get(&name)
@@ -1163,17 +1137,7 @@ impl Registry {
                 name: name.clone(),
                 version: s.version,
                 policy: s.policy.clone(),
-                endpoints: s
-                    .endpoints
-                    .values()
-                    .map(|e| {
-                        let ttl_ms = e
-                            .lease
-                            .and_then(|l| st.leases.get(&l))
-                            .map(|l| l.ttl.as_millis() as u32);
-                        persisted_endpoint(e, ttl_ms)
-                    })
-                    .collect(),
+                endpoints: s.endpoints.values().map(|e| st.persisted(e)).collect(),
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1188,13 +1152,19 @@ impl Registry {
     }
 }
 
-fn persisted_endpoint(e: &Entry, ttl_ms: Option<u32>) -> PersistedEndpoint {
-    PersistedEndpoint {
-        instance: e.instance.clone(),
-        health: e.health,
-        version: e.version,
-        lease: e.lease,
-        ttl_ms,
+impl State {
+    /// `e` as the store keeps it, with its lease's TTL.
+    fn persisted(&self, e: &Entry) -> PersistedEndpoint {
+        PersistedEndpoint {
+            instance: e.instance.clone(),
+            health: e.health,
+            version: e.version,
+            lease: e.lease,
+            ttl_ms: e
+                .lease
+                .and_then(|l| self.leases.get(&l))
+                .map(|l| l.ttl.as_millis() as u32),
+        }
     }
 }
 
