@@ -67,10 +67,14 @@ pub enum EtcdError {
 
 /// The members of `etcd://HOST:PORT[,HOST:PORT...]`, as URLs.
 pub fn parse_spec(spec: &str) -> Result<Vec<String>, EtcdError> {
-    Ok(parse_members(spec)?
-        .into_iter()
+    Ok(urls(&parse_members(spec)?))
+}
+
+fn urls(members: &[(String, u16)]) -> Vec<String> {
+    members
+        .iter()
         .map(|(h, p)| format!("http://{h}:{p}"))
-        .collect())
+        .collect()
 }
 
 /// The members of `etcd://HOST:PORT[,HOST:PORT...]`.
@@ -177,6 +181,14 @@ fn revision(header: Option<&etcd_client::ResponseHeader>) -> u64 {
     header.map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0))
 }
 
+/// The JSON value of `key`; a value no replica could have written is
+/// skipped with a warning rather than stopping the mirror.
+fn read_json<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
+    serde_json::from_slice(value)
+        .inspect_err(|e| tracing::warn!(%key, error = %e, "ignoring an unreadable value in etcd"))
+        .ok()
+}
+
 /// The service `name` being read, versioned by its newest key.
 fn service_entry<'a>(
     services: &'a mut BTreeMap<String, PersistedService>,
@@ -206,7 +218,8 @@ impl Etcd {
         leases: LeaseConfig,
         own_roots: Vec<Vec<u8>>,
     ) -> Result<Arc<Self>, EtcdError> {
-        let members = parse_spec(spec)?;
+        let targets = parse_members(spec)?;
+        let members = urls(&targets);
         let unreachable = |message: String| EtcdError::Unreachable {
             endpoints: members.join(","),
             message,
@@ -226,7 +239,7 @@ impl Etcd {
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true)
-            .connect_with_connector_lazy(Failover::new(parse_members(spec)?, None));
+            .connect_with_connector_lazy(Failover::new(targets, None));
         let client = tokio::time::timeout(
             START_TIMEOUT,
             Client::from_channel(
@@ -312,14 +325,14 @@ impl Etcd {
             let version = u64::try_from(kv.mod_revision()).unwrap_or(0);
             match parsed {
                 Key::Endpoint { service: name, .. } => {
-                    if let Some(e) = self.endpoint_value(key, kv.value()) {
+                    if let Some(e) = read_json::<PersistedEndpoint>(key, kv.value()) {
                         service_entry(&mut services, name, version)
                             .endpoints
                             .push(e);
                     }
                 }
                 Key::Policy { service: name } => {
-                    if let Some(p) = self.policy_value(key, kv.value()) {
+                    if let Some(p) = read_json::<ServicePolicy>(key, kv.value()) {
                         service_entry(&mut services, name, version).policy = Some(p);
                     }
                 }
@@ -339,22 +352,6 @@ impl Etcd {
         self.applied
             .send_modify(|a| *a = (*a).max(u64::try_from(rev).unwrap_or(0)));
         Ok(rev)
-    }
-
-    fn endpoint_value(&self, key: &str, value: &[u8]) -> Option<PersistedEndpoint> {
-        serde_json::from_slice(value)
-            .inspect_err(
-                |e| tracing::warn!(%key, error = %e, "ignoring an unreadable endpoint in etcd"),
-            )
-            .ok()
-    }
-
-    fn policy_value(&self, key: &str, value: &[u8]) -> Option<ServicePolicy> {
-        serde_json::from_slice(value)
-            .inspect_err(
-                |e| tracing::warn!(%key, error = %e, "ignoring an unreadable policy in etcd"),
-            )
-            .ok()
     }
 
     fn update_bundle(&self) {
@@ -469,7 +466,7 @@ impl Etcd {
         let Ok(key) = kv.key_str() else { return false };
         match parse_key(&self.prefix, key) {
             Some(Key::Endpoint { service, .. }) if put => {
-                if let Some(endpoint) = self.endpoint_value(key, kv.value()) {
+                if let Some(endpoint) = read_json::<PersistedEndpoint>(key, kv.value()) {
                     records.push(Record::PutEndpoint {
                         service: service.to_string(),
                         endpoint,
@@ -483,7 +480,7 @@ impl Etcd {
             Some(Key::Policy { service }) => records.push(Record::Policy {
                 service: service.to_string(),
                 policy: if put {
-                    self.policy_value(key, kv.value())
+                    read_json::<ServicePolicy>(key, kv.value())
                 } else {
                     None
                 },
