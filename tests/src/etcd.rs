@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::netns::Lab;
-use crate::spawn_command;
+use crate::{command_in, spawn_command};
 
 /// Why etcd tests cannot run here, or `None` when they can.
 pub fn unavailable() -> Option<String> {
@@ -35,14 +35,7 @@ pub struct Member {
 
 impl Member {
     fn spawn(&mut self) -> Result<()> {
-        let mut cmd = match self.prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg("etcd");
-                c
-            }
-            None => Command::new("etcd"),
-        };
+        let mut cmd = command_in(&self.prefix, "etcd");
         cmd.args(&self.args);
         // Serving peers comes before the cluster has a leader; readiness for
         // clients is waited for separately, once every member runs.

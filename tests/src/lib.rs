@@ -166,16 +166,22 @@ pub fn spawn_logged_in(
     args: &[String],
     ready: &str,
 ) -> Result<(Child, String, Arc<Mutex<String>>)> {
-    let mut cmd = match prefix.split_first() {
-        Some((first, rest)) => {
-            let mut c = Command::new(first);
-            c.args(rest).arg(bin(name));
-            c
-        }
-        None => Command::new(bin(name)),
-    };
+    let mut cmd = command_in(prefix, bin(name));
     cmd.args(args).env("WAYFINDER_LOG", "info");
     spawn_command(cmd, name, ready)
+}
+
+/// `program` behind a command prefix that execs it (`ip netns exec NS`,
+/// `setpriv ...`), or on its own when the prefix is empty.
+pub fn command_in(prefix: &[String], program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 /// Spawns `cmd`, collects its stderr, and waits (15 s at most) for the first
