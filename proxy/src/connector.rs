@@ -3,7 +3,6 @@
 //! `max_connections` breaker for as long as it is open (pooled or busy).
 //! The limits are read at every connect, so policy changes apply at once.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,9 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -36,23 +33,6 @@ pub enum ConnectError {
     /// expired certificate).
     #[error("mTLS handshake failed: {0}")]
     Tls(std::io::Error),
-    /// The target was not an IP:port (a bug: the proxy builds the URIs).
-    #[error("target {0:?} is not an IP address and port")]
-    BadTarget(String),
-}
-
-impl ConnectError {
-    /// The connect error inside a client error, if that is what it was.
-    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-        while let Some(err) = cur {
-            if let Some(c) = err.downcast_ref::<ConnectError>() {
-                return Some(c);
-            }
-            cur = err.source();
-        }
-        None
-    }
 }
 
 /// Limits the connector reads at each connect (0 = none).
@@ -150,27 +130,6 @@ impl Connector {
     }
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = Conn;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Conn, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| ConnectError::BadTarget(uri.to_string()))?;
-            this.connect(addr).await
-        })
-    }
-}
-
 /// An open connection holding its breaker slot.
 pub struct Conn {
     io: TokioIo<Box<dyn Stream>>,
@@ -181,12 +140,6 @@ impl Conn {
     /// The stream, for opaque relays.
     pub fn into_parts(self) -> (Box<dyn Stream>, Permit) {
         (self.io.into_inner(), self._permit)
-    }
-}
-
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        Connected::new()
     }
 }
 

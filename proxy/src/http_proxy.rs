@@ -24,6 +24,7 @@ use crate::connector::{ConnectError, Connector, Limits};
 use crate::discovery::{Origin, Sources};
 use crate::identity::Identity;
 use crate::metrics::{LatencyLabels, ProxyMetrics};
+use crate::pool::{PoolBody, PoolError};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Breakers;
 use crate::settings::{Defaults, Settings};
@@ -163,18 +164,48 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
             .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
 }
 
+/// An HTTP/2 request's URI: absolute, with the endpoint as authority.
 fn with_target(uri: &Uri, ep: &EndpointStats) -> Result<Uri, hyper::http::Error> {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
-    parts.authority = Some(match &ep.authority {
-        Some(a) => a.clone(),
-        None => hyper::http::uri::Authority::try_from(ep.addr.to_string())?,
-    });
+    parts.authority = Some(endpoint_authority(ep)?);
     parts.path_and_query = Some(match uri.path_and_query() {
         Some(pq) => pq.clone(),
         None => hyper::http::uri::PathAndQuery::from_static("/"),
     });
     Ok(Uri::from_parts(parts)?)
+}
+
+fn endpoint_authority(
+    ep: &EndpointStats,
+) -> Result<hyper::http::uri::Authority, hyper::http::Error> {
+    Ok(match &ep.authority {
+        Some(a) => a.clone(),
+        None => hyper::http::uri::Authority::try_from(ep.addr.to_string())?,
+    })
+}
+
+/// Makes `req` an HTTP/1.1 request for `ep`: the target in origin form (as
+/// HTTP/1 sends it to an origin server), and a Host header when the client
+/// gave none (an HTTP/2 client's `:authority` is in the URI instead).
+fn to_http1<B>(req: &mut Request<B>, ep: &EndpointStats) -> Result<(), hyper::http::Error> {
+    let authority = req.uri().authority().cloned();
+    if authority.is_some() || req.uri().path_and_query().is_none() {
+        *req.uri_mut() = match req.uri().path_and_query() {
+            Some(pq) => Uri::from(pq.clone()),
+            None => Uri::from_static("/"),
+        };
+    }
+    if !req.headers().contains_key(header::HOST) {
+        let host = match authority {
+            Some(a) => a,
+            None => endpoint_authority(ep)?,
+        };
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_str(host.as_str())?);
+    }
+    *req.version_mut() = Version::HTTP_11;
+    Ok(())
 }
 
 /// The service a Host / `:authority` names: the host part, without port.
@@ -230,15 +261,17 @@ impl Head {
         let use_h2 = to_sidecar || self.version == Version::HTTP_2;
         let mut req = Request::builder()
             .method(self.method.clone())
-            .uri(with_target(&self.uri, ep)?)
-            .version(if use_h2 {
-                Version::HTTP_2
+            .uri(if use_h2 {
+                with_target(&self.uri, ep)?
             } else {
-                Version::HTTP_11
+                self.uri.clone()
             })
+            .version(Version::HTTP_2)
             .body(body)?;
         *req.headers_mut() = self.headers.clone();
-        if to_sidecar && self.version != Version::HTTP_2 {
+        if !use_h2 {
+            to_http1(&mut req, ep)?;
+        } else if to_sidecar && self.version != Version::HTTP_2 {
             req.headers_mut()
                 .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
         }
@@ -264,8 +297,8 @@ pub struct Local {
 pub enum SendError {
     /// The request could not be built (a bad URI).
     BadRequest,
-    /// The client failed (connect error, reset, breaker).
-    Client(hyper_util::client::legacy::Error),
+    /// No response: connect error, breaker, reset.
+    Client(PoolError),
 }
 
 impl Proxy {
@@ -481,20 +514,18 @@ impl Proxy {
         ep: &Arc<EndpointStats>,
         to_sidecar: bool,
         (direction, upstream): (&'static str, &str),
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<PoolBody>, SendError> {
         let (req, use_h2) = head
             .request(body, ep, to_sidecar)
             .map_err(|_| SendError::BadRequest)?;
         let started = Instant::now();
         let guard = ep.start();
-        let result = if use_h2 {
-            match &clients.mesh {
-                Some(mesh) if to_sidecar => mesh.request(req).await,
-                _ => clients.h2.request(req).await,
-            }
-        } else {
-            clients.h1.request(req).await
+        let pool = match &clients.mesh {
+            Some(mesh) if use_h2 && to_sidecar => mesh,
+            _ if use_h2 => &clients.h2,
+            _ => &clients.h1,
         };
+        let result = pool.send(ep.addr, req).await;
         match result {
             Ok(resp) => {
                 // An endpoint serves one direction of one upstream, so its
@@ -527,19 +558,24 @@ impl SendError {
     pub fn reply(&self) -> (StatusCode, &'static str) {
         match self {
             SendError::BadRequest => (StatusCode::BAD_REQUEST, "bad-uri"),
-            SendError::Client(e) => match ConnectError::find(e) {
-                Some(ConnectError::Overflow(_)) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
-                Some(ConnectError::Timeout) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
-                Some(_) => (StatusCode::BAD_GATEWAY, "connect-failed"),
-                None if e.is_connect() => (StatusCode::BAD_GATEWAY, "connect-failed"),
-                None => (StatusCode::BAD_GATEWAY, "upstream-reset"),
+            SendError::Client(e) => match e {
+                PoolError::Connect(ConnectError::Overflow(_)) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+                }
+                PoolError::Connect(ConnectError::Timeout) => {
+                    (StatusCode::GATEWAY_TIMEOUT, "timeout")
+                }
+                PoolError::Connect(_) | PoolError::Handshake(_) => {
+                    (StatusCode::BAD_GATEWAY, "connect-failed")
+                }
+                PoolError::Http(_) => (StatusCode::BAD_GATEWAY, "upstream-reset"),
             },
         }
     }
 }
 
 /// An upstream response with hop-by-hop headers removed, as the proxy's body type.
-pub fn into_body(resp: Response<Incoming>) -> Response<Body> {
+pub fn into_body(resp: Response<PoolBody>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, body.boxed())
@@ -554,18 +590,15 @@ pub async fn forward_upgrade(
     clients: &Clients,
 ) -> Response<Body> {
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let uri = match with_target(req.uri(), ep) {
-        Ok(u) => u,
-        Err(_) => return error(StatusCode::BAD_REQUEST, "bad-uri"),
-    };
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
+    if to_http1(&mut req, ep).is_err() {
+        return error(StatusCode::BAD_REQUEST, "bad-uri");
+    }
     let req = req.map(|b| ReplayBody::new(b, 0));
-    let client = match &clients.mesh_h1 {
+    let pool = match &clients.mesh_h1 {
         Some(mesh) if ep.meshed => mesh,
         _ => &clients.h1,
     };
-    let mut resp = match client.request(req).await {
+    let mut resp = match pool.send(ep.addr, req).await {
         Ok(r) => r,
         Err(e) => {
             let (status, reason) = SendError::Client(e).reply();

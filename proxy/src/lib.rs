@@ -14,6 +14,7 @@ pub mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod outbound;
+pub mod pool;
 pub mod register;
 pub mod replay;
 pub mod resilience;

@@ -19,6 +19,7 @@ use crate::http_proxy::{
     is_grpc, is_upgrade, reply, service_from_authority,
 };
 use crate::metrics::{OverflowLabels, UpstreamLabels};
+use crate::pool::{PoolBody, PoolError};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Overflow;
 use crate::resilience::retry::{self, Outcome};
@@ -31,7 +32,7 @@ pub const ATTEMPTS_HEADER: &str = "x-wayfinder-attempts";
 
 /// How an attempt ended: a response to pass on, or an answer of our own.
 enum Attempt {
-    Upstream(Response<Incoming>),
+    Upstream(Response<PoolBody>),
     Local(StatusCode, &'static str),
 }
 
@@ -207,19 +208,18 @@ async fn route(
                     SendError::BadRequest => {
                         return reply(grpc, status, reason);
                     }
-                    SendError::Client(c) => match ConnectError::find(c) {
-                        Some(ConnectError::Overflow(o)) => {
-                            overflow(*o);
-                            return reply(grpc, status, reason);
-                        }
-                        Some(ConnectError::Timeout) => {
-                            proxy.metrics.timeout(name, "connect");
-                            Outcome::ConnectFailed
-                        }
-                        Some(_) => Outcome::ConnectFailed,
-                        None if c.is_connect() => Outcome::ConnectFailed,
-                        None => Outcome::Reset,
-                    },
+                    SendError::Client(PoolError::Connect(ConnectError::Overflow(o))) => {
+                        overflow(*o);
+                        return reply(grpc, status, reason);
+                    }
+                    SendError::Client(PoolError::Connect(ConnectError::Timeout)) => {
+                        proxy.metrics.timeout(name, "connect");
+                        Outcome::ConnectFailed
+                    }
+                    SendError::Client(PoolError::Connect(_) | PoolError::Handshake(_)) => {
+                        Outcome::ConnectFailed
+                    }
+                    SendError::Client(PoolError::Http(_)) => Outcome::Reset,
                 };
                 (outcome, Attempt::Local(status, reason))
             }

@@ -14,7 +14,8 @@ use hyper::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 struct Shared {
-    source: Incoming,
+    /// The client's body; `None` for a request the proxy makes itself.
+    source: Option<Incoming>,
     /// Data frames read so far, while they fit in `limit`.
     chunks: Vec<Bytes>,
     size: usize,
@@ -42,9 +43,18 @@ impl ReplayBody {
     pub fn new(body: Incoming, limit: usize) -> Self {
         let hint = body.size_hint();
         let ended = body.is_end_stream();
+        Self::over(Some(body), limit, hint, ended)
+    }
+
+    /// An empty body, for requests the proxy makes itself.
+    pub fn empty() -> Self {
+        Self::over(None, 0, SizeHint::with_exact(0), true)
+    }
+
+    fn over(source: Option<Incoming>, limit: usize, hint: SizeHint, ended: bool) -> Self {
         Self {
             shared: Arc::new(Mutex::new(Shared {
-                source: body,
+                source,
                 chunks: Vec::new(),
                 size: 0,
                 limit,
@@ -121,7 +131,11 @@ impl Body for ReplayBody {
             // the client's bytes now belong to the retry.
             return Poll::Ready(None);
         }
-        match Pin::new(&mut s.source).poll_frame(cx) {
+        let Some(source) = s.source.as_mut() else {
+            s.ended = true;
+            return Poll::Ready(None);
+        };
+        match Pin::new(source).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 s.ended = true;

@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -22,7 +20,7 @@ use crate::connector::{Connector, Limits, Tls};
 use crate::discovery::{Discovered, Origin, Update};
 use crate::identity::{ALPN_H1, ALPN_H2, ALPN_TCP, Identity};
 use crate::metrics::{HealthLabels, ProxyMetrics, UpstreamLabels};
-use crate::replay::ReplayBody;
+use crate::pool::{Pool, Proto};
 use crate::resilience::breaker::Breakers;
 use crate::resilience::budget::RetryBudget;
 use crate::resilience::retry::Outcome;
@@ -54,59 +52,33 @@ pub enum HashKey {
     Header(String),
 }
 
-/// HTTP clients of one upstream, sharing its connector (and so its
+/// Connection pools of one upstream, sharing its connector (and so its
 /// connection breaker and connect timeout).
 pub struct Clients {
     /// HTTP/1.1 to plain endpoints.
-    pub h1: Client<Connector, ReplayBody>,
+    pub h1: Pool,
     /// HTTP/2: to sidecars, and to endpoints for HTTP/2 clients.
-    pub h2: Client<Connector, ReplayBody>,
+    pub h2: Pool,
     /// HTTP/2 over mTLS to sidecars, when this sidecar has an identity.
-    pub mesh: Option<Client<Connector, ReplayBody>>,
+    pub mesh: Option<Pool>,
     /// HTTP/1.1 over mTLS to sidecars, for upgrades (WebSocket).
-    pub mesh_h1: Option<Client<Connector, ReplayBody>>,
+    pub mesh_h1: Option<Pool>,
     idle: Duration,
 }
 
 impl Clients {
-    /// Clients whose pooled connections close after `idle` unused; `mesh`
-    /// are the mTLS connectors (ALPN h2, http/1.1) to the service's sidecars.
+    /// Pools whose connections close after `idle` unused; `mesh` are the
+    /// mTLS connectors (ALPN h2, http/1.1) to the service's sidecars.
     pub fn new(connector: Connector, idle: Duration, mesh: Option<(Connector, Connector)>) -> Self {
         let (mesh, mesh_h1) = match mesh {
             Some((h2, h1)) => (Some(h2), Some(h1)),
             None => (None, None),
         };
-        let mesh_h1 = mesh_h1.map(|c| {
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(idle)
-                .build(c)
-        });
-        let mesh = mesh.map(|c| {
-            Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(idle)
-                .http2_keep_alive_interval(Some(Duration::from_secs(30)))
-                .build(c)
-        });
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(idle)
-            .build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(idle)
-            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
-            .build(connector);
         Self {
-            h1,
-            h2,
-            mesh,
-            mesh_h1,
+            h1: Pool::new(connector.clone(), Proto::Http1, idle),
+            h2: Pool::new(connector, Proto::Http2, idle),
+            mesh: mesh.map(|c| Pool::new(c, Proto::Http2, idle)),
+            mesh_h1: mesh_h1.map(|c| Pool::new(c, Proto::Http1, idle)),
             idle,
         }
     }
