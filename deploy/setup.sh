@@ -3,7 +3,10 @@
 #   bash deploy/setup.sh build   what building needs (deploy/lab.sh calls this)
 #   bash deploy/setup.sh test    that and what the tests use (.ci/run calls this)
 # build:
-#   protobuf-compiler  etcd-client's build script (our own protos compile with protox)
+#   protobuf-compiler libprotobuf-dev
+#                      etcd-client's build script (our own protos compile with
+#                      protox); libprotobuf-dev holds the well-known types
+#                      (descriptor.proto) it imports, only recommended by protoc
 # test, in addition:
 #   etcd-server        the control-plane replica tests run a real etcd
 #   iproute2 iptables util-linux curl
@@ -13,7 +16,7 @@
 # More packages: WAYFINDER_CI_PACKAGES="a b". Not root or no apt-get: says what is missing.
 set -euo pipefail
 
-packages="protobuf-compiler"
+packages="protobuf-compiler libprotobuf-dev"
 case "${1:-test}" in
   build) ;;
   test) packages="$packages etcd-server iproute2 iptables util-linux curl nginx-light chromium ${WAYFINDER_CI_PACKAGES:-}" ;;
