@@ -1,14 +1,16 @@
 //! Accept loops: detect each connection's protocol, then serve it as HTTP
 //! (hyper, HTTP/1.1 and HTTP/2 on one port) or relay it as opaque TCP.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -216,8 +218,8 @@ async fn connection(
         }
     }
     match proto {
-        Some(Protocol::Http1 | Protocol::Http2) => {
-            serve_http(stream, peer, role, proxy, None, shutdown).await
+        Some(p @ (Protocol::Http1 | Protocol::Http2)) => {
+            serve_http(stream, p, peer, role, proxy, None, shutdown).await
         }
         Some(Protocol::Opaque | Protocol::Tls) => {
             if let Some((server, slot)) = connect_target(&role, &proxy, peer).await {
@@ -226,10 +228,10 @@ async fn connection(
         }
         // Host routing needs HTTP: a silent client just gets longer to speak.
         None if matches!(role, Role::HostRouted) => {
-            if let Some(Protocol::Http1 | Protocol::Http2) =
+            if let Some(p @ (Protocol::Http1 | Protocol::Http2)) =
                 detect(&stream, DEFAULT_HEADER_READ).await
             {
-                serve_http(stream, peer, role, proxy, None, shutdown).await;
+                serve_http(stream, p, peer, role, proxy, None, shutdown).await;
             }
         }
         // The client said nothing yet: connect, and let whoever speaks first
@@ -249,9 +251,9 @@ async fn connection(
             match first {
                 None => {
                     let proto = detect(&stream, window).await;
-                    if let Some(Protocol::Http1 | Protocol::Http2) = proto {
+                    if let Some(p @ (Protocol::Http1 | Protocol::Http2)) = proto {
                         drop((server, slot));
-                        return serve_http(stream, peer, role, proxy, None, shutdown).await;
+                        return serve_http(stream, p, peer, role, proxy, None, shutdown).await;
                     }
                     relay(stream, server, &[], slot, &role, &proxy).await;
                 }
@@ -371,19 +373,30 @@ async fn inbound_tls(
         }
         return;
     }
-    serve_http(tls, peer, Role::Inbound, proxy, caller, shutdown).await;
+    let proto = if conn.alpn_protocol() == Some(crate::identity::ALPN_H2) {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    serve_http(tls, proto, peer, Role::Inbound, proxy, caller, shutdown).await;
 }
 
 /// How long another sidecar may take to finish a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Serves HTTP on a connection whose protocol detection (or ALPN) already
+/// named: hyper's HTTP/1 or HTTP/2 server directly. (hyper-util's `auto`
+/// server sniffed the protocol a second time, read through a rewind buffer
+/// for the connection's life and kept both servers' state in every
+/// connection's task.)
 async fn serve_http<S>(
     stream: S,
+    proto: Protocol,
     peer: SocketAddr,
     role: Role,
     proxy: Arc<Proxy>,
     caller: Option<Arc<str>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -400,36 +413,55 @@ async fn serve_http<S>(
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
-    // A listener for one service takes that service's header read timeout
-    // (as of this connection); others the default.
-    let header_read = match &role {
-        Role::Upstream(name) => proxy.upstream(name).active().settings.timeouts.header_read,
-        _ => DEFAULT_HEADER_READ,
+    let io = TokioIo::new(stream);
+    let ended = if proto == Protocol::Http2 {
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(io, svc);
+        tokio::pin!(conn);
+        until_shutdown(conn, |c| c.graceful_shutdown(), shutdown).await
+    } else {
+        // A listener for one service takes that service's header read
+        // timeout (as of this connection); others the default.
+        let header_read = match &role {
+            Role::Upstream(name) => proxy.upstream(name).active().settings.timeouts.header_read,
+            _ => DEFAULT_HEADER_READ,
+        };
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read)
+            .serve_connection(io, svc)
+            .with_upgrades();
+        tokio::pin!(conn);
+        until_shutdown(conn, |c| c.graceful_shutdown(), shutdown).await
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read);
-    builder.http2().timer(TokioTimer::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
-                    let upstream = match &role {
-                        Role::Upstream(name) => name.to_string(),
-                        _ => "-".to_string(),
-                    };
-                    proxy.metrics.timeout(&upstream, "header_read");
-                }
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+    if let Err(e) = ended {
+        if e.is_timeout() {
+            let upstream = match &role {
+                Role::Upstream(name) => name.to_string(),
+                _ => "-".to_string(),
+            };
+            proxy.metrics.timeout(&upstream, "header_read");
         }
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Drives a server connection to its end; once shutdown begins, asks it to
+/// finish what is in flight and close.
+async fn until_shutdown<F>(
+    mut conn: Pin<&mut F>,
+    graceful: fn(Pin<&mut F>),
+    mut shutdown: watch::Receiver<bool>,
+) -> hyper::Result<()>
+where
+    F: Future<Output = hyper::Result<()>>,
+{
+    tokio::select! {
+        r = conn.as_mut() => r,
         () = stopped(&mut shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            graceful(conn.as_mut());
+            conn.await
         }
     }
 }
