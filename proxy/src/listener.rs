@@ -177,9 +177,11 @@ async fn connection(
     // detection window is not waited twice.
     let transparent = matches!(role, Role::Transparent);
     let (role, silent) = match role {
-        Role::Transparent => match intercepted(&stream, &proxy, window).await {
+        Role::Transparent => match Box::pin(intercepted(&stream, &proxy, window)).await {
             Intercepted::Serve(r, silent) => (r, silent),
-            Intercepted::Passthrough(orig) => return passthrough(stream, orig, &proxy).await,
+            Intercepted::Passthrough(orig) => {
+                return Box::pin(passthrough(stream, orig, &proxy)).await;
+            }
             Intercepted::Lost => return,
         },
         r => (r, false),
@@ -189,6 +191,8 @@ async fn connection(
     let remembered =
         !transparent && !matches!(role, Role::HostRouted) && server_first.load(Ordering::Relaxed);
     let started = Instant::now();
+    // What only some connections reach (mTLS, opaque relays) is boxed
+    // where it starts, so every connection's task stays small.
     let proto = if remembered || silent {
         None
     } else {
@@ -205,7 +209,9 @@ async fn connection(
     // plaintext only in permissive mode.
     if matches!(role, Role::Inbound) && proxy.identity.is_some() {
         match proto {
-            Some(Protocol::Tls) => return inbound_tls(stream, peer, proxy, shutdown).await,
+            Some(Protocol::Tls) => {
+                return Box::pin(inbound_tls(stream, peer, proxy, shutdown)).await;
+            }
             _ if proxy.local.strict => {
                 proxy.refuse(
                     "plaintext",
@@ -222,8 +228,8 @@ async fn connection(
             serve_http(stream, p, peer, role, proxy, None, shutdown).await
         }
         Some(Protocol::Opaque | Protocol::Tls) => {
-            if let Some((server, slot)) = connect_target(&role, &proxy, peer).await {
-                relay(stream, server, &[], slot, &role, &proxy).await;
+            if let Some((server, slot)) = Box::pin(connect_target(&role, &proxy, peer)).await {
+                Box::pin(relay(stream, server, &[], slot, &role, &proxy)).await;
             }
         }
         // Host routing needs HTTP: a silent client just gets longer to speak.
@@ -239,7 +245,8 @@ async fn connection(
         // port is remembered as server-first; a client that was merely slow
         // still gets HTTP, so one slow client never turns a port opaque.
         None => {
-            let Some((mut server, slot)) = connect_target(&role, &proxy, peer).await else {
+            let Some((mut server, slot)) = Box::pin(connect_target(&role, &proxy, peer)).await
+            else {
                 return;
             };
             let mut greeting = vec![0u8; 4096];
@@ -255,13 +262,13 @@ async fn connection(
                         drop((server, slot));
                         return serve_http(stream, p, peer, role, proxy, None, shutdown).await;
                     }
-                    relay(stream, server, &[], slot, &role, &proxy).await;
+                    Box::pin(relay(stream, server, &[], slot, &role, &proxy)).await;
                 }
                 Some(Ok(n)) if n > 0 => {
                     if !transparent {
                         server_first.store(true, Ordering::Relaxed);
                     }
-                    relay(stream, server, &greeting[..n], slot, &role, &proxy).await;
+                    Box::pin(relay(stream, server, &greeting[..n], slot, &role, &proxy)).await;
                 }
                 // The target closed or failed before anyone spoke.
                 Some(_) => {}
@@ -340,11 +347,13 @@ async fn inbound_tls(
     };
     let accepted = tokio::time::timeout(
         TLS_HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(config).accept(stream),
+        Box::pin(tokio_rustls::TlsAcceptor::from(config).accept(stream)),
     )
     .await;
     let tls = match accepted {
-        Ok(Ok(tls)) => tls,
+        // The TLS session (rustls' state and buffers) goes on the heap, not
+        // inline in the connection's task.
+        Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(e)) => {
             proxy.refuse("handshake", peer, &format!("mTLS handshake failed: {e}"));
             return;
@@ -360,7 +369,7 @@ async fn inbound_tls(
         .and_then(crate::identity::peer_id)
         .map(Arc::from);
     if conn.alpn_protocol() == Some(crate::identity::ALPN_TCP) {
-        if !proxy.authorized(caller.as_deref(), None).await {
+        if !Box::pin(proxy.authorized(caller.as_deref(), None)).await {
             proxy.refuse(
                 "forbidden",
                 peer,
@@ -368,8 +377,8 @@ async fn inbound_tls(
             );
             return;
         }
-        if let Some((server, slot)) = connect_target(&Role::Inbound, &proxy, peer).await {
-            relay(tls, server, &[], slot, &Role::Inbound, &proxy).await;
+        if let Some((server, slot)) = Box::pin(connect_target(&Role::Inbound, &proxy, peer)).await {
+            Box::pin(relay(tls, server, &[], slot, &Role::Inbound, &proxy)).await;
         }
         return;
     }
@@ -404,22 +413,27 @@ async fn serve_http<S>(
     let r = role.clone();
     let svc = service_fn(move |req| {
         let (p, r, caller) = (p.clone(), r.clone(), caller.clone());
-        async move {
+        // Boxed per request: hyper's HTTP/1 server keeps a slot the size of
+        // this future for the connection's whole life, and the retry loop's
+        // state is kilobytes; idle keep-alive connections should not pay it.
+        let handle: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
             let resp = match r {
                 Role::Inbound => p.inbound(req, caller).await,
                 Role::Upstream(name) => outbound(p, req, Some(name), peer).await,
                 Role::HostRouted | Role::Transparent => outbound(p, req, None, peer).await,
             };
             Ok::<_, std::convert::Infallible>(resp)
-        }
+        });
+        handle
     });
     let io = TokioIo::new(stream);
     let ended = if proto == Protocol::Http2 {
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .serve_connection(io, svc);
-        tokio::pin!(conn);
-        until_shutdown(conn, |c| c.graceful_shutdown(), shutdown).await
+        // On the heap, so a task holds only the protocol it speaks.
+        let mut conn = Box::pin(conn);
+        until_shutdown(conn.as_mut(), |c| c.graceful_shutdown(), shutdown).await
     } else {
         // A listener for one service takes that service's header read
         // timeout (as of this connection); others the default.
@@ -432,8 +446,8 @@ async fn serve_http<S>(
             .header_read_timeout(header_read)
             .serve_connection(io, svc)
             .with_upgrades();
-        tokio::pin!(conn);
-        until_shutdown(conn, |c| c.graceful_shutdown(), shutdown).await
+        let mut conn = Box::pin(conn);
+        until_shutdown(conn.as_mut(), |c| c.graceful_shutdown(), shutdown).await
     };
     if let Err(e) = ended {
         if e.is_timeout() {
@@ -549,5 +563,50 @@ async fn relay<C: Stream>(
                 flow,
             })
             .inc_by(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what an async fn returns, without calling it.
+    fn future_size<F, A, B, C, D, E, G, H, Fut>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D, E, G, H) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    fn a_connection_task_stays_small() {
+        // Every open connection holds one of these on the heap (and idle
+        // keep-alive connections are most of a sidecar's memory under
+        // many clients): a regression here costs RSS per connection.
+        let size = future_size(connection);
+        fn size4<F, A, B, C, D, Fut>(_: F) -> usize
+        where
+            F: FnOnce(A, B, C, D) -> Fut,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        eprintln!("serve_http: {}", future_size(serve_http::<TcpStream>));
+        eprintln!("outbound request: {}", size4(outbound));
+        let tls = future_size(inbound_tls_sized);
+        eprintln!("connection task: {size} bytes; mTLS inbound: {tls} bytes");
+        assert!(size <= 1536, "connection task is {size} bytes");
+        assert!(tls <= 2560, "mTLS inbound task is {tls} bytes");
+    }
+
+    async fn inbound_tls_sized(
+        stream: TcpStream,
+        peer: SocketAddr,
+        proxy: Arc<Proxy>,
+        shutdown: watch::Receiver<bool>,
+        _: (),
+        _: (),
+        _: (),
+    ) {
+        inbound_tls(stream, peer, proxy, shutdown).await
     }
 }
