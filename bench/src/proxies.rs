@@ -360,6 +360,26 @@ async fn main() -> Result<()> {
         &dir.join("haproxy.log"),
     )?;
     let ha_pid = procs.pid(ha_pid);
+    // A second HAProxy in front of the first: two proxy hops of the
+    // reference, to read the two-hop latency of the sidecars against.
+    let ha2_port = free_port()?;
+    let ha2_cfg = format!(
+        "global\n    maxconn 8000\n    nbthread 1\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    \
+         timeout server 30s\n    option http-keep-alive\n\nfrontend web\n    bind 127.0.0.1:{ha2_port}\n    \
+         default_backend web\n\nbackend web\n    http-reuse always\n    server ha1 {}\n",
+        local(ha_port)
+    );
+    std::fs::write(dir.join("haproxy2.cfg"), &ha2_cfg)?;
+    let ha2_pid = procs.spawn(
+        &haproxy,
+        &[
+            s("-db"),
+            s("-f"),
+            dir.join("haproxy2.cfg").to_string_lossy().to_string(),
+        ],
+        &dir.join("haproxy2.log"),
+    )?;
+    let ha2_pid = procs.pid(ha2_pid);
     let ng_port = free_port()?;
     let ng_h2 = free_port()?;
     let p = dir.to_string_lossy();
@@ -386,6 +406,7 @@ async fn main() -> Result<()> {
     let ng_pid = procs.pid(ng_pid);
     for (port, log) in [
         (ha_port, "haproxy.log"),
+        (ha2_port, "haproxy2.log"),
         (ng_port, "nginx-error.log"),
         (one_port, "one-hop.log"),
         (two_port, "two-hop.log"),
@@ -427,6 +448,12 @@ async fn main() -> Result<()> {
             addr: local(ha_port),
             proxy_pids: vec![ha_pid],
             h2: true,
+        },
+        Target {
+            name: "HAProxy, two hops",
+            addr: local(ha2_port),
+            proxy_pids: vec![ha2_pid, ha_pid],
+            h2: false,
         },
         Target {
             name: "nginx",
@@ -536,7 +563,7 @@ fn report(args: &Args, rows: &[Row]) -> Result<()> {
          HTTP/1.1: wrk, 1 thread, 32 keep-alive connections, {} s, median of 3 rounds visiting the targets in turn. HTTP/2: h2load, 32 connections × 10 streams, {} s (h2c). \
          Fixed rate: one rate for every target, half the HTTP/1.1 maximum of two hops, 32 connections, {} s, latency from each request's scheduled start. \
          CPU: the proxy processes' user + system time during the HTTP/1.1 run. RSS: the proxy processes, idle and with 1,000 open \
-         keep-alive connections. Two hops count both sidecars.\n\n\
+         keep-alive connections. Two hops count both sidecars (both HAProxies for HAProxy, two hops: a second HAProxy in front of the first, the reference for the two-hop latency).\n\n\
          | target | HTTP/1.1 req/s | HTTP/2 req/s | fixed rate req/s | p50 ms @ fixed | p99 ms @ fixed | p99 ms @ max | CPU ms / 1,000 req | RSS idle MiB | RSS 1,000 conns MiB |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         machine::describe(),
@@ -576,11 +603,18 @@ fn report(args: &Args, rows: &[Row]) -> Result<()> {
             fmt(one.rss_idle, 1),
             fmt(one.rss_1000, 1),
         );
+        if let Some(ha2) = find("HAProxy, two hops") {
+            md += &format!(
+                "- for reference, two HAProxy hops − direct, p99 at the same rate: **{:+.3} ms**; one HAProxy hop: **{:+.3} ms**\n",
+                pct(&ha2.paced, 0.99) - pct(&direct.paced, 0.99),
+                pct(&ha.paced, 0.99) - pct(&direct.paced, 0.99),
+            );
+        }
     }
     let svg_name = format!("proxies-{date}.svg");
     md += &format!("\n![latency at the fixed rate]({svg_name})\n");
     let colors = [
-        "#7f7f7f", "#1f77b4", "#17becf", "#9467bd", "#d62728", "#2ca02c",
+        "#7f7f7f", "#1f77b4", "#17becf", "#9467bd", "#d62728", "#ff7f0e", "#2ca02c",
     ];
     let curves: Vec<_> = rows
         .iter()
