@@ -332,54 +332,38 @@ async fn main() -> Result<()> {
     }
 
     // HAProxy and nginx, one hop each, tuned as a lab would: keep-alive to
-    // the backend, one worker/thread as the sidecar's fair share.
-    let ha_port = free_port()?;
-    let ha_cfg = format!(
-        "global\n    maxconn 8000\n    nbthread 1\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    \
-         timeout server 30s\n    option http-keep-alive\n\nfrontend web\n    bind 127.0.0.1:{ha_port} proto h2,http/1.1\n    \
-         default_backend web\n\nbackend web\n    http-reuse always\n    server web1 {}\n",
-        local(app)
-    );
+    // the backend, one worker/thread as the sidecar's fair share. `binds`
+    // are the frontend's bind lines, `server` where the backend is.
+    let haproxy = which("haproxy");
+    let mut spawn_haproxy = |name: &str, binds: &str, server: SocketAddr| -> Result<u32> {
+        let cfg = format!(
+            "global\n    maxconn 8000\n    nbthread 1\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    \
+             timeout server 30s\n    option http-keep-alive\n\nfrontend web\n{binds}    \
+             default_backend web\n\nbackend web\n    http-reuse always\n    server next {server}\n"
+        );
+        let path = dir.join(format!("{name}.cfg"));
+        std::fs::write(&path, &cfg)?;
+        let args = [s("-db"), s("-f"), path.to_string_lossy().to_string()];
+        let i = procs.spawn(&haproxy, &args, &dir.join(format!("{name}.log")))?;
+        Ok(procs.pid(i))
+    };
     // h2c on one bind needs HTTP/1 and HTTP/2 detection: HAProxy does it
     // when `proto` is not forced; keep the default for HTTP/1 and a second
     // bind for h2c.
-    let ha_h2 = free_port()?;
-    let ha_cfg = ha_cfg.replace(
-        &format!("bind 127.0.0.1:{ha_port} proto h2,http/1.1"),
-        &format!("bind 127.0.0.1:{ha_port}\n    bind 127.0.0.1:{ha_h2} proto h2"),
-    );
-    std::fs::write(dir.join("haproxy.cfg"), &ha_cfg)?;
-    let haproxy = which("haproxy");
-    let ha_pid = procs.spawn(
-        &haproxy,
-        &[
-            s("-db"),
-            s("-f"),
-            dir.join("haproxy.cfg").to_string_lossy().to_string(),
-        ],
-        &dir.join("haproxy.log"),
+    let (ha_port, ha_h2) = (free_port()?, free_port()?);
+    let ha_pid = spawn_haproxy(
+        "haproxy",
+        &format!("    bind 127.0.0.1:{ha_port}\n    bind 127.0.0.1:{ha_h2} proto h2\n"),
+        local(app),
     )?;
-    let ha_pid = procs.pid(ha_pid);
     // A second HAProxy in front of the first: two proxy hops of the
     // reference, to read the two-hop latency of the sidecars against.
     let ha2_port = free_port()?;
-    let ha2_cfg = format!(
-        "global\n    maxconn 8000\n    nbthread 1\n\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    \
-         timeout server 30s\n    option http-keep-alive\n\nfrontend web\n    bind 127.0.0.1:{ha2_port}\n    \
-         default_backend web\n\nbackend web\n    http-reuse always\n    server ha1 {}\n",
-        local(ha_port)
-    );
-    std::fs::write(dir.join("haproxy2.cfg"), &ha2_cfg)?;
-    let ha2_pid = procs.spawn(
-        &haproxy,
-        &[
-            s("-db"),
-            s("-f"),
-            dir.join("haproxy2.cfg").to_string_lossy().to_string(),
-        ],
-        &dir.join("haproxy2.log"),
+    let ha2_pid = spawn_haproxy(
+        "haproxy2",
+        &format!("    bind 127.0.0.1:{ha2_port}\n"),
+        local(ha_port),
     )?;
-    let ha2_pid = procs.pid(ha2_pid);
     let ng_port = free_port()?;
     let ng_h2 = free_port()?;
     let p = dir.to_string_lossy();
