@@ -408,12 +408,14 @@ impl Proxy {
             *req.version_mut() = Version::HTTP_11;
         }
         let started = Instant::now();
-        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        // Clones share the request's buffers: nothing is copied per request.
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let path = uri.path();
         let span = telemetry::span(
             telemetry::Kind::Server,
             &self.local.service,
             method.as_str(),
-            &path,
+            path,
             req.headers(),
         );
         let resp = if is_upgrade(&req) {
@@ -443,7 +445,7 @@ impl Proxy {
         self.finish(
             ("inbound", "app", &self.app_requests),
             &span,
-            (&method, &path),
+            (&method, path),
             started,
             resp,
         )

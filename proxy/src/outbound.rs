@@ -45,19 +45,21 @@ pub async fn outbound(
 ) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     let name = match service {
-        Some(s) => s.to_string(),
+        Some(s) => s,
         None => match service_from_authority(&req) {
-            Some(s) => s,
+            Some(s) => Arc::from(s),
             None => return reply(grpc, StatusCode::BAD_REQUEST, "no-service-in-host"),
         },
     };
     let started = std::time::Instant::now();
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    // Clones share the request's buffers: nothing is copied per request.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let path = uri.path();
     let span = telemetry::span(
         telemetry::Kind::Client,
         &name,
         method.as_str(),
-        &path,
+        path,
         req.headers(),
     );
     let up = proxy.upstream(&name);
@@ -65,7 +67,7 @@ pub async fn outbound(
     proxy.finish(
         ("outbound", &name, &up.requests),
         &span,
-        (&method, &path),
+        (&method, path),
         started,
         resp,
     )
