@@ -520,7 +520,6 @@ impl Proxy {
         let (req, use_h2) = head
             .request(body, ep, to_sidecar)
             .map_err(|_| SendError::BadRequest)?;
-        let started = Instant::now();
         let guard = ep.start();
         let pool = match &clients.mesh {
             Some(mesh) if use_h2 && to_sidecar => mesh,
@@ -530,8 +529,10 @@ impl Proxy {
         let result = pool.send(ep.addr, req).await;
         match result {
             Ok(resp) => {
-                // An endpoint serves one direction of one upstream, so its
-                // series never changes.
+                // One clock read ends the attempt for the balancer and the
+                // histogram. An endpoint serves one direction of one
+                // upstream, so its series never changes.
+                let rtt = guard.finish_at(std::time::Instant::now());
                 ep.latency
                     .get_or_init(|| {
                         self.metrics
@@ -543,8 +544,7 @@ impl Proxy {
                             })
                             .clone()
                     })
-                    .observe(started.elapsed().as_secs_f64());
-                guard.finish();
+                    .observe(rtt.as_secs_f64());
                 Ok(resp)
             }
             Err(e) => {

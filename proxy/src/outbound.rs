@@ -51,7 +51,9 @@ pub async fn outbound(
             None => return reply(grpc, StatusCode::BAD_REQUEST, "no-service-in-host"),
         },
     };
-    let started = std::time::Instant::now();
+    // The one clock read for the request: its deadline, its first try and
+    // its duration all start here.
+    let started = Instant::now();
     // Clones share the request's buffers: nothing is copied per request.
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let path = uri.path();
@@ -63,12 +65,12 @@ pub async fn outbound(
         req.headers(),
     );
     let up = proxy.upstream(&name);
-    let resp = route(&proxy, &up, req, &name, grpc, client, &span).await;
+    let resp = route(&proxy, &up, req, &name, (grpc, client, started), &span).await;
     proxy.finish(
         ("outbound", &name, &up.requests),
         &span,
         (&method, path),
-        started,
+        started.into_std(),
         resp,
     )
 }
@@ -78,13 +80,18 @@ async fn route(
     up: &Arc<Upstream>,
     req: Request<Incoming>,
     name: &str,
-    grpc: bool,
-    client: SocketAddr,
+    (grpc, client, started): (bool, SocketAddr, Instant),
     span: &tracing::Span,
 ) -> Response<Body> {
-    if !up.wait_ready(DISCOVERY_WAIT).await {
+    // A request that waited for the service's first discovery answer
+    // starts its deadline and first try after the wait.
+    let started = if up.is_ready() {
+        started
+    } else if up.wait_ready(DISCOVERY_WAIT).await {
+        Instant::now()
+    } else {
         return reply(grpc, StatusCode::SERVICE_UNAVAILABLE, "discovery-pending");
-    }
+    };
     let active = up.active();
     let s = &active.settings;
     let overflow = |limit: Overflow| {
@@ -104,7 +111,6 @@ async fn route(
 
     // The deadline: the policy's request timeout, or the client's own gRPC
     // deadline when that is sooner.
-    let started = Instant::now();
     let grpc_deadline = req
         .headers()
         .get("grpc-timeout")
@@ -173,7 +179,11 @@ async fn route(
         let Some(this_body) = body.take() else {
             return reply(grpc, StatusCode::BAD_GATEWAY, "body-not-replayable");
         };
-        let try_started = Instant::now();
+        let try_started = if attempt == 1 {
+            started
+        } else {
+            Instant::now()
+        };
         let left = deadline.map(|d| d.saturating_duration_since(try_started));
         let try_limit = match (s.timeouts.per_try, left) {
             (Some(a), Some(b)) => Some(a.min(b)),

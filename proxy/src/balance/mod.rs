@@ -158,7 +158,15 @@ pub struct InFlight {
 impl InFlight {
     /// Ends the request, recording its latency for peak-EWMA.
     pub fn finish(self) {
-        self.ep.observe(self.started.elapsed(), Instant::now());
+        self.finish_at(Instant::now());
+    }
+
+    /// Ends the request at `now` (a clock the caller read anyway), returning
+    /// its latency.
+    pub fn finish_at(self, now: Instant) -> Duration {
+        let rtt = now.saturating_duration_since(self.started);
+        self.ep.observe(rtt, now);
+        rtt
     }
 }
 
