@@ -444,6 +444,7 @@ impl Proxy {
         };
         self.finish(
             ("inbound", "app", &self.app_requests),
+            None,
             &span,
             (&method, path),
             started,
@@ -451,23 +452,30 @@ impl Proxy {
         )
     }
 
-    /// Ends a request: its span, the access log line and the request counter.
+    /// Ends a request: its span, the access log line, the request counter
+    /// and, outbound, the upstream's traffic counts for the dashboard.
     pub fn finish(
         &self,
         (direction, upstream, counters): (&'static str, &str, &crate::metrics::RequestCounters),
+        traffic: Option<&crate::traffic::EdgeCounts>,
         span: &tracing::Span,
         (method, path): (&Method, &str),
         started: Instant,
         resp: Response<Body>,
     ) -> Response<Body> {
-        let status = resp.status().as_u16();
-        let error = resp
-            .headers()
-            .get(ERROR_HEADER)
-            .and_then(|v| v.to_str().ok());
+        let status = resp.status();
+        // Only error answers carry a reason; successes skip the lookup.
+        let error = if status.is_client_error() || status.is_server_error() {
+            resp.headers()
+                .get(ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+        } else {
+            None
+        };
+        let status = status.as_u16();
         telemetry::finish(span, status, error);
-        if direction == "outbound" {
-            self.traffic.record(upstream, status, started.elapsed());
+        if let Some(traffic) = traffic {
+            traffic.record(status, started.elapsed());
         }
         if self.local.access_log {
             tracing::info!(

@@ -68,6 +68,7 @@ pub async fn outbound(
     let resp = route(&proxy, &up, req, &name, (grpc, client, started), &span).await;
     proxy.finish(
         ("outbound", &name, &up.requests),
+        Some(up.traffic.get_or_init(|| proxy.traffic.edge(&name))),
         &span,
         (&method, path),
         started.into_std(),

@@ -25,29 +25,43 @@ struct Edge {
 /// Traffic to each upstream since the last report.
 #[derive(Default)]
 pub struct Traffic {
-    edges: RwLock<HashMap<String, Arc<Mutex<Edge>>>>,
+    edges: RwLock<HashMap<String, EdgeCounts>>,
 }
 
-impl Traffic {
-    /// Records one answered request to `callee`.
-    pub fn record(&self, callee: &str, status: u16, took: Duration) {
-        let edge = self.edges.read().ok().and_then(|m| m.get(callee).cloned());
-        let edge = match edge {
-            Some(e) => e,
-            None => self
-                .edges
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(callee.to_string())
-                .or_default()
-                .clone(),
-        };
-        let mut e = edge.lock().unwrap_or_else(|p| p.into_inner());
+/// One upstream's counts. The upstream keeps this handle, so recording a
+/// request is one uncontended lock, not a lookup by name.
+#[derive(Clone, Default)]
+pub struct EdgeCounts(Arc<Mutex<Edge>>);
+
+impl EdgeCounts {
+    /// Records one answered request.
+    pub fn record(&self, status: u16, took: Duration) {
+        let mut e = self.0.lock().unwrap_or_else(|p| p.into_inner());
         e.requests += 1;
         if status >= 500 {
             e.errors += 1;
         }
         e.buckets[latency::bucket(took)] += 1;
+    }
+}
+
+impl Traffic {
+    /// The counts of traffic to `callee`, created on first use.
+    pub fn edge(&self, callee: &str) -> EdgeCounts {
+        if let Some(e) = self.edges.read().ok().and_then(|m| m.get(callee).cloned()) {
+            return e;
+        }
+        self.edges
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(callee.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Records one answered request to `callee`.
+    pub fn record(&self, callee: &str, status: u16, took: Duration) {
+        self.edge(callee).record(status, took);
     }
 
     /// Takes the counts since the last call; edges without traffic are left out.
@@ -56,7 +70,7 @@ impl Traffic {
         let mut out: Vec<_> = edges
             .into_iter()
             .filter_map(|(callee, edge)| {
-                let e = std::mem::take(&mut *edge.lock().unwrap_or_else(|p| p.into_inner()));
+                let e = std::mem::take(&mut *edge.0.lock().unwrap_or_else(|p| p.into_inner()));
                 (e.requests > 0).then(|| EdgeTraffic {
                     callee,
                     requests: e.requests,

@@ -124,6 +124,8 @@ pub struct Upstream {
     identity: Option<Arc<Identity>>,
     /// Outbound requests to this service by status class.
     pub requests: crate::metrics::RequestCounters,
+    /// Its counts for the dashboard's traffic report, once it has traffic.
+    pub traffic: std::sync::OnceLock<crate::traffic::EdgeCounts>,
 }
 
 /// An endpoint as `/endpoints` shows it.
@@ -254,6 +256,7 @@ impl Upstream {
             metrics,
             identity,
             requests: Default::default(),
+            traffic: Default::default(),
         })
     }
 
