@@ -14,6 +14,9 @@
 #   deploy/netns-lab.sh          start, show a few calls, stay up
 #   deploy/netns-lab.sh --once   start, show the calls, tear down (what the tests run)
 # WAYFINDER_BIN=target/debug skips the release build.
+# WAYFINDER_LAB_BALANCER=round-robin (or any --balancer) for the client's
+# sidecar; the default is the sidecar's (peak-EWMA), which prefers the
+# fastest instance and so may send a short run of calls to one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 once=false; [ "${1:-}" = --once ] && once=true
@@ -100,7 +103,8 @@ done
 echo "== $prefix-client: sidecar only, 10.77.0.50"
 node client 50
 start_proxy "$logs/client.log" "$prefix-client" "$bin/wf-proxy" --control-plane "http://$cp" \
-  --service client --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 --join-token "$token"
+  --service client --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 --join-token "$token" \
+  ${WAYFINDER_LAB_BALANCER:+--balancer "$WAYFINDER_LAB_BALANCER"}
 wait_for "$logs/client.log" "wf-proxy listening"
 sleep 1
 
