@@ -118,7 +118,7 @@ impl Pool {
         }
     }
 
-    /// Idle HTTP/1 connections and open HTTP/2 ones, for tests and the admin view.
+    /// Idle HTTP/1 connections and open HTTP/2 ones to `addr`.
     pub fn pooled(&self, addr: SocketAddr) -> usize {
         self.inner.lock().get(&addr).map_or(0, |s| {
             s.idle.len() + usize::from(s.shared.as_ref().is_some_and(|(tx, _)| !tx.is_closed()))
