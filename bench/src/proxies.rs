@@ -131,10 +131,13 @@ fn h2load(addr: SocketAddr, secs: u64) -> Result<f64> {
 
 /// Latency at a fixed `rate` over 32 connections: each request is timed from
 /// when it was due, so a stall shows in every request it delays.
-async fn paced(addr: SocketAddr, rate: f64, secs: u64) -> Vec<f64> {
+/// Latencies (ms, sorted) at a fixed rate, and when the slow ones were
+/// due (s into the run, with their latency): to tell one stall from many.
+async fn paced(addr: SocketAddr, rate: f64, secs: u64) -> (Vec<f64>, Vec<(f64, f64)>) {
     let conns = 32usize;
     let per_conn = Duration::from_secs_f64(conns as f64 / rate.max(1.0));
     let stop = Arc::new(AtomicBool::new(false));
+    let began = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     for c in 0..conns {
         let stop = stop.clone();
@@ -146,7 +149,7 @@ async fn paced(addr: SocketAddr, rate: f64, secs: u64) -> Vec<f64> {
                 Ok(u) => u,
                 Err(_) => return Vec::new(),
             };
-            let start = tokio::time::Instant::now() + per_conn.mul_f64(c as f64 / conns as f64);
+            let start = began + per_conn.mul_f64(c as f64 / conns as f64);
             let mut due = start;
             let mut lat = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -156,7 +159,10 @@ async fn paced(addr: SocketAddr, rate: f64, secs: u64) -> Vec<f64> {
                     && let Ok(resp) = client.request(req).await
                 {
                     let _ = resp.into_body().collect().await;
-                    lat.push(due.elapsed().as_secs_f64() * 1e3);
+                    lat.push((
+                        due.duration_since(began).as_secs_f64(),
+                        due.elapsed().as_secs_f64() * 1e3,
+                    ));
                 }
                 due += per_conn;
             }
@@ -171,8 +177,39 @@ async fn paced(addr: SocketAddr, rate: f64, secs: u64) -> Vec<f64> {
             all.extend(l);
         }
     }
-    all.sort_by(f64::total_cmp);
-    all
+    let mut lat: Vec<f64> = all.iter().map(|&(_, ms)| ms).collect();
+    lat.sort_by(f64::total_cmp);
+    let slow_ms = 4.0 * pct(&lat, 0.5);
+    let mut slow: Vec<(f64, f64)> = all.into_iter().filter(|&(_, ms)| ms > slow_ms).collect();
+    slow.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (lat, slow)
+}
+
+/// "n slow requests due between a and b s (max m ms)", grouped into
+/// bursts of requests due within 50 ms of each other.
+fn describe_slow(slow: &[(f64, f64)]) -> String {
+    let mut bursts: Vec<(f64, f64, usize, f64)> = Vec::new();
+    for &(at, ms) in slow {
+        match bursts.last_mut() {
+            Some(b) if at - b.1 < 0.05 => {
+                b.1 = at;
+                b.2 += 1;
+                b.3 = b.3.max(ms);
+            }
+            _ => bursts.push((at, at, 1, ms)),
+        }
+    }
+    let shown: Vec<String> = bursts
+        .iter()
+        .take(6)
+        .map(|(a, b, n, m)| format!("{n} due {a:.2}-{b:.2} s (max {m:.1} ms)"))
+        .collect();
+    format!(
+        "{} slow requests in {} bursts: {}",
+        slow.len(),
+        bursts.len(),
+        shown.join(", ")
+    )
 }
 
 fn pct(sorted: &[f64], q: f64) -> f64 {
@@ -515,7 +552,10 @@ async fn main() -> Result<()> {
         .find(|r| r.name == "wf-proxy, two hops")
         .map_or(1000.0, |r| r.h1_rps / 2.0);
     for (t, row) in targets.iter().zip(rows.iter_mut()) {
-        let lat = paced(t.addr, rate, args.paced_secs).await;
+        let (lat, slow) = paced(t.addr, rate, args.paced_secs).await;
+        if !slow.is_empty() {
+            println!("   {}: {}", t.name, describe_slow(&slow));
+        }
         println!(
             "== {} at {rate:.0} req/s: p50 {:.3} ms, p99 {:.3} ms",
             t.name,
