@@ -130,9 +130,9 @@ fn h2load(addr: SocketAddr, secs: u64) -> Result<f64> {
 }
 
 /// Latency at a fixed `rate` over 32 connections: each request is timed from
-/// when it was due, so a stall shows in every request it delays.
-/// Latencies (ms, sorted) at a fixed rate, and when the slow ones were
-/// due (s into the run, with their latency): to tell one stall from many.
+/// when it was due, so a stall shows in every request it delays. Returns the
+/// latencies (ms, sorted) and the slow requests (over 4 × p50) as (due, s
+/// into the run; ms), in order: to tell one stall from many.
 async fn paced(addr: SocketAddr, rate: f64, secs: u64) -> (Vec<f64>, Vec<(f64, f64)>) {
     let conns = 32usize;
     let per_conn = Duration::from_secs_f64(conns as f64 / rate.max(1.0));
@@ -185,24 +185,41 @@ async fn paced(addr: SocketAddr, rate: f64, secs: u64) -> (Vec<f64>, Vec<(f64, f
     (lat, slow)
 }
 
-/// "n slow requests due between a and b s (max m ms)", grouped into
-/// bursts of requests due within 50 ms of each other.
+/// A run of slow requests due within 50 ms of each other.
+struct Burst {
+    first_s: f64,
+    last_s: f64,
+    count: usize,
+    max_ms: f64,
+}
+
+/// "n slow requests in k bursts: c due a-b s (max m ms), ...".
 fn describe_slow(slow: &[(f64, f64)]) -> String {
-    let mut bursts: Vec<(f64, f64, usize, f64)> = Vec::new();
+    let mut bursts: Vec<Burst> = Vec::new();
     for &(at, ms) in slow {
         match bursts.last_mut() {
-            Some(b) if at - b.1 < 0.05 => {
-                b.1 = at;
-                b.2 += 1;
-                b.3 = b.3.max(ms);
+            Some(b) if at - b.last_s < 0.05 => {
+                b.last_s = at;
+                b.count += 1;
+                b.max_ms = b.max_ms.max(ms);
             }
-            _ => bursts.push((at, at, 1, ms)),
+            _ => bursts.push(Burst {
+                first_s: at,
+                last_s: at,
+                count: 1,
+                max_ms: ms,
+            }),
         }
     }
     let shown: Vec<String> = bursts
         .iter()
         .take(6)
-        .map(|(a, b, n, m)| format!("{n} due {a:.2}-{b:.2} s (max {m:.1} ms)"))
+        .map(|b| {
+            format!(
+                "{} due {:.2}-{:.2} s (max {:.1} ms)",
+                b.count, b.first_s, b.last_s, b.max_ms
+            )
+        })
         .collect();
     format!(
         "{} slow requests in {} bursts: {}",

@@ -266,7 +266,11 @@ impl Head {
             } else {
                 self.uri.clone()
             })
-            .version(Version::HTTP_2)
+            .version(if use_h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            })
             .body(body)?;
         *req.headers_mut() = self.headers.clone();
         if !use_h2 {

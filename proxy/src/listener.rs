@@ -163,6 +163,9 @@ async fn detect(stream: &TcpStream, window: Duration) -> Option<Protocol> {
     }
 }
 
+/// One accepted connection: detection, then HTTP or an opaque relay. What
+/// only some connections reach (interception, mTLS, relays) is boxed where
+/// it starts, so every connection's task stays small.
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -191,8 +194,6 @@ async fn connection(
     let remembered =
         !transparent && !matches!(role, Role::HostRouted) && server_first.load(Ordering::Relaxed);
     let started = Instant::now();
-    // What only some connections reach (mTLS, opaque relays) is boxed
-    // where it starts, so every connection's task stays small.
     let proto = if remembered || silent {
         None
     } else {
@@ -570,10 +571,18 @@ async fn relay<C: Stream>(
 mod tests {
     use super::*;
 
-    /// The size of what an async fn returns, without calling it.
+    /// The size of what a 7-argument async fn returns, without calling it.
     fn future_size<F, A, B, C, D, E, G, H, Fut>(_: F) -> usize
     where
         F: FnOnce(A, B, C, D, E, G, H) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// The same for a 4-argument one.
+    fn future_size4<F, A, B, C, D, Fut>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }
@@ -584,29 +593,9 @@ mod tests {
         // keep-alive connections are most of a sidecar's memory under
         // many clients): a regression here costs RSS per connection.
         let size = future_size(connection);
-        fn size4<F, A, B, C, D, Fut>(_: F) -> usize
-        where
-            F: FnOnce(A, B, C, D) -> Fut,
-        {
-            std::mem::size_of::<Fut>()
-        }
-        eprintln!("serve_http: {}", future_size(serve_http::<TcpStream>));
-        eprintln!("outbound request: {}", size4(outbound));
-        let tls = future_size(inbound_tls_sized);
+        let tls = future_size4(inbound_tls);
         eprintln!("connection task: {size} bytes; mTLS inbound: {tls} bytes");
         assert!(size <= 1536, "connection task is {size} bytes");
         assert!(tls <= 2560, "mTLS inbound task is {tls} bytes");
-    }
-
-    async fn inbound_tls_sized(
-        stream: TcpStream,
-        peer: SocketAddr,
-        proxy: Arc<Proxy>,
-        shutdown: watch::Receiver<bool>,
-        _: (),
-        _: (),
-        _: (),
-    ) {
-        inbound_tls(stream, peer, proxy, shutdown).await
     }
 }

@@ -99,11 +99,6 @@ impl Pool {
         }
     }
 
-    /// The protocol this pool speaks.
-    pub fn proto(&self) -> Proto {
-        self.inner.proto
-    }
-
     /// Sends `req` to `addr` on a pooled connection (dialing one when none
     /// is free) and waits for the response head. HTTP/1 requests must be in
     /// origin form with a Host header; HTTP/2 ones absolute.

@@ -59,11 +59,6 @@ impl Traffic {
             .clone()
     }
 
-    /// Records one answered request to `callee`.
-    pub fn record(&self, callee: &str, status: u16, took: Duration) {
-        self.edge(callee).record(status, took);
-    }
-
     /// Takes the counts since the last call; edges without traffic are left out.
     pub fn take(&self) -> Vec<EdgeTraffic> {
         let edges = self.edges.read().map(|m| m.clone()).unwrap_or_default();
@@ -113,9 +108,9 @@ mod tests {
     #[test]
     fn counts_are_taken_once_and_reset() {
         let t = Traffic::default();
-        t.record("web", 200, Duration::from_millis(1));
-        t.record("web", 503, Duration::from_millis(3));
-        t.record("api", 200, Duration::from_micros(100));
+        t.edge("web").record(200, Duration::from_millis(1));
+        t.edge("web").record(503, Duration::from_millis(3));
+        t.edge("api").record(200, Duration::from_micros(100));
         let got = t.take();
         assert_eq!(got.len(), 2);
         assert_eq!(
