@@ -19,6 +19,8 @@ if [ ${#need[@]} -gt 0 ]; then
     service nginx stop 2>/dev/null || true
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-echo "== building release binaries"
-cargo build --release -p wayfinder-control -p wayfinder-proxy -p wayfinder-cli -p lab-app -p wayfinder-bench
-timeout 900 target/release/proxy-bench "$@"
+# The binaries measured are the ones the lab image ships: static, not PIE.
+bins=$(bash deploy/build-static.sh release)
+echo "== building the benchmark driver"
+cargo build --release -p wayfinder-bench
+timeout 900 target/release/proxy-bench --bin-dir "$bins" "$@"

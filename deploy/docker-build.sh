@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the lab image: static binaries (glibc, +crt-static) for the host's
-# target, copied into a context of their own, then `docker build`.
+# Builds the lab image: static binaries (deploy/build-static.sh) copied into a
+# context of their own, then `docker build`.
 #   deploy/docker-build.sh                      release binaries, image wayfinder:lab
 #   WAYFINDER_PROFILE=image deploy/docker-build.sh   quicker unoptimised build (the tests use it)
 #   WAYFINDER_IMAGE=name:tag  BASE=debian:12-slim    other tag / base image
@@ -8,11 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${WAYFINDER_PROFILE:-release}
 image=${WAYFINDER_IMAGE:-wayfinder:lab}
-target=$(rustc -vV | sed -n 's/^host: //p')
-echo "== building static binaries ($profile, $target)"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --profile "$profile" --target "$target" \
-  --bins -p wayfinder-proxy -p wayfinder-control -p wayfinder-cli -p lab-app
-dir=target/$target/$profile
+dir=$(bash deploy/build-static.sh "$profile")
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 cp "$dir/wf-control" "$dir/wf-proxy" "$dir/wfctl" "$dir/lab-app" "$ctx/"

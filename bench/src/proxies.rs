@@ -49,18 +49,20 @@ fn s(v: &str) -> String {
     v.to_string()
 }
 
-/// CPU seconds (user + system) a process used so far.
-fn cpu_secs(pid: u32) -> f64 {
+/// CPU seconds a process used so far: user space and kernel.
+fn cpu_secs(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at ") ".
     let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
-fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().map(|p| cpu_secs(*p)).sum()
+fn cpu_of(pids: &[u32]) -> (f64, f64) {
+    pids.iter()
+        .map(|p| cpu_secs(*p))
+        .fold((0.0, 0.0), |a, c| (a.0 + c.0, a.1 + c.1))
 }
 
 fn rss_of(pids: &[u32]) -> f64 {
@@ -264,7 +266,11 @@ struct Row {
     h2_rps: Option<f64>,
     paced: Vec<f64>,
     rate: f64,
-    cpu_ms_per_1000: Option<f64>,
+    /// CPU µs per request of the proxy processes: user space, kernel.
+    cpu_us: Option<(f64, f64)>,
+    /// RSS before the first request.
+    rss_start: Option<f64>,
+    /// RSS right after the throughput runs, no request in flight.
     rss_idle: Option<f64>,
     rss_1000: Option<f64>,
 }
@@ -509,13 +515,20 @@ async fn main() -> Result<()> {
     // the two-hop maximum, so "added latency" compares like with like.
     // Throughput is the median of three rounds that visit the targets in
     // turn: on a small shared machine one round can be off by a third.
-    let mut h1: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+    let rss_start: Vec<Option<f64>> = targets
+        .iter()
+        .map(|t| (!t.proxy_pids.is_empty()).then(|| rss_of(&t.proxy_pids)))
+        .collect();
+    // Per target and round: req/s, p99 ms, CPU seconds (user, kernel).
+    type Round = (f64, f64, (f64, f64));
+    let mut h1: Vec<Vec<Round>> = vec![Vec::new(); targets.len()];
     for round in 1..=ROUNDS {
         for (i, t) in targets.iter().enumerate() {
             let _ = wrk(t.addr, 1);
             let cpu0 = cpu_of(&t.proxy_pids);
             let (rps, p99) = wrk(t.addr, args.secs)?;
-            let cpu = cpu_of(&t.proxy_pids) - cpu0;
+            let cpu1 = cpu_of(&t.proxy_pids);
+            let cpu = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
             println!(
                 "== round {round}: {}: HTTP/1.1 {rps:.0} req/s, p99 {p99:.2} ms at full load",
                 t.name
@@ -558,8 +571,11 @@ async fn main() -> Result<()> {
             h2_rps,
             paced: Vec::new(),
             rate: 0.0,
-            cpu_ms_per_1000: (!t.proxy_pids.is_empty())
-                .then(|| cpu * 1e3 / (h1_rps * args.secs as f64) * 1e3),
+            cpu_us: (!t.proxy_pids.is_empty()).then(|| {
+                let per_req = |secs: f64| secs * 1e6 / (h1_rps * args.secs as f64);
+                (per_req(cpu.0), per_req(cpu.1))
+            }),
+            rss_start: rss_start[i],
             rss_idle,
             rss_1000,
         });
@@ -603,10 +619,11 @@ fn report(args: &Args, rows: &[Row]) -> Result<()> {
          generator), proxies and the backend (lab-app) share the cores, so the numbers are ratios for this machine, not capacities.\n\n\
          HTTP/1.1: wrk, 1 thread, 32 keep-alive connections, {} s, median of 3 rounds visiting the targets in turn. HTTP/2: h2load, 32 connections × 10 streams, {} s (h2c). \
          Fixed rate: one rate for every target, half the HTTP/1.1 maximum of two hops, 32 connections, {} s, latency from each request's scheduled start. \
-         CPU: the proxy processes' user + system time during the HTTP/1.1 run. RSS: the proxy processes, idle and with 1,000 open \
-         keep-alive connections. Two hops count both sidecars (both HAProxies for HAProxy, two hops: a second HAProxy in front of the first, the reference for the two-hop latency).\n\n\
-         | target | HTTP/1.1 req/s | HTTP/2 req/s | fixed rate req/s | p50 ms @ fixed | p99 ms @ fixed | p99 ms @ max | CPU ms / 1,000 req | RSS idle MiB | RSS 1,000 conns MiB |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         CPU: the proxy processes' time in user space and in the kernel during the HTTP/1.1 run, per request. RSS: the proxy processes \
+         at start (before the first request), idle right after the throughput runs, and with 1,000 open keep-alive connections. \
+         The wf-proxy binaries are the lab image's (static, not PIE: `deploy/build-static.sh`). Two hops count both sidecars (both HAProxies for HAProxy, two hops: a second HAProxy in front of the first, the reference for the two-hop latency).\n\n\
+         | target | HTTP/1.1 req/s | HTTP/2 req/s | fixed rate req/s | p50 ms @ fixed | p99 ms @ fixed | p99 ms @ max | CPU µs / req (user + kernel) | RSS start MiB | RSS idle after load MiB | RSS 1,000 conns MiB |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         machine::describe(),
         args.secs,
         args.secs,
@@ -614,7 +631,7 @@ fn report(args: &Args, rows: &[Row]) -> Result<()> {
     );
     for r in rows {
         md += &format!(
-            "| {} | {:.0} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {} | {} | {} |\n",
+            "| {} | {:.0} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {} | {} | {} | {} |\n",
             r.name,
             r.h1_rps,
             fmt(r.h2_rps, 0),
@@ -622,7 +639,11 @@ fn report(args: &Args, rows: &[Row]) -> Result<()> {
             pct(&r.paced, 0.5),
             pct(&r.paced, 0.99),
             r.h1_p99,
-            fmt(r.cpu_ms_per_1000, 1),
+            r.cpu_us.map_or("–".to_string(), |(u, k)| format!(
+                "{:.1} ({u:.1} + {k:.1})",
+                u + k
+            )),
+            fmt(r.rss_start, 1),
             fmt(r.rss_idle, 1),
             fmt(r.rss_1000, 1),
         );
@@ -638,9 +659,10 @@ fn report(args: &Args, rows: &[Row]) -> Result<()> {
             "\nTargets (issue 9), as ratios in this run:\n\n\
              - one hop ÷ HAProxy, HTTP/1.1 req/s: **{:.2}** (target ≥ 1.1)\n\
              - two hops − direct, p99 at the fixed rate: **{:+.3} ms** (target ≤ 0.6 ms; both at the same fixed rate)\n\
-             - one-hop RSS: **{} MiB idle, {} MiB with 1,000 connections** (targets ≤ 8 and ≤ 25)\n",
+             - one-hop RSS: **{} MiB at start, {} MiB idle after load, {} MiB with 1,000 connections** (targets ≤ 8 MB idle and ≤ 25 MB)\n",
             one.h1_rps / ha.h1_rps,
             pct(&two.paced, 0.99) - pct(&direct.paced, 0.99),
+            fmt(one.rss_start, 1),
             fmt(one.rss_idle, 1),
             fmt(one.rss_1000, 1),
         );
@@ -649,6 +671,21 @@ fn report(args: &Args, rows: &[Row]) -> Result<()> {
                 "- for reference, two HAProxy hops − direct, p99 at the same rate: **{:+.3} ms**; one HAProxy hop: **{:+.3} ms**\n",
                 pct(&ha2.paced, 0.99) - pct(&direct.paced, 0.99),
                 pct(&ha.paced, 0.99) - pct(&direct.paced, 0.99),
+            );
+        }
+        if let (Some((u, k)), Some((hu, hk))) = (one.cpu_us, ha.cpu_us) {
+            // wrk, the backend and the proxy saturate the cores at the
+            // maximum, so cores ÷ req/s is the whole machine's CPU per
+            // request; without the sidecar's user-space part it would be
+            // that much less. An upper bound: the kernel's part stays.
+            let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+            let per_req = cores * 1e6 / one.h1_rps;
+            let bound = one.h1_rps * per_req / (per_req - u).max(1.0);
+            md += &format!(
+                "- CPU per request, one hop: wf-proxy {u:.1} µs in user space + {k:.1} µs in the kernel, HAProxy {hu:.1} + {hk:.1}. \
+                 The whole machine spends {per_req:.1} µs per request through one sidecar hop; with a sidecar that took no user-space \
+                 time at all, one hop would reach at most {bound:.0} req/s = **{:.2} × HAProxy**\n",
+                bound / ha.h1_rps
             );
         }
     }

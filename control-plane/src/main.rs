@@ -110,7 +110,10 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     // One crypto provider for every TLS user in the process (rustls, tonic).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    wayfinder_proto::server::init_logs(&args.log_format, Vec::new());
+    if let Err(e) = wayfinder_proto::server::init_logs(&args.log_format, Vec::new()) {
+        eprintln!("wf-control: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -11,11 +11,14 @@ pub type ExtraLayer =
 
 /// Logs to stderr, filtered by `WAYFINDER_LOG` (default `info`), human or
 /// JSON; colours only on a terminal. `extra` layers keep their own filters,
-/// so exported spans do not depend on the log level.
-pub fn init_logs(format: &str, extra: Vec<ExtraLayer>) {
+/// so exported spans do not depend on the log level. A filter that does not
+/// parse is an error naming the variable.
+pub fn init_logs(format: &str, extra: Vec<ExtraLayer>) -> Result<(), String> {
     use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WAYFINDER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match std::env::var("WAYFINDER_LOG") {
+        Ok(v) => log_filter(&v).map_err(|e| format!("WAYFINDER_LOG={v:?}: {e}"))?,
+        Err(_) => log_filter("info").map_err(|e| e.to_string())?,
+    };
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
@@ -27,6 +30,17 @@ pub fn init_logs(format: &str, extra: Vec<ExtraLayer>) {
     let mut layers = extra;
     layers.push(fmt);
     tracing_subscriber::registry().with(layers).init();
+    Ok(())
+}
+
+/// `level` or `target=level` directives, comma-separated (`info`,
+/// `wayfinder_proxy=debug,h2=warn`). Target filters only, not `EnvFilter`'s
+/// span and field filters: those need a regex engine, a quarter of a
+/// megabyte of code in every sidecar's memory (bench/README.md).
+pub fn log_filter(
+    directives: &str,
+) -> Result<tracing_subscriber::filter::Targets, tracing_subscriber::filter::ParseError> {
+    directives.parse()
 }
 
 /// `registry` in the OpenMetrics text format.
@@ -42,5 +56,23 @@ pub fn metrics_response(registry: &Registry) -> Response {
         )
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn log_filters_parse_levels_and_targets() {
+        let f = log_filter("warn,wayfinder_proxy=debug").expect("parses");
+        assert!(f.would_enable("wayfinder_proxy::listener", &Level::DEBUG));
+        assert!(!f.would_enable("h2::codec", &Level::INFO));
+        assert!(f.would_enable("h2::codec", &Level::WARN));
+        let info = log_filter("info").expect("parses");
+        assert!(info.would_enable("anything", &Level::INFO));
+        assert!(!info.would_enable("anything", &Level::DEBUG));
+        assert!(log_filter("wayfinder_proxy=loud").is_err());
     }
 }

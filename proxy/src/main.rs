@@ -357,7 +357,10 @@ async fn start(args: Args) -> std::process::ExitCode {
             }
         }
     }
-    wayfinder_proto::server::init_logs(&args.log_format, layers);
+    if let Err(e) = wayfinder_proto::server::init_logs(&args.log_format, layers) {
+        eprintln!("wf-proxy: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let result = run(args, prom, metrics, node).await;
     // Flush the last spans; the SDK blocks, and exports need the runtime.
     let _ = tokio::task::spawn_blocking(move || drop(exporter)).await;
@@ -399,14 +402,13 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
     } else {
         Origin::Mesh
     };
-    let dns = match dns::resolver(args.dns_server) {
-        Ok(r) => Some(Arc::new(r)),
-        Err(e) if default_origin == Origin::Dns => bail!("cannot set up DNS discovery: {e}"),
-        Err(e) => {
-            tracing::warn!(error = %e, "no DNS resolver; services whose policy asks for DNS get no endpoints");
-            None
+    let dns = Arc::new(dns::LazyResolver::new(args.dns_server));
+    if default_origin == Origin::Dns {
+        // Every service needs it at once: a missing one is a start-up error.
+        if let Err(e) = dns.get() {
+            bail!("cannot set up DNS discovery: {e}");
         }
-    };
+    }
     let local_service = args.service.clone().unwrap_or_else(|| "client".into());
     let identity = match &args.join_token {
         Some(token) => {

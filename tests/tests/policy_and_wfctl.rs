@@ -57,6 +57,65 @@ fn an_invalid_policy_file_stops_start_up_naming_file_line_and_field() -> Result<
     Ok(())
 }
 
+#[test]
+fn a_log_filter_that_does_not_parse_stops_both_servers_naming_the_variable() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let runs = [
+        (
+            "wf-control",
+            vec!["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"],
+        ),
+        (
+            "wf-proxy",
+            vec![
+                "--control-plane",
+                "http://127.0.0.1:9",
+                "--admin",
+                "127.0.0.1:0",
+            ],
+        ),
+    ];
+    for (name, args) in runs {
+        let mut cmd = Command::new(bin(name));
+        cmd.args(&args);
+        if name == "wf-control" {
+            cmd.arg("--data-dir").arg(dir.path().join("data"));
+        }
+        let mut child = cmd
+            .env("WAYFINDER_LOG", "wayfinder_proxy=loud")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // A server that accepted the filter would run on: bounded wait.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err)?;
+        }
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{name} ran with a bad filter:\n{err}"
+        );
+        assert!(
+            err.contains("WAYFINDER_LOG=\"wayfinder_proxy=loud\""),
+            "{name} does not name the variable:\n{err}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn policy_file_reload_applies_valid_changes_and_keeps_the_policy_on_errors() -> Result<()> {
     bounded(async {

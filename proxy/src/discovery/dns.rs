@@ -4,7 +4,7 @@
 //! while the upstream's endpoints come from DNS (flag or policy).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
@@ -21,19 +21,54 @@ pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// containers much more often than that.
 pub const MAX_REFRESH: Duration = Duration::from_secs(30);
 
-/// A resolver using `server` (like nginx's `resolver`) or, without one, the
-/// system's configuration, asking for A and AAAA records.
-pub fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
-    wayfinder_proto::dial::build_resolver(server, |o| {
-        o.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-    })
+/// The resolver, built on first use: a sidecar whose upstreams all come
+/// from the mesh never reads resolv.conf or keeps a resolver's cache, and
+/// none of that code is in its memory (bench/README.md, idle RSS).
+pub struct LazyResolver {
+    server: Option<SocketAddr>,
+    built: OnceLock<Result<TokioResolver, String>>,
+}
+
+impl LazyResolver {
+    /// A resolver asking `server` (like nginx's `resolver`) or, without one,
+    /// the system's configured servers, for A and AAAA records.
+    pub fn new(server: Option<SocketAddr>) -> Self {
+        Self {
+            server,
+            built: OnceLock::new(),
+        }
+    }
+
+    /// The resolver, or why none could be set up.
+    pub fn get(&self) -> Result<&TokioResolver, &str> {
+        self.built
+            .get_or_init(|| {
+                wayfinder_proto::dial::build_resolver(self.server, |o| {
+                    o.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+                })
+            })
+            .as_ref()
+            .map_err(String::as_str)
+    }
 }
 
 /// Resolves `upstream`'s name for as long as its endpoints come from DNS.
-pub async fn run(resolver: Arc<TokioResolver>, upstream: Arc<Upstream>, port: u16) {
+pub async fn run(resolver: Arc<LazyResolver>, upstream: Arc<Upstream>, port: u16) {
     let mut attempt = 0u32;
     loop {
         upstream.wait_origin(Origin::Dns).await;
+        let resolver = match resolver.get() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(
+                    service = upstream.name(),
+                    error = e,
+                    "DNS discovery asked for, but no resolver could be set up"
+                );
+                tokio::time::sleep(MAX_REFRESH).await;
+                continue;
+            }
+        };
         let wait = match resolver.lookup_ip(upstream.name()).await {
             Ok(answer) => {
                 attempt = 0;

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hickory_resolver::TokioResolver;
 use tonic::transport::Channel;
 
 use crate::upstream::Upstream;
@@ -20,8 +19,8 @@ pub struct Sources {
     pub control_plane: Channel,
     /// This sidecar's name in watch requests.
     pub node: String,
-    /// The DNS resolver, when one could be set up.
-    pub dns: Option<Arc<TokioResolver>>,
+    /// The DNS resolver (built when a service first needs it).
+    pub dns: Arc<dns::LazyResolver>,
     /// Source used unless a service's policy names another.
     pub default_origin: Origin,
     /// Port of DNS-discovered endpoints per service (`--upstream NAME:PORT=...`).
@@ -33,9 +32,9 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Starts discovery for a new upstream: the control-plane watch always
-    /// (it carries the policy), DNS when a resolver exists (it idles until
-    /// the upstream's endpoints come from DNS).
+    /// Starts discovery for a new upstream: the control-plane watch (it
+    /// carries the policy) and DNS, which idles until the upstream's
+    /// endpoints come from DNS.
     pub fn start(&self, up: &Arc<Upstream>) {
         tokio::spawn(mesh::run(
             self.control_plane.clone(),
@@ -43,23 +42,12 @@ impl Sources {
             self.node.clone(),
             self.identity.clone(),
         ));
-        match &self.dns {
-            Some(r) => {
-                let port = self
-                    .dns_ports
-                    .get(up.name())
-                    .copied()
-                    .unwrap_or(self.default_dns_port);
-                tokio::spawn(dns::run(r.clone(), up.clone(), port));
-            }
-            None if up.origin() == Origin::Dns => {
-                tracing::error!(
-                    service = up.name(),
-                    "DNS discovery asked for, but no resolver could be set up"
-                );
-            }
-            None => {}
-        }
+        let port = self
+            .dns_ports
+            .get(up.name())
+            .copied()
+            .unwrap_or(self.default_dns_port);
+        tokio::spawn(dns::run(self.dns.clone(), up.clone(), port));
     }
 }
 
