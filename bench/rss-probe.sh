@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Where a one-hop sidecar's memory goes: VmRSS split into heap (RssAnon) and code
-# pages (RssFile) at start, after 5 s of wrk load (at once and once quiet), and with 1,000 idle keep-alive
-# connections. Loopback only; needs wrk and python3. Usage: bench/rss-probe.sh [BIN_DIR]
+# pages (RssFile) at start, after 5 s of wrk load (at once, once quiet, and once the pooled upstream
+# connections have timed out), and with 1,000 idle keep-alive connections. Loopback only; needs wrk
+# and python3. Usage: bench/rss-probe.sh [BIN_DIR] (default: the static build of
+# deploy/build-static.sh, as bench/run.sh measures).
 set -u
 cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "rss-probe: install wrk (apt-get install wrk)" >&2; exit 1; }
-B=${1:-target/release}
+B=${1:-target/$(rustc -vV | sed -n 's/^host: //p')/release}
 pkill -f "127.0.0.1:2501" 2>/dev/null; sleep 0.3
 rm -rf /tmp/wfc-rss
 $B/wf-control --grpc 127.0.0.1:25010 --http 127.0.0.1:25014 --data-dir /tmp/wfc-rss 2>/dev/null &
@@ -21,6 +23,8 @@ wrk -t2 -c32 -d5s http://127.0.0.1:25012/ | grep Requests/sec
 sleep 1; show after-load
 # The sidecar trims its heap once it has been quiet for a whole 5 s interval.
 sleep 11; show after-load-quiet
+# Pooled upstream connections close after the idle timeout (90 s by default).
+sleep 80; show after-idle-timeout
 python3 - <<'PY' &
 import socket, time
 cs=[]
