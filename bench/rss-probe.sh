@@ -23,8 +23,9 @@ wrk -t2 -c32 -d5s http://127.0.0.1:25012/ | grep Requests/sec
 sleep 1; show after-load
 # The sidecar trims its heap once it has been quiet for a whole 5 s interval.
 sleep 11; show after-load-quiet
-# Pooled upstream connections close after the idle timeout (90 s by default).
-sleep 80; show after-idle-timeout
+# Pooled upstream connections close after the idle timeout (90 s by default;
+# the pool's sweep runs every 45 s, so by 135 s), then the heap is trimmed.
+sleep 135; show after-idle-timeout
 python3 - <<'PY' &
 import socket, time
 cs=[]

@@ -8,6 +8,7 @@
 //! blocking thread. Envoy's overload manager has the same action
 //! (`shrink_heap`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// How long the sidecar must be quiet before the heap is trimmed.
@@ -15,6 +16,29 @@ const INTERVAL: Duration = Duration::from_secs(5);
 /// CPU time per interval under which the sidecar counts as quiet (two
 /// clock ticks, 0.4%).
 const QUIET_CPU: Duration = Duration::from_millis(20);
+
+/// Set when something let go of a lot of memory while the sidecar was
+/// quiet (pooled connections timing out after the traffic ended), so the
+/// next quiet interval trims even though nothing was busy.
+static FREED: AtomicBool = AtomicBool::new(false);
+
+/// Tells the trimmer that memory worth returning was freed.
+pub fn freed() {
+    FREED.store(true, Ordering::Relaxed);
+}
+
+/// Whether this interval trims: after a busy period, at the first quiet
+/// interval, or when memory was freed while quiet. `trimmed` is whether the
+/// last busy period has been trimmed already.
+fn should_trim(busy: bool, trimmed: &mut bool, freed: bool) -> bool {
+    if busy {
+        *trimmed = false;
+        return false;
+    }
+    let trim = !*trimmed || freed;
+    *trimmed = true;
+    trim
+}
 
 /// Trims the heap after each busy period, once the process is quiet.
 pub async fn trim_when_idle() {
@@ -29,12 +53,13 @@ pub async fn trim_when_idle() {
             return; // No /proc: nothing to measure by.
         };
         last = now;
-        if after.saturating_sub(before) >= QUIET_CPU {
-            trimmed = false;
-        } else if !trimmed {
-            trimmed = true;
+        let busy = after.saturating_sub(before) >= QUIET_CPU;
+        // While busy a freed() stays pending: the trim after the busy
+        // period covers it.
+        let freed = !busy && FREED.swap(false, Ordering::Relaxed);
+        if should_trim(busy, &mut trimmed, freed) {
             let released = tokio::task::spawn_blocking(release).await.unwrap_or(false);
-            tracing::debug!(released, "heap trimmed after a busy period");
+            tracing::debug!(released, "heap trimmed");
             // The trim itself used CPU time: do not count it as traffic.
             last = cpu_time();
         }
@@ -71,6 +96,21 @@ fn release() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trims_once_per_busy_period_and_when_memory_was_freed_while_quiet() {
+        let mut trimmed = true;
+        // Quiet from the start: nothing to give back.
+        assert!(!should_trim(false, &mut trimmed, false));
+        // Busy for two intervals, then quiet: one trim, then none.
+        assert!(!should_trim(true, &mut trimmed, false));
+        assert!(!should_trim(true, &mut trimmed, false));
+        assert!(should_trim(false, &mut trimmed, false));
+        assert!(!should_trim(false, &mut trimmed, false));
+        // Connections timed out while quiet: one more trim.
+        assert!(should_trim(false, &mut trimmed, true));
+        assert!(!should_trim(false, &mut trimmed, false));
+    }
 
     #[test]
     fn cpu_time_grows_with_work() {
