@@ -17,5 +17,6 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 echo "== building release binaries"
+bash deploy/setup.sh build   # protoc for etcd-client
 cargo build --release -p wayfinder-control -p wayfinder-proxy -p lab-app -p wayfinder-bench
 timeout 900 target/release/failover-bench --haproxy "$(command -v haproxy || echo /usr/sbin/haproxy)" "$@"

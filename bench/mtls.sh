@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 echo "== building release binaries"
+bash deploy/setup.sh build   # protoc for etcd-client
 cargo build --release -p wayfinder-control -p wayfinder-proxy -p lab-app -p wayfinder-bench
 timeout 600 target/release/mtls-bench "$@"

@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-release}
 target=$(rustc -vV | sed -n 's/^host: //p')
+bash deploy/setup.sh build >&2
 echo "== building static binaries ($profile, $target)" >&2
 RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
   cargo build --profile "$profile" --target "$target" \
