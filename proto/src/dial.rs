@@ -47,16 +47,38 @@ pub fn build_resolver(
     builder.build().map_err(|e| e.to_string())
 }
 
-fn resolver() -> Result<&'static TokioResolver, String> {
-    static R: OnceLock<Result<TokioResolver, String>> = OnceLock::new();
-    R.get_or_init(|| {
-        // IPv4 first: Docker's networks are IPv4 unless told otherwise.
-        build_resolver(None, |o| o.ip_strategy = LookupIpStrategy::Ipv4thenIpv6)
-            .map_err(|e| format!("no DNS resolver from /etc/resolv.conf: {e}"))
-    })
-    .as_ref()
-    .map_err(Clone::clone)
+/// A resolver built when it is first needed (so a process that never
+/// resolves a name never reads resolv.conf or holds a cache), its failure
+/// kept like its success.
+pub struct LazyResolver {
+    server: Option<SocketAddr>,
+    strategy: LookupIpStrategy,
+    built: OnceLock<Result<TokioResolver, String>>,
 }
+
+impl LazyResolver {
+    /// A resolver asking `server` or the system's configured servers (as
+    /// [`build_resolver`]) for addresses in `strategy`'s families and order.
+    pub const fn new(server: Option<SocketAddr>, strategy: LookupIpStrategy) -> Self {
+        Self {
+            server,
+            strategy,
+            built: OnceLock::new(),
+        }
+    }
+
+    /// The resolver, or why none could be set up.
+    pub fn get(&self) -> Result<&TokioResolver, &str> {
+        self.built
+            .get_or_init(|| build_resolver(self.server, |o| o.ip_strategy = self.strategy))
+            .as_ref()
+            .map_err(String::as_str)
+    }
+}
+
+/// Dialling by name: IPv4 first, since Docker's networks are IPv4 unless
+/// told otherwise.
+static RESOLVER: LazyResolver = LazyResolver::new(None, LookupIpStrategy::Ipv4thenIpv6);
 
 /// The addresses of `host` (an IP literal, with or without brackets, or a name).
 pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
@@ -64,7 +86,7 @@ pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    let dns_error = match resolver() {
+    let dns_error = match RESOLVER.get() {
         Ok(r) => match r.lookup_ip(host).await {
             Ok(answer) => {
                 let addrs: Vec<_> = answer.iter().map(|ip| SocketAddr::new(ip, port)).collect();
@@ -75,7 +97,7 @@ pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
             }
             Err(e) => e.to_string(),
         },
-        Err(e) => e,
+        Err(e) => format!("no DNS resolver from /etc/resolv.conf: {e}"),
     };
     match tokio::net::lookup_host((host, port)).await {
         Ok(addrs) => {

@@ -17,7 +17,7 @@ pub fn init_logs(format: &str, extra: Vec<ExtraLayer>) -> Result<(), String> {
     use tracing_subscriber::prelude::*;
     let filter = match std::env::var("WAYFINDER_LOG") {
         Ok(v) => log_filter(&v).map_err(|e| format!("WAYFINDER_LOG={v:?}: {e}"))?,
-        Err(_) => log_filter("info").map_err(|e| e.to_string())?,
+        Err(_) => tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO),
     };
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

@@ -402,7 +402,7 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
     } else {
         Origin::Mesh
     };
-    let dns = Arc::new(dns::LazyResolver::new(args.dns_server));
+    let dns = Arc::new(dns::resolver(args.dns_server));
     if default_origin == Origin::Dns {
         // Every service needs it at once: a missing one is a start-up error.
         if let Err(e) = dns.get() {

@@ -4,12 +4,12 @@
 //! while the upstream's endpoints come from DNS (flag or policy).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_resolver::TokioResolver;
 use hickory_resolver::config::LookupIpStrategy;
 use wayfinder_proto::backoff::backoff;
+use wayfinder_proto::dial::LazyResolver;
 
 use super::{Discovered, Origin, Update};
 use crate::upstream::Upstream;
@@ -21,35 +21,13 @@ pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// containers much more often than that.
 pub const MAX_REFRESH: Duration = Duration::from_secs(30);
 
-/// The resolver, built on first use: a sidecar whose upstreams all come
-/// from the mesh never reads resolv.conf or keeps a resolver's cache, and
-/// none of that code is in its memory (bench/README.md, idle RSS).
-pub struct LazyResolver {
-    server: Option<SocketAddr>,
-    built: OnceLock<Result<TokioResolver, String>>,
-}
-
-impl LazyResolver {
-    /// A resolver asking `server` (like nginx's `resolver`) or, without one,
-    /// the system's configured servers, for A and AAAA records.
-    pub fn new(server: Option<SocketAddr>) -> Self {
-        Self {
-            server,
-            built: OnceLock::new(),
-        }
-    }
-
-    /// The resolver, or why none could be set up.
-    pub fn get(&self) -> Result<&TokioResolver, &str> {
-        self.built
-            .get_or_init(|| {
-                wayfinder_proto::dial::build_resolver(self.server, |o| {
-                    o.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-                })
-            })
-            .as_ref()
-            .map_err(String::as_str)
-    }
+/// The discovery resolver: `server` (like nginx's `resolver`) or the
+/// system's configured servers, asked for A and AAAA records. Built when a
+/// service first needs DNS: a sidecar whose upstreams all come from the mesh
+/// never runs hickory's code, and none of it is in its memory
+/// (bench/README.md, idle RSS).
+pub fn resolver(server: Option<SocketAddr>) -> LazyResolver {
+    LazyResolver::new(server, LookupIpStrategy::Ipv4AndIpv6)
 }
 
 /// Resolves `upstream`'s name for as long as its endpoints come from DNS.
@@ -60,13 +38,13 @@ pub async fn run(resolver: Arc<LazyResolver>, upstream: Arc<Upstream>, port: u16
         let resolver = match resolver.get() {
             Ok(r) => r,
             Err(e) => {
+                // The failure is kept: there is nothing to retry.
                 tracing::error!(
                     service = upstream.name(),
                     error = e,
                     "DNS discovery asked for, but no resolver could be set up"
                 );
-                tokio::time::sleep(MAX_REFRESH).await;
-                continue;
+                return;
             }
         };
         let wait = match resolver.lookup_ip(upstream.name()).await {

@@ -20,7 +20,7 @@ pub struct Sources {
     /// This sidecar's name in watch requests.
     pub node: String,
     /// The DNS resolver (built when a service first needs it).
-    pub dns: Arc<dns::LazyResolver>,
+    pub dns: Arc<wayfinder_proto::dial::LazyResolver>,
     /// Source used unless a service's policy names another.
     pub default_origin: Origin,
     /// Port of DNS-discovered endpoints per service (`--upstream NAME:PORT=...`).
