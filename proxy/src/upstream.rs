@@ -523,7 +523,7 @@ impl Upstream {
                 checked_healthy: k.check.healthy(),
                 ejected: k.stats.is_ejected(now),
                 in_flight: k.stats.in_flight(),
-                ewma_ms: k.stats.ewma_ns() / 1e6,
+                ewma_ms: k.stats.cost_ns(std::time::Instant::now()) / 1e6,
             })
             .collect()
     }

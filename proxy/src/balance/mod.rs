@@ -120,18 +120,19 @@ impl EndpointStats {
         }
     }
 
-    /// Records one observed latency, peak-sensitively: a slower sample
-    /// replaces the estimate at once, faster ones decay it over [`EWMA_DECAY`].
+    /// Records one observed latency, peak-sensitively: a sample slower than
+    /// the (decayed) estimate replaces it at once, faster ones pull it down
+    /// over [`EWMA_DECAY`].
     pub fn observe(&self, rtt: Duration, now: Instant) {
         let mut e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
         let rtt = rtt.as_nanos() as f64;
-        if rtt > e.cost_ns {
-            e.cost_ns = rtt;
+        let w = decay(now.saturating_duration_since(e.at));
+        let decayed = e.cost_ns * w;
+        e.cost_ns = if rtt > decayed {
+            rtt
         } else {
-            let elapsed = now.saturating_duration_since(e.at).as_secs_f64();
-            let w = (-elapsed / EWMA_DECAY.as_secs_f64()).exp();
-            e.cost_ns = e.cost_ns * w + rtt * (1.0 - w);
-        }
+            decayed + rtt * (1.0 - w)
+        };
         e.at = now;
     }
 
@@ -140,12 +141,22 @@ impl EndpointStats {
         self.outlier.lock().is_ok_and(|o| o.is_ejected(now))
     }
 
-    /// Current latency estimate in nanoseconds.
-    pub fn ewma_ns(&self) -> f64 {
-        self.ewma
-            .lock()
-            .map_or(DEFAULT_RTT.as_nanos() as f64, |e| e.cost_ns)
+    /// The latency estimate at `now`, in nanoseconds: decayed towards zero
+    /// for the time since it last changed. An endpoint that is not picked so
+    /// looks cheaper as time passes and is tried again (tower's PeakEwma
+    /// decays on read the same way); without it, one that lost a comparison
+    /// early kept its estimate while the others' fell, and was never picked
+    /// again.
+    pub fn cost_ns(&self, now: Instant) -> f64 {
+        self.ewma.lock().map_or(DEFAULT_RTT.as_nanos() as f64, |e| {
+            e.cost_ns * decay(now.saturating_duration_since(e.at))
+        })
     }
+}
+
+/// The weight the estimate keeps after `elapsed`: `exp(-elapsed / EWMA_DECAY)`.
+fn decay(elapsed: Duration) -> f64 {
+    (-elapsed.as_secs_f64() / EWMA_DECAY.as_secs_f64()).exp()
 }
 
 /// A request in flight on an endpoint; dropping it ends the request.
@@ -282,12 +293,31 @@ mod tests {
         let ep = EndpointStats::new("a", SocketAddr::from(([127, 0, 0, 1], 1)), 1);
         let t0 = Instant::now();
         ep.observe(Duration::from_millis(500), t0);
-        assert_eq!(ep.ewma_ns(), 500e6);
-        ep.observe(Duration::from_millis(10), t0 + Duration::from_secs(1));
-        let after_1s = ep.ewma_ns();
+        assert_eq!(ep.cost_ns(t0), 500e6);
+        let t1 = t0 + Duration::from_secs(1);
+        ep.observe(Duration::from_millis(10), t1);
+        let after_1s = ep.cost_ns(t1);
         assert!(after_1s > 400e6 && after_1s < 500e6, "{after_1s}");
-        ep.observe(Duration::from_millis(10), t0 + Duration::from_secs(60));
-        assert!(ep.ewma_ns() < 20e6);
+        let t2 = t0 + Duration::from_secs(60);
+        ep.observe(Duration::from_millis(10), t2);
+        assert!(ep.cost_ns(t2) < 20e6);
+    }
+
+    #[test]
+    fn an_estimate_decays_when_read_so_an_idle_endpoint_is_tried_again() {
+        let ep = EndpointStats::new("a", SocketAddr::from(([127, 0, 0, 1], 1)), 1);
+        let t0 = Instant::now();
+        ep.observe(Duration::from_secs(1), t0);
+        let cost = |s: u64| ep.cost_ns(t0 + Duration::from_secs(s));
+        assert_eq!(cost(0), 1e9);
+        assert!(
+            (cost(10) - 1e9 / std::f64::consts::E).abs() < 1e3,
+            "one time constant"
+        );
+        assert!(cost(70) < 1e6, "below a 1 ms endpoint after about a minute");
+        // A sample above the decayed estimate is a new peak.
+        ep.observe(Duration::from_millis(5), t0 + Duration::from_secs(70));
+        assert_eq!(cost(70), 5e6);
     }
 
     #[test]

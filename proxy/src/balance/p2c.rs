@@ -5,6 +5,7 @@
 //! while still steering away from slow or busy endpoints.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::{Balancer, EndpointStats, PickContext, Picks};
 
@@ -65,12 +66,20 @@ impl PeakEwma {
     }
 }
 
-impl Balancer for PeakEwma {
-    fn pick(&self, _: &PickContext) -> Picks {
+impl PeakEwma {
+    /// The pick at `now` (estimates decay with time, see
+    /// [`EndpointStats::cost_ns`]).
+    pub(crate) fn pick_at(&self, now: Instant) -> Picks {
         let eps = &self.endpoints;
         two_choices(eps.len(), |i| {
-            eps[i].ewma_ns() * (f64::from(eps[i].in_flight()) + 1.0) / f64::from(eps[i].weight)
+            eps[i].cost_ns(now) * (f64::from(eps[i].in_flight()) + 1.0) / f64::from(eps[i].weight)
         })
+    }
+}
+
+impl Balancer for PeakEwma {
+    fn pick(&self, _: &PickContext) -> Picks {
+        self.pick_at(Instant::now())
     }
     fn endpoints(&self) -> &[Arc<EndpointStats>] {
         &self.endpoints
@@ -79,7 +88,9 @@ impl Balancer for PeakEwma {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    use std::time::Duration;
 
     use super::super::testing::{counts, endpoints};
     use super::*;
@@ -139,6 +150,124 @@ mod tests {
             // Nothing in flight: cost 1/heavy vs 1/1, so the heavy one always wins.
             let c = counts(&b, 200, |_| None);
             proptest::prop_assert_eq!(c[0], 200);
+        }
+    }
+
+    /// Sequential calls on a simulated clock: each call takes its endpoint's
+    /// latency (times a jitter factor in [1, 1.2)), then the next starts.
+    /// Returns the calls per endpoint and, per endpoint, the longest time it
+    /// went unpicked.
+    fn sequential(latency_ms: &[u64], calls: usize, seed: u64) -> (Vec<usize>, Vec<Duration>) {
+        let eps = endpoints(&vec![1; latency_ms.len()]);
+        let b = PeakEwma::new(eps.clone());
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut count = vec![0; eps.len()];
+        let mut last = vec![t0; eps.len()];
+        let mut gap = vec![Duration::ZERO; eps.len()];
+        let mut jitter = seed;
+        for _ in 0..calls {
+            let i = b.pick_at(now).next().expect("endpoints");
+            gap[i] = gap[i].max(now - last[i]);
+            jitter = jitter
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let rtt = Duration::from_micros(latency_ms[i] * 1000 * (100 + jitter % 20) / 100);
+            now += rtt;
+            eps[i].observe(rtt, now);
+            count[i] += 1;
+            last[i] = now;
+        }
+        for i in 0..eps.len() {
+            gap[i] = gap[i].max(now - last[i]);
+        }
+        (count, gap)
+    }
+
+    /// `workers` clients calling at once on a simulated clock: each call
+    /// holds its endpoint's in-flight slot for the endpoint's latency.
+    fn concurrent(latency_ms: &[u64], workers: usize, calls: usize) -> Vec<usize> {
+        let eps = endpoints(&vec![1; latency_ms.len()]);
+        let b = PeakEwma::new(eps.clone());
+        let t0 = Instant::now();
+        let mut count = vec![0; eps.len()];
+        // (completion time, endpoint, guard index)
+        let mut pending = BinaryHeap::new();
+        let mut guards = Vec::new();
+        let mut now = t0;
+        for call in 0..calls {
+            if pending.len() == workers {
+                let Reverse((done, i, g)): Reverse<(Duration, usize, usize)> =
+                    pending.pop().expect("a call in flight");
+                now = t0 + done;
+                let guard: Option<crate::balance::InFlight> = std::mem::take(&mut guards[g]);
+                drop(guard);
+                eps[i].observe(Duration::from_millis(latency_ms[i]), now);
+            }
+            let i = b.pick_at(now).next().expect("endpoints");
+            count[i] += 1;
+            guards.push(Some(eps[i].start()));
+            let done = (now - t0) + Duration::from_millis(latency_ms[i]);
+            pending.push(Reverse((done, i, call)));
+        }
+        count
+    }
+
+    #[test]
+    fn least_request_breaks_ties_fairly() {
+        // Nothing in flight: every comparison is a tie.
+        for n in 2..=5 {
+            let b = LeastRequest::new(endpoints(&vec![1; n]));
+            let c = counts(&b, 3000 * n, |_| None);
+            assert!(c.iter().all(|&x| (2700..=3300).contains(&x)), "{c:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Three (or more) equal instances and 300 calls one after another:
+        /// every instance gets a fair part, whatever the order of the first
+        /// comparisons was.
+        #[test]
+        fn no_equal_endpoint_starves_under_sequential_calls(
+            n in 2usize..6, ms in 1u64..50, seed in proptest::prelude::any::<u64>(),
+        ) {
+            let (count, _) = sequential(&vec![ms; n], 300, seed);
+            let fair = 300 / n;
+            proptest::prop_assert!(count.iter().all(|&c| c >= fair / 2), "{:?}", count);
+        }
+
+        /// Unequal latencies: the slow endpoint gets less, but is tried again
+        /// at the latest once its decayed estimate falls below the fastest
+        /// one's, after EWMA_DECAY * ln(slow / fast) (plus jitter and slack).
+        #[test]
+        fn a_slow_endpoint_is_still_tried_again(
+            lat in proptest::collection::vec(1u64..100, 2..5), seed in proptest::prelude::any::<u64>(),
+        ) {
+            let (count, gap) = sequential(&lat, 20_000, seed);
+            let (min, max) = (
+                *lat.iter().min().unwrap_or(&1) as f64,
+                *lat.iter().max().unwrap_or(&1) as f64,
+            );
+            let bound = super::super::EWMA_DECAY.as_secs_f64() * (1.2 * max / min).ln() + 2.0;
+            for (i, g) in gap.iter().enumerate() {
+                proptest::prop_assert!(
+                    g.as_secs_f64() <= bound,
+                    "endpoint {} ({} ms) unpicked for {:?} > {:.1} s; calls {:?}",
+                    i, lat[i], g, bound, count
+                );
+            }
+        }
+
+        /// Concurrent callers: equal endpoints share the load.
+        #[test]
+        fn no_equal_endpoint_starves_under_concurrent_calls(
+            n in 2usize..6, ms in 1u64..50, workers in 1usize..16,
+        ) {
+            let count = concurrent(&vec![ms; n], workers, 600);
+            let fair = 600 / n;
+            proptest::prop_assert!(count.iter().all(|&c| c >= fair / 2), "{:?}", count);
         }
     }
 }
