@@ -539,6 +539,8 @@ impl Retries {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outlier {
+    /// `false` turns outlier detection off (it is on by default).
+    pub enabled: Option<bool>,
     /// Consecutive failures before ejection.
     pub consecutive_failures: Option<Bounded<1, 1000>>,
     /// Consecutive 502/503/504 before ejection.
@@ -755,6 +757,7 @@ impl ServicePolicy {
                 base_ejection_ms: millis(o.base_ejection),
                 max_ejection_ms: millis(o.max_ejection),
                 max_ejection_percent: count(o.max_ejection_percent),
+                disabled: o.enabled == Some(false),
             }),
             circuit_breakers: self.circuit_breaker.as_ref().map(|c| v1::CircuitBreakers {
                 max_connections: count(c.max_connections),
@@ -887,6 +890,7 @@ impl ServicePolicy {
         let outlier = match &p.outlier {
             None => None,
             Some(o) => Some(Outlier {
+                enabled: o.disabled.then_some(false),
                 consecutive_failures: n(
                     o.consecutive_failures,
                     "outlier.consecutive_failures",

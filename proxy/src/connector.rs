@@ -113,7 +113,7 @@ impl Connector {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;
-        let _ = stream.set_nodelay(true);
+        crate::liveness::tune(&stream);
         let io: Box<dyn Stream> = match &self.tls {
             None => Box::new(stream),
             Some(tls) => Box::new(

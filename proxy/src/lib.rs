@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod http_proxy;
 pub mod identity;
 pub mod listener;
+pub mod liveness;
 pub mod memory;
 pub mod metrics;
 pub mod outbound;

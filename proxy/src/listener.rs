@@ -102,7 +102,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
+        crate::liveness::tune(&stream);
         open.0.fetch_add(1, Ordering::Relaxed);
         let guard = OpenGuard(open.clone());
         let (proxy, role, shutdown, server_first) = (
@@ -320,7 +320,7 @@ const CATALOG_WAIT: Duration = Duration::from_secs(2);
 async fn passthrough(stream: TcpStream, orig: SocketAddr, proxy: &Proxy) {
     match TcpStream::connect(orig).await {
         Ok(server) => {
-            let _ = server.set_nodelay(true);
+            crate::liveness::tune(&server);
             relay(
                 stream,
                 Box::new(server),
@@ -495,7 +495,7 @@ async fn connect_target(
             Some(app) => TcpStream::connect(app)
                 .await
                 .map(|s| {
-                    let _ = s.set_nodelay(true);
+                    crate::liveness::tune(&s);
                     (Box::new(s) as Box<dyn Stream>, None)
                 })
                 .map_err(|e| format!("{app}: {e}")),

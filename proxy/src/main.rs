@@ -89,6 +89,10 @@ struct Args {
     /// Connect timeout to endpoints.
     #[arg(long, env = "WAYFINDER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     connect_timeout: Duration,
+    /// Request timeout where a policy sets none (retries included, up to the
+    /// response headers); "none" waits forever.
+    #[arg(long, env = "WAYFINDER_REQUEST_TIMEOUT", default_value = "15s", value_parser = duration_or_none)]
+    request_timeout: Duration,
     /// How long in-flight requests may take to finish on SIGTERM.
     #[arg(long, env = "WAYFINDER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     drain_timeout: Duration,
@@ -242,6 +246,14 @@ fn init(a: InitArgs) -> std::process::ExitCode {
             let _ = iptables::run(&iptables::cleanup(), true);
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// A duration, or "none" (zero: no limit).
+fn duration_or_none(s: &str) -> Result<Duration, String> {
+    match s {
+        "none" => Ok(Duration::ZERO),
+        _ => parse_duration(s),
     }
 }
 
@@ -437,6 +449,7 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         args.app,
         Defaults {
             connect: args.connect_timeout,
+            request: (!args.request_timeout.is_zero()).then_some(args.request_timeout),
         },
         Local {
             service: local_service.clone(),
@@ -521,6 +534,7 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         "health_interval_ms": args.health_interval.as_millis() as u64,
         "detect_timeout_ms": args.detect_timeout.as_millis() as u64,
         "connect_timeout_ms": args.connect_timeout.as_millis() as u64,
+        "request_timeout_ms": args.request_timeout.as_millis() as u64,
         "drain_timeout_ms": args.drain_timeout.as_millis() as u64,
     });
     let admin_app = admin::router(admin::AdminState {

@@ -12,7 +12,7 @@ use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
-use crate::balance::{PickContext, hash_bytes};
+use crate::balance::{EndpointStats, PickContext, hash_bytes};
 use crate::connector::ConnectError;
 use crate::http_proxy::{
     Body, DISCOVERY_WAIT, ERROR_HEADER, Head, Proxy, SendError, forward_upgrade, into_body,
@@ -34,6 +34,44 @@ pub const ATTEMPTS_HEADER: &str = "x-wayfinder-attempts";
 enum Attempt {
     Upstream(Response<PoolBody>),
     Local(StatusCode, &'static str),
+}
+
+/// How waiting for an attempt's response ended.
+enum Attempted {
+    /// The attempt ended by itself.
+    Done(Result<Response<PoolBody>, SendError>),
+    /// Its endpoint left discovery and the attempt was given up, to be
+    /// repeated elsewhere.
+    Abandoned,
+}
+
+/// Waits for `sent`; when `movable` and `ep` is retired meanwhile and
+/// `may_leave` agrees (the body can be replayed, the budget pays), gives the
+/// attempt up. Dropping it resets the HTTP/2 stream (or closes the HTTP/1
+/// connection); requests that may not be repeated keep waiting.
+async fn until_retired<F>(
+    sent: F,
+    ep: &EndpointStats,
+    movable: bool,
+    may_leave: impl FnOnce() -> bool,
+) -> Attempted
+where
+    F: std::future::Future<Output = Result<Response<PoolBody>, SendError>>,
+{
+    if !movable {
+        return Attempted::Done(sent.await);
+    }
+    let mut sent = std::pin::pin!(sent);
+    tokio::select! {
+        biased;
+        r = &mut sent => return Attempted::Done(r),
+        () = ep.leaving() => {}
+    }
+    if may_leave() {
+        Attempted::Abandoned
+    } else {
+        Attempted::Done(sent.await)
+    }
 }
 
 /// Balances `req` over `service` (or the service its Host names).
@@ -198,9 +236,28 @@ async fn route(
             ep.meshed,
             ("outbound", name),
         );
+        // An attempt that may be repeated is moved elsewhere at once when
+        // discovery retires its endpoint meanwhile (paid from the budget).
+        let movable = attempt < s.retry.max_attempts && retry::repeatable(&head.method, &s.retry);
+        let attempted = until_retired(sent, ep, movable, || {
+            keeper.replayable()
+                && up
+                    .budget
+                    .withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec)
+        });
         let result = match try_limit {
-            Some(t) => tokio::time::timeout(t, sent).await.ok(),
-            None => Some(sent.await),
+            Some(t) => tokio::time::timeout(t, attempted).await.ok(),
+            None => Some(attempted.await),
+        };
+        let result = match result {
+            Some(Attempted::Abandoned) => {
+                tracing::debug!(service = name, endpoint = %ep.id, "attempt moved: its endpoint left");
+                proxy.metrics.retries.get_or_create(&labels()).inc();
+                body = keeper.replay();
+                continue;
+            }
+            Some(Attempted::Done(r)) => Some(r),
+            None => None,
         };
         let (outcome, answer) = match result {
             None => {

@@ -35,9 +35,6 @@ use tokio::time::Instant;
 use crate::connector::{ConnectError, Connector};
 use crate::replay::ReplayBody;
 
-/// HTTP/2 pings on idle pooled connections, so a dead peer is noticed.
-const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
-
 /// The protocol a pool speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -89,6 +86,9 @@ struct Slot {
     shared: Option<(http2::SendRequest<ReplayBody>, Instant)>,
     /// HTTP/2: held while dialing, so concurrent requests share one dial.
     dialing: Arc<tokio::sync::Mutex<()>>,
+    /// Set when discovery retired the endpoint: connections lent out then
+    /// are closed when their response ends instead of coming back.
+    retired: Arc<AtomicBool>,
 }
 
 impl Pool {
@@ -119,6 +119,16 @@ impl Pool {
         }
     }
 
+    /// Closes the pooled connections to `addr`, which discovery says is not
+    /// serving or gone: idle ones at once, lent HTTP/1 ones when their
+    /// response ends, the shared HTTP/2 one once its open streams end.
+    /// Requests that come later dial anew.
+    pub fn retire(&self, addr: SocketAddr) {
+        if let Some(slot) = self.inner.lock().remove(&addr) {
+            slot.retired.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Idle HTTP/1 connections and open HTTP/2 ones to `addr`.
     pub fn pooled(&self, addr: SocketAddr) -> usize {
         self.inner.lock().get(&addr).map_or(0, |s| {
@@ -139,7 +149,8 @@ impl Inner {
         mut req: Request<ReplayBody>,
     ) -> Result<Response<PoolBody>, PoolError> {
         loop {
-            let (mut tx, reused) = match self.checkout_h1(addr) {
+            let (idle, retired) = self.checkout_h1(addr);
+            let (mut tx, reused) = match idle {
                 Some(tx) => (tx, true),
                 None => (self.dial_h1(addr).await?, false),
             };
@@ -150,6 +161,7 @@ impl Inner {
                         pool: self.clone(),
                         addr,
                         tx,
+                        retired,
                     });
                     return Ok(resp.map(|inner| PoolBody::new(inner, lent)));
                 }
@@ -163,16 +175,20 @@ impl Inner {
         }
     }
 
-    /// The most recently used idle connection that is still open.
-    fn checkout_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<ReplayBody>> {
+    /// The most recently used idle connection that is still open, and the
+    /// flag a connection lent to this endpoint checks before it comes back.
+    fn checkout_h1(
+        &self,
+        addr: SocketAddr,
+    ) -> (Option<http1::SendRequest<ReplayBody>>, Arc<AtomicBool>) {
         let mut slots = self.lock();
-        let idle = &mut slots.get_mut(&addr)?.idle;
-        while let Some((tx, _)) = idle.pop() {
+        let slot = slots.entry(addr).or_default();
+        while let Some((tx, _)) = slot.idle.pop() {
             if tx.is_ready() {
-                return Some(tx);
+                return (Some(tx), slot.retired.clone());
             }
         }
-        None
+        (None, slot.retired.clone())
     }
 
     async fn dial_h1(
@@ -277,7 +293,10 @@ impl Inner {
         let io = self.connector.connect(addr).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(H2_KEEP_ALIVE)
+            // Pinged only while requests are open (see `liveness`).
+            .keep_alive_interval(crate::liveness::H2_PING_INTERVAL)
+            .keep_alive_timeout(crate::liveness::H2_PING_TIMEOUT)
+            .keep_alive_while_idle(false)
             .handshake(io)
             .await
             .map_err(PoolError::Handshake)?;
@@ -320,7 +339,12 @@ impl Inner {
                 // In-flight requests hold clones; the connection closes after them.
                 slot.shared = None;
             }
-            !slot.idle.is_empty() || slot.shared.is_some() || Arc::strong_count(&slot.dialing) > 1
+            // Kept while a dial is under way or a lent connection holds
+            // the slot's retired flag (a retirement must reach it).
+            !slot.idle.is_empty()
+                || slot.shared.is_some()
+                || Arc::strong_count(&slot.dialing) > 1
+                || Arc::strong_count(&slot.retired) > 1
         });
         if closed > 0 {
             // Each closed HTTP/1 connection frees its buffers (about 20 KiB).
@@ -344,6 +368,8 @@ struct Lent {
     pool: Arc<Inner>,
     addr: SocketAddr,
     tx: http1::SendRequest<ReplayBody>,
+    /// Its endpoint's slot was retired meanwhile: close, do not give back.
+    retired: Arc<AtomicBool>,
 }
 
 /// A response body that returns its HTTP/1 connection to the pool when it
@@ -359,7 +385,9 @@ impl PoolBody {
     }
 
     fn release(&mut self) {
-        if let Some(l) = self.lent.take() {
+        if let Some(l) = self.lent.take()
+            && !l.retired.load(Ordering::Relaxed)
+        {
             l.pool.give_back(l.addr, l.tx);
         }
     }
@@ -609,5 +637,160 @@ mod tests {
         tokio::time::advance(IDLE).await;
         tokio::task::yield_now().await;
         assert_eq!((h1.pooled(addr), h2.pooled(addr2)), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn retiring_an_endpoint_closes_its_idle_connections_and_keeps_lent_ones_out() {
+        let (addr, accepted) = server(Proto::Http1, b"hello", true).await;
+        let pool = pool(Proto::Http1);
+        read(
+            pool.send(addr, get(addr, Proto::Http1))
+                .await
+                .expect("idle"),
+        )
+        .await;
+        let lent = pool
+            .send(addr, get(addr, Proto::Http1))
+            .await
+            .expect("lent");
+        assert_eq!(pool.pooled(addr), 0, "the idle one was reused");
+        read(
+            pool.send(addr, get(addr, Proto::Http1))
+                .await
+                .expect("second"),
+        )
+        .await;
+        assert_eq!((pool.pooled(addr), accepted.load(Ordering::SeqCst)), (1, 2));
+        pool.retire(addr);
+        assert_eq!(pool.pooled(addr), 0);
+        read(lent).await;
+        assert_eq!(pool.pooled(addr), 0, "a lent connection does not come back");
+        read(
+            pool.send(addr, get(addr, Proto::Http1))
+                .await
+                .expect("after"),
+        )
+        .await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "dialed anew");
+    }
+
+    #[tokio::test]
+    async fn retiring_drops_the_shared_http2_connection() {
+        let (addr, accepted) = server(Proto::Http2, b"h2", true).await;
+        let pool = pool(Proto::Http2);
+        read(
+            pool.send(addr, get(addr, Proto::Http2))
+                .await
+                .expect("first"),
+        )
+        .await;
+        pool.retire(addr);
+        assert_eq!(pool.pooled(addr), 0);
+        read(
+            pool.send(addr, get(addr, Proto::Http2))
+                .await
+                .expect("again"),
+        )
+        .await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A TCP relay that can freeze: it stops moving bytes but keeps both
+    /// sockets open, so the kernel still acknowledges what arrives (a
+    /// paused container, or a peer whose network vanished, as the caller
+    /// sees it: no FIN, no RST, no answer).
+    async fn freezable(to: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let frozen = Arc::new(AtomicBool::new(false));
+        let flag = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut r, mut w) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ] {
+                    let flag = flag.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = r.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            while flag.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        (addr, frozen)
+    }
+
+    #[tokio::test]
+    async fn a_silent_http2_peer_fails_its_waiting_requests_after_the_ping_timeout() {
+        // An app that takes its time: pings keep being answered meanwhile.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let app = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = service_fn(|_req| async {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"slow",
+                    ))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        let (addr, frozen) = freezable(app).await;
+        let pool = pool(Proto::Http2);
+        let started = Instant::now();
+        let slow = pool
+            .send(addr, get(addr, Proto::Http2))
+            .await
+            .expect("a slow answer");
+        assert_eq!(read(slow).await, "slow");
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "pings did not cut a slow answer short"
+        );
+
+        let waiting = tokio::spawn({
+            let pool = Arc::new(pool);
+            async move {
+                let started = Instant::now();
+                let r = pool.send(addr, get(addr, Proto::Http2)).await;
+                (r.map(|_| ()), started.elapsed())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        frozen.store(true, Ordering::SeqCst);
+        let (result, took) = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the request ends")
+            .expect("task");
+        assert!(matches!(result, Err(PoolError::Http(_))), "{result:?}");
+        let bound = crate::liveness::H2_PING_INTERVAL + crate::liveness::H2_PING_TIMEOUT;
+        assert!(
+            took < bound + Duration::from_millis(700),
+            "took {took:?}, bound {bound:?}"
+        );
     }
 }

@@ -18,12 +18,20 @@ use crate::discovery::Origin;
 pub struct Defaults {
     /// Connect timeout.
     pub connect: Duration,
+    /// Request timeout (with retries, up to the response headers); `None`:
+    /// unbounded.
+    pub request: Option<Duration>,
 }
+
+/// Default request timeout: no call waits forever on an endpoint that
+/// accepted it and never answers (Envoy's route timeout is 15 s too).
+pub const DEFAULT_REQUEST: Duration = Duration::from_secs(15);
 
 impl Default for Defaults {
     fn default() -> Self {
         Self {
             connect: Duration::from_secs(1),
+            request: Some(DEFAULT_REQUEST),
         }
     }
 }
@@ -132,6 +140,20 @@ pub struct Outlier {
     pub max_ejection_percent: u32,
 }
 
+impl Default for Outlier {
+    /// Envoy's numbers for consecutive failures: 5 in a row, 30 s base
+    /// ejection, at most half the endpoints out.
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            consecutive_gateway_errors: None,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
 /// Circuit breaker limits; `None` = unlimited.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Breakers {
@@ -188,7 +210,7 @@ impl Settings {
         let timeouts = Timeouts {
             connect: t.and_then(|t| ms(t.connect_ms)).unwrap_or(defaults.connect),
             per_try: t.and_then(|t| ms(t.per_try_ms)),
-            request: t.and_then(|t| ms(t.request_ms)),
+            request: t.and_then(|t| ms(t.request_ms)).or(defaults.request),
             idle: t.and_then(|t| ms(t.idle_ms)).unwrap_or(DEFAULT_IDLE),
             header_read: t
                 .and_then(|t| ms(t.header_read_ms))
@@ -218,18 +240,27 @@ impl Settings {
             }
             retry.budget_min_per_sec = n(r.budget_min_per_sec).unwrap_or(retry.budget_min_per_sec);
         }
-        let outlier = policy.and_then(|p| p.outlier.as_ref()).map(|o| {
-            let base = ms(o.base_ejection_ms).unwrap_or(Duration::from_secs(30));
-            Outlier {
-                consecutive_failures: n(o.consecutive_failures).unwrap_or(5),
-                consecutive_gateway_errors: n(o.consecutive_gateway_errors),
-                base_ejection: base,
-                max_ejection: ms(o.max_ejection_ms)
-                    .unwrap_or(Duration::from_secs(300))
-                    .max(base),
-                max_ejection_percent: n(o.max_ejection_percent).unwrap_or(50),
+        // On unless the policy turns it off: an endpoint that fails every
+        // call (a frozen container, a host behind a partition) leaves the
+        // rotation without anyone having to ask (as Linkerd's failure
+        // accrual is on by default).
+        let outlier = match policy.and_then(|p| p.outlier.as_ref()) {
+            Some(o) if o.disabled => None,
+            Some(o) => {
+                let d = Outlier::default();
+                let base = ms(o.base_ejection_ms).unwrap_or(d.base_ejection);
+                Some(Outlier {
+                    consecutive_failures: n(o.consecutive_failures)
+                        .unwrap_or(d.consecutive_failures),
+                    consecutive_gateway_errors: n(o.consecutive_gateway_errors),
+                    base_ejection: base,
+                    max_ejection: ms(o.max_ejection_ms).unwrap_or(d.max_ejection).max(base),
+                    max_ejection_percent: n(o.max_ejection_percent)
+                        .unwrap_or(d.max_ejection_percent),
+                })
             }
-        });
+            None => Some(Outlier::default()),
+        };
         let breakers = policy
             .and_then(|p| p.circuit_breakers.as_ref())
             .map(|c| Breakers {
@@ -279,8 +310,9 @@ mod tests {
         let s = Settings::resolve(None, Origin::Mesh, &Defaults::default());
         assert_eq!(s.timeouts.connect, Duration::from_secs(1));
         assert_eq!(s.timeouts.per_try, None);
+        assert_eq!(s.timeouts.request, Some(DEFAULT_REQUEST));
         assert_eq!(s.retry, Retry::default());
-        assert_eq!(s.outlier, None);
+        assert_eq!(s.outlier, Some(Outlier::default()), "on by default");
         assert_eq!(s.breakers, Breakers::default());
         assert_eq!(s.health_check, None, "mesh endpoints have health already");
         let dns = Settings::resolve(None, Origin::Dns, &Defaults::default());
@@ -333,5 +365,25 @@ mod tests {
         assert_eq!(s.breakers.max_requests, Some(2));
         assert_eq!(s.breakers.max_connections, None);
         assert_eq!(s.health_check, None, "the policy turned checks off");
+        assert_eq!(s.timeouts.request, Some(DEFAULT_REQUEST));
+    }
+
+    #[test]
+    fn outlier_detection_and_the_request_timeout_can_be_turned_off() {
+        let p = v1::ServicePolicy {
+            service: "web".into(),
+            outlier: Some(v1::OutlierDetection {
+                disabled: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let defaults = Defaults {
+            request: None,
+            ..Defaults::default()
+        };
+        let s = Settings::resolve(Some(&p), Origin::Mesh, &defaults);
+        assert_eq!(s.outlier, None);
+        assert_eq!(s.timeouts.request, None, "--request-timeout none");
     }
 }

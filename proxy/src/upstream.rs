@@ -67,6 +67,23 @@ pub struct Clients {
 }
 
 impl Clients {
+    /// Closes every pooled connection to `addr` (see [`Pool::retire`]).
+    pub fn retire(&self, addr: SocketAddr) {
+        for pool in [
+            Some(&self.h1),
+            Some(&self.h2),
+            self.mesh.as_ref(),
+            self.mesh_h1.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            pool.retire(addr);
+        }
+    }
+}
+
+impl Clients {
     /// Pools whose connections close after `idle` unused; `mesh` are the
     /// mTLS connectors (ALPN h2, http/1.1) to the service's sidecars.
     pub fn new(connector: Connector, idle: Duration, mesh: Option<(Connector, Connector)>) -> Self {
@@ -146,24 +163,32 @@ pub struct EndpointView {
 }
 
 /// Keeps an endpoint's stats and check history when only its health changed.
-fn known(prev: Option<Known>, d: Discovered) -> Known {
+/// What stops serving (turned unhealthy, or replaced by another address)
+/// goes to `leaving`.
+fn known(prev: Option<Known>, d: Discovered, leaving: &mut Vec<Arc<EndpointStats>>) -> Known {
     match prev {
         Some(k)
             if k.found.addr == d.addr
                 && k.found.weight == d.weight
                 && k.found.meshed == d.meshed =>
         {
+            if k.found.healthy && !d.healthy {
+                leaving.push(k.stats.clone());
+            }
             Known {
                 found: d,
                 stats: k.stats,
                 check: k.check,
             }
         }
-        _ => Known {
-            stats: EndpointStats::with_mesh(d.id.clone(), d.addr, d.weight, d.meshed),
-            found: d,
-            check: health_check::State::default(),
-        },
+        prev => {
+            leaving.extend(prev.map(|k| k.stats));
+            Known {
+                stats: EndpointStats::with_mesh(d.id.clone(), d.addr, d.weight, d.meshed),
+                found: d,
+                check: health_check::State::default(),
+            }
+        }
     }
 }
 
@@ -331,30 +356,63 @@ impl Upstream {
     pub fn apply(&self, origin: Origin, update: Update) {
         let mut inner = self.lock();
         let set = &mut inner.sets[origin.index()];
+        let mut leaving = Vec::new();
         match update {
             Update::Reset(all) => {
                 let mut old = std::mem::take(&mut set.endpoints);
                 for d in all {
-                    let k = known(old.remove(&d.id), d);
+                    let k = known(old.remove(&d.id), d, &mut leaving);
                     set.endpoints.insert(k.found.id.clone(), k);
                 }
+                leaving.extend(old.into_values().map(|k| k.stats));
             }
             Update::Add(eps) => {
                 for d in eps {
-                    let k = known(set.endpoints.remove(&d.id), d);
+                    let k = known(set.endpoints.remove(&d.id), d, &mut leaving);
                     set.endpoints.insert(k.found.id.clone(), k);
                 }
             }
             Update::Remove(ids) => {
                 for id in ids {
-                    set.endpoints.remove(&id);
+                    leaving.extend(set.endpoints.remove(&id).map(|k| k.stats));
                 }
             }
-            Update::NoEndpoints => set.endpoints.clear(),
+            Update::NoEndpoints => {
+                leaving.extend(
+                    std::mem::take(&mut set.endpoints)
+                        .into_values()
+                        .map(|k| k.stats),
+                );
+            }
         }
         set.answered = true;
         if origin == self.origin() {
             self.rebuild(&inner);
+            self.retire(&inner, &leaving);
+        }
+    }
+
+    /// Stops using endpoints discovery says are not serving or gone: their
+    /// pooled connections close, and attempts in flight on them that may
+    /// be repeated go elsewhere (`outbound.rs`).
+    fn retire(&self, inner: &Inner, leaving: &[Arc<EndpointStats>]) {
+        if leaving.is_empty() {
+            return;
+        }
+        let set = &inner.sets[self.origin().index()];
+        let clients = self.clients();
+        for ep in leaving {
+            ep.retire();
+            // Another instance may serve on the same address (a restart
+            // under a new instance id).
+            let reused = set
+                .endpoints
+                .values()
+                .any(|k| k.found.healthy && k.found.addr == ep.addr);
+            if !reused {
+                clients.retire(ep.addr);
+            }
+            tracing::info!(service = %self.name, endpoint = %ep.id, addr = %ep.addr, "endpoint left: its connections are closed");
         }
     }
 
@@ -761,5 +819,40 @@ mod tests {
         assert_eq!(ids(&u), ["b", "c"]);
         tokio::time::sleep(Duration::from_millis(501)).await;
         assert_eq!(ids(&u), ["a", "b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn discovery_retiring_an_endpoint_wakes_the_attempts_waiting_on_it() {
+        use futures::FutureExt;
+        let u = up(Kind::RoundRobin);
+        u.apply(
+            Origin::Mesh,
+            Update::Reset(vec![d("a", 1, true), d("b", 2, true), d("c", 3, true)]),
+        );
+        let ep = |id: &str| {
+            u.active()
+                .balancer
+                .endpoints()
+                .iter()
+                .find(|e| &*e.id == id)
+                .cloned()
+                .expect("in rotation")
+        };
+        let (a, c) = (ep("a"), ep("c"));
+        let mut on_a = std::pin::pin!(a.leaving());
+        let mut on_c = std::pin::pin!(c.leaving());
+        u.apply(Origin::Mesh, Update::Add(vec![d("b", 2, false)]));
+        assert!(on_a.as_mut().now_or_never().is_none(), "b left, not a");
+        u.apply(Origin::Mesh, Update::Add(vec![d("a", 1, false)]));
+        assert!(on_a.now_or_never().is_some(), "a turned not serving");
+        assert_eq!(ids(&u), ["c"]);
+        u.apply(Origin::Mesh, Update::Remove(vec!["c".into()]));
+        assert!(on_c.now_or_never().is_some(), "c was removed");
+        // Panic mode uses a and b although not serving; nothing wakes
+        // attempts on them until they change again.
+        let a = ep("a");
+        let mut again = std::pin::pin!(a.leaving());
+        u.apply(Origin::Mesh, Update::Add(vec![d("b", 2, false)]));
+        assert!(again.as_mut().now_or_never().is_none());
     }
 }

@@ -62,6 +62,9 @@ pub struct EndpointStats {
     /// This endpoint's latency histogram, looked up once: the metric family
     /// lookup hashed and allocated its labels on every request.
     pub latency: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// Wakes attempts in flight when discovery says the endpoint is not
+    /// serving or gone.
+    leaving: tokio::sync::Notify,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +106,7 @@ impl EndpointStats {
             outlier: Mutex::default(),
             authority: hyper::http::uri::Authority::try_from(addr.to_string()).ok(),
             latency: std::sync::OnceLock::new(),
+            leaving: tokio::sync::Notify::new(),
         })
     }
 
@@ -134,6 +138,19 @@ impl EndpointStats {
             decayed + rtt * (1.0 - w)
         };
         e.at = now;
+    }
+
+    /// Completes when discovery retires the endpoint after this call (a
+    /// transition, not a state: an endpoint used in panic mode while not
+    /// serving does not wake anyone).
+    pub fn leaving(&self) -> tokio::sync::futures::Notified<'_> {
+        self.leaving.notified()
+    }
+
+    /// Discovery says the endpoint is not serving or gone: wakes the
+    /// attempts waiting on [`EndpointStats::leaving`].
+    pub fn retire(&self) {
+        self.leaving.notify_waiters();
     }
 
     /// Whether outlier detection has the endpoint out of rotation.

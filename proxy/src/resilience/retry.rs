@@ -100,8 +100,14 @@ pub fn retryable(outcome: Outcome, method: &Method, grpc: bool, policy: &Retry) 
     match outcome {
         Outcome::ConnectFailed => true,
         Outcome::Grpc(_) => grpc,
-        _ => policy.non_idempotent || is_idempotent(method),
+        _ => repeatable(method, policy),
     }
+}
+
+/// Whether a request with `method` may be sent again after it may have
+/// reached an app (its endpoint left while it waited).
+pub fn repeatable(method: &Method, policy: &Retry) -> bool {
+    policy.non_idempotent || is_idempotent(method)
 }
 
 /// Backoff before retry number `retry` (1-based): exponential from `base` up

@@ -1,0 +1,86 @@
+//! How the sidecar notices a peer that died without a word: a container
+//! whose network namespace vanished, a host that lost power or sits behind a
+//! partition sends no FIN and no RST, so a connection to it looks open until
+//! something times out. These are the somethings, in one place (the README's
+//! "Dead peers" table sets them beside Linkerd's and Envoy's defaults).
+//!
+//! - A pooled HTTP/2 connection carrying requests is pinged once nothing
+//!   has been read from it for [`H2_PING_INTERVAL`]; no answer within
+//!   [`H2_PING_TIMEOUT`] closes it and fails its requests as resets (retried
+//!   elsewhere when safe). Idle connections are not pinged: a busy healthy
+//!   connection reads frames all the time and sends no pings either, so the
+//!   cost is a ping per second on a connection whose requests wait.
+//! - Every TCP connection the sidecar makes or accepts has TCP keepalive
+//!   (probes from the kernel, no wake-up of the sidecar) and
+//!   `TCP_USER_TIMEOUT`, which bounds how long written data may stay
+//!   unacknowledged: an HTTP/1 request written to a dead peer fails in
+//!   [`TCP_USER_TIMEOUT`] instead of the kernel's ~15 minutes of
+//!   retransmissions.
+//! - Connecting is bounded by the connect timeout (policy, `--connect-timeout`).
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+/// Idle time before the kernel sends the first keepalive probe (Linkerd's 10 s).
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// Time between keepalive probes.
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+/// Unanswered probes before the kernel closes the connection.
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
+/// Longest time written data may stay unacknowledged (Linkerd: 30 s).
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Silence on a pooled HTTP/2 connection with requests open before it is pinged.
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Time a ping may take before the connection is declared dead.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Sets no-delay, TCP keepalive and `TCP_USER_TIMEOUT` on a connection.
+/// Failures are ignored: a socket without them still works, it is only
+/// noticed later when its peer dies.
+pub fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_PROBES);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
+    if let Err(e) = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)) {
+        tracing::debug!(error = %e, "TCP_USER_TIMEOUT not set");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tuned_sockets_carry_keepalive_and_a_user_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let s = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        tune(&s);
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(sock.tcp_keepalive_time().expect("idle"), TCP_KEEPALIVE_IDLE);
+        assert_eq!(
+            sock.tcp_keepalive_interval().expect("interval"),
+            TCP_KEEPALIVE_INTERVAL
+        );
+        assert_eq!(
+            sock.tcp_keepalive_retries().expect("probes"),
+            TCP_KEEPALIVE_PROBES
+        );
+        assert_eq!(
+            sock.tcp_user_timeout().expect("user timeout"),
+            Some(TCP_USER_TIMEOUT)
+        );
+        assert!(s.nodelay().expect("nodelay"));
+    }
+}
