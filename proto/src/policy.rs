@@ -1056,6 +1056,18 @@ health_check = { http_path = "/healthz", interval = "1s" }
         assert_eq!(web.timeouts.as_ref().map(|t| t.request_ms), Some(120_000));
     }
 
+    #[test]
+    fn outlier_detection_can_be_turned_off_and_that_survives_the_wire() {
+        let file = PolicyFile::parse("p.toml", "[services.web.outlier]\nenabled = false\n")
+            .expect("valid");
+        let p = &file.to_proto()[0];
+        assert_eq!(p.outlier.as_ref().map(|o| o.disabled), Some(true));
+        let (name, back) = ServicePolicy::from_proto(p).expect("wire form validates");
+        assert_eq!(&back.to_proto(name.as_str()), p);
+        let again = PolicyFile::parse("again", &file.to_toml()).expect("rendered TOML parses");
+        assert_eq!(again.to_proto(), file.to_proto());
+    }
+
     fn error_of(text: &str) -> PolicyError {
         PolicyFile::parse("p.toml", text).expect_err("must be refused")
     }

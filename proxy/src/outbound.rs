@@ -31,12 +31,15 @@ use crate::upstream::Upstream;
 pub const ATTEMPTS_HEADER: &str = "x-wayfinder-attempts";
 
 /// How an attempt ended: a response to pass on, or an answer of our own.
+// On the stack for one attempt; boxing the response would allocate per request.
+#[allow(clippy::large_enum_variant)]
 enum Attempt {
     Upstream(Response<PoolBody>),
     Local(StatusCode, &'static str),
 }
 
 /// How waiting for an attempt's response ended.
+#[allow(clippy::large_enum_variant)]
 enum Attempted {
     /// The attempt ended by itself.
     Done(Result<Response<PoolBody>, SendError>),

@@ -840,7 +840,7 @@ mod tests {
         };
         let (a, c) = (ep("a"), ep("c"));
         let mut on_a = std::pin::pin!(a.leaving());
-        let mut on_c = std::pin::pin!(c.leaving());
+        let on_c = std::pin::pin!(c.leaving());
         u.apply(Origin::Mesh, Update::Add(vec![d("b", 2, false)]));
         assert!(on_a.as_mut().now_or_never().is_none(), "b left, not a");
         u.apply(Origin::Mesh, Update::Add(vec![d("a", 1, false)]));

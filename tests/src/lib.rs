@@ -69,6 +69,14 @@ impl ControlPlane {
         Self::spawn(data, args, "127.0.0.1:0", "127.0.0.1:0")
     }
 
+    /// [`ControlPlane::start`] with gRPC on `grpc` (an address other
+    /// processes reach, e.g. a namespace lab's bridge).
+    pub fn start_on(grpc: &str, extra: &[&str]) -> Result<Self> {
+        let data = Arc::new(tempfile::tempdir()?);
+        let args = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(data, args, grpc, "127.0.0.1:0")
+    }
+
     fn spawn(
         data: Arc<tempfile::TempDir>,
         args: Vec<String>,
@@ -267,6 +275,18 @@ impl Process {
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
         let mut c = self.child.take().context("not running")?;
         terminate(&mut c)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...): `STOP` freezes it as `docker
+    /// pause` does, its sockets open and the kernel still answering for it.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "kill -{signal} {pid} failed");
+        Ok(())
     }
 
     /// Kills it at once.

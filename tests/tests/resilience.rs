@@ -146,7 +146,9 @@ async fn post_is_retried_only_when_the_policy_allows_and_policy_changes_apply_li
     bounded(async {
         let cp = ControlPlane::start(&[])?;
         let dir = tempfile::tempdir()?;
-        apply(&cp, &dir, "[services.web]\nbalancer = \"round-robin\"\n")?;
+        // Outlier detection off: the failing instance must keep its turn.
+        let policy = "[services.web]\nbalancer = \"round-robin\"\n[services.web.outlier]\nenabled = false\n";
+        apply(&cp, &dir, policy)?;
         let lab = lab(&cp, 2).await?;
         fault(lab[0].app_addr, "?fail=1").await?;
         let (_client, web, _) = client(&cp, &[])?;
@@ -178,7 +180,7 @@ async fn post_is_retried_only_when_the_policy_allows_and_policy_changes_apply_li
         apply(
             &cp,
             &dir,
-            "[services.web]\nbalancer = \"round-robin\"\n[services.web.retries]\nnon_idempotent = true\n",
+            &format!("{policy}[services.web.retries]\nnon_idempotent = true\n"),
         )?;
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut seen_retry = false;
