@@ -386,6 +386,18 @@ pub async fn http_request(
     host: &str,
     body: &str,
 ) -> Result<(u16, String, String)> {
+    http_request_within(addr, method, path, host, body, Duration::from_secs(10)).await
+}
+
+/// [`http_request`] waiting at most `limit` for the response.
+pub async fn http_request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    body: &str,
+    limit: Duration,
+) -> Result<(u16, String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let req = format!(
@@ -394,9 +406,9 @@ pub async fn http_request(
     );
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+    tokio::time::timeout(limit, s.read_to_end(&mut buf))
         .await
-        .context("response within 10 s")??;
+        .with_context(|| format!("response within {limit:?}"))??;
     let text = String::from_utf8_lossy(&buf).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head

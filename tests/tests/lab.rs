@@ -25,6 +25,13 @@ async fn lab_compare_reports_every_way_with_numbers() -> Result<()> {
         stderr.contains("web-2 killed") && stderr.contains("100%"),
         "{stderr}"
     );
+    // Where iptables works (root), web-1 vanishes; elsewhere that is said.
+    let vanishes = wayfinder_tests::netns::unavailable().is_none();
+    if vanishes {
+        assert!(stderr.contains("web-1 vanished"), "{stderr}");
+    } else {
+        assert!(stderr.contains("web-1 vanishing skipped"), "{stderr}");
+    }
     let report = std::fs::read_to_string(out.path().join("report.md"))?;
     let rows: Vec<&str> = report
         .lines()
@@ -48,17 +55,20 @@ async fn lab_compare_reports_every_way_with_numbers() -> Result<()> {
     );
     for row in &rows {
         let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
-        assert_eq!(cells.len(), 11, "{row}");
+        assert_eq!(cells.len(), 12, "{row}");
         // failed, p50, p90, p99 and the per-instance counts are numbers.
         for cell in &cells[1..9] {
             let number = cell.split_whitespace().next().unwrap_or("");
             assert!(number.parse::<f64>().is_ok(), "{cell:?} in {row}");
         }
-        // Recovery times are numbers or an explicit "never".
+        // Recovery times are numbers, an explicit "never", or "skipped"
+        // where web-1 could not vanish.
         for cell in &cells[9..] {
             let first = cell.split_whitespace().next().unwrap_or("");
             assert!(
-                first.parse::<f64>().is_ok() || first == "never",
+                first.parse::<f64>().is_ok()
+                    || first == "never"
+                    || (first == "skipped" && !vanishes),
                 "{cell:?} in {row}"
             );
         }
@@ -76,7 +86,17 @@ async fn lab_compare_reports_every_way_with_numbers() -> Result<()> {
         .iter()
         .find(|r| r.starts_with("| Wayfinder mesh |"))
         .context("mesh row")?;
-    assert!(!mesh.contains("failing at the end"), "{mesh}");
+    assert!(!mesh.contains("never"), "{mesh}");
+    if vanishes {
+        // The mesh stops sending to the vanished instance within seconds.
+        let cells: Vec<&str> = mesh.trim_matches('|').split('|').map(str::trim).collect();
+        let vanish: f64 = cells[10]
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("web-1 recovery in {mesh}"))?;
+        assert!(vanish < 5000.0, "{mesh}");
+    }
     // Resolving once never sees the new instance.
     let once = rows
         .iter()
@@ -155,8 +175,67 @@ impl Drop for Project {
     }
 }
 
+/// Five clients calling `web` through the client's sidecar, each one call
+/// after another for `run_for`; every call's status (0: no answer within
+/// `limit`), answering instance and duration, in the order they started.
+async fn five_clients(
+    client: std::net::SocketAddr,
+    run_for: Duration,
+    limit: Duration,
+) -> Vec<(u16, String, Duration)> {
+    let begin = std::time::Instant::now();
+    let workers: Vec<_> = (0..5)
+        .map(|_| {
+            tokio::spawn(async move {
+                let end = std::time::Instant::now() + run_for;
+                let mut calls = Vec::new();
+                while std::time::Instant::now() < end {
+                    let started = std::time::Instant::now();
+                    let r =
+                        wayfinder_tests::http_request_within(client, "GET", "/", "web", "", limit)
+                            .await;
+                    let at = started.duration_since(begin);
+                    calls.push(match r {
+                        Ok((status, _, body)) => (
+                            at,
+                            (
+                                status,
+                                wayfinder_tests::mesh::instance_of(&body),
+                                started.elapsed(),
+                            ),
+                        ),
+                        Err(e) => (at, (0, e.to_string(), started.elapsed())),
+                    });
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                calls
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap_or_default());
+    }
+    all.sort_by_key(|(at, _)| *at);
+    all.into_iter().map(|(_, call)| call).collect()
+}
+
+/// Runs `act` `after` into [`five_clients`]`(run_for, limit)`.
+async fn five_clients_while(
+    client: std::net::SocketAddr,
+    run_for: Duration,
+    limit: Duration,
+    after: Duration,
+    act: impl FnOnce() -> Result<()>,
+) -> Result<Vec<(u16, String, Duration)>> {
+    let load = tokio::spawn(five_clients(client, run_for, limit));
+    tokio::time::sleep(after).await;
+    act()?;
+    Ok(load.await?)
+}
+
 #[tokio::test]
-async fn docker_lab_meshes_web_instances_and_survives_one_dying() -> Result<()> {
+async fn docker_lab_survives_instances_that_vanish_or_freeze() -> Result<()> {
     let compose = match compose_command() {
         Ok(c) => c,
         Err(why) => {
@@ -196,7 +275,8 @@ async fn docker_lab_meshes_web_instances_and_survives_one_dying() -> Result<()> 
             ("WAYFINDER_IMAGE".into(), image.into()),
             ("WAYFINDER_CLIENT_PORT".into(), port.to_string()),
             ("WAYFINDER_DASHBOARD_PORT".into(), dashboard.to_string()),
-            // Where calls go is the point here, not which instance is fastest.
+            // Every instance keeps its turn: what happens to the calls
+            // that reach a dead or frozen one is the point here.
             ("WAYFINDER_BALANCER".into(), "round-robin".into()),
             (
                 "WAYFINDER_JOIN_TOKEN".into(),
@@ -204,7 +284,35 @@ async fn docker_lab_meshes_web_instances_and_survives_one_dying() -> Result<()> 
             ),
         ],
     };
-    wayfinder_tests::bounded(async {
+    let policy = |toml: &str| -> Result<()> {
+        use std::io::Write;
+        let mut c = project
+            .cmd(&[
+                "exec",
+                "-T",
+                "control",
+                "wfctl",
+                "policy",
+                "apply",
+                "/dev/stdin",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        c.stdin
+            .take()
+            .context("stdin")?
+            .write_all(toml.as_bytes())?;
+        let out = c.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "wfctl policy apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let lab = async {
         project.run(&["up", "-d"])?;
         let client = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let get =
@@ -227,32 +335,79 @@ async fn docker_lab_meshes_web_instances_and_survives_one_dying() -> Result<()> 
             ["web-1", "web-2", "web-3"]
         );
 
-        // Traffic keeps flowing while web2 (app and sidecar) is killed.
-        let load = tokio::spawn(async move {
-            let mut results = Vec::new();
-            for _ in 0..200 {
-                let r = wayfinder_tests::http_request(client, "GET", "/", "web", "").await;
-                results.push(match r {
-                    Ok((status, _, body)) => (status, wayfinder_tests::mesh::instance_of(&body)),
-                    Err(e) => (0, e.to_string()),
-                });
-                tokio::time::sleep(Duration::from_millis(15)).await;
-            }
-            results
-        });
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        project.run(&["kill", "web2", "web2-proxy"])?;
-        let results = load.await?;
-        let failed: Vec<_> = results.iter().filter(|(s, _)| *s != 200).collect();
+        // web2's container is killed: its network namespace goes with it,
+        // and its sidecar (a container of its own in that namespace) is
+        // cut off without closing anything. Before, a call pinned to a
+        // pooled connection there hung ~50 s.
+        let calls = five_clients_while(
+            client,
+            Duration::from_secs(6),
+            Duration::from_secs(20),
+            Duration::from_secs(1),
+            || project.run(&["kill", "web2"]).map(drop),
+        )
+        .await?;
+        let failed: Vec<_> = calls.iter().filter(|c| c.0 != 200).collect();
         assert!(
             failed.is_empty(),
-            "{} of 200 failed: {failed:?}",
-            failed.len()
+            "{} of {} failed: {failed:?}",
+            failed.len(),
+            calls.len()
         );
-        let after: std::collections::BTreeSet<_> =
-            results[150..].iter().map(|(_, i)| i.as_str()).collect();
-        assert!(!after.contains("web-2"), "web-2 still answering: {after:?}");
+        let slowest = calls.iter().map(|c| c.2).max().unwrap_or_default();
+        assert!(slowest < Duration::from_secs(3), "slowest call {slowest:?}");
+        let late = &calls[calls.len() * 3 / 4..];
+        assert!(late.iter().all(|c| c.1 != "web-2"), "web-2 answered late");
+
+        // web1 freezes (docker pause: TCP alive, no answer) while a
+        // per-try timeout is set: its calls move on, none fails.
+        policy(
+            "[services.web]\nbalancer = \"round-robin\"\n[services.web.timeouts]\nper_try = \"500ms\"\n",
+        )?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let calls = five_clients_while(
+            client,
+            Duration::from_secs(5),
+            Duration::from_secs(20),
+            Duration::from_secs(1),
+            || project.run(&["pause", "web1"]).map(drop),
+        )
+        .await;
+        project.run(&["unpause", "web1"])?;
+        let calls = calls?;
+        let failed: Vec<_> = calls.iter().filter(|c| c.0 != 200).collect();
+        assert!(
+            failed.is_empty(),
+            "{} of {} failed: {failed:?}",
+            failed.len(),
+            calls.len()
+        );
+
+        // web3 freezes under the default policy: no call waits longer than
+        // the default request timeout (15 s).
+        policy("[services.web]\nbalancer = \"round-robin\"\n")?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let calls = five_clients_while(
+            client,
+            Duration::from_secs(18),
+            Duration::from_secs(25),
+            Duration::from_secs(1),
+            || project.run(&["pause", "web3"]).map(drop),
+        )
+        .await;
+        project.run(&["unpause", "web3"])?;
+        let calls = calls?;
+        let slowest = calls.iter().map(|c| c.2).max().unwrap_or_default();
+        assert!(
+            slowest < Duration::from_millis(16_500),
+            "slowest call {slowest:?}"
+        );
+        for c in calls.iter().filter(|c| c.0 != 200) {
+            assert_eq!(c.0, 504, "only the request timeout fails a call: {c:?}");
+        }
         Ok(())
-    })
-    .await
+    };
+    tokio::time::timeout(Duration::from_secs(240), lab)
+        .await
+        .context("the Docker lab test within 4 min")?
 }

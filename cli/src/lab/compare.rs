@@ -2,8 +2,11 @@
 //!
 //! Three lab-app instances of `web` on their own loopback addresses
 //! (127.0.0.11-13, one port, as containers on a bridge) take N requests at
-//! concurrency C. At 40% of the requests web-2 dies, at 70% web-3 turns
-//! slow, at 85% web-4 starts. The same schedule runs against:
+//! concurrency C. At 40% of the requests web-2 dies, at 55% web-1 vanishes
+//! (its packets are dropped both ways, as when a container's network
+//! namespace goes: no FIN, no RST; needs root and iptables, else skipped),
+//! at 70% web-3 turns slow, at 85% web-4 starts. The same schedule runs
+//! against:
 //!
 //! - DNS, resolved once and cached (what many HTTP clients do), round robin
 //!   over the cached answer;
@@ -51,6 +54,7 @@ pub struct Config {
 
 /// Share of the requests after which each event happens.
 const KILL_AT: f64 = 0.40;
+const VANISH_AT: f64 = 0.55;
 const SLOW_AT: f64 = 0.70;
 const ADD_AT: f64 = 0.85;
 /// A request that takes longer has failed.
@@ -102,6 +106,8 @@ pub struct Outcome {
     way: Way,
     samples: Vec<Sample>,
     killed_at: f64,
+    /// When web-1 vanished; NaN when that event was skipped.
+    vanished_at: f64,
     added_at: f64,
     seconds: f64,
 }
@@ -123,9 +129,12 @@ pub struct Row {
     pub p99: f64,
     /// Answers per instance.
     pub per_instance: BTreeMap<String, usize>,
-    /// From web-2's death to the last request that failed because of it
-    /// (ms); `None`: still failing at the end.
+    /// From web-2's death to the end of the last request that failed
+    /// before the next event (ms); `None`: still failing then.
     pub reroute_ms: Option<f64>,
+    /// The same for web-1 vanishing; `None` inside: still failing at the
+    /// end; `None` outside: the event was skipped.
+    pub vanish_ms: Option<Option<f64>>,
     /// From web-4's start to its first answer (ms); `None`: never.
     pub new_instance_ms: Option<f64>,
 }
@@ -148,18 +157,14 @@ impl Outcome {
                 *per_instance.entry(i.clone()).or_insert(0) += 1;
             }
         }
-        let last_failure = self
-            .samples
-            .iter()
-            .filter(|s| !s.ok && s.at >= self.killed_at)
-            .map(|s| s.at + s.ms / 1000.0)
-            .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))));
-        // Failures in the last tenth of the run mean it never recovered.
-        let reroute_ms = match last_failure {
-            None => Some(0.0),
-            Some(t) if t >= self.seconds * 0.9 => None,
-            Some(t) => Some((t - self.killed_at) * 1000.0),
+        let vanished = !self.vanished_at.is_nan();
+        let kill_window_end = if vanished {
+            self.vanished_at
+        } else {
+            self.seconds
         };
+        let reroute_ms = self.recovery(self.killed_at, kill_window_end);
+        let vanish_ms = vanished.then(|| self.recovery(self.vanished_at, self.seconds));
         let new_instance_ms = self
             .samples
             .iter()
@@ -176,7 +181,95 @@ impl Outcome {
             p99: q(0.99),
             per_instance,
             reroute_ms,
+            vanish_ms,
             new_instance_ms,
+        }
+    }
+
+    /// From `from` to the end of the last request sent before `to` that
+    /// failed (ms): 0 when none failed, `None` when one sent in the last
+    /// tenth of the window still failed.
+    fn recovery(&self, from: f64, to: f64) -> Option<f64> {
+        let last = self
+            .samples
+            .iter()
+            .filter(|s| !s.ok && s.at >= from && s.at < to)
+            .fold(None, |m: Option<&Sample>, s| match m {
+                Some(m) if m.at + m.ms / 1000.0 >= s.at + s.ms / 1000.0 => Some(m),
+                _ => Some(s),
+            });
+        match last {
+            None => Some(0.0),
+            Some(s) if s.at >= to - (to - from) * 0.1 => None,
+            Some(s) => Some((s.at + s.ms / 1000.0 - from) * 1000.0),
+        }
+    }
+}
+
+/// An address turned into a black hole on loopback: every packet to or
+/// from it is dropped, so its open connections hang without a FIN or RST
+/// and new ones go unanswered, as when a container's network namespace
+/// vanishes. The rules go when this does.
+struct Blackhole {
+    rules: Vec<[String; 4]>,
+}
+
+impl Blackhole {
+    /// Why this machine cannot make one (iptables needs root), if it cannot.
+    fn unavailable() -> Option<String> {
+        let ok = Command::new("iptables")
+            .args(["-w", "-S", "OUTPUT"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        (!ok).then(|| "needs root and iptables".to_string())
+    }
+
+    fn start(ip: Ipv4Addr) -> Result<Self> {
+        let mut hole = Self { rules: Vec::new() };
+        for dir in ["-d", "-s"] {
+            let rule = [
+                "OUTPUT".to_string(),
+                dir.to_string(),
+                format!("{ip}/32"),
+                "DROP".to_string(),
+            ];
+            let ok = Command::new("iptables")
+                .args([
+                    "-w",
+                    "-I",
+                    &rule[0],
+                    rule[1].as_str(),
+                    &rule[2],
+                    "-j",
+                    &rule[3],
+                ])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                bail!("iptables refused to drop {dir} {ip}");
+            }
+            hole.rules.push(rule);
+        }
+        Ok(hole)
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let _ = Command::new("iptables")
+                .args([
+                    "-w",
+                    "-D",
+                    &rule[0],
+                    rule[1].as_str(),
+                    &rule[2],
+                    "-j",
+                    &rule[3],
+                ])
+                .status();
         }
     }
 }
@@ -304,6 +397,8 @@ struct Lab {
     front: Option<SocketAddr>,
     tmp: tempfile::TempDir,
     fallback: Option<tokio::task::JoinHandle<()>>,
+    /// web-1's address as a black hole, once it vanished.
+    vanished: Option<Blackhole>,
 }
 
 impl Drop for Lab {
@@ -332,6 +427,7 @@ impl Lab {
             front: None,
             tmp,
             fallback: None,
+            vanished: None,
         };
         if way == Way::Mesh {
             let data = lab.tmp.path().join("control");
@@ -533,8 +629,10 @@ fn resolver(server: SocketAddr) -> Result<Resolver> {
 }
 
 /// nginx as a lab would set it up: a static upstream, keep-alive to the
-/// backends, the default passive health checks (max_fails=1, 10 s) and
-/// retry on connection errors (`proxy_next_upstream error timeout`).
+/// backends, and its defaults otherwise: passive health checks (max_fails=1,
+/// 10 s), retry on connection errors (`proxy_next_upstream error timeout`),
+/// 60 s to connect and to read (so an address that stops answering holds
+/// its requests that long).
 fn nginx_conf(dir: &Path, listen: SocketAddr, servers: &[SocketAddr]) -> String {
     let d = dir.display();
     let upstream: String = servers
@@ -548,8 +646,7 @@ fn nginx_conf(dir: &Path, listen: SocketAddr, servers: &[SocketAddr]) -> String 
          fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
          upstream web {{\n{upstream}    keepalive 64;\n  }}\n\
          server {{\n    listen {listen};\n    location / {{\n      proxy_pass http://web;\n\
-         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
-         proxy_connect_timeout 1s;\n    }}\n  }}\n}}\n"
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
     )
 }
 
@@ -675,6 +772,9 @@ async fn run_way(cfg: &Config, way: Way) -> Result<Outcome> {
 
     // The schedule, driven by completed requests.
     let (mut killed_at, mut added_at) = (f64::NAN, f64::NAN);
+    let mut vanished_at = f64::NAN;
+    let can_vanish = Blackhole::unavailable();
+    let mut vanish_done = false;
     let mut slowed = false;
     let mut shown = 0;
     loop {
@@ -687,6 +787,25 @@ async fn run_way(cfg: &Config, way: Way) -> Result<Outcome> {
             l.set_record(2, false);
             killed_at = now;
             eprintln!("   {name}: {:>3.0}%  web-2 killed", share * 100.0);
+        }
+        if !vanish_done && share >= VANISH_AT {
+            vanish_done = true;
+            match &can_vanish {
+                None => {
+                    let mut l = lab.lock().await;
+                    l.vanished = Some(Blackhole::start(backend_ip(1))?);
+                    l.set_record(1, false);
+                    vanished_at = now;
+                    eprintln!(
+                        "   {name}: {:>3.0}%  web-1 vanished (its packets dropped)",
+                        share * 100.0
+                    );
+                }
+                Some(why) => eprintln!(
+                    "   {name}: {:>3.0}%  web-1 vanishing skipped: {why}",
+                    share * 100.0
+                ),
+            }
         }
         if !slowed && share >= SLOW_AT {
             let app = SocketAddr::new(IpAddr::V4(backend_ip(3)), port);
@@ -726,6 +845,7 @@ async fn run_way(cfg: &Config, way: Way) -> Result<Outcome> {
         way,
         samples,
         killed_at,
+        vanished_at,
         added_at,
         seconds,
     })
@@ -781,12 +901,19 @@ pub(super) fn color(o: &Outcome) -> &'static str {
     o.way.color()
 }
 
-/// Event positions (percent of requests) for plot markers.
-pub(super) const EVENTS: [(f64, &str); 3] = [
-    (KILL_AT * 100.0, "web-2 killed"),
-    (SLOW_AT * 100.0, "web-3 slow"),
-    (ADD_AT * 100.0, "web-4 added"),
-];
+/// Event positions (percent of requests) for plot markers; web-1's
+/// vanishing where it happened.
+pub(super) fn events(outcomes: &[Outcome]) -> Vec<(f64, &'static str)> {
+    let mut e = vec![(KILL_AT * 100.0, "web-2 killed")];
+    if outcomes.iter().any(|o| !o.vanished_at.is_nan()) {
+        e.push((VANISH_AT * 100.0, "web-1 vanished"));
+    }
+    e.extend([
+        (SLOW_AT * 100.0, "web-3 slow"),
+        (ADD_AT * 100.0, "web-4 added"),
+    ]);
+    e
+}
 
 #[cfg(test)]
 mod tests {
@@ -815,10 +942,12 @@ mod tests {
                 sample(4, 9.0, true, "web-1"),
             ],
             killed_at: 4.0,
+            vanished_at: f64::NAN,
             added_at: 8.5,
             seconds: 10.0,
         };
         let r = o.row();
+        assert_eq!(r.vanish_ms, None, "skipped");
         assert_eq!((r.requests, r.failed), (5, 2));
         let reroute = r.reroute_ms.expect("recovered");
         assert!((reroute - 501.0).abs() < 1e-6, "{reroute}");
@@ -838,11 +967,37 @@ mod tests {
                 sample(1, 9.5, false, "web-2"),
             ],
             killed_at: 4.0,
+            vanished_at: f64::NAN,
             added_at: 8.5,
             seconds: 10.0,
         };
         let r = o.row();
         assert_eq!(r.reroute_ms, None);
         assert_eq!(r.new_instance_ms, None);
+    }
+
+    #[test]
+    fn each_event_is_measured_in_its_own_window() {
+        let o = Outcome {
+            label: "t".into(),
+            way: Way::Mesh,
+            samples: vec![
+                sample(0, 0.0, true, "web-1"),
+                sample(1, 4.2, false, "web-2"),
+                sample(2, 5.0, true, "web-3"),
+                sample(3, 5.5, false, "web-1"),
+                sample(4, 6.0, false, "web-1"),
+                sample(5, 9.9, true, "web-3"),
+            ],
+            killed_at: 4.0,
+            vanished_at: 5.5,
+            added_at: 8.5,
+            seconds: 10.0,
+        };
+        let r = o.row();
+        let kill = r.reroute_ms.expect("recovered before web-1 vanished");
+        assert!((kill - 201.0).abs() < 1e-6, "{kill}");
+        let vanish = r.vanish_ms.expect("happened").expect("recovered");
+        assert!((vanish - 501.0).abs() < 1e-6, "{vanish}");
     }
 }

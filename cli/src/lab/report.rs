@@ -29,22 +29,28 @@ pub fn markdown(cfg: &Config, rows: &[Row]) -> String {
         s,
         "{} requests per way at concurrency {}, `GET /` to lab-app instances of `web` on \
          127.0.0.11-14. At 40% of the requests web-2 is killed (its DNS record goes away, as \
-         Docker's does), at 70% web-3 answers {} ms slower, at 85% web-4 starts (its record \
-         appears). A request fails on an error, a status other than 200, or after 2 s.\n",
+         Docker's does); at 55% web-1 vanishes: every packet to or from it is dropped, as when \
+         a container's network namespace goes (no FIN, no RST; its record goes away too); at \
+         70% web-3 answers {} ms slower; at 85% web-4 starts (its record appears). A request \
+         fails on an error, a status other than 200, or after 2 s. nginx runs with its \
+         defaults (`proxy_connect_timeout` and `proxy_read_timeout` 60 s).\n",
         cfg.requests,
         cfg.concurrency,
         cfg.slow.as_millis()
     );
     let _ = writeln!(
         s,
-        "| way | failed | p50 | p90 | p99 | web-1 | web-2 | web-3 | web-4 | rerouted around web-2 after | web-4 took traffic after |"
+        "| way | failed | p50 | p90 | p99 | web-1 | web-2 | web-3 | web-4 | rerouted around web-2 after | rerouted around web-1 after | web-4 took traffic after |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in rows {
         let n = |i: &str| r.per_instance.get(i).copied().unwrap_or(0);
         let _ = writeln!(
             s,
-            "| {} | {} of {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} of {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {} | {} | {} | {} | {} |",
             r.label,
             r.failed,
             r.requests,
@@ -55,14 +61,18 @@ pub fn markdown(cfg: &Config, rows: &[Row]) -> String {
             n("web-2"),
             n("web-3"),
             n("web-4"),
-            ms(r.reroute_ms, "never (failing at the end)"),
+            ms(r.reroute_ms, "never (still failing)"),
+            match r.vanish_ms {
+                Some(v) => ms(v, "never (failing at the end)"),
+                None => "skipped (needs root and iptables)".to_string(),
+            },
             ms(r.new_instance_ms, "never"),
         );
     }
     let _ = writeln!(
         s,
-        "\n\"Rerouted after\" runs from the kill to the end of the last failed request; \
-         0 ms means no request failed.\n\n![failed requests](failures.svg)\n\n![latency](latency.svg)"
+        "\n\"Rerouted after\" runs from the event to the end of the last request sent before \
+         the next event that failed; 0 ms means none failed.\n\n![failed requests](failures.svg)\n\n![latency](latency.svg)"
     );
     s
 }
@@ -86,7 +96,7 @@ pub fn write(cfg: &Config, outcomes: &[Outcome]) -> Result<PathBuf> {
         "progress (% of requests)",
         "failed requests per 2%",
         &lines,
-        &compare::EVENTS,
+        &compare::events(outcomes),
     );
     std::fs::write(cfg.out.join("failures.svg"), plot)?;
     let latencies: Vec<Vec<f64>> = outcomes.iter().map(compare::sorted_ms).collect();
