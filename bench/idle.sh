@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# What noticing dead peers costs an idle mesh: a client sidecar with pooled
-# HTTP/2 connections to three web sidecars (each with its lab-app), warmed
-# with 300 calls, then left idle for a minute. Per process: CPU time and
+# What noticing dead peers costs an idle mesh: wf-control, three web
+# sidecars (each with its lab-app) and a client sidecar, measured idle twice
+# for SECONDS: before the client has any connection to the web sidecars,
+# and after 300 calls left it 3 pooled HTTP/2 connections (pinged only while
+# requests wait; TCP keepalive probes from the kernel). The difference is
+# what keeping those connections checked costs. Per process: CPU time and
 # wake-ups (voluntary context switches of all its threads); for the machine:
-# TCP segments sent (loopback only, so that is the lab's keepalive probes,
-# heartbeats and reports, plus whatever else runs). Loopback only.
+# TCP segments sent (loopback only). Loopback only.
 # Usage: bench/idle.sh [BIN_DIR] [SECONDS]   (BIN_DIR default: the static
 # release build of deploy/build-static.sh; SECONDS default 60)
 # Writes bench/results/idle-<date>.md.
@@ -32,12 +34,7 @@ for i in 1 2 3; do
 done
 start "$B/wf-proxy" --control-plane http://127.0.0.1:26010 --admin 127.0.0.1:26050 \
   --upstream web=127.0.0.1:26051
-client=${pids[-1]}
-sleep 2
-for _ in $(seq 300); do curl -s -o /dev/null -H 'Host: web' http://127.0.0.1:26051/; done
-pooled=$(ss -Htn state established "( dport >= :26031 and dport <= :26033 )" | wc -l)
-echo "idle: warmed; $pooled pooled connections from the client sidecar; idle for $T s" >&2
-sleep 2
+sleep 3
 
 # CPU ticks (user + system) and voluntary context switches of every thread.
 usage() {
@@ -49,36 +46,54 @@ usage() {
   echo "$ticks $wakes"
 }
 segs() { awk '/^Tcp:/ { if (n++) print $12 }' /proc/net/snmp; }
-declare -A before
-for p in "${pids[@]}"; do before[$p]=$(usage "$p"); done
-s0=$(segs)
-sleep "$T"
-s1=$(segs)
 hz=$(getconf CLK_TCK)
-out=bench/results/idle-$(date +%F).md
-{
-  echo "# An idle mesh for $T s"
-  echo
-  echo "$(date -u '+%F %H:%M UTC'), $(nproc) cores, binaries from \`$B\`. wf-control, three web"
-  echo "instances (lab-app + sidecar: TCP app check every 1 s, heartbeat every 3.3 s), and a client"
-  echo "sidecar holding $pooled pooled HTTP/2 connections to them after 300 calls. Nothing is sent"
-  echo "during the window; what the processes do is timers: heartbeats, app checks, traffic reports,"
-  echo "the control-plane channel's HTTP/2 keepalive. Requests' HTTP/2 pings are sent only while a"
-  echo "request waits, and TCP keepalive probes are sent by the kernel, so neither wakes a sidecar."
-  echo
-  echo "| process | CPU ms per minute | wake-ups per minute |"
-  echo "|---|---:|---:|"
-  i=0
-  names=(wf-control "lab-app web-1" "lab-app web-2" "lab-app web-3" "web-1 sidecar" "web-2 sidecar" "web-3 sidecar" "client sidecar")
+declare -A before cpu wake
+# One idle window: per process CPU ms and wake-ups per minute into
+# cpu[$1,pid] and wake[$1,pid]; segments per minute into segments_$1.
+window() {
+  for p in "${pids[@]}"; do before[$p]=$(usage "$p"); done
+  local s0 s1
+  s0=$(segs)
+  sleep "$T"
+  s1=$(segs)
   for p in "${pids[@]}"; do
     read -r t0 w0 <<<"${before[$p]}"
     read -r t1 w1 <<<"$(usage "$p")"
-    awk -v n="${names[$i]}" -v dt=$((t1 - t0)) -v dw=$((w1 - w0)) -v hz="$hz" -v T="$T" \
-      'BEGIN { printf "| %s | %.1f | %.0f |\n", n, dt * 1000 / hz * 60 / T, dw * 60 / T }'
+    cpu[$1,$p]=$(awk -v d=$((t1 - t0)) -v hz="$hz" -v T="$T" 'BEGIN { printf "%.0f", d * 1000 / hz * 60 / T }')
+    wake[$1,$p]=$(awk -v d=$((w1 - w0)) -v T="$T" 'BEGIN { printf "%.0f", d * 60 / T }')
+  done
+  eval "segments_$1=$(awk -v d=$((s1 - s0)) -v T="$T" 'BEGIN { printf "%.0f", d * 60 / T }')"
+}
+echo "idle: window 1 ($T s), no pooled connections" >&2
+window cold
+for _ in $(seq 300); do curl -s -o /dev/null -H 'Host: web' http://127.0.0.1:26051/; done
+pooled=$(ss -Htn state established "( dport >= :26031 and dport <= :26033 )" | wc -l)
+sleep 3
+echo "idle: window 2 ($T s), $pooled pooled connections" >&2
+window warm
+
+out=bench/results/idle-$(date +%F).md
+names=(wf-control "lab-app web-1" "lab-app web-2" "lab-app web-3" "web-1 sidecar" "web-2 sidecar" "web-3 sidecar" "client sidecar")
+{
+  echo "# An idle mesh, before and after it pooled connections"
+  echo
+  echo "$(date -u '+%F %H:%M UTC'), $(nproc) cores, binaries from \`$B\`, $T s per window. wf-control,"
+  echo "three web instances (lab-app + sidecar: TCP app check every 1 s, heartbeat every 3.3 s) and a"
+  echo "client sidecar, idle; in the second window the client sidecar holds $pooled pooled HTTP/2"
+  echo "connections to the web sidecars (left by 300 calls). Those are pinged only while a request"
+  echo "waits, and their TCP keepalive probes (after 10 s idle, every 10 s) are the kernel's, so the"
+  echo "difference between the windows is what checking them costs. What remains is timers"
+  echo "(heartbeats, app checks, traffic reports, the control-plane channel's keepalive)."
+  echo
+  echo "| process | CPU ms/min, no pooled connections | with | wake-ups/min, no pooled connections | with |"
+  echo "|---|---:|---:|---:|---:|"
+  i=0
+  for p in "${pids[@]}"; do
+    echo "| ${names[$i]} | ${cpu[cold,$p]} | ${cpu[warm,$p]} | ${wake[cold,$p]} | ${wake[warm,$p]} |"
     i=$((i + 1))
   done
   echo
-  echo "TCP segments sent on the machine during the window: $((s1 - s0)) ($(awk -v d=$((s1 - s0)) -v T="$T" 'BEGIN { printf "%.0f", d * 60 / T }') per minute)."
+  echo "TCP segments sent on the machine per minute: $segments_cold without, $segments_warm with the pooled connections."
 } >"$out"
 cat "$out"
 echo "idle: wrote $out" >&2

@@ -186,22 +186,22 @@ impl Outcome {
         }
     }
 
-    /// From `from` to the end of the last request sent before `to` that
-    /// failed (ms): 0 when none failed, `None` when one sent in the last
-    /// tenth of the window still failed.
+    /// From `from` to the end of the last failed request that ended before
+    /// `to` (ms): 0 when none failed, `None` when one still failed in the
+    /// last tenth of the window. By end time, so a request sent before an
+    /// event that fails because of it counts for that event.
     fn recovery(&self, from: f64, to: f64) -> Option<f64> {
+        let end = |s: &Sample| s.at + s.ms / 1000.0;
         let last = self
             .samples
             .iter()
-            .filter(|s| !s.ok && s.at >= from && s.at < to)
-            .fold(None, |m: Option<&Sample>, s| match m {
-                Some(m) if m.at + m.ms / 1000.0 >= s.at + s.ms / 1000.0 => Some(m),
-                _ => Some(s),
-            });
+            .filter(|s| !s.ok && end(s) >= from && end(s) < to)
+            .map(end)
+            .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
         match last {
             None => Some(0.0),
-            Some(s) if s.at >= to - (to - from) * 0.1 => None,
-            Some(s) => Some((s.at + s.ms / 1000.0 - from) * 1000.0),
+            Some(e) if e >= to - (to - from) * 0.1 => None,
+            Some(e) => Some((e - from) * 1000.0),
         }
     }
 }

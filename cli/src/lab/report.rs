@@ -71,8 +71,8 @@ pub fn markdown(cfg: &Config, rows: &[Row]) -> String {
     }
     let _ = writeln!(
         s,
-        "\n\"Rerouted after\" runs from the event to the end of the last request sent before \
-         the next event that failed; 0 ms means none failed.\n\n![failed requests](failures.svg)\n\n![latency](latency.svg)"
+        "\n\"Rerouted after\" runs from the event to the end of the last failed request that \
+         ended before the next event; 0 ms means none failed.\n\n![failed requests](failures.svg)\n\n![latency](latency.svg)"
     );
     s
 }
