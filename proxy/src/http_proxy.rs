@@ -436,6 +436,7 @@ impl Proxy {
                     &app,
                     false,
                     ("inbound", "app"),
+                    &std::sync::atomic::AtomicBool::new(false),
                 )
                 .await
             {
@@ -520,6 +521,8 @@ impl Proxy {
 
     /// One attempt: sends `head` with `body` to `ep` and waits for the
     /// response headers, recording the latency for the balancer and metrics.
+    /// `dispatched` is set once the request is handed to a connection.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         clients: &Clients,
@@ -528,6 +531,7 @@ impl Proxy {
         ep: &Arc<EndpointStats>,
         to_sidecar: bool,
         (direction, upstream): (&'static str, &str),
+        dispatched: &std::sync::atomic::AtomicBool,
     ) -> Result<Response<PoolBody>, SendError> {
         let (req, use_h2) = head
             .request(body, ep, to_sidecar)
@@ -538,7 +542,7 @@ impl Proxy {
             _ if use_h2 => &clients.h2,
             _ => &clients.h1,
         };
-        let result = pool.send(ep.addr, req).await;
+        let result = pool.send_marked(ep.addr, req, dispatched).await;
         match result {
             Ok(resp) => {
                 // One clock read ends the attempt for the balancer and the

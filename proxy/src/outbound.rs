@@ -12,7 +12,7 @@ use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
-use crate::balance::{EndpointStats, PickContext, hash_bytes};
+use crate::balance::{EndpointStats, PickContext, Picks, hash_bytes};
 use crate::connector::ConnectError;
 use crate::http_proxy::{
     Body, DISCOVERY_WAIT, ERROR_HEADER, Head, Proxy, SendError, forward_upgrade, into_body,
@@ -24,8 +24,7 @@ use crate::replay::ReplayBody;
 use crate::resilience::breaker::Overflow;
 use crate::resilience::retry::{self, Outcome};
 use crate::telemetry;
-use crate::upstream::HashKey;
-use crate::upstream::Upstream;
+use crate::upstream::{Active, HashKey, Upstream};
 
 /// Response header: how many attempts the request took.
 pub const ATTEMPTS_HEADER: &str = "x-wayfinder-attempts";
@@ -48,10 +47,37 @@ enum Attempted {
     Abandoned,
 }
 
-/// Waits for `sent`; when `movable` and `ep` is retired meanwhile and
-/// `may_leave` agrees (the body can be replayed, the budget pays), gives the
-/// attempt up. Dropping it resets the HTTP/2 stream (or closes the HTTP/1
-/// connection); requests that may not be repeated keep waiting.
+/// The next endpoint to try: the balancer's next choice not tried yet, or,
+/// once every endpoint was tried, its first choice again.
+fn next_endpoint(
+    from: &Active,
+    picks: &mut Picks,
+    ctx: &PickContext,
+    tried: &[SocketAddr],
+) -> Option<usize> {
+    let eps = from.balancer.endpoints();
+    if let Some(i) = picks.find(|&i| !tried.contains(&eps[i].addr)) {
+        return Some(i);
+    }
+    *picks = from.balancer.pick(ctx);
+    picks.next()
+}
+
+/// Before a retry: picks from the upstream's current endpoints when
+/// discovery changed them since (an endpoint that left is not tried again).
+fn renew(up: &Upstream, from: &mut Arc<Active>, picks: &mut Picks, ctx: &PickContext) {
+    let now = up.active();
+    if !Arc::ptr_eq(&now, from) {
+        *from = now;
+        *picks = from.balancer.pick(ctx);
+    }
+}
+
+/// Waits for `sent`; when `movable` (attempts are left) and `ep` is retired
+/// meanwhile and `may_leave` agrees (the request may be repeated, the body
+/// can be replayed, the budget pays), gives the attempt up. Dropping it
+/// resets the HTTP/2 stream (or closes the HTTP/1 connection); other
+/// requests keep waiting for their answer.
 async fn until_retired<F>(
     sent: F,
     ep: &EndpointStats,
@@ -176,15 +202,17 @@ async fn route(
             }),
         },
     };
-    let endpoints = active.balancer.endpoints();
-    let mut picks = active.balancer.pick(&ctx);
+    // The endpoint set tries pick from: the request's snapshot, renewed on
+    // a retry when discovery changed it meanwhile.
+    let mut from = active.clone();
+    let mut picks = from.balancer.pick(&ctx);
     let clients = up.clients();
 
     if is_upgrade(&req) {
         let Some(i) = picks.next() else {
             return reply(grpc, StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
         };
-        return forward_upgrade(req, &endpoints[i], &clients).await;
+        return forward_upgrade(req, &from.balancer.endpoints()[i], &clients).await;
     }
 
     let (parts, body) = req.into_parts();
@@ -208,16 +236,16 @@ async fn route(
     let mut attempt = 0u32;
     // Held from a retry's backoff to its end: the `max_active_retries` breaker.
     let mut _retrying = None;
+    // Endpoints tried so far (written only when a request is retried).
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let dispatched = std::sync::atomic::AtomicBool::new(false);
     loop {
         attempt += 1;
         // Each try goes to another endpoint while there are untried ones.
-        let Some(i) = picks.next().or_else(|| {
-            picks = active.balancer.pick(&ctx);
-            picks.next()
-        }) else {
+        let Some(i) = next_endpoint(&from, &mut picks, &ctx, &tried) else {
             return reply(grpc, StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
         };
-        let ep = &endpoints[i];
+        let ep = &from.balancer.endpoints()[i];
         let Some(this_body) = body.take() else {
             return reply(grpc, StatusCode::BAD_GATEWAY, "body-not-replayable");
         };
@@ -231,6 +259,7 @@ async fn route(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        dispatched.store(false, std::sync::atomic::Ordering::Relaxed);
         let sent = proxy.send(
             &clients,
             &head,
@@ -238,12 +267,23 @@ async fn route(
             ep,
             ep.meshed,
             ("outbound", name),
+            &dispatched,
         );
-        // An attempt that may be repeated is moved elsewhere at once when
-        // discovery retires its endpoint meanwhile (paid from the budget).
-        let movable = attempt < s.retry.max_attempts && retry::repeatable(&head.method, &s.retry);
-        let attempted = until_retired(sent, ep, movable, || {
-            keeper.replayable()
+        // An attempt is moved elsewhere at once when discovery retires its
+        // endpoint meanwhile, if it may be repeated (idempotent, or not yet
+        // handed to a connection), another endpoint is there to take it (a
+        // draining instance may still answer: better than nothing) and the
+        // budget pays.
+        let attempted = until_retired(sent, ep, attempt < s.retry.max_attempts, || {
+            (retry::repeatable(&head.method, &s.retry)
+                || !dispatched.load(std::sync::atomic::Ordering::Relaxed))
+                && keeper.replayable()
+                && up
+                    .active()
+                    .balancer
+                    .endpoints()
+                    .iter()
+                    .any(|e| e.addr != ep.addr && !tried.contains(&e.addr))
                 && up
                     .budget
                     .withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec)
@@ -257,6 +297,8 @@ async fn route(
                 tracing::debug!(service = name, endpoint = %ep.id, "attempt moved: its endpoint left");
                 proxy.metrics.retries.get_or_create(&labels()).inc();
                 body = keeper.replay();
+                tried.push(ep.addr);
+                renew(up, &mut from, &mut picks, &ctx);
                 continue;
             }
             Some(Attempted::Done(r)) => Some(r),
@@ -349,9 +391,11 @@ async fn route(
                     pause = pause.min(d.saturating_duration_since(Instant::now()));
                 }
                 drop(answer);
+                tried.push(ep.addr);
                 if pause > Duration::ZERO {
                     tokio::time::sleep(pause).await;
                 }
+                renew(up, &mut from, &mut picks, &ctx);
                 continue;
             } else {
                 overflow(Overflow::Retries);

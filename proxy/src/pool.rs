@@ -113,9 +113,20 @@ impl Pool {
         addr: SocketAddr,
         req: Request<ReplayBody>,
     ) -> Result<Response<PoolBody>, PoolError> {
+        self.send_marked(addr, req, &AtomicBool::new(false)).await
+    }
+
+    /// [`Pool::send`], setting `dispatched` once the request is handed to
+    /// a connection (until then it has certainly not reached the endpoint).
+    pub async fn send_marked(
+        &self,
+        addr: SocketAddr,
+        req: Request<ReplayBody>,
+        dispatched: &AtomicBool,
+    ) -> Result<Response<PoolBody>, PoolError> {
         match self.inner.proto {
-            Proto::Http1 => self.inner.send_h1(addr, req).await,
-            Proto::Http2 => self.inner.send_h2(addr, req).await,
+            Proto::Http1 => self.inner.send_h1(addr, req, dispatched).await,
+            Proto::Http2 => self.inner.send_h2(addr, req, dispatched).await,
         }
     }
 
@@ -147,6 +158,7 @@ impl Inner {
         self: &Arc<Self>,
         addr: SocketAddr,
         mut req: Request<ReplayBody>,
+        dispatched: &AtomicBool,
     ) -> Result<Response<PoolBody>, PoolError> {
         loop {
             let (idle, retired) = self.checkout_h1(addr);
@@ -154,6 +166,7 @@ impl Inner {
                 Some(tx) => (tx, true),
                 None => (self.dial_h1(addr).await?, false),
             };
+            dispatched.store(true, Ordering::Relaxed);
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     let lend = resp.status() != StatusCode::SWITCHING_PROTOCOLS;
@@ -233,6 +246,7 @@ impl Inner {
         self: &Arc<Self>,
         addr: SocketAddr,
         mut req: Request<ReplayBody>,
+        dispatched: &AtomicBool,
     ) -> Result<Response<PoolBody>, PoolError> {
         let mut redialed = false;
         loop {
@@ -243,6 +257,7 @@ impl Inner {
                     self.dial_h2(addr).await?
                 }
             };
+            dispatched.store(true, Ordering::Relaxed);
             match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(|inner| PoolBody::new(inner, None))),
                 Err(mut e) => match e.take_message() {

@@ -170,6 +170,95 @@ async fn with_no_policy_a_frozen_instance_costs_at_most_the_request_timeout() ->
 }
 
 #[tokio::test]
+async fn calls_waiting_on_an_instance_the_control_plane_drops_move_at_once() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let (app1, app1_addr) = lab_app("web-1")?;
+        let _web1 = (app1, sidecar(&cp, "web", "web-1", app1_addr, "tcp")?);
+        // web-2 answers after 3 s; its sidecar drains for up to 10 s on
+        // SIGTERM, so what is in flight there may still finish.
+        let (_app2, app2_addr) = lab_app("web-2")?;
+        let app2 = app2_addr.to_string();
+        let url = cp.url();
+        let mut web2 = Process::start(
+            "wf-proxy",
+            &[
+                "--control-plane",
+                &url,
+                "--service",
+                "web",
+                "--instance",
+                "web-2",
+                "--app",
+                &app2,
+                "--inbound",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--health-check",
+                "tcp",
+                "--drain-timeout",
+                "10s",
+            ],
+            "wf-proxy listening",
+        )?;
+        wait_serving(&cp, "web", 2).await?;
+        let (status, _, _) =
+            wayfinder_tests::http_request(app2_addr, "POST", "/fault?delay_ms=3000", "lab", "")
+                .await?;
+        assert_eq!(status, 200);
+        let (_client, web, _) = client(&cp, &["--balancer", "round-robin"])?;
+
+        // Round robin over two: of four GETs and two POSTs sent at once,
+        // some wait on web-2.
+        let call = |method: &'static str| {
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let r = wayfinder_tests::http_request(web, method, "/", "web", "x").await;
+                (method, r, started.elapsed())
+            })
+        };
+        let calls: Vec<_> = ["GET", "GET", "GET", "GET", "POST", "POST"]
+            .into_iter()
+            .map(call)
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // web-2 leaves: its sidecar deregisters at once on SIGTERM.
+        let stop = std::thread::spawn(move || web2.terminate());
+        let (mut moved, mut waited) = (0, 0);
+        for c in calls {
+            let (method, r, took) = c.await?;
+            let (status, head, body) = r?;
+            assert_eq!(status, 200, "{method}: {head}{body}");
+            let instance = wayfinder_tests::mesh::instance_of(&body);
+            if method == "GET" {
+                // Moved to web-1 as soon as the control plane said so, not
+                // after web-2's 3 s.
+                assert!(
+                    took < Duration::from_millis(2000),
+                    "GET took {took:?}: {head}"
+                );
+                if head.contains("x-wayfinder-attempts: 2") {
+                    assert_eq!(instance, "web-1");
+                    moved += 1;
+                }
+            } else if instance == "web-2" {
+                // A POST that reached web-2 is not sent twice: it waits.
+                assert!(head.contains("x-wayfinder-attempts: 1"), "{head}");
+                assert!(took >= Duration::from_millis(2900), "POST took {took:?}");
+                waited += 1;
+            }
+        }
+        assert!(moved >= 1, "a GET waiting on web-2 was moved");
+        assert!(waited >= 1, "a POST waited for web-2's answer");
+        stop.join()
+            .map_err(|_| anyhow::anyhow!("terminate panicked"))??;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
 async fn three_equal_instances_share_300_calls_one_after_another() -> Result<()> {
     bounded(async {
         let cp = ControlPlane::start(&[])?;
