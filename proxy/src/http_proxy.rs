@@ -341,7 +341,13 @@ impl Proxy {
         })
     }
 
-    /// The local app, if this sidecar fronts one.
+    /// The sidecar's connect timeout (`--connect-timeout`), for connections
+    /// no service policy governs (the app, intercepted pass-through).
+    pub fn connect_timeout(&self) -> Duration {
+        self.defaults.connect
+    }
+
+    /// The local app's address, if the sidecar fronts one.
     pub fn app(&self) -> Option<SocketAddr> {
         self.app.as_ref().map(|a| a.addr)
     }

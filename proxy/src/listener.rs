@@ -102,7 +102,7 @@ pub async fn serve(
                 continue;
             }
         };
-        crate::liveness::tune(&stream);
+        crate::liveness::tune_accepted(&stream);
         open.0.fetch_add(1, Ordering::Relaxed);
         let guard = OpenGuard(open.clone());
         let (proxy, role, shutdown, server_first) = (
@@ -318,7 +318,13 @@ const CATALOG_WAIT: Duration = Duration::from_secs(2);
 
 /// Relays an intercepted connection to where the app meant it to go.
 async fn passthrough(stream: TcpStream, orig: SocketAddr, proxy: &Proxy) {
-    match TcpStream::connect(orig).await {
+    let connect = tokio::time::timeout(proxy.connect_timeout(), TcpStream::connect(orig));
+    match connect.await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        ))
+    }) {
         Ok(server) => {
             crate::liveness::tune(&server);
             relay(
@@ -492,8 +498,14 @@ async fn connect_target(
 ) -> Option<(Box<dyn Stream>, Option<Permit>)> {
     let target = match role {
         Role::Inbound => match proxy.app() {
-            Some(app) => TcpStream::connect(app)
+            Some(app) => tokio::time::timeout(proxy.connect_timeout(), TcpStream::connect(app))
                 .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connect timed out",
+                    ))
+                })
                 .map(|s| {
                     crate::liveness::tune(&s);
                     (Box::new(s) as Box<dyn Stream>, None)

@@ -15,7 +15,12 @@
 //!   `TCP_USER_TIMEOUT`, which bounds how long written data may stay
 //!   unacknowledged: an HTTP/1 request written to a dead peer fails in
 //!   [`TCP_USER_TIMEOUT`] instead of the kernel's ~15 minutes of
-//!   retransmissions.
+//!   retransmissions. With it set, Linux also ends a connection whose
+//!   keepalive probes go unanswered once the user timeout has passed, so a
+//!   dead idle connection goes 10-20 s after it fell silent.
+//! - A request stream that waits long for its answer (a gRPC server stream,
+//!   a long poll) makes its connection send a ping per second while no
+//!   frame arrives: 17 bytes each way, the price of noticing within 2 s.
 //! - Connecting is bounded by the connect timeout (policy, `--connect-timeout`).
 
 use std::time::Duration;
@@ -28,17 +33,30 @@ pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
 /// Unanswered probes before the kernel closes the connection.
 pub const TCP_KEEPALIVE_PROBES: u32 = 3;
-/// Longest time written data may stay unacknowledged (Linkerd: 30 s).
+/// Longest time data the sidecar wrote to an endpoint may stay
+/// unacknowledged (Linkerd: 30 s).
 pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same on connections the sidecar accepted: longer, so a client that
+/// stops reading for a while (its window full) is not cut (Linkerd's 30 s).
+pub const TCP_USER_TIMEOUT_ACCEPTED: Duration = Duration::from_secs(30);
 /// Silence on a pooled HTTP/2 connection with requests open before it is pinged.
 pub const H2_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Time a ping may take before the connection is declared dead.
 pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Sets no-delay, TCP keepalive and `TCP_USER_TIMEOUT` on a connection.
-/// Failures are ignored: a socket without them still works, it is only
-/// noticed later when its peer dies.
+/// Sets no-delay, TCP keepalive and `TCP_USER_TIMEOUT` on a connection the
+/// sidecar made. Failures are ignored: a socket without them still works,
+/// it is only noticed later when its peer dies.
 pub fn tune(stream: &TcpStream) {
+    tune_with(stream, TCP_USER_TIMEOUT);
+}
+
+/// [`tune`] for a connection the sidecar accepted.
+pub fn tune_accepted(stream: &TcpStream) {
+    tune_with(stream, TCP_USER_TIMEOUT_ACCEPTED);
+}
+
+fn tune_with(stream: &TcpStream, user_timeout: Duration) {
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(stream);
     let keepalive = socket2::TcpKeepalive::new()
@@ -48,7 +66,7 @@ pub fn tune(stream: &TcpStream) {
     if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
         tracing::debug!(error = %e, "TCP keepalive not set");
     }
-    if let Err(e) = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)) {
+    if let Err(e) = sock.set_tcp_user_timeout(Some(user_timeout)) {
         tracing::debug!(error = %e, "TCP_USER_TIMEOUT not set");
     }
 }
@@ -82,5 +100,13 @@ mod tests {
             Some(TCP_USER_TIMEOUT)
         );
         assert!(s.nodelay().expect("nodelay"));
+        let (accepted, _) = l.accept().await.expect("accept");
+        tune_accepted(&accepted);
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            sock.tcp_user_timeout().expect("user timeout"),
+            Some(TCP_USER_TIMEOUT_ACCEPTED)
+        );
     }
 }

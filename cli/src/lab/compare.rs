@@ -3,8 +3,9 @@
 //! Three lab-app instances of `web` on their own loopback addresses
 //! (127.0.0.11-13, one port, as containers on a bridge) take N requests at
 //! concurrency C. At 40% of the requests web-2 dies, at 55% web-1 vanishes
-//! (its packets are dropped both ways, as when a container's network
-//! namespace goes: no FIN, no RST; needs root and iptables, else skipped),
+//! (its packets are dropped both ways and its processes stopped, as when a
+//! container's network namespace goes: no FIN, no RST, no heartbeat; needs
+//! root and iptables, else skipped),
 //! at 70% web-3 turns slow, at 85% web-4 starts. The same schedule runs
 //! against:
 //!
@@ -214,6 +215,12 @@ struct Blackhole {
     rules: Vec<[String; 4]>,
 }
 
+/// Why web-1 cannot vanish on this machine (iptables needs root), if it
+/// cannot.
+pub fn vanish_unavailable() -> Option<String> {
+    Blackhole::unavailable()
+}
+
 impl Blackhole {
     /// Why this machine cannot make one (iptables needs root), if it cannot.
     fn unavailable() -> Option<String> {
@@ -306,6 +313,18 @@ impl Procs {
         self.0.push((key.to_string(), child));
         rx.recv_timeout(Duration::from_secs(15))
             .with_context(|| format!("{} did not start ({key})", bin.display()))
+    }
+
+    /// Stops every process started under `key` (SIGSTOP): no heartbeat, no
+    /// health report, no FIN or RST from them. They are killed with the rest.
+    fn freeze(&mut self, key: &str) {
+        for (k, c) in &mut self.0 {
+            if k == key {
+                let _ = Command::new("kill")
+                    .args(["-STOP", &c.id().to_string()])
+                    .status();
+            }
+        }
     }
 
     /// Kills every process started under `key` (SIGKILL: a container dies).
@@ -794,6 +813,9 @@ async fn run_way(cfg: &Config, way: Way) -> Result<Outcome> {
                 None => {
                     let mut l = lab.lock().await;
                     l.vanished = Some(Blackhole::start(backend_ip(1))?);
+                    // Its processes go silent too: a sidecar there would
+                    // otherwise keep heartbeating over 127.0.0.1.
+                    l.procs.freeze("web-1");
                     l.set_record(1, false);
                     vanished_at = now;
                     eprintln!(

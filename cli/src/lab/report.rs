@@ -29,8 +29,9 @@ pub fn markdown(cfg: &Config, rows: &[Row]) -> String {
         s,
         "{} requests per way at concurrency {}, `GET /` to lab-app instances of `web` on \
          127.0.0.11-14. At 40% of the requests web-2 is killed (its DNS record goes away, as \
-         Docker's does); at 55% web-1 vanishes: every packet to or from it is dropped, as when \
-         a container's network namespace goes (no FIN, no RST; its record goes away too); at \
+         Docker's does); at 55% web-1 vanishes: every packet to or from it is dropped and its \
+         processes stop, as when a container's network namespace goes (no FIN, no RST, no \
+         heartbeat; its record goes away too); at \
          70% web-3 answers {} ms slower; at 85% web-4 starts (its record appears). A request \
          fails on an error, a status other than 200, or after 2 s. nginx runs with its \
          defaults (`proxy_connect_timeout` and `proxy_read_timeout` 60 s).\n",
@@ -72,7 +73,8 @@ pub fn markdown(cfg: &Config, rows: &[Row]) -> String {
     let _ = writeln!(
         s,
         "\n\"Rerouted after\" runs from the event to the end of the last failed request that \
-         ended before the next event; 0 ms means none failed.\n\n![failed requests](failures.svg)\n\n![latency](latency.svg)"
+         ended before the next event (for web-1, before the end of the run); 0 ms means none \
+         failed, \"never\" that requests still failed in the last tenth of that window.\n\n![failed requests](failures.svg)\n\n![latency](latency.svg)"
     );
     s
 }
