@@ -9,6 +9,10 @@ use wayfinder_proto::v1::{Authorization, AuthzRule};
 pub enum Ask<'a> {
     /// Method and path.
     Http(&'a str, &'a str),
+    /// A request that upgrades the connection (WebSocket) at this path.
+    /// What follows the upgrade is not HTTP and is not authorized again, so
+    /// only a rule without methods, or one listing `UPGRADE`, allows it.
+    Upgrade(&'a str),
     /// Raw bytes; only rules without methods or paths can allow it.
     Tcp,
 }
@@ -29,6 +33,14 @@ fn caller_matches(rule: &AuthzRule, caller: Option<&str>) -> bool {
 fn request_matches(rule: &AuthzRule, ask: Ask<'_>) -> bool {
     match ask {
         Ask::Tcp => rule.methods.is_empty() && rule.path_prefixes.is_empty(),
+        Ask::Upgrade(path) => {
+            (rule.methods.is_empty() || rule.methods.iter().any(|m| m == "UPGRADE"))
+                && (rule.path_prefixes.is_empty()
+                    || rule
+                        .path_prefixes
+                        .iter()
+                        .any(|p| path.starts_with(p.as_str())))
+        }
         Ask::Http(method, path) => {
             (rule.methods.is_empty() || rule.methods.iter().any(|m| m == method))
                 && (rule.path_prefixes.is_empty()

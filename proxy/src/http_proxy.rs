@@ -29,7 +29,7 @@ use crate::replay::ReplayBody;
 use crate::resilience::breaker::Breakers;
 use crate::settings::{Defaults, Settings};
 use crate::upstream::{Clients, Upstream, Upstreams};
-use crate::{authz, telemetry};
+use crate::{authz, edge, telemetry};
 
 /// Response body type of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -164,6 +164,17 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
             .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
 }
 
+/// `uri` with its path replaced (its query kept).
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
 /// An HTTP/2 request's URI: absolute, with the endpoint as authority.
 fn with_target(uri: &Uri, ep: &EndpointStats) -> Result<Uri, hyper::http::Error> {
     let mut parts = hyper::http::uri::Parts::default();
@@ -237,10 +248,12 @@ pub struct Head {
 }
 
 impl Head {
-    /// The head of `parts`, hop-by-hop headers removed.
+    /// The head of `parts`, hop-by-hop headers and the mesh's own
+    /// (`x-wayfinder-*`, which only sidecars may send) removed.
     pub fn new(parts: hyper::http::request::Parts) -> Self {
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
+        edge::strip_mesh_headers(&mut headers);
         Self {
             method: parts.method,
             uri: parts.uri,
@@ -382,18 +395,32 @@ impl Proxy {
         }
     }
 
+    /// Refuses a request at the edge: counted by reason, logged once per
+    /// kind with the client that sent it, answered with its status.
+    pub fn refuse_request(&self, r: edge::Refusal, grpc: bool, peer: SocketAddr) -> Response<Body> {
+        let reason = r.reason();
+        self.metrics
+            .edge_refusals
+            .get_or_create(&crate::metrics::ReasonLabels { reason })
+            .inc();
+        let first = self
+            .logged
+            .lock()
+            .is_ok_and(|mut l| l.insert(reason));
+        if first {
+            tracing::warn!(%peer, reason, "request refused (logged once per kind; see wayfinder_proxy_edge_refusals_total)");
+        }
+        reply(grpc, r.status(), reason)
+    }
+
     /// Whether `caller` may make `ask` of this sidecar's service. Until the
     /// service's own policy is known, nothing is allowed (fail closed).
-    pub async fn authorized(&self, caller: Option<&str>, ask: Option<(&str, &str)>) -> bool {
+    pub async fn authorized(&self, caller: Option<&str>, ask: authz::Ask<'_>) -> bool {
         let own = self.upstream(&self.local.service);
         if !own.wait_ready(DISCOVERY_WAIT).await {
             return false;
         }
         let policy = own.active().policy.as_ref().and_then(|p| p.authz.clone());
-        let ask = match ask {
-            Some((m, p)) => authz::Ask::Http(m, p),
-            None => authz::Ask::Tcp,
-        };
         authz::allowed(policy.as_ref(), self.local.default_deny, caller, ask)
     }
 
@@ -402,13 +429,34 @@ impl Proxy {
         self: Arc<Self>,
         mut req: Request<Incoming>,
         caller: Option<Arc<str>>,
+        peer: SocketAddr,
     ) -> Response<Body> {
         let Some(app) = self.app.clone() else {
             return error(StatusCode::NOT_FOUND, "no-app");
         };
-        let ask = (req.method().as_str(), req.uri().path());
-        if !self.authorized(caller.as_deref(), Some(ask)).await {
-            let grpc = is_grpc(req.headers());
+        let grpc = is_grpc(req.headers());
+        if let Err(r) = edge::check(&req) {
+            return self.refuse_request(r, grpc, peer);
+        }
+        // Authorization sees the path the app will see: the normalised one,
+        // which is also what the app gets.
+        match edge::normalize_path(req.uri().path()) {
+            Err(r) => return self.refuse_request(r, grpc, peer),
+            Ok(std::borrow::Cow::Owned(path)) => {
+                let Some(uri) = with_path(req.uri(), &path) else {
+                    return self.refuse_request(edge::Refusal::AmbiguousPath, grpc, peer);
+                };
+                *req.uri_mut() = uri;
+            }
+            Ok(std::borrow::Cow::Borrowed(_)) => {}
+        }
+        let path = req.uri().path();
+        let ask = if is_upgrade(&req) {
+            authz::Ask::Upgrade(path)
+        } else {
+            authz::Ask::Http(req.method().as_str(), path)
+        };
+        if !self.authorized(caller.as_deref(), ask).await {
             self.metrics.forbidden.inc();
             let resp = reply(grpc, StatusCode::FORBIDDEN, "forbidden");
             return self.count("inbound", "app", &self.app_requests, resp);
@@ -417,6 +465,7 @@ impl Proxy {
         if req.headers_mut().remove(ORIG_PROTO).is_some() {
             *req.version_mut() = Version::HTTP_11;
         }
+        edge::set_caller(req.headers_mut(), caller.as_deref());
         let started = Instant::now();
         // Clones share the request's buffers: nothing is copied per request.
         let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -446,7 +495,14 @@ impl Proxy {
                 )
                 .await
             {
-                Ok(resp) => into_body(resp),
+                Ok(resp) => {
+                    // The app may not speak for the mesh (a forged
+                    // `x-wayfinder-error: connect-failed` would make callers
+                    // retry what it already handled).
+                    let mut resp = into_body(resp);
+                    edge::strip_mesh_headers(resp.headers_mut());
+                    resp
+                }
                 Err(e) => {
                     let (status, reason) = e.reply();
                     error(status, reason)

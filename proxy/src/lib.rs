@@ -8,6 +8,7 @@ pub mod connector;
 pub mod control_plane;
 pub mod detect;
 pub mod discovery;
+pub mod edge;
 pub mod http_proxy;
 pub mod identity;
 pub mod listener;

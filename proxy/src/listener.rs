@@ -376,7 +376,7 @@ async fn inbound_tls(
         .and_then(crate::identity::peer_id)
         .map(Arc::from);
     if conn.alpn_protocol() == Some(crate::identity::ALPN_TCP) {
-        if !Box::pin(proxy.authorized(caller.as_deref(), None)).await {
+        if !Box::pin(proxy.authorized(caller.as_deref(), crate::authz::Ask::Tcp)).await {
             proxy.refuse(
                 "forbidden",
                 peer,
@@ -425,7 +425,7 @@ async fn serve_http<S>(
         // state is kilobytes; idle keep-alive connections should not pay it.
         let handle: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
             let resp = match r {
-                Role::Inbound => p.inbound(req, caller).await,
+                Role::Inbound => p.inbound(req, caller, peer).await,
                 Role::Upstream(name) => outbound(p, req, Some(name), peer).await,
                 Role::HostRouted | Role::Transparent => outbound(p, req, None, peer).await,
             };

@@ -139,6 +139,8 @@ pub struct ProxyMetrics {
     pub refused: Family<ReasonLabels, Counter>,
     /// HTTP requests denied by authorization.
     pub forbidden: Counter,
+    /// Requests refused at the mesh's edge (`edge.rs`), by reason.
+    pub edge_refusals: Family<ReasonLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -162,6 +164,7 @@ impl ProxyMetrics {
             spans: crate::telemetry::ExportCounters::default(),
             refused: Family::default(),
             forbidden: Counter::default(),
+            edge_refusals: Family::default(),
         };
         reg.register(
             "wayfinder_proxy_requests",
@@ -227,6 +230,11 @@ impl ProxyMetrics {
             "wayfinder_proxy_inbound_refused",
             "Inbound connections refused: plaintext to a strict inbound, failed mTLS handshake, TCP denied by authorization",
             m.refused.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_edge_refusals",
+            "Requests refused at the mesh's edge: duplicate Host, Connection naming an end-to-end header, CONNECT, ambiguous path",
+            m.edge_refusals.clone(),
         );
         reg.register(
             "wayfinder_proxy_forbidden",

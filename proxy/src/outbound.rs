@@ -23,7 +23,7 @@ use crate::pool::{PoolBody, PoolError};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Overflow;
 use crate::resilience::retry::{self, Outcome};
-use crate::telemetry;
+use crate::{edge, telemetry};
 use crate::upstream::{Active, HashKey, Upstream};
 
 /// Response header: how many attempts the request took.
@@ -111,6 +111,9 @@ pub async fn outbound(
     client: SocketAddr,
 ) -> Response<Body> {
     let grpc = is_grpc(req.headers());
+    if let Err(r) = edge::check(&req) {
+        return proxy.refuse_request(r, grpc, client);
+    }
     let name = match service {
         Some(s) => s,
         None => match service_from_authority(&req) {
@@ -338,10 +341,20 @@ async fn route(
                 };
                 (outcome, Attempt::Local(status, reason))
             }
-            Some(Ok(resp)) => {
+            Some(Ok(mut resp)) => {
+                // Only sidecars speak for the mesh (a peer's inbound strips
+                // what its app says under that prefix): an endpoint without
+                // one has its `x-wayfinder-*` headers dropped.
+                if !ep.meshed {
+                    edge::strip_mesh_headers(resp.headers_mut());
+                }
                 // A peer sidecar that could not reach its app: the request
-                // never reached an application, so it is safe to retry.
+                // never reached an application, so it is safe to retry, even
+                // a POST. Believed only over mTLS, where no one but that
+                // sidecar can have said it.
                 let peer_connect_failed = resp.status() == StatusCode::BAD_GATEWAY
+                    && ep.meshed
+                    && clients.mesh.is_some()
                     && resp
                         .headers()
                         .get(ERROR_HEADER)

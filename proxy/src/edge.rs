@@ -1,0 +1,322 @@
+//! What crosses the mesh's edges: requests from apps and clients, answers
+//! from apps. Each is checked for what the proxy relies on (one Host, a
+//! `Connection` header that names only hop-by-hop fields, no tunnels), its
+//! path normalised so authorization sees what the app will see, and
+//! stripped of what it may not claim (the mesh's own `x-wayfinder-*`
+//! signals, identity headers only the inbound sidecar may set).
+
+use std::borrow::Cow;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, StatusCode};
+
+/// Prefix of the headers the mesh speaks in, trusted only from sidecars.
+pub const MESH_PREFIX: &str = "x-wayfinder-";
+
+/// Header the inbound sidecar sets to the caller's authenticated identity,
+/// in Envoy's `x-forwarded-client-cert` form (`URI=spiffe://…`).
+pub const CLIENT_CERT_HEADER: &str = "x-forwarded-client-cert";
+
+/// Identity-looking headers a caller may not set: only the inbound sidecar
+/// says who called, from the mTLS handshake.
+const IDENTITY_HEADERS: [&str; 6] = [
+    CLIENT_CERT_HEADER,
+    "l5d-client-id",
+    "l5d-server-id",
+    "x-client-cert",
+    "x-ssl-client-cert",
+    "x-ssl-client-verify",
+];
+
+/// End-to-end fields a `Connection` header may not name: dropping them as
+/// hop-by-hop would change the request the proxy routes or authorizes.
+const PROTECTED: [HeaderName; 5] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::AUTHORIZATION,
+    header::COOKIE,
+];
+
+/// Why a request is refused at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// More than one Host header: the proxy and the app could each read another.
+    DuplicateHost,
+    /// `Connection` names an end-to-end field (e.g. `Connection: host`).
+    ConnectionNamesEndToEnd,
+    /// CONNECT asks for a tunnel; no policy allows tunnels.
+    Tunnel,
+    /// A path whose meaning servers disagree on (encoded slash or
+    /// backslash, a raw backslash, broken percent-encoding).
+    AmbiguousPath,
+}
+
+impl Refusal {
+    /// The status answered.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::Tunnel => StatusCode::METHOD_NOT_ALLOWED,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `x-wayfinder-error` reason (also the metric and log label).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::DuplicateHost => "duplicate-host",
+            Refusal::ConnectionNamesEndToEnd => "connection-names-end-to-end-header",
+            Refusal::Tunnel => "connect-not-allowed",
+            Refusal::AmbiguousPath => "ambiguous-path",
+        }
+    }
+}
+
+/// Checks a request arriving from an app or a peer before it is routed.
+pub fn check<B>(req: &Request<B>) -> Result<(), Refusal> {
+    if req.method() == Method::CONNECT {
+        return Err(Refusal::Tunnel);
+    }
+    let headers = req.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(Refusal::DuplicateHost);
+    }
+    if headers.contains_key(header::CONNECTION) {
+        let names_protected = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .any(|n| PROTECTED.contains(&n) || n.as_str().starts_with(MESH_PREFIX));
+        if names_protected {
+            return Err(Refusal::ConnectionNamesEndToEnd);
+        }
+    }
+    Ok(())
+}
+
+/// Removes the mesh's own headers: what an app or client sends under that
+/// prefix is not the mesh speaking.
+pub fn strip_mesh_headers(headers: &mut HeaderMap) {
+    // Most messages carry none: look before allocating anything.
+    if !headers.keys().any(|k| k.as_str().starts_with(MESH_PREFIX)) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(MESH_PREFIX))
+        .cloned()
+        .collect();
+    for n in names {
+        headers.remove(n);
+    }
+}
+
+/// Inbound, before the app: identity headers from the caller are removed
+/// and, when mTLS said who called, the one authenticated header is set.
+pub fn set_caller(headers: &mut HeaderMap, caller: Option<&str>) {
+    for h in IDENTITY_HEADERS {
+        headers.remove(h);
+    }
+    if let Some(id) = caller.and_then(|c| HeaderValue::from_str(&format!("URI={c}")).ok()) {
+        headers.insert(CLIENT_CERT_HEADER, id);
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// The path as the app will read it, for authorization and forwarding:
+/// percent-encoded unreserved characters decoded (`%2e` is `.`, other
+/// escapes keep their form, in upper case), repeated slashes merged, `.` and
+/// `..` segments resolved (RFC 3986 §5.2.4; `..` never climbs above `/`).
+/// Encoded slashes and backslashes, raw backslashes and broken escapes are
+/// refused: servers disagree on what they mean (Envoy's
+/// `path_with_escaped_slashes_action: REJECT_REQUEST`).
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Refusal> {
+    if path.is_empty() {
+        return Ok(Cow::Borrowed("/"));
+    }
+    if !path.starts_with('/') {
+        // `*` (OPTIONS *) and the like: nothing to resolve.
+        return Ok(Cow::Borrowed(path));
+    }
+    let plain = !path.contains(['%', '\\']) && !path.contains("//") && !path.contains("/.");
+    if plain {
+        return Ok(Cow::Borrowed(path));
+    }
+    // Decode what may be decoded.
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => return Err(Refusal::AmbiguousPath),
+            b'%' => {
+                let (Some(h), Some(l)) = (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(Refusal::AmbiguousPath);
+                };
+                let b = h * 16 + l;
+                if b == b'/' || b == b'\\' {
+                    return Err(Refusal::AmbiguousPath);
+                }
+                if unreserved(b) {
+                    decoded.push(char::from(b));
+                } else {
+                    decoded.push_str(&format!("%{b:02X}"));
+                }
+                i += 3;
+            }
+            b => {
+                decoded.push(char::from(b));
+                i += 1;
+            }
+        }
+    }
+    // Resolve segments.
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing = false;
+    for (n, seg) in segments.iter().enumerate() {
+        match *seg {
+            "" => trailing = n == last,
+            "." => trailing = n == last,
+            ".." => {
+                out.pop();
+                trailing = n == last;
+            }
+            s => {
+                out.push(s);
+                trailing = false;
+            }
+        }
+    }
+    let mut norm = String::with_capacity(decoded.len());
+    for s in &out {
+        norm.push('/');
+        norm.push_str(s);
+    }
+    if trailing || out.is_empty() {
+        norm.push('/');
+    }
+    Ok(Cow::Owned(norm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(p: &str) -> Result<String, Refusal> {
+        normalize_path(p).map(|c| c.into_owned())
+    }
+
+    #[test]
+    fn dot_segments_and_their_encodings_resolve_before_authorization() {
+        assert_eq!(norm("/public/../admin"), Ok("/admin".into()));
+        assert_eq!(norm("/public/%2e%2e/admin"), Ok("/admin".into()));
+        assert_eq!(norm("/public/%2E%2e/admin"), Ok("/admin".into()));
+        assert_eq!(norm("/public/./a/./b"), Ok("/public/a/b".into()));
+        assert_eq!(norm("//public///a"), Ok("/public/a".into()));
+        assert_eq!(norm("/../../etc"), Ok("/etc".into()), "never above the root");
+        assert_eq!(norm("/a/b/.."), Ok("/a/".into()));
+        assert_eq!(norm("/a/"), Ok("/a/".into()));
+        assert_eq!(norm("/%70ublic/x"), Ok("/public/x".into()));
+        assert_eq!(norm("/a%20b"), Ok("/a%20b".into()), "other escapes stay");
+        assert_eq!(norm("/a%3fb"), Ok("/a%3Fb".into()));
+        assert_eq!(norm("/.well-known/x"), Ok("/.well-known/x".into()));
+        assert_eq!(norm(""), Ok("/".into()));
+        assert!(matches!(normalize_path("/plain/path"), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn encoded_slashes_and_backslashes_are_refused() {
+        for p in [
+            "/public/..%2fadmin",
+            "/public/%2F..",
+            "/public\\..\\admin",
+            "/a%5cb",
+            "/a%zz",
+            "/a%2",
+        ] {
+            assert_eq!(norm(p), Err(Refusal::AmbiguousPath), "{p}");
+        }
+    }
+
+    #[test]
+    fn edge_checks_refuse_what_the_proxy_relies_on() {
+        let req = |f: &dyn Fn(hyper::http::request::Builder) -> hyper::http::request::Builder| {
+            f(Request::builder().uri("/")).body(()).expect("request")
+        };
+        assert_eq!(check(&req(&|b| b.header("host", "web"))), Ok(()));
+        assert_eq!(
+            check(&req(&|b| b.header("host", "web").header("host", "admin"))),
+            Err(Refusal::DuplicateHost)
+        );
+        assert_eq!(
+            check(&req(&|b| b.header("connection", "keep-alive, host"))),
+            Err(Refusal::ConnectionNamesEndToEnd)
+        );
+        assert_eq!(
+            check(&req(&|b| b.header("connection", "x-wayfinder-attempts"))),
+            Err(Refusal::ConnectionNamesEndToEnd)
+        );
+        assert_eq!(check(&req(&|b| b.header("connection", "keep-alive"))), Ok(()));
+        assert_eq!(
+            check(&req(&|b| b.method("CONNECT").uri("web:80"))),
+            Err(Refusal::Tunnel)
+        );
+    }
+
+    #[test]
+    fn callers_cannot_claim_an_identity_or_speak_for_the_mesh() {
+        let mut h = HeaderMap::new();
+        h.insert("x-wayfinder-error", HeaderValue::from_static("connect-failed"));
+        h.insert("l5d-client-id", HeaderValue::from_static("admin"));
+        h.insert(CLIENT_CERT_HEADER, HeaderValue::from_static("URI=spiffe://x/svc/admin"));
+        h.insert("x-other", HeaderValue::from_static("kept"));
+        strip_mesh_headers(&mut h);
+        set_caller(&mut h, Some("spiffe://wayfinder.local/svc/client"));
+        assert!(h.get("x-wayfinder-error").is_none());
+        assert!(h.get("l5d-client-id").is_none());
+        assert_eq!(
+            h.get(CLIENT_CERT_HEADER).and_then(|v| v.to_str().ok()),
+            Some("URI=spiffe://wayfinder.local/svc/client")
+        );
+        assert_eq!(h.get("x-other").and_then(|v| v.to_str().ok()), Some("kept"));
+        set_caller(&mut h, None);
+        assert!(h.get(CLIENT_CERT_HEADER).is_none(), "plaintext: nobody");
+    }
+
+    proptest::proptest! {
+        /// Whatever comes in, what comes out has no dot segment, no empty
+        /// segment but a trailing one, starts with `/`, and is stable.
+        #[test]
+        fn normalised_paths_are_canonical(p in "/[a-z./%2eEfF5c\\\\]{0,24}") {
+            if let Ok(n) = normalize_path(&p) {
+                proptest::prop_assert!(n.starts_with('/'));
+                let inner = n.trim_end_matches('/');
+                for seg in inner.split('/').skip(1) {
+                    proptest::prop_assert!(seg != "." && seg != ".." && !seg.is_empty(), "{n}");
+                }
+                let again = normalize_path(&n).map(|c| c.into_owned());
+                proptest::prop_assert_eq!(again, Ok(n.to_string()));
+            }
+        }
+    }
+}
