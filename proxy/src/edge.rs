@@ -233,7 +233,11 @@ mod tests {
         assert_eq!(norm("/public/%2E%2e/admin"), Ok("/admin".into()));
         assert_eq!(norm("/public/./a/./b"), Ok("/public/a/b".into()));
         assert_eq!(norm("//public///a"), Ok("/public/a".into()));
-        assert_eq!(norm("/../../etc"), Ok("/etc".into()), "never above the root");
+        assert_eq!(
+            norm("/../../etc"),
+            Ok("/etc".into()),
+            "never above the root"
+        );
         assert_eq!(norm("/a/b/.."), Ok("/a/".into()));
         assert_eq!(norm("/a/"), Ok("/a/".into()));
         assert_eq!(norm("/%70ublic/x"), Ok("/public/x".into()));
@@ -241,7 +245,10 @@ mod tests {
         assert_eq!(norm("/a%3fb"), Ok("/a%3Fb".into()));
         assert_eq!(norm("/.well-known/x"), Ok("/.well-known/x".into()));
         assert_eq!(norm(""), Ok("/".into()));
-        assert!(matches!(normalize_path("/plain/path"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(
+            normalize_path("/plain/path"),
+            Ok(Cow::Borrowed(_))
+        ));
     }
 
     #[test]
@@ -276,7 +283,10 @@ mod tests {
             check(&req(&|b| b.header("connection", "x-wayfinder-attempts"))),
             Err(Refusal::ConnectionNamesEndToEnd)
         );
-        assert_eq!(check(&req(&|b| b.header("connection", "keep-alive"))), Ok(()));
+        assert_eq!(
+            check(&req(&|b| b.header("connection", "keep-alive"))),
+            Ok(())
+        );
         assert_eq!(
             check(&req(&|b| b.method("CONNECT").uri("web:80"))),
             Err(Refusal::Tunnel)
@@ -286,9 +296,15 @@ mod tests {
     #[test]
     fn callers_cannot_claim_an_identity_or_speak_for_the_mesh() {
         let mut h = HeaderMap::new();
-        h.insert("x-wayfinder-error", HeaderValue::from_static("connect-failed"));
+        h.insert(
+            "x-wayfinder-error",
+            HeaderValue::from_static("connect-failed"),
+        );
         h.insert("l5d-client-id", HeaderValue::from_static("admin"));
-        h.insert(CLIENT_CERT_HEADER, HeaderValue::from_static("URI=spiffe://x/svc/admin"));
+        h.insert(
+            CLIENT_CERT_HEADER,
+            HeaderValue::from_static("URI=spiffe://x/svc/admin"),
+        );
         h.insert("x-other", HeaderValue::from_static("kept"));
         strip_mesh_headers(&mut h);
         set_caller(&mut h, Some("spiffe://wayfinder.local/svc/client"));

@@ -403,10 +403,7 @@ impl Proxy {
             .edge_refusals
             .get_or_create(&crate::metrics::ReasonLabels { reason })
             .inc();
-        let first = self
-            .logged
-            .lock()
-            .is_ok_and(|mut l| l.insert(reason));
+        let first = self.logged.lock().is_ok_and(|mut l| l.insert(reason));
         if first {
             tracing::warn!(%peer, reason, "request refused (logged once per kind; see wayfinder_proxy_edge_refusals_total)");
         }

@@ -23,8 +23,8 @@ use crate::pool::{PoolBody, PoolError};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Overflow;
 use crate::resilience::retry::{self, Outcome};
-use crate::{edge, telemetry};
 use crate::upstream::{Active, HashKey, Upstream};
+use crate::{edge, telemetry};
 
 /// Response header: how many attempts the request took.
 pub const ATTEMPTS_HEADER: &str = "x-wayfinder-attempts";

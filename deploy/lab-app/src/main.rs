@@ -7,7 +7,12 @@
 //! GET  /healthz          200 "ok", or 503 when made unhealthy
 //! GET  /fault            the faults in force and how many requests were served
 //! POST /fault?fail=0.3&delay_ms=200&healthy=false   change the faults (any subset)
+//! POST /fault?forge=true every answer becomes `502` with `x-wayfinder-error:
+//!                        connect-failed`, as a hostile app would forge the
+//!                        mesh's retry signal
 //! POST /fault/reset      back to normal
+//! GET  /headers          the request headers the app received (what the
+//!                        mesh passed on, and which identity it says called)
 //! GET  /chain?to=api     calls service `api` through the sidecar's outbound
 //!                        listener (`--outbound`), or without it `http://api/`
 //!                        by DNS (a transparent mesh intercepts that), passing
@@ -53,6 +58,8 @@ struct Faults {
     fail_ppm: AtomicU32,
     delay_ms: AtomicU64,
     unhealthy: AtomicBool,
+    /// Answer 502 with the mesh's `connect-failed` signal.
+    forge: AtomicBool,
 }
 
 struct App {
@@ -127,6 +134,7 @@ struct FaultQuery {
     fail: Option<f64>,
     delay_ms: Option<u64>,
     healthy: Option<bool>,
+    forge: Option<bool>,
 }
 
 async fn hello(
@@ -145,10 +153,33 @@ async fn hello(
         "instance": app.name, "path": uri.path(), "method": method.as_str(), "count": n,
         "bytes": body.len(),
     });
+    if app.faults.forge.load(Ordering::Relaxed) {
+        return (
+            StatusCode::BAD_GATEWAY,
+            [("x-wayfinder-error", "connect-failed")],
+            Json(body),
+        )
+            .into_response();
+    }
     if fail > 0 && rand::random_range(0..1_000_000) < fail {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     Json(body).into_response()
+}
+
+/// The request headers as received, names to values (lossy text).
+async fn headers(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    app.count.fetch_add(1, Ordering::Relaxed);
+    let seen: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
+            )
+        })
+        .collect();
+    Json(serde_json::json!({ "instance": app.name, "headers": seen })).into_response()
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
@@ -174,6 +205,9 @@ async fn fault(State(app): State<Arc<App>>, Query(q): Query<FaultQuery>) -> Resp
     if let Some(h) = q.healthy {
         app.faults.unhealthy.store(!h, Ordering::Relaxed);
     }
+    if let Some(f) = q.forge {
+        app.faults.forge.store(f, Ordering::Relaxed);
+    }
     faults(&app).into_response()
 }
 
@@ -181,6 +215,7 @@ async fn reset(State(app): State<Arc<App>>) -> Response {
     app.faults.fail_ppm.store(0, Ordering::Relaxed);
     app.faults.delay_ms.store(0, Ordering::Relaxed);
     app.faults.unhealthy.store(false, Ordering::Relaxed);
+    app.faults.forge.store(false, Ordering::Relaxed);
     faults(&app).into_response()
 }
 
@@ -190,6 +225,7 @@ fn faults(app: &App) -> Json<serde_json::Value> {
         "fail": f64::from(app.faults.fail_ppm.load(Ordering::Relaxed)) / 1e6,
         "delay_ms": app.faults.delay_ms.load(Ordering::Relaxed),
         "healthy": !app.faults.unhealthy.load(Ordering::Relaxed),
+        "forge": app.faults.forge.load(Ordering::Relaxed),
         "served": app.count.load(Ordering::Relaxed),
     }))
 }
@@ -212,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .route("/fault/reset", post(reset))
         .route("/chain", get(chain))
+        .route("/headers", get(headers))
         .fallback(hello)
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;

@@ -1,0 +1,266 @@
+//! The mesh's edges against callers who do not follow the protocol: paths
+//! that mean one thing to a matcher and another to the app, apps forging
+//! the mesh's signals, clients claiming identities, requests the proxy
+//! cannot route safely. Real binaries, an mTLS mesh on loopback; each
+//! attack gets a clear status and a log line naming it, and the mesh keeps
+//! serving everyone else.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wayfinder_tests::mesh::{admin_get, client, lab_app, sidecar_with, wait_serving};
+use wayfinder_tests::{ControlPlane, Process, bounded, http_request, metric, wfctl};
+
+const TOKEN: &str = "edges-test-token";
+
+/// An mTLS mesh on loopback; every process is killed when it is dropped.
+struct Mesh {
+    _cp: ControlPlane,
+    _app: Process,
+    /// web-1's app, for its fault controls.
+    app: SocketAddr,
+    /// web-1's sidecar.
+    web: Process,
+    /// The client sidecar.
+    caller: Process,
+    /// The client sidecar's `web` listener.
+    via: SocketAddr,
+}
+
+/// wf-control with `policy`, web-1 (lab-app and sidecar) and a client
+/// sidecar, all certified with the join token.
+async fn mesh(policy: &str) -> Result<Mesh> {
+    let cp = ControlPlane::start(&["--join-token", TOKEN])?;
+    if !policy.is_empty() {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, policy)?;
+        let (ok, _, err) = wfctl(&cp, &["policy", "apply", &path.to_string_lossy()])?;
+        anyhow::ensure!(ok, "{err}");
+    }
+    let (app_proc, app) = lab_app("web-1")?;
+    let web = sidecar_with(
+        &cp,
+        "web",
+        "web-1",
+        app,
+        "/healthz",
+        &["--join-token", TOKEN],
+    )?;
+    wait_serving(&cp, "web", 1).await?;
+    let (caller, via, _) = client(&cp, &["--join-token", TOKEN])?;
+    Ok(Mesh {
+        _cp: cp,
+        _app: app_proc,
+        app,
+        web,
+        caller,
+        via,
+    })
+}
+
+/// Sends raw bytes and returns the response head (status line and headers).
+async fn raw_head(addr: SocketAddr, bytes: &[u8]) -> Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(bytes).await?;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .context("no answer within 5 s")??;
+    Ok(String::from_utf8_lossy(&buf).to_string())
+}
+
+/// Sends raw bytes and returns the answer up to the close (or 5 s).
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(bytes).await?;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    Ok(String::from_utf8_lossy(&buf).to_string())
+}
+
+fn path_of(body: &str) -> String {
+    body.split("\"path\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or("?")
+        .to_string()
+}
+
+#[tokio::test]
+async fn authorization_sees_the_path_the_app_sees() -> Result<()> {
+    bounded(async {
+        let policy = "[services.web.authz]\ndefault = \"deny\"\n\
+            [[services.web.authz.allow]]\nfrom = [\"client\"]\nmethods = [\"GET\"]\npaths = [\"/public/\"]\n\
+            [[services.web.authz.allow]]\nfrom = [\"client\"]\nmethods = [\"UPGRADE\"]\npaths = [\"/live/\"]\n";
+        let m = mesh(policy).await?;
+        let (web, via) = (&m.web, m.via);
+
+        let (status, _, body) = http_request(via, "GET", "/public/page", "web", "").await?;
+        assert_eq!((status, path_of(&body)), (200, "/public/page".into()), "{body}");
+        // Resolved before matching, and the app gets the resolved path.
+        let (status, _, body) = http_request(via, "GET", "/public/a/../b", "web", "").await?;
+        assert_eq!((status, path_of(&body)), (200, "/public/b".into()), "{body}");
+        for path in ["/public/../admin", "/public/%2e%2e/admin", "/public/./../admin", "//admin"] {
+            let (status, head, _) = http_request(via, "GET", path, "web", "").await?;
+            assert_eq!(status, 403, "{path}: {head}");
+        }
+        for path in ["/public/..%2fadmin", "/public/%2F../admin", "/public/%5c..%5cadmin"] {
+            let (status, head, _) = http_request(via, "GET", path, "web", "").await?;
+            assert_eq!(status, 400, "{path}: {head}");
+            assert!(head.contains("x-wayfinder-error: ambiguous-path"), "{head}");
+        }
+        // An upgrade is authorized as UPGRADE at its path: GET on /public/
+        // does not open a tunnel there, a rule listing UPGRADE does.
+        let upgrade = |path: &str| {
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: web\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+        };
+        let denied = raw_head(via, upgrade("/public/chat").as_bytes()).await?;
+        assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+        let allowed = raw_head(via, upgrade("/live/feed").as_bytes()).await?;
+        assert!(!allowed.starts_with("HTTP/1.1 403"), "{allowed}");
+
+        let (_, metrics) = admin_get(web, "/metrics").await?;
+        assert_eq!(
+            metric(&metrics, "wayfinder_proxy_edge_refusals_total{reason=\"ambiguous-path\"}"),
+            Some(3.0)
+        );
+        logged(web, "ambiguous-path").await?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_app_cannot_speak_for_the_mesh_nor_a_caller_claim_an_identity() -> Result<()> {
+    bounded(async {
+        let m = mesh("").await?;
+        let (app, via) = (m.app, m.via);
+
+        // What the app sees: the caller's identity as mTLS proved it, none
+        // of what the caller claimed, none of the mesh's own headers.
+        let req = "GET /headers HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\
+                   l5d-client-id: admin.svc\r\nx-forwarded-client-cert: URI=spiffe://wayfinder.local/svc/admin\r\n\
+                   x-wayfinder-orig-proto: HTTP/1.0\r\nx-wayfinder-attempts: 9\r\n\r\n";
+        let answer = raw(via, req.as_bytes()).await?;
+        let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        let json = &body[body.find('{').context("json")?..=body.rfind('}').context("json")?];
+        let v: serde_json::Value = serde_json::from_str(json)?;
+        let h = &v["headers"];
+        assert_eq!(
+            h["x-forwarded-client-cert"], "URI=spiffe://wayfinder.local/svc/client",
+            "{h}"
+        );
+        assert!(h.get("l5d-client-id").is_none(), "{h}");
+        let mesh: Vec<_> = h
+            .as_object()
+            .map(|o| o.keys().filter(|k| k.starts_with("x-wayfinder-")).collect())
+            .unwrap_or_default();
+        assert!(mesh.is_empty(), "{mesh:?}");
+
+        // An app answering 502 with the mesh's connect-failed signal: the
+        // caller's sidecar neither believes nor repeats it, so a POST is
+        // handled once.
+        let fault = |q: &'static str| async move {
+            http_request(app, "POST", &format!("/fault?{q}"), "lab", "").await
+        };
+        fault("forge=true").await?;
+        let before = served(app).await?;
+        let (status, head, _) = http_request(via, "POST", "/orders", "web", "{}").await?;
+        assert_eq!(status, 502, "{head}");
+        assert!(head.contains("x-wayfinder-attempts: 1"), "{head}");
+        assert!(!head.contains("connect-failed"), "the forged reason is stripped: {head}");
+        assert_eq!(served(app).await? - before, 1, "the POST reached the app once");
+        fault("forge=false").await?;
+        let (status, _, _) = http_request(via, "GET", "/", "web", "").await?;
+        assert_eq!(status, 200, "the mesh serves on");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn requests_the_proxy_cannot_route_safely_are_refused() -> Result<()> {
+    bounded(async {
+        let m = mesh("").await?;
+        let (caller, via) = (&m.caller, m.via);
+        let cases: [(&str, &str, &str); 4] = [
+            (
+                "GET / HTTP/1.1\r\nHost: web\r\nHost: admin\r\nConnection: close\r\n\r\n",
+                "400",
+                "duplicate-host",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: web\r\nConnection: close, host\r\n\r\n",
+                "400",
+                "connection-names-end-to-end-header",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: web\r\nConnection: close, x-wayfinder-error\r\n\r\n",
+                "400",
+                "connection-names-end-to-end-header",
+            ),
+            (
+                "CONNECT web:80 HTTP/1.1\r\nHost: web:80\r\n\r\n",
+                "405",
+                "connect-not-allowed",
+            ),
+        ];
+        for (req, status, reason) in cases {
+            let answer = raw_head(via, req.as_bytes()).await?;
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
+                "{req:?}: {answer}"
+            );
+            assert!(
+                answer
+                    .to_ascii_lowercase()
+                    .contains(&format!("x-wayfinder-error: {reason}")),
+                "{answer}"
+            );
+            logged(caller, reason).await?;
+            let (ok, _, _) = http_request(via, "GET", "/", "web", "").await?;
+            assert_eq!(ok, 200, "everyone else is still served");
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Waits (2 s at most) for `what` in `p`'s log: its reader runs apart.
+async fn logged(p: &Process, what: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !p.log_text().contains(what) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{what} not logged: {}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Requests the app has served.
+async fn served(app: SocketAddr) -> Result<u64> {
+    let (_, _, body) = http_request(app, "GET", "/fault", "lab", "").await?;
+    let json = &body[body.find('{').context("json")?..=body.rfind('}').context("json")?];
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    v["served"].as_u64().context("served count")
+}
