@@ -76,14 +76,16 @@ pub fn service_name(name: &str) -> Result<(), InvalidInput> {
             max: MAX_SERVICE_NAME,
         });
     }
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    // One DNS label: no dots, so never an IP literal (a Host header of
+    // 169.254.169.254 names no service) nor a name outside the mesh.
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
     let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if !name.chars().all(ok_char) || !edge_ok(name.chars().next()) || !edge_ok(name.chars().last())
     {
         return Err(InvalidInput::Malformed {
             field: "service name",
             value: shorten(name),
-            why: "use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit",
+            why: "a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit",
         });
     }
     Ok(())
@@ -204,10 +206,24 @@ mod tests {
 
     #[test]
     fn service_names() {
-        for good in ["web", "api-v2", "a", "db.internal", "x1"] {
+        for good in ["web", "api-v2", "a", "x1", "127"] {
             assert_eq!(service_name(good), Ok(()), "{good}");
         }
-        for bad in ["", "Web", "-web", "web-", "we b", "wé", &"a".repeat(64)] {
+        let long = "a".repeat(64);
+        for bad in [
+            "",
+            "Web",
+            "-web",
+            "web-",
+            "we b",
+            "wé",
+            &long,
+            "db.internal",
+            "127.0.0.5",
+            "169.254.169.254",
+            "::1",
+            "[::1]",
+        ] {
             assert!(service_name(bad).is_err(), "{bad:?} accepted");
         }
     }

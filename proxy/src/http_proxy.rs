@@ -395,6 +395,19 @@ impl Proxy {
         }
     }
 
+    /// Whether a Host-routed request may create (or use) the upstream
+    /// `name`: one that exists already (an `--upstream` listener, or known
+    /// before), or one the control plane's catalog lists. With DNS as the
+    /// default source any name goes; DNS discovery keeps it off local
+    /// addresses. Anything else creates no state (no upstream, no watch).
+    pub async fn knows(&self, name: &str) -> bool {
+        if self.upstreams.get(name).is_some() || self.sources.default_origin == Origin::Dns {
+            return true;
+        }
+        self.catalog.wait_loaded(DISCOVERY_WAIT).await;
+        self.catalog.table().knows(name)
+    }
+
     /// Refuses a request at the edge: counted by reason, logged once per
     /// kind with the client that sent it, answered with its status.
     pub fn refuse_request(&self, r: edge::Refusal, grpc: bool, peer: SocketAddr) -> Response<Body> {

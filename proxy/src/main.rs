@@ -71,6 +71,11 @@ struct Args {
     /// DNS server for DNS discovery (IP:PORT); default: the system's resolv.conf.
     #[arg(long, env = "WAYFINDER_DNS_SERVER")]
     dns_server: Option<SocketAddr>,
+    /// Let DNS discovery use loopback and link-local answers (127.0.0.0/8,
+    /// ::1, 169.254.0.0/16 with the clouds' metadata service, fe80::/10):
+    /// off, so a name that resolves there cannot make the sidecar call them.
+    #[arg(long, env = "WAYFINDER_DNS_ALLOW_LOCAL")]
+    dns_allow_local: bool,
     /// Port of DNS-discovered endpoints when --upstream gives none.
     #[arg(long, env = "WAYFINDER_DNS_PORT", default_value_t = 80)]
     dns_port: u16,
@@ -434,6 +439,7 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         control_plane: channel.clone(),
         node: node.clone(),
         dns,
+        dns_allow_local: args.dns_allow_local,
         default_origin,
         dns_ports: args
             .upstreams
@@ -514,15 +520,19 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
                 role: Role::Transparent,
                 detect_timeout: args.detect_timeout,
             });
-            tokio::spawn(wayfinder_proxy::transparent::catalog::watch(
-                channel.clone(),
-                proxy.catalog.clone(),
-                node.clone(),
-            ));
             Some(addr)
         }
         None => None,
     };
+    // Host routing (explicit or intercepted) creates upstreams only for
+    // services the control plane knows: the catalog says which.
+    if outbound.is_some() || transparent.is_some() {
+        tokio::spawn(wayfinder_proxy::transparent::catalog::watch(
+            channel.clone(),
+            proxy.catalog.clone(),
+            node.clone(),
+        ));
+    }
     let admin_listener = bind(args.admin, "admin").await?;
     let admin_addr = admin_listener.local_addr()?;
 

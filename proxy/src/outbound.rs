@@ -117,7 +117,8 @@ pub async fn outbound(
     let name = match service {
         Some(s) => s,
         None => match service_from_authority(&req) {
-            Some(s) => Arc::from(s),
+            Some(s) if proxy.knows(&s).await => Arc::from(s),
+            Some(_) => return reply(grpc, StatusCode::NOT_FOUND, "unknown-service"),
             None => return reply(grpc, StatusCode::BAD_REQUEST, "no-service-in-host"),
         },
     };

@@ -264,3 +264,62 @@ async fn served(app: SocketAddr) -> Result<u64> {
     let v: serde_json::Value = serde_json::from_str(json)?;
     v["served"].as_u64().context("served count")
 }
+
+#[tokio::test]
+async fn dns_discovery_never_dials_loopback_or_metadata_addresses_unless_allowed() -> Result<()> {
+    bounded(async {
+        // A name that resolves to this host and to the clouds' metadata
+        // address, as a hostile or careless DNS record would.
+        let (_app, app) = lab_app("local-1")?;
+        let dns = wayfinder_tests::DnsServer::start("127.0.0.1:0".parse()?, 1).await?;
+        let ip = match app.ip() {
+            std::net::IpAddr::V4(v4) => v4,
+            std::net::IpAddr::V6(_) => anyhow::bail!("lab-app on IPv6"),
+        };
+        dns.records
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .insert(
+                "web".into(),
+                vec![ip, std::net::Ipv4Addr::new(169, 254, 169, 254)],
+            );
+        let cp = ControlPlane::start(&[])?;
+        let (url, server) = (cp.url(), dns.addr.to_string());
+        let upstream = format!("web:{}=127.0.0.1:0", app.port());
+        let start = |extra: &[&str]| {
+            let mut args = vec![
+                "--control-plane",
+                &url,
+                "--admin",
+                "127.0.0.1:0",
+                "--discovery",
+                "dns",
+                "--dns-server",
+                &server,
+                "--upstream",
+                &upstream,
+            ];
+            args.extend_from_slice(extra);
+            Process::start("wf-proxy", &args, "wf-proxy listening")
+        };
+        let strict = start(&[])?;
+        let (status, head, _) = http_request(strict.addr("web=")?, "GET", "/", "web", "").await?;
+        assert_eq!(status, 503, "{head}");
+        assert!(head.contains("x-wayfinder-error: no-endpoints"), "{head}");
+        logged(&strict, "loopback or link-local").await?;
+        // The operator may allow it (a lab whose DNS answers with loopback).
+        let allowed = start(&["--dns-allow-local"])?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (status, _, body) =
+                http_request(allowed.addr("web=")?, "GET", "/", "web", "").await?;
+            if status == 200 && body.contains("local-1") {
+                break;
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "{status} {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    })
+    .await
+}

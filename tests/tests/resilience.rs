@@ -458,7 +458,7 @@ async fn dns_endpoints_are_health_checked_actively() -> Result<()> {
         let upstream = format!("web:{port}=127.0.0.1:0");
         let client = Process::start(
             "wf-proxy",
-            &["--control-plane", &url, "--admin", "127.0.0.1:0", "--discovery", "dns", "--dns-server", &server, "--upstream", &upstream],
+            &["--control-plane", &url, "--admin", "127.0.0.1:0", "--discovery", "dns", "--dns-server", &server, "--dns-allow-local", "--upstream", &upstream],
             "wf-proxy listening",
         )?;
         let web = client.addr("upstreams=web=")?;

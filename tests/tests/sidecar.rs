@@ -217,8 +217,33 @@ async fn proxy_errors_say_why() -> Result<()> {
             "{head}"
         );
 
-        let (status, head, _) = http_request(outbound, "GET", "/", "ghost", "").await?;
-        assert_eq!(status, 503);
+        // A name the control plane does not know: refused, and nothing is
+        // created for it (no upstream, no watch).
+        for host in ["ghost", "127.0.0.5", "169.254.169.254", "web.evil.example"] {
+            let (status, head, _) = http_request(outbound, "GET", "/", host, "").await?;
+            assert!(
+                (status == 404 && head.contains("x-wayfinder-error: unknown-service"))
+                    || (status == 400 && head.contains("x-wayfinder-error: no-service-in-host")),
+                "{host}: {head}"
+            );
+        }
+        let (_, eps) = wayfinder_tests::mesh::admin_get(&_client, "/endpoints").await?;
+        assert!(!eps.contains("ghost"), "{eps}");
+
+        // A service the control plane knows (by its policy) with no endpoint.
+        let dir = tempfile::tempdir()?;
+        let policy = dir.path().join("p.toml");
+        std::fs::write(&policy, "[services.empty]\nbalancer = \"round-robin\"\n")?;
+        let (ok, _, err) = wfctl(&cp, &["policy", "apply", &policy.to_string_lossy()])?;
+        assert!(ok, "{err}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let head = loop {
+            let (status, head, _) = http_request(outbound, "GET", "/", "empty", "").await?;
+            if status == 503 || std::time::Instant::now() > deadline {
+                break head;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert!(head.contains("x-wayfinder-error: no-endpoints"), "{head}");
 
         let (status, head, _) = http_request(outbound, "GET", "/", "dead", "").await?;
@@ -438,6 +463,8 @@ async fn dns_discovery_uses_every_record_and_follows_changes() -> Result<()> {
                 "dns",
                 "--dns-server",
                 &server,
+                // The lab's DNS answers with loopback addresses.
+                "--dns-allow-local",
                 "--balancer",
                 "round-robin",
                 "--upstream",
@@ -489,6 +516,7 @@ async fn dns_discovery_uses_every_record_and_follows_changes() -> Result<()> {
                 "127.0.0.1:0",
                 "--dns-server",
                 &server,
+                "--dns-allow-local",
                 "--upstream",
                 &upstream,
             ],

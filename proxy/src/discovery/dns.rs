@@ -3,7 +3,7 @@
 //! resolving per request sees, with balancing and health on top. Runs only
 //! while the upstream's endpoints come from DNS (flag or policy).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,9 +30,36 @@ pub fn resolver(server: Option<SocketAddr>) -> LazyResolver {
     LazyResolver::new(server, LookupIpStrategy::Ipv4AndIpv6)
 }
 
-/// Resolves `upstream`'s name for as long as its endpoints come from DNS.
-pub async fn run(resolver: Arc<LazyResolver>, upstream: Arc<Upstream>, port: u16) {
+/// Whether `ip` is on this host or its link: loopback, unspecified,
+/// link-local (169.254.0.0/16 holds the clouds' metadata service), and the
+/// IPv4-mapped forms of those. A name resolving there would have the
+/// sidecar call something no service should reach through it.
+pub fn is_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_link_local(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_local(IpAddr::V4(v4)),
+            None => {
+                v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_unicast_link_local()
+                    // AWS's metadata service on IPv6.
+                    || v6.segments()[..4] == [0xfd00, 0x0ec2, 0, 0]
+            }
+        },
+    }
+}
+
+/// Resolves `upstream`'s name for as long as its endpoints come from DNS;
+/// local answers are dropped unless `allow_local`.
+pub async fn run(
+    resolver: Arc<LazyResolver>,
+    upstream: Arc<Upstream>,
+    port: u16,
+    allow_local: bool,
+) {
     let mut attempt = 0u32;
+    let mut warned = false;
     loop {
         upstream.wait_origin(Origin::Dns).await;
         let resolver = match resolver.get() {
@@ -50,8 +77,18 @@ pub async fn run(resolver: Arc<LazyResolver>, upstream: Arc<Upstream>, port: u16
         let wait = match resolver.lookup_ip(upstream.name()).await {
             Ok(answer) => {
                 attempt = 0;
+                let local = answer.iter().filter(|ip| is_local(*ip)).count();
+                if local > 0 && !allow_local && !warned {
+                    warned = true;
+                    tracing::warn!(
+                        service = upstream.name(),
+                        local,
+                        "DNS answer names loopback or link-local addresses: not used (--dns-allow-local allows them)"
+                    );
+                }
                 let mut eps: Vec<_> = answer
                     .iter()
+                    .filter(|ip| allow_local || !is_local(*ip))
                     .map(|ip| {
                         let addr = SocketAddr::new(ip, port);
                         Discovered {
@@ -91,5 +128,37 @@ pub async fn run(resolver: Arc<LazyResolver>, upstream: Arc<Upstream>, port: u16
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_and_metadata_addresses_are_recognised() {
+        for ip in [
+            "127.0.0.5",
+            "0.0.0.0",
+            "169.254.169.254",
+            "::1",
+            "::",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "fd00:ec2::254",
+        ] {
+            assert!(is_local(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in [
+            "10.0.0.7",
+            "172.18.0.3",
+            "192.168.1.2",
+            "8.8.8.8",
+            "2001:db8::1",
+            "fd00::1",
+        ] {
+            assert!(!is_local(ip.parse().expect("ip")), "{ip}");
+        }
     }
 }

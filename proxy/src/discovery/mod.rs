@@ -21,6 +21,8 @@ pub struct Sources {
     pub node: String,
     /// The DNS resolver (built when a service first needs it).
     pub dns: Arc<wayfinder_proto::dial::LazyResolver>,
+    /// Whether DNS answers may name loopback and link-local addresses.
+    pub dns_allow_local: bool,
     /// Source used unless a service's policy names another.
     pub default_origin: Origin,
     /// Port of DNS-discovered endpoints per service (`--upstream NAME:PORT=...`).
@@ -47,7 +49,12 @@ impl Sources {
             .get(up.name())
             .copied()
             .unwrap_or(self.default_dns_port);
-        tokio::spawn(dns::run(self.dns.clone(), up.clone(), port));
+        tokio::spawn(dns::run(
+            self.dns.clone(),
+            up.clone(),
+            port,
+            self.dns_allow_local,
+        ));
     }
 }
 

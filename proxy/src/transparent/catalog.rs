@@ -51,6 +51,11 @@ impl Table {
         }
     }
 
+    /// Whether the control plane knows a service of this exact name.
+    pub fn knows(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
     /// The service whose instances live at `ip`, if exactly one does.
     pub fn service_at(&self, ip: IpAddr) -> Option<Arc<str>> {
         self.by_ip.get(&ip).cloned()
