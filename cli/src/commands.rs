@@ -53,7 +53,7 @@ pub async fn services(ch: Channel, t: Duration, out: Format) -> Result<()> {
             s.version.to_string(),
         ]);
     }
-    println!("{table}");
+    output::line(&table.to_string());
     Ok(())
 }
 
@@ -91,7 +91,7 @@ pub async fn endpoints(ch: Channel, t: Duration, service: &str, out: Format) -> 
             e.version.to_string(),
         ]);
     }
-    println!("{table}");
+    output::line(&table.to_string());
     Ok(())
 }
 

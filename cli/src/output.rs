@@ -19,8 +19,46 @@ pub fn table(header: &[&str]) -> Table {
     t
 }
 
+/// `text` safe for a terminal: control characters (an escape sequence
+/// stored in an instance's zone or label would otherwise drive the
+/// operator's terminal) are shown as `\u{..}`; line breaks stay.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\n') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() && c != '\n' {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Prints a line for people (see [`printable`]).
+pub fn line(text: &str) {
+    println!("{}", printable(text));
+}
+
 /// Prints `value` as one line of JSON.
 pub fn json(value: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(printable("web-1 │ zone-a\n"), "web-1 │ zone-a\n");
+        let shown = printable("zone\u{1b}]0;owned\u{7}\u{1b}[2J");
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown}");
+        assert!(shown.contains("\\u{1b}"), "{shown}");
+    }
 }

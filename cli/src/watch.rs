@@ -127,19 +127,19 @@ fn print_event(event: &WatchEvent, out: Format) -> Result<()> {
                 }
             );
             for e in &s.endpoints {
-                println!("{}", line(' ', e));
+                output::line(&line(' ', e));
             }
         }
         Some(Kind::Delta(d)) => {
-            println!("{} v{} delta:", event.service, event.version);
+            output::line(&format!("{} v{} delta:", event.service, event.version));
             for e in &d.added {
-                println!("{}", line('+', e));
+                output::line(&line('+', e));
             }
             for e in &d.changed {
-                println!("{}", line('~', e));
+                output::line(&line('~', e));
             }
             for id in &d.removed {
-                println!("  - {id}");
+                output::line(&format!("  - {id}"));
             }
             if d.policy.is_some() {
                 println!("  policy changed");

@@ -79,13 +79,30 @@ struct Args {
         env = "WAYFINDER_JOIN_TOKEN",
         hide_env_values = true
     )]
-    join_tokens: Vec<JoinToken>,
+    join_tokens: Vec<String>,
     /// Serve gRPC over TLS with a certificate from the CA; clients trust CA_DIR/bundle.crt.
     #[arg(long, env = "WAYFINDER_TLS")]
     tls: bool,
     /// Names in the gRPC certificate (default: localhost, 127.0.0.1 and the gRPC address).
     #[arg(long = "tls-name", env = "WAYFINDER_TLS_NAMES", value_delimiter = ',')]
     tls_names: Vec<String>,
+}
+
+/// The join tokens, parsed here rather than by clap: clap's error repeats
+/// the value it refused, and a token must never reach a log or a terminal.
+fn join_tokens(raw: &[String]) -> Result<Vec<JoinToken>> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.parse().map_err(|e| {
+                anyhow::anyhow!(
+                    "join token {} of {} (--join-token / WAYFINDER_JOIN_TOKEN) is invalid: {e}",
+                    i + 1,
+                    raw.len()
+                )
+            })
+        })
+        .collect()
 }
 
 /// A certificate lifetime: `Ns`, `Nm` or `Nh`, from 10 s to 30 days.
@@ -124,6 +141,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
+    let tokens = join_tokens(&args.join_tokens)?;
     let mut prom = PromRegistry::default();
     let leases = LeaseConfig {
         default_ttl: args.lease_ttl,
@@ -146,12 +164,7 @@ async fn run(args: Args) -> Result<()> {
         Some(path) => Some(PolicyWatcher::load(path.clone(), backend.clone(), &mut prom).await?),
         None => None,
     };
-    let identity = IdentityService::new(
-        ca.clone(),
-        registry.clone(),
-        args.join_tokens.clone(),
-        &mut prom,
-    );
+    let identity = IdentityService::new(ca.clone(), registry.clone(), tokens, &mut prom);
     let tls = if args.tls {
         let mut names = args.tls_names.clone();
         if names.is_empty() {

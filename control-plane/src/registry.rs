@@ -291,6 +291,28 @@ struct Change {
     policy_removed: bool,
 }
 
+/// A random lease id: never 0, within etcd's positive `i64` range. A
+/// sequential id let any caller guess its neighbours' leases (and
+/// deregister them); ownership checks come with authenticated callers.
+pub fn random_lease_id() -> u64 {
+    loop {
+        let id = rand::random::<u64>() >> 2;
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+/// A random lease id not in `taken`.
+fn unguessable_lease<V>(taken: &HashMap<u64, V>) -> u64 {
+    loop {
+        let id = random_lease_id();
+        if !taken.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
 impl Registry {
     /// A registry restored from `persisted` (or empty). Restored leases get a
     /// fresh TTL from now, so live sidecars keep them by heartbeating.
@@ -512,8 +534,7 @@ impl Registry {
             let ttl = ttl
                 .unwrap_or(self.leases.default_ttl)
                 .clamp(self.leases.min_ttl, self.leases.max_ttl);
-            let lease_id = st.next_lease;
-            st.next_lease += 1;
+            let lease_id = unguessable_lease(&st.leases);
             st.leases.insert(
                 lease_id,
                 Lease {

@@ -64,7 +64,7 @@ fn shorten(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// Checks a service name: 1-63 of `[a-z0-9.-]`, starting and ending with a letter or digit.
+/// Checks a service name: one DNS label, 1-63 of `[a-z0-9-]`, starting and ending with a letter or digit.
 pub fn service_name(name: &str) -> Result<(), InvalidInput> {
     if name.is_empty() {
         return Err(InvalidInput::Empty("service name"));
@@ -86,6 +86,19 @@ pub fn service_name(name: &str) -> Result<(), InvalidInput> {
             field: "service name",
             value: shorten(name),
             why: "a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit",
+        });
+    }
+    Ok(())
+}
+
+/// Refuses control characters: text shown to operators must not carry
+/// terminal escape sequences.
+fn printable(field: &'static str, s: &str) -> Result<(), InvalidInput> {
+    if s.chars().any(char::is_control) {
+        return Err(InvalidInput::Malformed {
+            field,
+            value: shorten(&s.escape_default().to_string()),
+            why: "no control characters",
         });
     }
     Ok(())
@@ -175,6 +188,7 @@ pub fn instance(mut inst: Instance) -> Result<Instance, InvalidInput> {
             max: MAX_LABEL_LEN,
         });
     }
+    printable("zone", &inst.zone)?;
     if inst.labels.len() > MAX_LABELS {
         return Err(InvalidInput::OutOfRange {
             field: "labels",
@@ -188,6 +202,7 @@ pub fn instance(mut inst: Instance) -> Result<Instance, InvalidInput> {
             return Err(InvalidInput::Empty("label key"));
         }
         for (field, s) in [("label key", k), ("label value", v)] {
+            printable(field, s)?;
             if s.len() > MAX_LABEL_LEN {
                 return Err(InvalidInput::TooLong {
                     field,
@@ -277,6 +292,14 @@ mod tests {
             },
             Instance {
                 service: String::new(),
+                ..base.clone()
+            },
+            Instance {
+                zone: "a\u{1b}]0;owned\u{7}".into(),
+                ..base.clone()
+            },
+            Instance {
+                labels: [("v".to_string(), "\u{1b}[2J".to_string())].into(),
                 ..base.clone()
             },
         ];

@@ -679,3 +679,24 @@ async fn http_endpoints_report_exact_counts() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn lease_ids_cannot_be_guessed_from_one_another() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let mut ids = Vec::new();
+        for i in 0..5u32 {
+            let (lease, _) =
+                register(&cp, inst("web", &format!("web-{i}"), 9000 + i), false, 0).await?;
+            ids.push(lease);
+        }
+        // Sequential ids (1, 2, 3, …) let any caller renew or drop its
+        // neighbours' leases; random ones spread over 62 bits.
+        for w in ids.windows(2) {
+            assert!(w[0].abs_diff(w[1]) > 1_000_000, "{ids:?}");
+        }
+        assert!(ids.iter().all(|&l| l > 1_000_000 && l < 1 << 62), "{ids:?}");
+        Ok(())
+    })
+    .await
+}

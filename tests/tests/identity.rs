@@ -561,3 +561,46 @@ async fn a_root_added_to_the_bundle_is_trusted_by_running_sidecars_after_a_resta
     })
     .await
 }
+
+#[test]
+fn a_malformed_join_token_stops_start_up_without_being_echoed() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let secret = "s3cr3t-short";
+    let run = |args: &[&str], env: Option<&str>| -> Result<(bool, String)> {
+        let mut c = std::process::Command::new(wayfinder_tests::bin("wf-control"));
+        c.args([
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .args(args)
+        .stdin(std::process::Stdio::null());
+        if let Some(v) = env {
+            c.env("WAYFINDER_JOIN_TOKEN", v);
+        }
+        let out = c.output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success(), text))
+    };
+    for (args, env) in [
+        (vec!["--join-token", secret], None),
+        (vec![], Some(secret)),
+        (
+            vec!["--join-token", "s3cr3t-long-enough-0123:Not_A_Service"],
+            None,
+        ),
+    ] {
+        let (ok, text) = run(&args, env)?;
+        assert!(!ok, "must not start: {text}");
+        assert!(text.contains("join token 1 of 1"), "{text}");
+        assert!(!text.contains("s3cr3t"), "the token is echoed: {text}");
+    }
+    Ok(())
+}

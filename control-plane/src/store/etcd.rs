@@ -615,9 +615,13 @@ impl Backend for Etcd {
             // to its minimum; the sidecar is told what was granted.
             let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
             let secs_i64 = i64::try_from(secs).unwrap_or(i64::MAX);
+            // Our own random id, not etcd's (which counts up from the
+            // member's id): a caller must not guess another's lease.
+            let id = i64::try_from(crate::registry::random_lease_id()).unwrap_or(1);
             let granted = retry(|| {
                 let mut leases = self.client.lease_client();
-                async move { leases.grant(secs_i64, None).await }
+                let options = etcd_client::LeaseGrantOptions::new().with_id(id);
+                async move { leases.grant(secs_i64, Some(options)).await }
             })
             .await
             .map_err(unavailable)?;

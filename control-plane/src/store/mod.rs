@@ -58,7 +58,8 @@ pub enum Record {
     Counters {
         /// Registry version.
         version: u64,
-        /// Next lease id.
+        /// Formerly the next lease id; lease ids are random now, and the
+        /// field stays so existing files load unchanged.
         next_lease: u64,
     },
 }
@@ -68,7 +69,8 @@ pub enum Record {
 pub struct Persisted {
     /// Last registry version, so versions keep growing across restarts.
     pub version: u64,
-    /// Next lease id to hand out.
+    /// Formerly the next lease id; lease ids are random now, and the
+    /// field stays so existing files load unchanged.
     pub next_lease: u64,
     /// Services with endpoints or a policy.
     pub services: Vec<PersistedService>,
