@@ -20,10 +20,16 @@ cargo build --release --workspace --bins
 bin=target/release
 data=${WAYFINDER_DATA_DIR:-./wf-data}
 export WAYFINDER_CONTROL_PLANE=http://127.0.0.1:15010
-# Secure by default: every sidecar gets a certificate with this run's token
-# and the sidecars speak mTLS to each other.
-WAYFINDER_JOIN_TOKEN=${WAYFINDER_JOIN_TOKEN:-lab-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')}
-export WAYFINDER_JOIN_TOKEN
+# Secure by default: every sidecar gets a certificate with a token of this
+# run that is good for its own service only, and the sidecars speak mTLS to
+# each other. The tokens stay off command lines (ps shows those): wf-control
+# reads them from a file only its owner reads, each sidecar from its
+# environment.
+secret() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
+tok_web=$(secret) tok_api=$(secret) tok_client=$(secret)
+mkdir -p "$data"
+tokens="$data/join-tokens"
+(umask 077 && printf '%s:web\n%s:api\n%s:client\n' "$tok_web" "$tok_api" "$tok_client" >"$tokens")
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -32,7 +38,7 @@ wait_http() { for _ in $(seq 100); do curl -fs "$1" >/dev/null 2>&1 && return 0;
 
 echo "== wf-control (data in $data)"
 "$bin/wf-control" --grpc 127.0.0.1:15010 --http 127.0.0.1:15014 \
-  --data-dir "$data" --policy deploy/policy.toml 2>wf-lab-control.log &
+  --data-dir "$data" --policy deploy/policy.toml --join-token-file "$tokens" 2>wf-lab-control.log &
 pids+=($!)
 wait_http http://127.0.0.1:15014/healthz
 
@@ -40,7 +46,7 @@ for i in 1 2 3; do
   echo "== web-$i: lab-app 127.0.0.1:900$i + sidecar (inbound 127.0.0.1:1600$i)"
   "$bin/lab-app" --listen "127.0.0.1:900$i" --name "web-$i" --outbound "127.0.0.1:1508$i" 2>/dev/null &
   pids+=($!)
-  "$bin/wf-proxy" --service web --instance "web-$i" --app "127.0.0.1:900$i" \
+  WAYFINDER_JOIN_TOKEN=$tok_web "$bin/wf-proxy" --service web --instance "web-$i" --app "127.0.0.1:900$i" \
     --inbound "127.0.0.1:1600$i" --admin "127.0.0.1:1510$i" --outbound "127.0.0.1:1508$i" \
     --health-check /healthz 2>"wf-lab-web-$i.log" &
   pids+=($!)
@@ -48,11 +54,11 @@ done
 echo "== api-1: lab-app 127.0.0.1:9011 + sidecar (inbound 127.0.0.1:16011)"
 "$bin/lab-app" --listen 127.0.0.1:9011 --name api-1 2>/dev/null &
 pids+=($!)
-"$bin/wf-proxy" --service api --instance api-1 --app 127.0.0.1:9011 \
+WAYFINDER_JOIN_TOKEN=$tok_api "$bin/wf-proxy" --service api --instance api-1 --app 127.0.0.1:9011 \
   --inbound 127.0.0.1:16011 --admin 127.0.0.1:15111 --health-check /healthz 2>wf-lab-api-1.log &
 pids+=($!)
 echo "== client sidecar (web=127.0.0.1:15001, Host-routed 127.0.0.1:15080, admin 127.0.0.1:15000)"
-"$bin/wf-proxy" --admin 127.0.0.1:15000 --upstream web=127.0.0.1:15001 --outbound 127.0.0.1:15080 \
+WAYFINDER_JOIN_TOKEN=$tok_client "$bin/wf-proxy" --admin 127.0.0.1:15000 --upstream web=127.0.0.1:15001 --outbound 127.0.0.1:15080 \
   2>wf-lab-client.log &
 pids+=($!)
 wait_http http://127.0.0.1:15000/ready

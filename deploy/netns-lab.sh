@@ -36,7 +36,10 @@ prefix=${WAYFINDER_LAB_PREFIX:-wf-lab}
 hub=$prefix-hub
 cp=10.77.0.1:15010
 logs=${WAYFINDER_LAB_LOGS:-$(mktemp -d)}
-token=lab-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+# One token per service, good for that service only; off command lines
+# (wf-control reads a file, sidecars their environment).
+secret() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
+tok_web=$(secret) tok_client=$(secret)
 nodes=()
 pids=()
 
@@ -65,8 +68,9 @@ in_ns "$hub" ip link add br0 type bridge
 in_ns "$hub" ip addr add 10.77.0.1/24 dev br0
 in_ns "$hub" ip link set br0 up
 chmod 755 "$logs"
+(umask 077 && printf '%s:web\n%s:client\n' "$tok_web" "$tok_client" >"$logs/join-tokens")
 start "$logs/control.log" "$hub" "$bin/wf-control" --grpc "$cp" --http 127.0.0.1:15014 \
-  --data-dir "$logs/control-data" --join-token "$token"
+  --data-dir "$logs/control-data" --join-token-file "$logs/join-tokens"
 wait_for "$logs/control.log" "wf-control serving"
 start "$logs/dns.log" "$hub" "$bin/wfctl" lab dns --listen 10.77.0.1:53 --ttl 5 \
   --record web=10.77.0.11+10.77.0.12+10.77.0.13
@@ -93,17 +97,17 @@ for i in 1 2 3; do
   echo "== $ns: lab-app web-$i on 10.77.0.$n:80, sidecar inbound :15006 (mTLS)"
   node "web$i" "$n"
   start "$logs/web-$i-app.log" "$ns" "$bin/lab-app" --listen 0.0.0.0:80 --name "web-$i"
-  start_proxy "$logs/web-$i.log" "$ns" "$bin/wf-proxy" --control-plane "http://$cp" --service web --instance "web-$i" \
+  WAYFINDER_JOIN_TOKEN=$tok_web start_proxy "$logs/web-$i.log" "$ns" "$bin/wf-proxy" --control-plane "http://$cp" \
+    --service web --instance "web-$i" \
     --app 127.0.0.1:80 --inbound 0.0.0.0:15006 --advertise "10.77.0.$n:15006" \
-    --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 --health-check /healthz \
-    --join-token "$token"
+    --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 --health-check /healthz
   wait_for "$logs/web-$i.log" "registered with the control plane"
 done
 
 echo "== $prefix-client: sidecar only, 10.77.0.50"
 node client 50
-start_proxy "$logs/client.log" "$prefix-client" "$bin/wf-proxy" --control-plane "http://$cp" \
-  --service client --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 --join-token "$token" \
+WAYFINDER_JOIN_TOKEN=$tok_client start_proxy "$logs/client.log" "$prefix-client" "$bin/wf-proxy" --control-plane "http://$cp" \
+  --service client --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 \
   ${WAYFINDER_LAB_BALANCER:+--balancer "$WAYFINDER_LAB_BALANCER"}
 wait_for "$logs/client.log" "wf-proxy listening"
 sleep 1

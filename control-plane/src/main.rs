@@ -80,6 +80,11 @@ struct Args {
         hide_env_values = true
     )]
     join_tokens: Vec<String>,
+    /// A file of join tokens, one a line in the form of --join-token (`#`
+    /// starts a comment): tokens off the command line, where `ps` shows
+    /// them. It should be readable by its owner only.
+    #[arg(long, env = "WAYFINDER_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
     /// Serve gRPC over TLS with a certificate from the CA; clients trust CA_DIR/bundle.crt.
     #[arg(long, env = "WAYFINDER_TLS")]
     tls: bool,
@@ -100,6 +105,29 @@ fn join_tokens(raw: &[String]) -> Result<Vec<JoinToken>> {
                     i + 1,
                     raw.len()
                 )
+            })
+        })
+        .collect()
+}
+
+/// The join tokens of `path`; an error names the file and line, never the
+/// token.
+fn join_token_file(path: &std::path::Path) -> Result<Vec<JoinToken>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading join tokens from {}", path.display()))?;
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), "join token file is readable by others than its owner (chmod 600)");
+        }
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(|(n, l)| {
+            l.trim().parse().map_err(|e| {
+                anyhow::anyhow!("{}:{}: invalid join token: {e}", path.display(), n + 1)
             })
         })
         .collect()
@@ -141,7 +169,10 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let tokens = join_tokens(&args.join_tokens)?;
+    let mut tokens = join_tokens(&args.join_tokens)?;
+    if let Some(file) = &args.join_token_file {
+        tokens.extend(join_token_file(file)?);
+    }
     let mut prom = PromRegistry::default();
     let leases = LeaseConfig {
         default_ttl: args.lease_ttl,

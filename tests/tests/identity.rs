@@ -604,3 +604,42 @@ fn a_malformed_join_token_stops_start_up_without_being_echoed() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn tokens_from_a_file_are_scoped_to_their_services() -> Result<()> {
+    bounded(async {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("join-tokens");
+        std::fs::write(
+            &file,
+            "# one token per service\nweb-token-0123456789:web\n\nclient-token-0123456789:client\n",
+        )?;
+        let file = file.to_string_lossy().to_string();
+        let cp = ControlPlane::start(&["--join-token-file", &file])?;
+        let (_app, addr) = lab_app("web-1")?;
+        let web = sidecar_with(
+            &cp,
+            "web",
+            "web-1",
+            addr,
+            "/healthz",
+            &["--join-token", "web-token-0123456789"],
+        )?;
+        wait_serving(&cp, "web", 1).await?;
+        // The web token gets no client certificate, and the client's gets
+        // no web certificate: one workload cannot take another's identity.
+        let stolen = client(&cp, &["--join-token", "web-token-0123456789"]);
+        assert!(stolen.is_err(), "a client certified with web's token");
+        let (_caller, via, _) = client(&cp, &["--join-token", "client-token-0123456789"])?;
+        let (status, _, body) = http_request(via, "GET", "/", "web", "").await?;
+        assert_eq!(status, 200, "{body}");
+        let (_, m) = admin_get(&web, "/metrics").await?;
+        assert!(m.contains("wayfinder_proxy"), "web serves");
+        assert!(
+            !cp.log_text().contains("web-token-0123456789"),
+            "no token in the control plane's log"
+        );
+        Ok(())
+    })
+    .await
+}
