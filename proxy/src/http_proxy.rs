@@ -382,6 +382,12 @@ impl Proxy {
         })
     }
 
+    /// Whether refusals of kind `reason` are seen for the first time (each
+    /// kind is logged once: a misbehaving peer must not flood the log).
+    fn first_time(&self, reason: &'static str) -> bool {
+        self.logged.lock().is_ok_and(|mut l| l.insert(reason))
+    }
+
     /// Refuses a connection: counted, and logged the first time for each
     /// kind (a misconfigured peer must not flood the log).
     pub fn refuse(&self, reason: &'static str, peer: SocketAddr, detail: &str) {
@@ -389,8 +395,7 @@ impl Proxy {
             .refused
             .get_or_create(&crate::metrics::ReasonLabels { reason })
             .inc();
-        let first = self.logged.lock().is_ok_and(|mut l| l.insert(reason));
-        if first {
+        if self.first_time(reason) {
             tracing::warn!(%peer, reason, detail, "inbound connection refused (logged once per kind; see wayfinder_proxy_inbound_refused_total)");
         }
     }
@@ -416,8 +421,7 @@ impl Proxy {
             .edge_refusals
             .get_or_create(&crate::metrics::ReasonLabels { reason })
             .inc();
-        let first = self.logged.lock().is_ok_and(|mut l| l.insert(reason));
-        if first {
+        if self.first_time(reason) {
             tracing::warn!(%peer, reason, "request refused (logged once per kind; see wayfinder_proxy_edge_refusals_total)");
         }
         reply(grpc, r.status(), reason)

@@ -5,11 +5,11 @@
 //! "Dead peers" table sets them beside Linkerd's and Envoy's defaults).
 //!
 //! - A pooled HTTP/2 connection carrying requests is pinged once nothing
-//!   has been read from it for [`H2_PING_INTERVAL`]; no answer within
+//!   has been read from it for [`H2_PING_INTERVAL`] (0.5 s); no answer within
 //!   [`H2_PING_TIMEOUT`] closes it and fails its requests as resets (retried
 //!   elsewhere when safe). Idle connections are not pinged: a busy healthy
 //!   connection reads frames all the time and sends no pings either, so the
-//!   cost is a ping per second on a connection whose requests wait.
+//!   cost is two pings a second on a connection whose requests wait.
 //! - Every TCP connection the sidecar makes or accepts has TCP keepalive
 //!   (probes from the kernel, no wake-up of the sidecar) and
 //!   `TCP_USER_TIMEOUT`, which bounds how long written data may stay
@@ -19,8 +19,8 @@
 //!   keepalive probes go unanswered once the user timeout has passed, so a
 //!   dead idle connection goes 10-20 s after it fell silent.
 //! - A request stream that waits long for its answer (a gRPC server stream,
-//!   a long poll) makes its connection send a ping per second while no
-//!   frame arrives: 17 bytes each way, the price of noticing within 2 s.
+//!   a long poll) makes its connection send two pings a second while no
+//!   frame arrives: 17 bytes each way, the price of noticing within 1.5 s.
 //! - Connecting is bounded by the connect timeout (policy, `--connect-timeout`).
 
 use std::time::Duration;
@@ -39,8 +39,10 @@ pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The same on connections the sidecar accepted: longer, so a client that
 /// stops reading for a while (its window full) is not cut (Linkerd's 30 s).
 pub const TCP_USER_TIMEOUT_ACCEPTED: Duration = Duration::from_secs(30);
-/// Silence on a pooled HTTP/2 connection with requests open before it is pinged.
-pub const H2_PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Silence on a pooled HTTP/2 connection with requests open before it is
+/// pinged: with the timeout, a dead peer is noticed within 1.5 s, so a
+/// request moved elsewhere still beats a caller's 2 s deadline.
+pub const H2_PING_INTERVAL: Duration = Duration::from_millis(500);
 /// Time a ping may take before the connection is declared dead.
 pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(1);
 

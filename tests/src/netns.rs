@@ -157,6 +157,55 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// A `web` instance in its own namespace `web{i}` at 10.77.0.1i:
+    /// lab-app on :8080, its sidecar registered with the control plane at
+    /// `control_plane`, inbound on :15006 advertised with the namespace's
+    /// address, health-checking `/healthz`; `extra` flags for the sidecar.
+    pub fn web(
+        &mut self,
+        i: u8,
+        control_plane: &str,
+        extra: &[&str],
+    ) -> Result<(crate::Process, crate::Process)> {
+        let ns = self.node(&format!("web{i}"), 10 + i)?;
+        let name = format!("web-{i}");
+        let app = crate::Process::start_in(
+            &Self::exec(&ns),
+            "lab-app",
+            &["--listen", "0.0.0.0:8080", "--name", &name],
+            "listening on",
+        )?;
+        let advertise = format!("{}:15006", Self::ip(10 + i));
+        let mut args = vec![
+            "--control-plane",
+            control_plane,
+            "--service",
+            "web",
+            "--instance",
+            &name,
+            "--app",
+            "127.0.0.1:8080",
+            "--inbound",
+            "0.0.0.0:15006",
+            "--advertise",
+            &advertise,
+            "--admin",
+            "127.0.0.1:15000",
+            "--health-check",
+            "/healthz",
+        ];
+        args.extend_from_slice(extra);
+        let sidecar = crate::Process::start_in(
+            &Self::exec(&ns),
+            "wf-proxy",
+            &args,
+            "registered with the control plane",
+        )?;
+        Ok((app, sidecar))
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         if let Some(link) = &self.host_link {

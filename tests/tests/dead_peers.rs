@@ -291,44 +291,6 @@ async fn three_equal_instances_share_300_calls_one_after_another() -> Result<()>
     .await
 }
 
-/// A `web` instance in namespace `web{i}` (10.77.0.1i), registered with the
-/// control plane at `cp`.
-fn netns_web(lab: &mut Lab, i: u8, cp: &str) -> Result<(Process, Process)> {
-    let ns = lab.node(&format!("web{i}"), 10 + i)?;
-    let name = format!("web-{i}");
-    let app = Process::start_in(
-        &Lab::exec(&ns),
-        "lab-app",
-        &["--listen", "127.0.0.1:8080", "--name", &name],
-        "listening on",
-    )?;
-    let advertise = format!("{}:15006", Lab::ip(10 + i));
-    let sidecar = Process::start_in(
-        &Lab::exec(&ns),
-        "wf-proxy",
-        &[
-            "--control-plane",
-            cp,
-            "--service",
-            "web",
-            "--instance",
-            &name,
-            "--app",
-            "127.0.0.1:8080",
-            "--inbound",
-            "0.0.0.0:15006",
-            "--advertise",
-            &advertise,
-            "--admin",
-            "127.0.0.1:15000",
-            "--health-check",
-            "/healthz",
-        ],
-        "registered with the control plane",
-    )?;
-    Ok((app, sidecar))
-}
-
 #[tokio::test]
 async fn a_host_whose_network_vanishes_mid_run_fails_no_call_and_stalls_none() -> Result<()> {
     if let Some(why) = unavailable() {
@@ -344,7 +306,7 @@ async fn a_host_whose_network_vanishes_mid_run_fails_no_call_and_stalls_none() -
         let url = cp.url();
         let mut webs = Vec::new();
         for i in 1..=3 {
-            webs.push(netns_web(&mut lab, i, &url)?);
+            webs.push(lab.web(i, &url, &[])?);
         }
         wait_serving(&cp, "web", 3).await?;
         let (_client, web, _) = client(&cp, &[])?;

@@ -33,47 +33,6 @@ fn curl(ns: &str, url: &str) -> Result<(u16, String)> {
     Ok((code.trim().parse().unwrap_or(0), body.to_string()))
 }
 
-/// A `web` instance in its own namespace: lab-app on :8080, its sidecar's
-/// inbound on :15006 advertised with the namespace's address.
-fn web(lab: &mut Lab, i: u8) -> Result<(Process, Process)> {
-    let ns = lab.node(&format!("web{i}"), 10 + i)?;
-    let name = format!("web-{i}");
-    let app = Process::start_in(
-        &Lab::exec(&ns),
-        "lab-app",
-        &["--listen", "0.0.0.0:8080", "--name", &name],
-        "listening on",
-    )?;
-    let advertise = format!("{}:15006", Lab::ip(10 + i));
-    let url = format!("http://{CP}");
-    let sidecar = Process::start_in(
-        &Lab::exec(&ns),
-        "wf-proxy",
-        &[
-            "--control-plane",
-            &url,
-            "--service",
-            "web",
-            "--instance",
-            &name,
-            "--app",
-            "127.0.0.1:8080",
-            "--inbound",
-            "0.0.0.0:15006",
-            "--advertise",
-            &advertise,
-            "--admin",
-            "127.0.0.1:15000",
-            "--health-check",
-            "/healthz",
-            "--health-interval",
-            "200ms",
-        ],
-        "wf-proxy listening",
-    )?;
-    Ok((app, sidecar))
-}
-
 #[tokio::test]
 async fn calls_to_one_instance_ip_spread_over_the_service_and_others_pass_through() -> Result<()> {
     if let Some(why) = unavailable() {
@@ -99,7 +58,7 @@ async fn calls_to_one_instance_ip_spread_over_the_service_and_others_pass_throug
         )?;
         let mut webs = Vec::new();
         for i in 1..=3 {
-            webs.push(web(&mut lab, i)?);
+            webs.push(lab.web(i, &format!("http://{CP}"), &["--health-interval", "200ms"])?);
         }
 
         let client = lab.node("client", 50)?;

@@ -74,7 +74,7 @@ pub fn markdown(cfg: &Config, rows: &[Row]) -> String {
         s,
         "\n\"Rerouted after\" runs from the event to the end of the last failed request that \
          ended before the next event (for web-1, before the end of the run); 0 ms means none \
-         failed, \"never\" that requests still failed in the last tenth of that window.\n\n![failed requests](failures.svg)\n\n![latency](latency.svg)"
+         failed, \"never\" that requests sent in the last tenth of that window still failed.\n\n![failed requests](failures.svg)\n\n![latency](latency.svg)"
     );
     s
 }
