@@ -108,10 +108,11 @@ enum LabCommand {
     },
     /// One workload through DNS (resolved once, and per request), a plain
     /// balancer (nginx when installed) and the mesh, with a backend killed,
-    /// one slowed and one added; writes a markdown report with plots.
+    /// one vanished (root only), one slowed and one added; writes a markdown
+    /// report with plots.
     Compare {
         /// Requests per way.
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 6_000)]
         requests: usize,
         /// Requests in flight.
         #[arg(long, default_value_t = 16)]
