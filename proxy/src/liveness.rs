@@ -16,8 +16,9 @@
 //!   unacknowledged: an HTTP/1 request written to a dead peer fails in
 //!   [`TCP_USER_TIMEOUT`] instead of the kernel's ~15 minutes of
 //!   retransmissions. With it set, Linux also ends a connection whose
-//!   keepalive probes go unanswered once the user timeout has passed, so a
-//!   dead idle connection goes 10-20 s after it fell silent.
+//!   keepalive probes go unanswered once the user timeout has passed since
+//!   it last heard from the peer: a dead idle connection goes about 13 s
+//!   after it fell silent (31 s for accepted ones).
 //! - A request stream that waits long for its answer (a gRPC server stream,
 //!   a long poll) makes its connection send two pings a second while no
 //!   frame arrives: 17 bytes each way, the price of noticing within 1.5 s.
