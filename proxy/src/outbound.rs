@@ -79,7 +79,7 @@ fn renew(up: &Upstream, from: &mut Arc<Active>, picks: &mut Picks, ctx: &PickCon
 /// resets the HTTP/2 stream (or closes the HTTP/1 connection); other
 /// requests keep waiting for their answer.
 async fn until_retired<F>(
-    sent: F,
+    mut sent: std::pin::Pin<&mut F>,
     ep: &EndpointStats,
     movable: bool,
     may_leave: impl FnOnce() -> bool,
@@ -90,7 +90,6 @@ where
     if !movable {
         return Attempted::Done(sent.await);
     }
-    let mut sent = std::pin::pin!(sent);
     tokio::select! {
         biased;
         r = &mut sent => return Attempted::Done(r),
@@ -264,37 +263,41 @@ async fn route(
             (a, b) => a.or(b),
         };
         dispatched.store(false, std::sync::atomic::Ordering::Relaxed);
-        let sent = proxy.send(
-            &clients,
-            &head,
-            this_body,
-            ep,
-            ep.meshed,
-            ("outbound", name),
-            &dispatched,
-        );
-        // An attempt is moved elsewhere at once when discovery retires its
-        // endpoint meanwhile, if it may be repeated (idempotent, or not yet
-        // handed to a connection), another endpoint is there to take it (a
-        // draining instance may still answer: better than nothing) and the
-        // budget pays.
-        let attempted = until_retired(sent, ep, attempt < s.retry.max_attempts, || {
-            (retry::repeatable(&head.method, &s.retry)
-                || !dispatched.load(std::sync::atomic::Ordering::Relaxed))
-                && keeper.replayable()
-                && up
-                    .active()
-                    .balancer
-                    .endpoints()
-                    .iter()
-                    .any(|e| e.addr != ep.addr && !tried.contains(&e.addr))
-                && up
-                    .budget
-                    .withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec)
-        });
-        let result = match try_limit {
-            Some(t) => tokio::time::timeout(t, attempted).await.ok(),
-            None => Some(attempted.await),
+        let result = {
+            // Pinned here, so the (large) send future is not moved into the
+            // futures that wait on it.
+            let sent = std::pin::pin!(proxy.send(
+                &clients,
+                &head,
+                this_body,
+                ep,
+                ep.meshed,
+                ("outbound", name),
+                &dispatched,
+            ));
+            // An attempt is moved elsewhere at once when discovery retires its
+            // endpoint meanwhile, if it may be repeated (idempotent, or not yet
+            // handed to a connection), another endpoint is there to take it (a
+            // draining instance may still answer: better than nothing) and the
+            // budget pays.
+            let attempted = until_retired(sent, ep, attempt < s.retry.max_attempts, || {
+                (retry::repeatable(&head.method, &s.retry)
+                    || !dispatched.load(std::sync::atomic::Ordering::Relaxed))
+                    && keeper.replayable()
+                    && up
+                        .active()
+                        .balancer
+                        .endpoints()
+                        .iter()
+                        .any(|e| e.addr != ep.addr && !tried.contains(&e.addr))
+                    && up
+                        .budget
+                        .withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec)
+            });
+            match try_limit {
+                Some(t) => tokio::time::timeout(t, attempted).await.ok(),
+                None => Some(attempted.await),
+            }
         };
         let result = match result {
             Some(Attempted::Abandoned) => {
