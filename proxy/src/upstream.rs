@@ -653,6 +653,17 @@ mod tests {
         )
     }
 
+    /// Endpoint `id` of the balancer in use.
+    fn in_rotation(u: &Upstream, id: &str) -> Arc<EndpointStats> {
+        u.active()
+            .balancer
+            .endpoints()
+            .iter()
+            .find(|e| &*e.id == id)
+            .cloned()
+            .expect("in rotation")
+    }
+
     fn ids(u: &Upstream) -> Vec<String> {
         let a = u.active();
         let mut v: Vec<_> = a
@@ -784,15 +795,7 @@ mod tests {
             ..Default::default()
         }));
         let s = u.active().settings.clone();
-        let ep = |id: &str| {
-            u.active()
-                .balancer
-                .endpoints()
-                .iter()
-                .find(|e| &*e.id == id)
-                .cloned()
-                .expect("in rotation")
-        };
+        let ep = |id: &str| in_rotation(&u, id);
         let (a, b) = (ep("a"), ep("b"));
         u.report(&a, Outcome::Reset, &s);
         assert_eq!(ids(&u), ["a", "b", "c"], "one failure is not enough");
@@ -829,15 +832,7 @@ mod tests {
             Origin::Mesh,
             Update::Reset(vec![d("a", 1, true), d("b", 2, true), d("c", 3, true)]),
         );
-        let ep = |id: &str| {
-            u.active()
-                .balancer
-                .endpoints()
-                .iter()
-                .find(|e| &*e.id == id)
-                .cloned()
-                .expect("in rotation")
-        };
+        let ep = |id: &str| in_rotation(&u, id);
         let (a, c) = (ep("a"), ep("c"));
         let mut on_a = std::pin::pin!(a.leaving());
         let on_c = std::pin::pin!(c.leaving());

@@ -312,9 +312,29 @@ async fn docker_lab_survives_instances_that_vanish_or_freeze() -> Result<()> {
         );
         Ok(())
     };
+    let client = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // `policy` in force, five clients calling for `run_for`, `container`
+    // paused (docker pause: TCP alive, no answer) a second in, and
+    // unpaused at the end whatever happened.
+    let paused = |toml: &'static str, container: &'static str, run_for: Duration| {
+        let (policy, project) = (&policy, &project);
+        async move {
+            policy(toml)?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let calls = five_clients_while(
+                client,
+                run_for,
+                run_for + Duration::from_secs(7),
+                Duration::from_secs(1),
+                || project.run(&["pause", container]).map(drop),
+            )
+            .await;
+            project.run(&["unpause", container])?;
+            calls
+        }
+    };
     let lab = async {
         project.run(&["up", "-d"])?;
-        let client = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let get =
             || async move { wayfinder_tests::http_request(client, "GET", "/", "web", "").await };
         // Every web instance registered and reachable through the mesh.
@@ -361,20 +381,12 @@ async fn docker_lab_survives_instances_that_vanish_or_freeze() -> Result<()> {
 
         // web1 freezes (docker pause: TCP alive, no answer) while a
         // per-try timeout is set: its calls move on, none fails.
-        policy(
+        let calls = paused(
             "[services.web]\nbalancer = \"round-robin\"\n[services.web.timeouts]\nper_try = \"500ms\"\n",
-        )?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let calls = five_clients_while(
-            client,
+            "web1",
             Duration::from_secs(5),
-            Duration::from_secs(20),
-            Duration::from_secs(1),
-            || project.run(&["pause", "web1"]).map(drop),
         )
-        .await;
-        project.run(&["unpause", "web1"])?;
-        let calls = calls?;
+        .await?;
         let failed: Vec<_> = calls.iter().filter(|c| c.0 != 200).collect();
         assert!(
             failed.is_empty(),
@@ -385,18 +397,12 @@ async fn docker_lab_survives_instances_that_vanish_or_freeze() -> Result<()> {
 
         // web3 freezes under the default policy: no call waits longer than
         // the default request timeout (15 s).
-        policy("[services.web]\nbalancer = \"round-robin\"\n")?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let calls = five_clients_while(
-            client,
+        let calls = paused(
+            "[services.web]\nbalancer = \"round-robin\"\n",
+            "web3",
             Duration::from_secs(18),
-            Duration::from_secs(25),
-            Duration::from_secs(1),
-            || project.run(&["pause", "web3"]).map(drop),
         )
-        .await;
-        project.run(&["unpause", "web3"])?;
-        let calls = calls?;
+        .await?;
         let slowest = calls.iter().map(|c| c.2).max().unwrap_or_default();
         assert!(
             slowest < Duration::from_millis(16_500),
