@@ -227,7 +227,6 @@ struct Lease {
 #[derive(Default)]
 struct State {
     version: u64,
-    next_lease: u64,
     services: HashMap<String, Service>,
     leases: HashMap<u64, Lease>,
     /// Bumped by every change that must reach the store.
@@ -321,13 +320,9 @@ impl Registry {
         metrics: RegistryMetrics,
         persisted: Option<Persisted>,
     ) -> Arc<Self> {
-        let mut state = State {
-            next_lease: 1,
-            ..State::default()
-        };
+        let mut state = State::default();
         if let Some(p) = persisted {
             state.version = p.version.saturating_add(RESTART_VERSION_GAP);
-            state.next_lease = p.next_lease.max(1);
             let now = Instant::now();
             for s in p.services {
                 let mut svc = Service::new(s.version);
@@ -1139,7 +1134,7 @@ impl Registry {
         if !records.is_empty() {
             records.push(Record::Counters {
                 version: st.version,
-                next_lease: st.next_lease,
+                next_lease: 0,
             });
         }
         (st.dirty, records)
@@ -1166,7 +1161,7 @@ impl Registry {
             st.dirty,
             Persisted {
                 version: st.version,
-                next_lease: st.next_lease,
+                next_lease: 0,
                 services,
             },
         )

@@ -316,17 +316,20 @@ async fn intercepted(stream: &TcpStream, proxy: &Proxy, window: Duration) -> Int
 /// How long the first intercepted connections wait for the catalog.
 const CATALOG_WAIT: Duration = Duration::from_secs(2);
 
+/// A connection no service policy governs (the app, an intercepted
+/// destination): bounded by the sidecar's connect timeout, and tuned.
+async fn connect_direct(addr: SocketAddr, proxy: &Proxy) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(proxy.connect_timeout(), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    crate::liveness::tune(&s);
+    Ok(s)
+}
+
 /// Relays an intercepted connection to where the app meant it to go.
 async fn passthrough(stream: TcpStream, orig: SocketAddr, proxy: &Proxy) {
-    let connect = tokio::time::timeout(proxy.connect_timeout(), TcpStream::connect(orig));
-    match connect.await.unwrap_or_else(|_| {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connect timed out",
-        ))
-    }) {
+    match connect_direct(orig, proxy).await {
         Ok(server) => {
-            crate::liveness::tune(&server);
             relay(
                 stream,
                 Box::new(server),
@@ -498,18 +501,9 @@ async fn connect_target(
 ) -> Option<(Box<dyn Stream>, Option<Permit>)> {
     let target = match role {
         Role::Inbound => match proxy.app() {
-            Some(app) => tokio::time::timeout(proxy.connect_timeout(), TcpStream::connect(app))
+            Some(app) => connect_direct(app, proxy)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connect timed out",
-                    ))
-                })
-                .map(|s| {
-                    crate::liveness::tune(&s);
-                    (Box::new(s) as Box<dyn Stream>, None)
-                })
+                .map(|s| (Box::new(s) as Box<dyn Stream>, None))
                 .map_err(|e| format!("{app}: {e}")),
             None => Err("no app".to_string()),
         },

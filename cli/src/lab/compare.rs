@@ -215,9 +215,7 @@ impl Outcome {
 /// from it is dropped, so its open connections hang without a FIN or RST
 /// and new ones go unanswered, as when a container's network namespace
 /// vanishes. The rules go when this does.
-struct Blackhole {
-    rules: Vec<[String; 4]>,
-}
+struct Blackhole(Ipv4Addr);
 
 /// Why web-1 cannot vanish on this machine (iptables needs root), if it
 /// cannot.
@@ -237,49 +235,35 @@ impl Blackhole {
         (!ok).then(|| "needs root and iptables".to_string())
     }
 
+    /// Inserts (`-I`) or deletes (`-D`) the rule dropping packets to
+    /// (`-d`) or from (`-s`) `ip`; whether iptables did it.
+    fn rule(op: &str, dir: &str, ip: Ipv4Addr) -> bool {
+        Command::new("iptables")
+            .args(["-w", op, "OUTPUT", dir, &format!("{ip}/32"), "-j", "DROP"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     fn start(ip: Ipv4Addr) -> Result<Self> {
         Self::sweep(ip);
-        let mut hole = Self { rules: Vec::new() };
+        // Made before the rules: a half-made hole is swept on drop.
+        let hole = Self(ip);
         for dir in ["-d", "-s"] {
-            let rule = [
-                "OUTPUT".to_string(),
-                dir.to_string(),
-                format!("{ip}/32"),
-                "DROP".to_string(),
-            ];
-            let ok = Command::new("iptables")
-                .args([
-                    "-w",
-                    "-I",
-                    &rule[0],
-                    rule[1].as_str(),
-                    &rule[2],
-                    "-j",
-                    &rule[3],
-                ])
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
+            if !Self::rule("-I", dir, ip) {
                 bail!("iptables refused to drop {dir} {ip}");
             }
-            hole.rules.push(rule);
         }
         Ok(hole)
     }
-}
 
-impl Blackhole {
-    /// Removes rules a comparison that was killed left behind (they drop
-    /// a lab address only, and would break the next run).
+    /// Removes every rule dropping `ip`: this run's, and those a comparison
+    /// that was killed left behind (they drop a lab address only, and would
+    /// break the next run).
     fn sweep(ip: Ipv4Addr) {
         for dir in ["-d", "-s"] {
             for _ in 0..16 {
-                let removed = Command::new("iptables")
-                    .args(["-w", "-D", "OUTPUT", dir, &format!("{ip}/32"), "-j", "DROP"])
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if !removed {
+                if !Self::rule("-D", dir, ip) {
                     break;
                 }
             }
@@ -289,19 +273,7 @@ impl Blackhole {
 
 impl Drop for Blackhole {
     fn drop(&mut self) {
-        for rule in &self.rules {
-            let _ = Command::new("iptables")
-                .args([
-                    "-w",
-                    "-D",
-                    &rule[0],
-                    rule[1].as_str(),
-                    &rule[2],
-                    "-j",
-                    &rule[3],
-                ])
-                .status();
-        }
+        Self::sweep(self.0);
     }
 }
 

@@ -58,8 +58,8 @@ pub enum Record {
     Counters {
         /// Registry version.
         version: u64,
-        /// Formerly the next lease id; lease ids are random now, and the
-        /// field stays so existing files load unchanged.
+        /// Formerly the next lease id; lease ids are random now, so the
+        /// registry writes 0. The field stays so the format is unchanged.
         next_lease: u64,
     },
 }
@@ -69,8 +69,8 @@ pub enum Record {
 pub struct Persisted {
     /// Last registry version, so versions keep growing across restarts.
     pub version: u64,
-    /// Formerly the next lease id; lease ids are random now, and the
-    /// field stays so existing files load unchanged.
+    /// Formerly the next lease id; lease ids are random now, so the
+    /// registry writes 0. The field stays so the format is unchanged.
     pub next_lease: u64,
     /// Services with endpoints or a policy.
     pub services: Vec<PersistedService>,
