@@ -395,6 +395,15 @@ async fn the_dashboard_shows_instances_and_live_traffic() -> Result<()> {
             );
             return Ok(());
         };
+        // The dashboard shows the last 10 s of traffic, and Chromium can
+        // take that long to start on a loaded machine: keep calls flowing
+        // until it has read the page.
+        let trickle = tokio::spawn(async move {
+            loop {
+                let _ = http_request(web, "GET", "/", "web", "").await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
         let profile = tempfile::tempdir()?;
         let out = tokio::time::timeout(
             Duration::from_secs(40),
@@ -405,7 +414,9 @@ async fn the_dashboard_shows_instances_and_live_traffic() -> Result<()> {
                 .kill_on_drop(true)
                 .output(),
         )
-        .await??;
+        .await;
+        trickle.abort();
+        let out = out??;
         let dom = String::from_utf8_lossy(&out.stdout);
         for i in 1..=3 {
             assert!(
