@@ -137,6 +137,15 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The same connection with its stream wrapped (e.g. in
+    /// [`crate::liveness::IdlePing`]); the breaker slot stays with it.
+    pub fn wrap(self, f: impl FnOnce(Box<dyn Stream>) -> Box<dyn Stream>) -> Self {
+        Self {
+            io: TokioIo::new(f(self.io.into_inner())),
+            _permit: self._permit,
+        }
+    }
+
     /// The stream, for opaque relays.
     pub fn into_parts(self) -> (Box<dyn Stream>, Permit) {
         (self.io.into_inner(), self._permit)

@@ -305,10 +305,15 @@ impl Inner {
         if let Some(tx) = self.shared_h2(addr) {
             return Ok(tx);
         }
-        let io = self.connector.connect(addr).await?;
+        let io = self
+            .connector
+            .connect(addr)
+            .await?
+            .wrap(|io| Box::new(crate::liveness::IdlePing::new(io)));
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            // Pinged only while requests are open (see `liveness`).
+            // hyper pings while requests are open, IdlePing when idle (see
+            // `liveness`).
             .keep_alive_interval(crate::liveness::H2_PING_INTERVAL)
             .keep_alive_timeout(crate::liveness::H2_PING_TIMEOUT)
             .keep_alive_while_idle(false)

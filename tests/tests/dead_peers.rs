@@ -258,6 +258,59 @@ async fn calls_waiting_on_an_instance_the_control_plane_drops_move_at_once() -> 
     .await
 }
 
+/// Open inbound connections on an instance's sidecar.
+async fn inbound_connections(sidecar: &Process) -> Result<Option<f64>> {
+    let (_, m) = admin_get(sidecar, "/metrics").await?;
+    Ok(metric(
+        &m,
+        "wayfinder_proxy_open_connections{direction=\"inbound\"}",
+    ))
+}
+
+#[tokio::test]
+async fn an_idle_pooled_connection_to_a_frozen_sidecar_is_closed() -> Result<()> {
+    bounded(async {
+        // Leases outlive the test: the control plane must not be what
+        // notices the frozen sidecar.
+        let cp = ControlPlane::start(&["--lease-ttl", "120s"])?;
+        let lab = tcp_checked_lab(&cp).await?;
+        let (_client, web, _) = client(&cp, &["--balancer", "round-robin"])?;
+        let report = load::run(Spec::get(web, "web"), 3, 90, Arc::default()).await;
+        assert!(report.failed().is_empty(), "{:?}", report.failed());
+        assert_eq!(report.per_instance().len(), 3);
+        for i in [0, 1] {
+            assert_eq!(inbound_connections(&lab[i].sidecar).await?, Some(1.0));
+        }
+        // A frozen process's kernel still acknowledges: TCP keepalive sees
+        // nothing wrong, and the pool keeps idle connections for 90 s.
+        lab[1].sidecar.signal("STOP")?;
+        // Pinged after 10-20 s of silence, 3 s to answer
+        // (`wayfinder_proxy::liveness::H2_IDLE_PING_*`), and some slack.
+        tokio::time::sleep(Duration::from_secs(2 * 10 + 3 + 3)).await;
+        lab[1].sidecar.signal("CONT")?;
+        // Thawed, web-2's sidecar reads the end of the connection the
+        // client closed; web-1's, pinged all along, is still there.
+        let mut left = None;
+        for _ in 0..40 {
+            left = inbound_connections(&lab[1].sidecar).await?;
+            if left == Some(0.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            left,
+            Some(0.0),
+            "the idle connection to the frozen sidecar stayed"
+        );
+        assert_eq!(inbound_connections(&lab[0].sidecar).await?, Some(1.0));
+        let after = load::run(Spec::get(web, "web"), 3, 30, Arc::default()).await;
+        assert!(after.failed().is_empty(), "{:?}", after.failed());
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test]
 async fn three_equal_instances_share_300_calls_one_after_another() -> Result<()> {
     bounded(async {

@@ -7,9 +7,14 @@
 //! - A pooled HTTP/2 connection carrying requests is pinged once nothing
 //!   has been read from it for [`H2_PING_INTERVAL`] (0.5 s); no answer within
 //!   [`H2_PING_TIMEOUT`] closes it and fails its requests as resets (retried
-//!   elsewhere when safe). Idle connections are not pinged: a busy healthy
-//!   connection reads frames all the time and sends no pings either, so the
-//!   cost is two pings a second on a connection whose requests wait.
+//!   elsewhere when safe). A busy healthy connection reads frames all the
+//!   time and sends no pings, so the cost is two pings a second on a
+//!   connection whose requests wait.
+//! - An idle pooled HTTP/2 connection is pinged more slowly, by
+//!   [`IdlePing`] under hyper (whose one interval cannot be two): after
+//!   10-20 s without a byte read, 3 s to answer. This finds a peer that
+//!   froze while its kernel still acknowledges (`docker pause`, SIGSTOP),
+//!   which TCP keepalive cannot.
 //! - Every TCP connection the sidecar makes or accepts has TCP keepalive
 //!   (probes from the kernel, no wake-up of the sidecar) and
 //!   `TCP_USER_TIMEOUT`, which bounds how long written data may stay
@@ -24,9 +29,13 @@
 //!   frame arrives: 17 bytes each way, the price of noticing within 1.5 s.
 //! - Connecting is bounded by the connect timeout (policy, `--connect-timeout`).
 
+mod idle_ping;
+
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+
+pub use idle_ping::{H2_IDLE_PING_INTERVAL, H2_IDLE_PING_TIMEOUT, IdlePing};
 
 /// Idle time before the kernel sends the first keepalive probe (Linkerd's 10 s).
 pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
