@@ -24,7 +24,7 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$data"; }
 trap cleanup EXIT
 start() { "$@" 2>>"$data/log" & pids+=($!); }
-start "$B/wf-control" --grpc 127.0.0.1:26010 --http 127.0.0.1:26014 --data-dir "$data/cp"
+start "$B/wf-control" --grpc 127.0.0.1:26010 --http 127.0.0.1:26014 --data-dir "$data/cp" --insecure
 for i in 1 2 3; do
   start "$B/lab-app" --listen 127.0.0.1:2602$i --name web-$i
 done

@@ -11,7 +11,7 @@ B=${BIN_DIR:-target/release}
 N=${1:?usage: bench/instructions.sh N}
 pkill -f "127.0.0.1:2601" 2>/dev/null; sleep 0.3
 rm -rf /tmp/wfc-ir
-$B/wf-control --grpc 127.0.0.1:26010 --http 127.0.0.1:26014 --data-dir /tmp/wfc-ir 2>/dev/null &
+$B/wf-control --grpc 127.0.0.1:26010 --http 127.0.0.1:26014 --data-dir /tmp/wfc-ir --insecure 2>/dev/null &
 $B/lab-app --listen 127.0.0.1:26011 --name web-1 2>/dev/null &
 sleep 1
 $B/wfctl --control-plane http://127.0.0.1:26010 register web 127.0.0.1:26011 >/dev/null

@@ -10,7 +10,7 @@ command -v wrk >/dev/null || { echo "rss-probe: install wrk (apt-get install wrk
 B=${1:-target/$(rustc -vV | sed -n 's/^host: //p')/release}
 pkill -f "127.0.0.1:2501" 2>/dev/null; sleep 0.3
 rm -rf /tmp/wfc-rss
-$B/wf-control --grpc 127.0.0.1:25010 --http 127.0.0.1:25014 --data-dir /tmp/wfc-rss 2>/dev/null &
+$B/wf-control --grpc 127.0.0.1:25010 --http 127.0.0.1:25014 --data-dir /tmp/wfc-rss --insecure 2>/dev/null &
 $B/lab-app --listen 127.0.0.1:25011 --name web-1 2>/dev/null &
 sleep 1
 $B/wfctl --control-plane http://127.0.0.1:25010 register web 127.0.0.1:25011 >/dev/null

@@ -86,6 +86,8 @@ async fn mesh(args: &Args, dir: &Path) -> Result<Setup> {
             &local(http).to_string(),
             "--data-dir",
             &data.to_string_lossy(),
+            // The control plane is not what this measures.
+            "--insecure",
         ],
         &dir.join("wf-control.log"),
     )?;

@@ -67,6 +67,8 @@ async fn lab(args: &Args, dir: &Path, mtls: bool) -> Result<Lab> {
     cp.extend([
         s("--data-dir"),
         dir.join("data").to_string_lossy().to_string(),
+        // The data path is what this measures, not the control plane.
+        s("--insecure"),
     ]);
     let token: Vec<String> = if mtls {
         vec![s("--join-token"), s(TOKEN)]

@@ -317,6 +317,8 @@ async fn main() -> Result<()> {
             local(http).to_string(),
             s("--data-dir"),
             dir.join("data").to_string_lossy().to_string(),
+            // The data path is what this measures, not the control plane.
+            s("--insecure"),
             s("--join-token"),
             s(token),
         ],

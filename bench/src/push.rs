@@ -87,6 +87,9 @@ fn start(bin: &PathBuf, store: &str) -> Result<ControlPlane> {
             "127.0.0.1:0",
             "--store",
             store,
+            // Push cost over plaintext, as before the control plane
+            // authenticated callers.
+            "--insecure",
             "--data-dir",
         ])
         .arg(data.path())

@@ -62,6 +62,7 @@ pub struct Ca {
     trust_domain: String,
     intermediate: Issuer<'static, KeyPair>,
     intermediate_der: Vec<u8>,
+    intermediate_pem: String,
     root_der: Vec<u8>,
     /// Intermediate and root as PEM, appended to serving certificates.
     chain_tail_pem: String,
@@ -69,6 +70,11 @@ pub struct Ca {
     bundle_pem: String,
     lifetime: Duration,
 }
+
+/// Lifetime of the operator credential.
+pub const OPERATOR_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// An operator certificate with less than this left is replaced at start.
+pub const OPERATOR_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Default lifetime of workload certificates.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -179,6 +185,7 @@ impl Ca {
             trust_domain: trust_domain.to_string(),
             intermediate,
             intermediate_der: int_certs[0].clone(),
+            intermediate_pem: int_pem.clone(),
             root_der: root_certs[0].clone(),
             chain_tail_pem: int_pem + &root_pem,
             bundle,
@@ -253,6 +260,59 @@ impl Ca {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
         })
+    }
+
+    /// The operator's SPIFFE ID: what wfctl's certificate names.
+    pub fn operator_id(&self) -> String {
+        format!("spiffe://{}/operator", self.trust_domain)
+    }
+
+    /// Writes the operator credential wfctl presents into `dir` (mode
+    /// 0700): `operator.crt` (leaf and intermediate), `operator.key` (0600)
+    /// and `ca.crt` (the roots that verify wf-control). A certificate with
+    /// more than [`OPERATOR_RENEW_BEFORE`] left is kept, so a copy handed to
+    /// an operator stays good across restarts. Returns whether it issued one.
+    pub fn operator_credential(&self, dir: &Path) -> Result<bool, CaError> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+        let (crt, key_path, ca) = (
+            dir.join("operator.crt"),
+            dir.join("operator.key"),
+            dir.join("ca.crt"),
+        );
+        std::fs::write(&ca, &self.bundle_pem).map_err(io(&ca))?;
+        let fresh = std::fs::read(&crt).ok().and_then(|pem| {
+            use rustls::pki_types::pem::PemObject;
+            let der = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+            let left = cert.validity().time_to_expiration()?;
+            Some(left.whole_seconds() > OPERATOR_RENEW_BEFORE.as_secs() as i64)
+        });
+        if fresh == Some(true) && key_path.exists() {
+            return Ok(false);
+        }
+        let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "wayfinder operator");
+        p.subject_alt_names = vec![SanType::URI(
+            self.operator_id()
+                .as_str()
+                .try_into()
+                .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?,
+        )];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = SystemTime::now();
+        p.not_before = (now - Duration::from_secs(60)).into();
+        p.not_after = (now + OPERATOR_LIFETIME).into();
+        let cert = p
+            .signed_by(&key, &self.intermediate)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        let _ = std::fs::remove_file(&key_path);
+        write_secret(&key_path, &key.serialize_pem())?;
+        std::fs::write(&crt, cert.pem() + &self.intermediate_pem).map_err(io(&crt))?;
+        Ok(true)
     }
 
     /// The root certificate (DER), whose SHA-256 clients may pin.

@@ -9,10 +9,11 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use wayfinder_control::ca::Ca;
 use wayfinder_control::grpc::identity::{IdentityService, JoinToken};
+use wayfinder_control::grpc::auth::Guard;
 use wayfinder_control::grpc::telemetry::TelemetryService;
+use wayfinder_control::grpc::transport::{Tls, incoming};
 use wayfinder_control::grpc::{
     TRANSPORT_LIMIT, admin::AdminService, discovery, registry::RegistryService,
 };
@@ -85,9 +86,13 @@ struct Args {
     /// them. It should be readable by its owner only.
     #[arg(long, env = "WAYFINDER_JOIN_TOKEN_FILE")]
     join_token_file: Option<PathBuf>,
-    /// Serve gRPC over TLS with a certificate from the CA; clients trust CA_DIR/bundle.crt.
-    #[arg(long, env = "WAYFINDER_TLS")]
-    tls: bool,
+    /// Serve gRPC in plaintext and let every caller call every RPC, with
+    /// no authentication (a warning says so at start). Without it, gRPC is
+    /// TLS with a certificate from the CA (clients trust CA_DIR/bundle.crt);
+    /// sidecars present their mesh certificate, wfctl the operator
+    /// credential written to DATA_DIR/operator/.
+    #[arg(long, env = "WAYFINDER_INSECURE")]
+    insecure: bool,
     /// Names in the gRPC certificate (default: localhost, 127.0.0.1 and the gRPC address).
     #[arg(long = "tls-name", env = "WAYFINDER_TLS_NAMES", value_delimiter = ',')]
     tls_names: Vec<String>,
@@ -196,7 +201,13 @@ async fn run(args: Args) -> Result<()> {
         None => None,
     };
     let identity = IdentityService::new(ca.clone(), registry.clone(), tokens, &mut prom);
-    let tls = if args.tls {
+    let guard = Guard::register(&mut prom);
+    let tls = if args.insecure {
+        tracing::warn!(
+            "--insecure: gRPC is plaintext and unauthenticated; anyone who reaches the port can change the mesh (policy, endpoints, leases)"
+        );
+        None
+    } else {
         let mut names = args.tls_names.clone();
         if names.is_empty() {
             names = vec!["localhost".into(), "127.0.0.1".into()];
@@ -207,12 +218,18 @@ async fn run(args: Args) -> Result<()> {
         let (cert, key) = ca
             .server_identity(&names)
             .context("issuing the control plane's certificate")?;
-        Some(
-            tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(cert, key)),
-        )
-    } else {
-        None
+        let operator = args.data_dir.join("operator");
+        if ca
+            .operator_credential(&operator)
+            .context("writing the operator credential")?
+        {
+            tracing::info!(dir = %operator.display(), "operator credential written (wfctl --credentials)");
+        }
+        Some(Arc::new(
+            Tls::new(&cert, &key, &args.trust_domain, registry.clone())
+                .map_err(anyhow::Error::msg)
+                .context("TLS for gRPC")?,
+        ))
     };
     let watch_metrics = discovery::WatchMetrics::register(&mut prom);
 
@@ -255,43 +272,47 @@ async fn run(args: Args) -> Result<()> {
         let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         format!("sha256:{hex}")
     };
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = args.tls, ca = %ca_dir.display(), ca_pin = %pin, "wf-control serving");
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = !args.insecure, ca = %ca_dir.display(), ca_pin = %pin, "wf-control serving");
     let mut grpc_stop = stop_rx;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls).context("TLS for gRPC")?;
-    }
-    let server = builder
-        .tcp_nodelay(true)
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(
-            RegistryServer::new(RegistryService::new(backend.clone()))
+            RegistryServer::new(RegistryService::new(
+                backend.clone(),
+                registry.clone(),
+                guard.clone(),
+            ))
                 .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .add_service(
             DiscoveryServer::new(discovery::DiscoveryService::new(
                 registry.clone(),
                 watch_metrics,
+                guard.clone(),
             ))
             .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .add_service(
-            AdminServer::new(AdminService::new(registry.clone(), backend.clone()))
+            AdminServer::new(AdminService::new(
+                registry.clone(),
+                backend.clone(),
+                guard.clone(),
+            ))
                 .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .add_service(
-            TelemetryServer::new(TelemetryService::new(traffic))
+            TelemetryServer::new(TelemetryService::new(traffic, guard.clone()))
                 .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .add_service(IdentityServer::new(identity).max_decoding_message_size(TRANSPORT_LIMIT))
         .add_service(
             wayfinder_proto::v1::catalog_server::CatalogServer::new(
-                wayfinder_control::grpc::catalog::CatalogService::new(registry.clone()),
+                wayfinder_control::grpc::catalog::CatalogService::new(registry.clone(), guard),
             )
             .max_decoding_message_size(TRANSPORT_LIMIT),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+        .serve_with_incoming_shutdown(incoming(grpc, tls), async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         });
     tokio::pin!(server);

@@ -9,6 +9,8 @@ pub mod latency;
 pub mod policy;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "spiffe")]
+pub mod spiffe;
 pub mod validate;
 pub mod view;
 

@@ -13,6 +13,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use wayfinder_proto::dial::Failover;
 
 /// How the control plane's certificate is trusted.
+#[derive(Clone)]
 pub enum Trust {
     /// Plain `http://`.
     None,
@@ -49,7 +50,13 @@ pub fn pin_of(der: &[u8]) -> String {
 /// several replicas separated by commas. The connection stays with the
 /// replica that answered; when it breaks, the next connect tries the others
 /// in turn, so a sidecar fails over when its replica dies.
-pub fn channel(urls: &str, trust: Trust) -> Result<Channel> {
+/// With `client_cert`, the sidecar presents its mesh certificate, which is
+/// how an https control plane knows which service is calling.
+pub fn channel(
+    urls: &str,
+    trust: Trust,
+    client_cert: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
+) -> Result<Channel> {
     let mut targets = Vec::new();
     let mut schemes = std::collections::BTreeSet::new();
     for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
@@ -88,19 +95,21 @@ pub fn channel(urls: &str, trust: Trust) -> Result<Channel> {
                     .add(cert.context("--ca-bundle holds a bad certificate")?)
                     .context("--ca-bundle")?;
             }
-            Some(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(roots)
-                    .with_no_client_auth(),
-            )
+            let verifier = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+                .build()
+                .context("--ca-bundle")?;
+            Some(rustls::ClientConfig::builder().with_webpki_verifier(verifier))
         }
         Trust::Pin(pin) => Some(
             rustls::ClientConfig::builder()
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Pinned(pin)))
-                .with_no_client_auth(),
+                .with_custom_certificate_verifier(Arc::new(Pinned(pin))),
         ),
     };
+    let tls = tls.map(|wants_cert| match client_cert {
+        Some(resolver) => wants_cert.with_client_cert_resolver(resolver),
+        None => wants_cert.with_no_client_auth(),
+    });
     let tls = tls.map(|mut cfg| {
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         tokio_rustls::TlsConnector::from(Arc::new(cfg))

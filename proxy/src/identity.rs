@@ -266,6 +266,12 @@ impl Identity {
         Arc::new(cfg)
     }
 
+    /// This identity's certificate, as presented to the control plane
+    /// (renewals included).
+    pub fn client_cert(self: &Arc<Self>) -> Arc<dyn rustls::client::ResolvesClientCert> {
+        Arc::new(Dynamic(self.clone()))
+    }
+
     /// TLS for connecting to other sidecars with `alpn`.
     pub fn client_config(self: &Arc<Self>, alpn: &[u8]) -> Arc<ClientConfig> {
         let mut cfg = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
@@ -279,14 +285,7 @@ impl Identity {
 
 /// The SPIFFE ID in a peer's leaf certificate.
 pub fn peer_id(certs: &[CertificateDer<'_>]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
-            Some(u.to_string())
-        }
-        _ => None,
-    })
+    wayfinder_proto::spiffe::id_of(certs.first()?)
 }
 
 /// Resolvers and verifiers that read the identity's current state, so

@@ -412,7 +412,11 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         (None, Some(pin)) => Trust::Pin(*pin),
         (None, None) => Trust::None,
     };
-    let channel = control_plane::channel(&args.control_plane, trust)?;
+    let https = args.control_plane.trim_start().starts_with("https://");
+    // The first certificate comes over a channel without one (the join
+    // token is the credential); everything else goes over a channel that
+    // presents it, which is how an https control plane knows the caller.
+    let bootstrap = control_plane::channel(&args.control_plane, trust.clone(), None)?;
 
     let default_origin = if args.discovery == "dns" {
         Origin::Dns
@@ -429,11 +433,20 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
     let local_service = args.service.clone().unwrap_or_else(|| "client".into());
     let identity = match &args.join_token {
         Some(token) => {
-            let id = certify(&channel, &local_service, token).await?;
+            let id = certify(&bootstrap, &local_service, token).await?;
             tokio::spawn(id.clone().renew_loop());
             Some(id)
         }
         None => None,
+    };
+    let channel = match &identity {
+        Some(id) if https => {
+            control_plane::channel(&args.control_plane, trust, Some(id.client_cert()))?
+        }
+        None if https => bail!(
+            "an https control plane knows sidecars by their mesh certificate: give a join token (WAYFINDER_JOIN_TOKEN or --join-token) to get one"
+        ),
+        _ => bootstrap,
     };
     let sources = Sources {
         control_plane: channel.clone(),

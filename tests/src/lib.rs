@@ -62,8 +62,17 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts wf-control on free loopback ports with a fresh data directory.
+    /// Starts wf-control on free loopback ports with a fresh data directory,
+    /// `--insecure`: plaintext gRPC with no authentication, for the tests
+    /// that are not about the control plane's security (those use
+    /// [`ControlPlane::start_secure`], as the labs use its default).
     pub fn start(extra: &[&str]) -> Result<Self> {
+        let data = Arc::new(tempfile::tempdir()?);
+        Self::spawn(data, insecure(extra), "127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    /// wf-control as it runs by default: TLS, every caller authenticated.
+    pub fn start_secure(extra: &[&str]) -> Result<Self> {
         let data = Arc::new(tempfile::tempdir()?);
         let args = extra.iter().map(|s| s.to_string()).collect();
         Self::spawn(data, args, "127.0.0.1:0", "127.0.0.1:0")
@@ -73,8 +82,22 @@ impl ControlPlane {
     /// processes reach, e.g. a namespace lab's bridge).
     pub fn start_on(grpc: &str, extra: &[&str]) -> Result<Self> {
         let data = Arc::new(tempfile::tempdir()?);
-        let args = extra.iter().map(|s| s.to_string()).collect();
-        Self::spawn(data, args, grpc, "127.0.0.1:0")
+        Self::spawn(data, insecure(extra), grpc, "127.0.0.1:0")
+    }
+
+    /// Whether gRPC is TLS with authenticated callers.
+    pub fn secure(&self) -> bool {
+        !self.args.iter().any(|a| a == "--insecure")
+    }
+
+    /// The roots that verify its gRPC certificate (PEM file).
+    pub fn bundle(&self) -> PathBuf {
+        self.data.path().join("ca/bundle.crt")
+    }
+
+    /// The operator credential it wrote (wfctl's `--credentials`).
+    pub fn credentials(&self) -> PathBuf {
+        self.data.path().join("operator")
     }
 
     fn spawn(
@@ -108,17 +131,58 @@ impl ControlPlane {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    /// `http://` URL of the gRPC port.
+    /// URL of the gRPC port: `https://` unless `--insecure`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        let scheme = if self.secure() { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
     }
 
-    /// A gRPC channel to it.
+    /// A gRPC channel to it, as the operator (with its credential when secure).
     pub async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(self.url())?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await?)
+        if !self.secure() {
+            return Ok(Channel::from_shared(self.url())?
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await?);
+        }
+        let dir = self.credentials();
+        let key = std::fs::read(dir.join("operator.key"))?;
+        let chain = std::fs::read(dir.join("operator.crt"))?;
+        self.tls_channel(Some((&chain, &key))).await
+    }
+
+    /// A TLS gRPC channel to it presenting `client` (PEM chain and key), or
+    /// no certificate at all.
+    pub async fn tls_channel(&self, client: Option<(&[u8], &[u8])>) -> Result<Channel> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(self.bundle())? {
+            roots.add(c?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let wants = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let mut cfg = match client {
+            Some((chain, key)) => wants.with_client_auth_cert(
+                CertificateDer::pem_slice_iter(chain).collect::<Result<Vec<_>, _>>()?,
+                PrivateKeyDer::from_pem_slice(key)?,
+            )?,
+            None => wants.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let connector = wayfinder_proto::dial::Failover::new(
+            vec![("127.0.0.1".to_string(), self.grpc.port())],
+            Some(tls),
+        );
+        Ok(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))?
+                .connect_timeout(Duration::from_secs(5))
+                .connect_with_connector(connector)
+                .await?,
+        )
     }
 
     /// Kills it without warning (SIGKILL): nothing unsaved survives.
@@ -355,10 +419,21 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// Runs `wfctl` against `cp` with `args`; returns (exit success, stdout, stderr).
+/// `extra` with `--insecure` (once).
+fn insecure(extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    if !args.iter().any(|a| a == "--insecure") {
+        args.push("--insecure".into());
+    }
+    args
+}
+
+/// Runs `wfctl` against `cp` with `args` (as the operator, with its
+/// credential); returns (exit success, stdout, stderr).
 pub fn wfctl(cp: &ControlPlane, args: &[&str]) -> Result<(bool, String, String)> {
     let out = Command::new(bin("wfctl"))
         .env("WAYFINDER_CONTROL_PLANE", cp.url())
+        .env("WAYFINDER_CREDENTIALS", cp.credentials())
         .args(args)
         .stdin(Stdio::null())
         .output()?;

@@ -402,14 +402,9 @@ async fn certificates_renew_while_requests_keep_flowing() -> Result<()> {
 #[tokio::test]
 async fn the_control_plane_serves_grpc_over_tls_to_sidecars_that_trust_its_bundle() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&["--tls", "--join-token", TOKEN])?;
-        let url = format!("https://127.0.0.1:{}", cp.grpc.port());
-        let bundle = cp
-            .data
-            .path()
-            .join("ca/bundle.crt")
-            .to_string_lossy()
-            .to_string();
+        let cp = ControlPlane::start_secure(&["--join-token", TOKEN])?;
+        let url = cp.url();
+        let bundle = cp.bundle().to_string_lossy().to_string();
         let (app, addr) = lab_app("web-1")?;
         let app_addr = addr.to_string();
         let base = [
@@ -465,7 +460,7 @@ async fn the_control_plane_serves_grpc_over_tls_to_sidecars_that_trust_its_bundl
             .to_string();
         let (app2, addr2) = lab_app("web-2")?;
         let app2_addr = addr2.to_string();
-        let pinned = |pin: String, name: &'static str, app: String| {
+        let pinned = |pin: String, name: &'static str, app: String, ready: &'static str| {
             let url = url.clone();
             move || {
                 Process::start(
@@ -485,17 +480,19 @@ async fn the_control_plane_serves_grpc_over_tls_to_sidecars_that_trust_its_bundl
                         "127.0.0.1:0",
                         "--ca-pin",
                         &pin,
+                        "--join-token",
+                        TOKEN,
                     ],
-                    "wf-proxy listening",
+                    ready,
                 )
             }
         };
-        let _second = pinned(pin.clone(), "web-2", app2_addr.clone())()?;
+        let _second = pinned(pin.clone(), "web-2", app2_addr.clone(), "wf-proxy listening")()?;
         serving(2).await?;
-        // A wrong pin: the sidecar starts, but never reaches the control plane.
+        // A wrong pin: the sidecar never reaches the control plane, not even
+        // for its certificate.
         let wrong = format!("sha256:{}", "ab".repeat(32));
-        let third = pinned(wrong, "web-3", app2_addr)()?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let third = pinned(wrong, "web-3", app2_addr, "retrying for a certificate")()?;
         let (_, body) = cp.get("/v1/services/web").await?;
         assert!(body.contains("\"instances\":2"), "{body}");
         assert!(

@@ -46,7 +46,15 @@ async fn calls_to_one_instance_ip_spread_over_the_service_and_others_pass_throug
         let _cp = Process::start_in(
             &hub,
             "wf-control",
-            &["--grpc", CP, "--http", "127.0.0.1:0", "--data-dir", &data.path().to_string_lossy()],
+            &[
+                "--grpc",
+                CP,
+                "--http",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data.path().to_string_lossy(),
+                "--insecure",
+            ],
             "wf-control serving",
         )?;
         // Not in the mesh: a server the client reaches untouched.

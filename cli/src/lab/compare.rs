@@ -456,6 +456,9 @@ impl Lab {
                     "127.0.0.1:0".into(),
                     "--data-dir".into(),
                     data.to_string_lossy().into(),
+                    // Plaintext, as the comparison's sidecars speak it: the
+                    // way measures the data path, on loopback, for 30 s.
+                    "--insecure".into(),
                 ],
                 "wf-control serving",
             )?;

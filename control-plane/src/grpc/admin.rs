@@ -10,20 +10,27 @@ use wayfinder_proto::v1::{
 };
 use wayfinder_proto::validate;
 
+use super::auth::Guard;
 use super::{check_size, invalid};
 use crate::registry::Registry;
 use crate::store::Backend;
 
-/// Serves the Admin API.
+/// Serves the Admin API: the operator's only.
 pub struct AdminService {
     registry: Arc<Registry>,
     backend: Arc<dyn Backend>,
+    guard: Guard,
 }
 
 impl AdminService {
-    /// A service reading `registry` and writing through `backend`.
-    pub fn new(registry: Arc<Registry>, backend: Arc<dyn Backend>) -> Self {
-        Self { registry, backend }
+    /// A service reading `registry` and writing through `backend`, for
+    /// callers `guard` lets through.
+    pub fn new(registry: Arc<Registry>, backend: Arc<dyn Backend>, guard: Guard) -> Self {
+        Self {
+            registry,
+            backend,
+            guard,
+        }
     }
 }
 
@@ -31,8 +38,9 @@ impl AdminService {
 impl admin_server::Admin for AdminService {
     async fn list_services(
         &self,
-        _req: Request<ListServicesRequest>,
+        req: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
+        self.guard.operator(&req, "ListServices")?;
         Ok(Response::new(ListServicesResponse {
             services: self.registry.services(),
         }))
@@ -42,6 +50,7 @@ impl admin_server::Admin for AdminService {
         &self,
         req: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
+        self.guard.operator(&req, "ListEndpoints")?;
         let name = req.into_inner().service;
         validate::service_name(&name).map_err(invalid)?;
         let (version, endpoints) = self
@@ -55,6 +64,7 @@ impl admin_server::Admin for AdminService {
         &self,
         req: Request<ApplyPolicyRequest>,
     ) -> Result<Response<ApplyPolicyResponse>, Status> {
+        self.guard.operator(&req, "ApplyPolicy")?;
         let req = req.into_inner();
         check_size(&req)?;
         if req.policies.is_empty() {
@@ -76,6 +86,7 @@ impl admin_server::Admin for AdminService {
         &self,
         req: Request<GetPolicyRequest>,
     ) -> Result<Response<ServicePolicy>, Status> {
+        self.guard.operator(&req, "GetPolicy")?;
         let name = req.into_inner().service;
         validate::service_name(&name).map_err(invalid)?;
         self.registry

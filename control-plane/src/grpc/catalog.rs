@@ -11,18 +11,20 @@ use tonic::{Request, Response, Status};
 use wayfinder_proto::v1::catalog_server::Catalog;
 use wayfinder_proto::v1::{CatalogRequest, CatalogUpdate};
 
+use super::auth::Guard;
 use super::check_size;
 use crate::registry::Registry;
 
 /// The Catalog service.
 pub struct CatalogService {
     registry: Arc<Registry>,
+    guard: Guard,
 }
 
 impl CatalogService {
-    /// Serves `registry`'s catalog.
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    /// Serves `registry`'s catalog to callers `guard` lets through.
+    pub fn new(registry: Arc<Registry>, guard: Guard) -> Self {
+        Self { registry, guard }
     }
 }
 
@@ -36,6 +38,7 @@ impl Catalog for CatalogService {
         &self,
         request: Request<CatalogRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.guard.member(&request, "Catalog.Watch")?;
         check_size(request.get_ref())?;
         let node = request.into_inner().node;
         tracing::debug!(%node, "catalog watch");

@@ -89,12 +89,17 @@ impl WatchMetrics {
 pub struct DiscoveryService {
     registry: Arc<Registry>,
     metrics: WatchMetrics,
+    guard: super::auth::Guard,
 }
 
 impl DiscoveryService {
-    /// A service over `registry`.
-    pub fn new(registry: Arc<Registry>, metrics: WatchMetrics) -> Self {
-        Self { registry, metrics }
+    /// A service over `registry`, for callers `guard` lets through.
+    pub fn new(registry: Arc<Registry>, metrics: WatchMetrics, guard: super::auth::Guard) -> Self {
+        Self {
+            registry,
+            metrics,
+            guard,
+        }
     }
 }
 
@@ -113,6 +118,7 @@ impl discovery_server::Discovery for DiscoveryService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        self.guard.member(&req, "Discovery.Watch")?;
         let req = req.into_inner();
         check_size(&req)?;
         if req.services.is_empty() {

@@ -2,11 +2,13 @@
 //! registry: they validate input, call the registry and map errors to statuses.
 
 pub mod admin;
+pub mod auth;
 pub mod catalog;
 pub mod discovery;
 pub mod identity;
 pub mod registry;
 pub mod telemetry;
+pub mod transport;
 
 use prost::Message;
 use tonic::Status;

@@ -12,18 +12,45 @@ use wayfinder_proto::v1::{
 };
 use wayfinder_proto::validate;
 
+use super::auth::Guard;
 use super::{check_size, invalid};
+use crate::registry::Registry;
 use crate::store::Backend;
 
 /// Serves the Registry API.
 pub struct RegistryService {
     backend: Arc<dyn Backend>,
+    registry: Arc<Registry>,
+    guard: Guard,
 }
 
 impl RegistryService {
-    /// A service writing through `backend`.
-    pub fn new(backend: Arc<dyn Backend>) -> Self {
-        Self { backend }
+    /// A service writing through `backend`; `registry` tells whose a lease
+    /// is, `guard` who may act on it.
+    pub fn new(backend: Arc<dyn Backend>, registry: Arc<Registry>, guard: Guard) -> Self {
+        Self {
+            backend,
+            registry,
+            guard,
+        }
+    }
+
+    /// Refuses a sidecar of `own` acting on a lease of another service.
+    fn own_lease<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &'static str,
+        own: Option<&str>,
+        lease_id: u64,
+    ) -> Result<(), Status> {
+        if own.is_none() {
+            return Ok(());
+        }
+        // An unknown lease is the backend's answer to give (NotFound).
+        match self.registry.lease_holder(lease_id) {
+            Some((service, ..)) => self.guard.same_service(req, rpc, own, &service),
+            None => Ok(()),
+        }
     }
 }
 
@@ -40,8 +67,18 @@ impl registry_server::Registry for RegistryService {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let own = self.guard.member(&req, "Register")?;
+        check_size(req.get_ref())?;
+        if own.is_some() && req.get_ref().static_endpoint {
+            return Err(self
+                .guard
+                .operator_only(&req, "Register", "a static endpoint"));
+        }
+        if let Some(i) = &req.get_ref().instance {
+            self.guard
+                .same_service(&req, "Register", own.as_deref(), &i.service)?;
+        }
         let req = req.into_inner();
-        check_size(&req)?;
         let instance = req
             .instance
             .ok_or_else(|| Status::invalid_argument("instance is required"))?;
@@ -72,15 +109,31 @@ impl registry_server::Registry for RegistryService {
         &self,
         req: Request<Streaming<Heartbeat>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let own = self.guard.member(&req, "KeepAlive")?;
         let backend = self.backend.clone();
+        let registry = self.registry.clone();
+        let guard = self.guard.clone();
+        // Kept for refusals' log lines (the stream's items have no peer).
+        let mut probe = Request::new(());
+        if let Some(p) = req.extensions().get::<super::auth::Peer>() {
+            probe.extensions_mut().insert(p.clone());
+        }
+        let probe = Arc::new(probe);
         let beats = req.into_inner();
         // Each heartbeat is answered in order; the first bad one ends the
         // stream with its status, which tells the sidecar what to do.
         let out = beats
             .then(move |beat| {
                 let backend = backend.clone();
+                let (registry, guard, own, probe) =
+                    (registry.clone(), guard.clone(), own.clone(), probe.clone());
                 async move {
                     let beat = beat?;
+                    if let (Some(own), Some((service, ..))) =
+                        (&own, registry.lease_holder(beat.lease_id))
+                    {
+                        guard.same_service(&probe, "KeepAlive", Some(own), &service)?;
+                    }
                     let h = health(beat.health)?;
                     let ttl = backend.heartbeat(beat.lease_id, h).await?;
                     Ok(KeepAliveResponse {
@@ -103,6 +156,20 @@ impl registry_server::Registry for RegistryService {
         &self,
         req: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
+        let own = self.guard.member(&req, "Deregister")?;
+        match &req.get_ref().target {
+            Some(Target::LeaseId(id)) => self.own_lease(&req, "Deregister", own.as_deref(), *id)?,
+            // Sidecars deregister their leases; endpoints by address are
+            // static ones, the operator's.
+            Some(Target::Endpoint(_)) if own.is_some() => {
+                return Err(self.guard.operator_only(
+                    &req,
+                    "Deregister",
+                    "deregistering by address",
+                ));
+            }
+            _ => {}
+        }
         let version = match req.into_inner().target {
             Some(Target::LeaseId(id)) => self.backend.deregister_lease(id).await?,
             Some(Target::Endpoint(ep)) => {

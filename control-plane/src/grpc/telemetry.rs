@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use wayfinder_proto::latency::BUCKETS;
 use wayfinder_proto::v1::{ReportAck, TrafficReport, telemetry_server::Telemetry};
 
+use super::auth::Guard;
 use super::{check_size, invalid};
 use crate::traffic::Traffic;
 
@@ -16,12 +17,13 @@ pub const MAX_EDGES: usize = 1000;
 /// The Telemetry service.
 pub struct TelemetryService {
     traffic: Arc<Traffic>,
+    guard: Guard,
 }
 
 impl TelemetryService {
-    /// A service feeding `traffic`.
-    pub fn new(traffic: Arc<Traffic>) -> Self {
-        Self { traffic }
+    /// A service feeding `traffic` from callers `guard` lets through.
+    pub fn new(traffic: Arc<Traffic>, guard: Guard) -> Self {
+        Self { traffic, guard }
     }
 }
 
@@ -53,9 +55,15 @@ fn check(r: &TrafficReport) -> Result<(), Status> {
 #[tonic::async_trait]
 impl Telemetry for TelemetryService {
     async fn report(&self, req: Request<TrafficReport>) -> Result<Response<ReportAck>, Status> {
-        let r = req.into_inner();
+        let own = self.guard.member(&req, "Report")?;
+        let mut r = req.into_inner();
         check_size(&r)?;
         check(&r)?;
+        // A sidecar reports as the service in its certificate, whatever
+        // the report says.
+        if let Some(own) = own {
+            r.service = own;
+        }
         self.traffic.record(&r);
         Ok(Response::new(ReportAck {}))
     }
