@@ -12,6 +12,6 @@ dir=$(bash deploy/build-static.sh "$profile")
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 cp "$dir/wf-control" "$dir/wf-proxy" "$dir/wfctl" "$dir/lab-app" "$ctx/"
-mkdir "$ctx/data"
+mkdir -p "$ctx/data/trust"
 echo "== docker build -> $image"
 docker build -q -f deploy/Dockerfile --build-arg "BASE=${BASE:-scratch}" -t "$image" "$ctx"

@@ -19,7 +19,12 @@ echo "== building (release)"
 cargo build --release --workspace --bins
 bin=target/release
 data=${WAYFINDER_DATA_DIR:-./wf-data}
-export WAYFINDER_CONTROL_PLANE=http://127.0.0.1:15010
+# The control plane is TLS and authenticates every caller: sidecars verify it
+# with its roots and present their mesh certificate; wfctl presents the
+# operator credential wf-control writes to its data directory.
+export WAYFINDER_CONTROL_PLANE=https://127.0.0.1:15010
+export WAYFINDER_CA_BUNDLE=$data/ca/bundle.crt
+export WAYFINDER_CREDENTIALS=$data/operator
 # Secure by default: every sidecar gets a certificate with a token of this
 # run that is good for its own service only, and the sidecars speak mTLS to
 # each other. The tokens stay off command lines (ps shows those): wf-control

@@ -72,6 +72,9 @@ chmod 755 "$logs"
 start "$logs/control.log" "$hub" "$bin/wf-control" --grpc "$cp" --http 127.0.0.1:15014 \
   --data-dir "$logs/control-data" --join-token-file "$logs/join-tokens"
 wait_for "$logs/control.log" "wf-control serving"
+# The sidecars verify wf-control's TLS with its roots (public); wfctl is the
+# operator with the credential it wrote (its owner's only).
+install -m 644 "$logs/control-data/ca/bundle.crt" "$logs/bundle.crt"
 start "$logs/dns.log" "$hub" "$bin/wfctl" lab dns --listen 10.77.0.1:53 --ttl 5 \
   --record web=10.77.0.11+10.77.0.12+10.77.0.13
 wait_for "$logs/dns.log" "answering on"
@@ -97,8 +100,8 @@ for i in 1 2 3; do
   echo "== $ns: lab-app web-$i on 10.77.0.$n:80, sidecar inbound :15006 (mTLS)"
   node "web$i" "$n"
   start "$logs/web-$i-app.log" "$ns" "$bin/lab-app" --listen 0.0.0.0:80 --name "web-$i"
-  WAYFINDER_JOIN_TOKEN=$tok_web start_proxy "$logs/web-$i.log" "$ns" "$bin/wf-proxy" --control-plane "http://$cp" \
-    --service web --instance "web-$i" \
+  WAYFINDER_JOIN_TOKEN=$tok_web start_proxy "$logs/web-$i.log" "$ns" "$bin/wf-proxy" --control-plane "https://$cp" \
+    --ca-bundle "$logs/bundle.crt" --service web --instance "web-$i" \
     --app 127.0.0.1:80 --inbound 0.0.0.0:15006 --advertise "10.77.0.$n:15006" \
     --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 --health-check /healthz
   wait_for "$logs/web-$i.log" "registered with the control plane"
@@ -106,8 +109,8 @@ done
 
 echo "== $prefix-client: sidecar only, 10.77.0.50"
 node client 50
-WAYFINDER_JOIN_TOKEN=$tok_client start_proxy "$logs/client.log" "$prefix-client" "$bin/wf-proxy" --control-plane "http://$cp" \
-  --service client --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 \
+WAYFINDER_JOIN_TOKEN=$tok_client start_proxy "$logs/client.log" "$prefix-client" "$bin/wf-proxy" --control-plane "https://$cp" \
+  --ca-bundle "$logs/bundle.crt" --service client --transparent 127.0.0.1:15001 --admin 127.0.0.1:15000 \
   ${WAYFINDER_LAB_BALANCER:+--balancer "$WAYFINDER_LAB_BALANCER"}
 wait_for "$logs/client.log" "wf-proxy listening"
 sleep 1
@@ -131,6 +134,6 @@ else
 fi
 $once && exit 0
 echo "== up. Try:  sudo ip netns exec $prefix-client curl http://web/"
-echo "   endpoints: sudo ip netns exec $hub $bin/wfctl --control-plane http://$cp endpoints web"
+echo "   endpoints: sudo ip netns exec $hub $bin/wfctl --control-plane https://$cp --credentials $logs/control-data/operator endpoints web"
 echo "   Ctrl-C removes every namespace."
 wait

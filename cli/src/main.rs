@@ -206,7 +206,10 @@ async fn connect(cli: &Cli) -> Result<Channel> {
             let host = uri.host().context("the control-plane URL has no host")?;
             let port = uri.port_u16().unwrap_or(443);
             let tls = operator_tls(&cli.credentials)?;
-            let plain_host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            let plain_host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
             // The connector does TLS (with the host's name); tonic sees h2.
             endpoint(format!("http://{host}:{port}"))?
                 .connect_with_connector(wayfinder_proto::dial::Failover::new(
@@ -215,7 +218,9 @@ async fn connect(cli: &Cli) -> Result<Channel> {
                 ))
                 .await
         }
-        _ => anyhow::bail!("{url:?}: use https://HOST:PORT (or http:// for an --insecure control plane)"),
+        _ => anyhow::bail!(
+            "{url:?}: use https://HOST:PORT (or http:// for an --insecure control plane)"
+        ),
     };
     ch.with_context(|| format!("cannot reach the control plane at {url}"))
 }
@@ -233,7 +238,11 @@ fn operator_tls(dir: &std::path::Path) -> Result<tokio_rustls::TlsConnector> {
             )
         })
     };
-    let (ca, crt, key) = (read("ca.crt")?, read("operator.crt")?, read("operator.key")?);
+    let (ca, crt, key) = (
+        read("ca.crt")?,
+        read("operator.crt")?,
+        read("operator.key")?,
+    );
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&ca) {
         roots

@@ -294,7 +294,8 @@ impl Ca {
         }
         let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
         let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::CommonName, "wayfinder operator");
+        p.distinguished_name
+            .push(DnType::CommonName, "wayfinder operator");
         p.subject_alt_names = vec![SanType::URI(
             self.operator_id()
                 .as_str()

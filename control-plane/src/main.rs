@@ -10,8 +10,8 @@ use clap::Parser;
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio::net::TcpListener;
 use wayfinder_control::ca::Ca;
-use wayfinder_control::grpc::identity::{IdentityService, JoinToken};
 use wayfinder_control::grpc::auth::Guard;
+use wayfinder_control::grpc::identity::{IdentityService, JoinToken};
 use wayfinder_control::grpc::telemetry::TelemetryService;
 use wayfinder_control::grpc::transport::{Tls, incoming};
 use wayfinder_control::grpc::{
@@ -74,7 +74,9 @@ struct Args {
     #[arg(long, env = "WAYFINDER_CERT_LIFETIME", default_value = "24h", value_parser = lifetime)]
     cert_lifetime: Duration,
     /// Join token sidecars present for a certificate: TOKEN, TOKEN:svc1,svc2
-    /// (only those services), optionally @EXPIRES (Unix seconds). Repeatable.
+    /// (only those services), optionally @EXPIRES (Unix seconds). Repeatable;
+    /// one value may hold several separated by spaces (one variable for a
+    /// compose file's per-service tokens).
     #[arg(
         long = "join-token",
         env = "WAYFINDER_JOIN_TOKEN",
@@ -93,6 +95,11 @@ struct Args {
     /// credential written to DATA_DIR/operator/.
     #[arg(long, env = "WAYFINDER_INSECURE")]
     insecure: bool,
+    /// Also write the trust bundle (the roots, public) to this file at
+    /// start, for sidecars that verify the control plane through a shared
+    /// volume (`--ca-bundle` on their side).
+    #[arg(long, env = "WAYFINDER_BUNDLE_OUT")]
+    bundle_out: Option<PathBuf>,
     /// Names in the gRPC certificate (default: localhost, 127.0.0.1 and the gRPC address).
     #[arg(long = "tls-name", env = "WAYFINDER_TLS_NAMES", value_delimiter = ',')]
     tls_names: Vec<String>,
@@ -101,6 +108,7 @@ struct Args {
 /// The join tokens, parsed here rather than by clap: clap's error repeats
 /// the value it refused, and a token must never reach a log or a terminal.
 fn join_tokens(raw: &[String]) -> Result<Vec<JoinToken>> {
+    let raw: Vec<&str> = raw.iter().flat_map(|v| v.split_whitespace()).collect();
     raw.iter()
         .enumerate()
         .map(|(i, t)| {
@@ -195,6 +203,13 @@ async fn run(args: Args) -> Result<()> {
             .context("setting up the certificate authority")?,
     );
     let (registry, backend, persister) = open_store(&args, leases, metrics, &ca, &mut prom).await?;
+    if let Some(out) = &args.bundle_out {
+        // Whole or not at all: a sidecar may be waiting to read it.
+        let tmp = out.with_extension("tmp");
+        std::fs::write(&tmp, ca.bundle_pem())
+            .and_then(|()| std::fs::rename(&tmp, out))
+            .with_context(|| format!("--bundle-out {}", out.display()))?;
+    }
 
     let policy = match &args.policy {
         Some(path) => Some(PolicyWatcher::load(path.clone(), backend.clone(), &mut prom).await?),
@@ -283,7 +298,7 @@ async fn run(args: Args) -> Result<()> {
                 registry.clone(),
                 guard.clone(),
             ))
-                .max_decoding_message_size(TRANSPORT_LIMIT),
+            .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .add_service(
             DiscoveryServer::new(discovery::DiscoveryService::new(
@@ -299,7 +314,7 @@ async fn run(args: Args) -> Result<()> {
                 backend.clone(),
                 guard.clone(),
             ))
-                .max_decoding_message_size(TRANSPORT_LIMIT),
+            .max_decoding_message_size(TRANSPORT_LIMIT),
         )
         .add_service(
             TelemetryServer::new(TelemetryService::new(traffic, guard.clone()))

@@ -406,9 +406,7 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         other => bail!("--health-check {other:?}: use \"tcp\" or an HTTP path starting with '/'"),
     };
     let trust = match (&args.ca_bundle, &args.ca_pin) {
-        (Some(path), _) => Trust::Bundle(
-            std::fs::read(path).with_context(|| format!("--ca-bundle {}", path.display()))?,
-        ),
+        (Some(path), _) => Trust::Bundle(read_bundle(path).await?),
         (None, Some(pin)) => Trust::Pin(*pin),
         (None, None) => Trust::None,
     };
@@ -650,6 +648,32 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         );
     }
     Ok(())
+}
+
+/// The control plane's roots. In a container lab they arrive through a
+/// volume the control plane writes when it starts, which may be after the
+/// sidecar: a missing file is waited for (30 s), not an error at once.
+async fn read_bundle(path: &std::path::Path) -> Result<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut said = false;
+    loop {
+        match std::fs::read(path) {
+            Ok(pem) if !pem.is_empty() => return Ok(pem),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("--ca-bundle {}", path.display()));
+            }
+            _ if tokio::time::Instant::now() >= deadline => {
+                bail!("--ca-bundle {}: no such file after 30 s", path.display())
+            }
+            _ => {
+                if !said {
+                    tracing::info!(file = %path.display(), "waiting for the control plane's trust bundle");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 /// The first certificate: refusals end start-up with the control plane's

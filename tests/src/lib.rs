@@ -145,17 +145,26 @@ impl ControlPlane {
                 .connect()
                 .await?);
         }
-        let dir = self.credentials();
-        let key = std::fs::read(dir.join("operator.key"))?;
-        let chain = std::fs::read(dir.join("operator.crt"))?;
-        self.tls_channel(Some((&chain, &key))).await
-    }
-
-    /// A TLS gRPC channel to it presenting `client` (PEM chain and key), or
-    /// no certificate at all.
-    pub async fn tls_channel(&self, client: Option<(&[u8], &[u8])>) -> Result<Channel> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = self.credentials();
+        let chain = CertificateDer::pem_file_iter(dir.join("operator.crt"))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(dir.join("operator.key"))?;
+        self.tls_channel(Some((chain, key))).await
+    }
+
+    /// A TLS gRPC channel to it presenting `client` (chain and key), or no
+    /// certificate at all.
+    pub async fn tls_channel(
+        &self,
+        client: Option<(
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        )>,
+    ) -> Result<Channel> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(self.bundle())? {
             roots.add(c?)?;
@@ -165,10 +174,7 @@ impl ControlPlane {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots);
         let mut cfg = match client {
-            Some((chain, key)) => wants.with_client_auth_cert(
-                CertificateDer::pem_slice_iter(chain).collect::<Result<Vec<_>, _>>()?,
-                PrivateKeyDer::from_pem_slice(key)?,
-            )?,
+            Some((chain, key)) => wants.with_client_auth_cert(chain, key)?,
             None => wants.with_no_client_auth(),
         };
         cfg.alpn_protocols = vec![b"h2".to_vec()];

@@ -487,7 +487,12 @@ async fn the_control_plane_serves_grpc_over_tls_to_sidecars_that_trust_its_bundl
                 )
             }
         };
-        let _second = pinned(pin.clone(), "web-2", app2_addr.clone(), "wf-proxy listening")()?;
+        let _second = pinned(
+            pin.clone(),
+            "web-2",
+            app2_addr.clone(),
+            "wf-proxy listening",
+        )()?;
         serving(2).await?;
         // A wrong pin: the sidecar never reaches the control plane, not even
         // for its certificate.

@@ -279,8 +279,12 @@ async fn docker_lab_survives_instances_that_vanish_or_freeze() -> Result<()> {
             // that reach a dead or frozen one is the point here.
             ("WAYFINDER_BALANCER".into(), "round-robin".into()),
             (
-                "WAYFINDER_JOIN_TOKEN".into(),
-                format!("docker-lab-test-{}", std::process::id()),
+                "WAYFINDER_WEB_TOKEN".into(),
+                format!("docker-lab-web-{}", std::process::id()),
+            ),
+            (
+                "WAYFINDER_CLIENT_TOKEN".into(),
+                format!("docker-lab-client-{}", std::process::id()),
             ),
         ],
     };

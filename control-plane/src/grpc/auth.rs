@@ -155,7 +155,13 @@ impl Guard {
     }
 
     /// Counts and logs a refusal, and returns its status.
-    fn refuse<T>(&self, req: &Request<T>, rpc: &'static str, reason: &'static str, status: Status) -> Status {
+    fn refuse<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &'static str,
+        reason: &'static str,
+        status: Status,
+    ) -> Status {
         self.refused
             .get_or_create(&RefusedLabels { rpc, reason })
             .inc();
@@ -272,7 +278,11 @@ mod tests {
             Some("spiffe://lab.local/operator/x"),
             Some("https://lab.local/operator"),
         ] {
-            assert_eq!(Caller::from_spiffe_id(other, d), Caller::Anonymous, "{other:?}");
+            assert_eq!(
+                Caller::from_spiffe_id(other, d),
+                Caller::Anonymous,
+                "{other:?}"
+            );
         }
     }
 
@@ -294,24 +304,31 @@ mod tests {
         assert!(g.operator(&with(Caller::Operator), "ApplyPolicy").is_ok());
         assert!(g.operator(&with(Caller::Unchecked), "ApplyPolicy").is_ok());
         assert_eq!(
-            g.operator(&with(web()), "ApplyPolicy").map_err(|s| s.code()),
+            g.operator(&with(web()), "ApplyPolicy")
+                .map_err(|s| s.code()),
             Err(tonic::Code::PermissionDenied)
         );
         assert_eq!(
-            g.operator(&Request::new(()), "ApplyPolicy").map_err(|s| s.code()),
+            g.operator(&Request::new(()), "ApplyPolicy")
+                .map_err(|s| s.code()),
             Err(tonic::Code::Unauthenticated)
         );
-        assert_eq!(g.member(&with(web()), "Watch").ok(), Some(Some("web".into())));
+        assert_eq!(
+            g.member(&with(web()), "Watch").ok(),
+            Some(Some("web".into()))
+        );
         assert_eq!(g.member(&with(Caller::Operator), "Watch").ok(), Some(None));
         assert_eq!(
-            g.member(&with(Caller::Anonymous), "Watch").map_err(|s| s.code()),
+            g.member(&with(Caller::Anonymous), "Watch")
+                .map_err(|s| s.code()),
             Err(tonic::Code::Unauthenticated)
         );
         let r = with(web());
         assert!(g.same_service(&r, "Register", Some("web"), "web").is_ok());
         assert!(g.same_service(&r, "Register", None, "api").is_ok());
         assert_eq!(
-            g.same_service(&r, "Register", Some("web"), "api").map_err(|s| s.code()),
+            g.same_service(&r, "Register", Some("web"), "api")
+                .map_err(|s| s.code()),
             Err(tonic::Code::PermissionDenied)
         );
     }

@@ -106,8 +106,13 @@ pub struct Tls {
     key: PrivateKeyDer<'static>,
     trust_domain: String,
     registry: Arc<Registry>,
-    /// The bundle the config was built for, and the config.
-    built: Mutex<Option<(Vec<Vec<u8>>, Arc<rustls::ServerConfig>)>>,
+    built: Mutex<Option<Built>>,
+}
+
+/// A server config and the trust bundle it was built for.
+struct Built {
+    bundle: Vec<Vec<u8>>,
+    config: Arc<rustls::ServerConfig>,
 }
 
 impl Tls {
@@ -139,10 +144,10 @@ impl Tls {
     fn config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
         let bundle = self.registry.trust_bundle();
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((b, cfg)) = &*built
-            && *b == bundle
+        if let Some(b) = &*built
+            && b.bundle == bundle
         {
-            return Ok(cfg.clone());
+            return Ok(b.config.clone());
         }
         let mut roots = rustls::RootCertStore::empty();
         for der in &bundle {
@@ -160,7 +165,10 @@ impl Tls {
             .map_err(|e| format!("server certificate: {e}"))?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         let cfg = Arc::new(cfg);
-        *built = Some((bundle, cfg.clone()));
+        *built = Some(Built {
+            bundle,
+            config: cfg.clone(),
+        });
         Ok(cfg)
     }
 
