@@ -209,8 +209,9 @@ async fn calls_waiting_on_an_instance_the_control_plane_drops_move_at_once() -> 
         assert_eq!(status, 200);
         let (_client, web, _) = client(&cp, &["--balancer", "round-robin"])?;
 
-        // Round robin over two: of four GETs and two POSTs sent at once,
-        // some wait on web-2.
+        // Round robin over two: two POSTs then four GETs, started 20 ms
+        // apart so that consecutive ones alternate, put one POST and two
+        // GETs on web-2.
         let call = |method: &'static str| {
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
@@ -218,10 +219,11 @@ async fn calls_waiting_on_an_instance_the_control_plane_drops_move_at_once() -> 
                 (method, r, started.elapsed())
             })
         };
-        let calls: Vec<_> = ["GET", "GET", "GET", "GET", "POST", "POST"]
-            .into_iter()
-            .map(call)
-            .collect();
+        let mut calls = Vec::new();
+        for method in ["POST", "POST", "GET", "GET", "GET", "GET"] {
+            calls.push(call(method));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         // web-2 leaves: its sidecar deregisters at once on SIGTERM.
         let stop = std::thread::spawn(move || web2.terminate());
