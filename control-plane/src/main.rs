@@ -100,7 +100,8 @@ struct Args {
     /// volume (`--ca-bundle` on their side).
     #[arg(long, env = "WAYFINDER_BUNDLE_OUT")]
     bundle_out: Option<PathBuf>,
-    /// Names in the gRPC certificate (default: localhost, 127.0.0.1 and the gRPC address).
+    /// More names for the gRPC certificate (it always has localhost,
+    /// 127.0.0.1 and the gRPC address), e.g. the compose service's name.
     #[arg(long = "tls-name", env = "WAYFINDER_TLS_NAMES", value_delimiter = ',')]
     tls_names: Vec<String>,
 }
@@ -223,13 +224,13 @@ async fn run(args: Args) -> Result<()> {
         );
         None
     } else {
-        let mut names = args.tls_names.clone();
-        if names.is_empty() {
-            names = vec!["localhost".into(), "127.0.0.1".into()];
-            if !args.grpc.ip().is_unspecified() {
-                names.push(args.grpc.ip().to_string());
-            }
+        // Local names always (wfctl in the same host or container), then
+        // the address and the names callers use.
+        let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
+        if !args.grpc.ip().is_unspecified() && !args.grpc.ip().is_loopback() {
+            names.push(args.grpc.ip().to_string());
         }
+        names.extend(args.tls_names.iter().cloned());
         let (cert, key) = ca
             .server_identity(&names)
             .context("issuing the control plane's certificate")?;

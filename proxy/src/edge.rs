@@ -19,14 +19,14 @@ pub const CLIENT_CERT_HEADER: &str = "x-forwarded-client-cert";
 
 /// Identity-looking headers a caller may not set: only the inbound sidecar
 /// says who called, from the mTLS handshake.
-const IDENTITY_HEADERS: [&str; 6] = [
+const IDENTITY_HEADERS: [&str; 4] = [
     CLIENT_CERT_HEADER,
     "l5d-client-id",
     "l5d-server-id",
     "x-client-cert",
-    "x-ssl-client-cert",
-    "x-ssl-client-verify",
 ];
+/// Headers a TLS-terminating proxy sets about the client certificate.
+const SSL_CLIENT_PREFIX: &str = "x-ssl-client-";
 
 /// End-to-end fields a `Connection` header may not name: dropping them as
 /// hop-by-hop would change the request the proxy routes or authorizes.
@@ -48,8 +48,12 @@ pub enum Refusal {
     /// CONNECT asks for a tunnel; no policy allows tunnels.
     Tunnel,
     /// A path whose meaning servers disagree on (encoded slash or
-    /// backslash, a raw backslash, broken percent-encoding).
+    /// backslash, a raw backslash, broken percent-encoding, `..;`).
     AmbiguousPath,
+    /// The request's URI names one host and its `Host` header another.
+    HostMismatch,
+    /// Host routing to a name neither the catalog nor `--upstream` knows.
+    UnknownService,
 }
 
 impl Refusal {
@@ -57,6 +61,7 @@ impl Refusal {
     pub fn status(self) -> StatusCode {
         match self {
             Refusal::Tunnel => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::UnknownService => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -68,6 +73,8 @@ impl Refusal {
             Refusal::ConnectionNamesEndToEnd => "connection-names-end-to-end-header",
             Refusal::Tunnel => "connect-not-allowed",
             Refusal::AmbiguousPath => "ambiguous-path",
+            Refusal::HostMismatch => "host-mismatch",
+            Refusal::UnknownService => "unknown-service",
         }
     }
 }
@@ -100,13 +107,17 @@ pub fn check<B>(req: &Request<B>) -> Result<(), Refusal> {
 /// Removes the mesh's own headers: what an app or client sends under that
 /// prefix is not the mesh speaking.
 pub fn strip_mesh_headers(headers: &mut HeaderMap) {
+    remove_prefixed(headers, MESH_PREFIX);
+}
+
+fn remove_prefixed(headers: &mut HeaderMap, prefix: &str) {
     // Most messages carry none: look before allocating anything.
-    if !headers.keys().any(|k| k.as_str().starts_with(MESH_PREFIX)) {
+    if !headers.keys().any(|k| k.as_str().starts_with(prefix)) {
         return;
     }
     let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with(MESH_PREFIX))
+        .filter(|k| k.as_str().starts_with(prefix))
         .cloned()
         .collect();
     for n in names {
@@ -120,6 +131,8 @@ pub fn set_caller(headers: &mut HeaderMap, caller: Option<&str>) {
     for h in IDENTITY_HEADERS {
         headers.remove(h);
     }
+    // The nginx family (`x-ssl-client-s-dn`, `x-ssl-client-i-dn`, ...).
+    remove_prefixed(headers, SSL_CLIENT_PREFIX);
     if let Some(id) = caller.and_then(|c| HeaderValue::from_str(&format!("URI={c}")).ok()) {
         headers.insert(CLIENT_CERT_HEADER, id);
     }
@@ -194,6 +207,13 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Refusal> {
     let last = segments.len().saturating_sub(1);
     let mut trailing = false;
     for (n, seg) in segments.iter().enumerate() {
+        // `..;x` is `..` to Tomcat and Spring (path parameters), a name
+        // to us: servers disagree, so it is refused.
+        if let Some((head, _)) = seg.split_once(';')
+            && (head == "." || head == "..")
+        {
+            return Err(Refusal::AmbiguousPath);
+        }
         match *seg {
             "" => trailing = n == last,
             "." => trailing = n == last,
@@ -260,9 +280,14 @@ mod tests {
             "/a%5cb",
             "/a%zz",
             "/a%2",
+            "/public/..;/admin",
+            "/public/.;x/admin",
+            "/public/%2e%2e;jsessionid=1/admin",
         ] {
             assert_eq!(norm(p), Err(Refusal::AmbiguousPath), "{p}");
         }
+        // Path parameters on ordinary segments are the app's business.
+        assert_eq!(norm("/public/a;v=1/b").as_deref(), Ok("/public/a;v=1/b"));
     }
 
     #[test]
@@ -306,10 +331,12 @@ mod tests {
             HeaderValue::from_static("URI=spiffe://x/svc/admin"),
         );
         h.insert("x-other", HeaderValue::from_static("kept"));
+        h.insert("x-ssl-client-s-dn", HeaderValue::from_static("CN=admin"));
         strip_mesh_headers(&mut h);
         set_caller(&mut h, Some("spiffe://wayfinder.local/svc/client"));
         assert!(h.get("x-wayfinder-error").is_none());
         assert!(h.get("l5d-client-id").is_none());
+        assert!(h.get("x-ssl-client-s-dn").is_none());
         assert_eq!(
             h.get(CLIENT_CERT_HEADER).and_then(|v| v.to_str().ok()),
             Some("URI=spiffe://wayfinder.local/svc/client")

@@ -220,18 +220,30 @@ fn to_http1<B>(req: &mut Request<B>, ep: &EndpointStats) -> Result<(), hyper::ht
 }
 
 /// The service a Host / `:authority` names: the host part, without port.
-pub fn service_from_authority(req: &Request<Incoming>) -> Option<String> {
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.host().to_string())
-        .or_else(|| {
-            let h = req.headers().get(header::HOST)?.to_str().ok()?;
-            Some(h.rsplit_once(':').map_or(h, |(host, _)| host).to_string())
-        })?;
-    let host = host.to_ascii_lowercase();
-    wayfinder_proto::validate::service_name(&host).ok()?;
-    Some(host)
+pub fn service_from_authority(req: &Request<Incoming>) -> Result<Option<String>, edge::Refusal> {
+    let from_uri = req.uri().authority().map(|a| a.host().to_ascii_lowercase());
+    let from_header = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| {
+            h.rsplit_once(':')
+                .map_or(h, |(host, _)| host)
+                .to_ascii_lowercase()
+        });
+    // An absolute URI (or `:authority`) naming one host and `Host` another:
+    // the proxy would route by one and the app read the other.
+    if let (Some(u), Some(h)) = (&from_uri, &from_header)
+        && u != h
+    {
+        return Err(edge::Refusal::HostMismatch);
+    }
+    let Some(host) = from_uri.or(from_header) else {
+        return Ok(None);
+    };
+    Ok(wayfinder_proto::validate::service_name(&host)
+        .is_ok()
+        .then_some(host))
 }
 
 /// What is sent of a request on every attempt: the request line and headers
@@ -402,11 +414,12 @@ impl Proxy {
 
     /// Whether a Host-routed request may create (or use) the upstream
     /// `name`: one that exists already (an `--upstream` listener, or known
-    /// before), or one the control plane's catalog lists. With DNS as the
-    /// default source any name goes; DNS discovery keeps it off local
-    /// addresses. Anything else creates no state (no upstream, no watch).
+    /// before), or one the control plane's catalog lists, whatever the
+    /// discovery source (with DNS, too, an unknown name would be an
+    /// upstream and a resolver task per Host a client cares to send).
+    /// Anything else creates no state (no upstream, no watch).
     pub async fn knows(&self, name: &str) -> bool {
-        if self.upstreams.get(name).is_some() || self.sources.default_origin == Origin::Dns {
+        if self.upstreams.get(name).is_some() {
             return true;
         }
         self.catalog.wait_loaded(DISCOVERY_WAIT).await;
@@ -472,6 +485,14 @@ impl Proxy {
         };
         if !self.authorized(caller.as_deref(), ask).await {
             self.metrics.forbidden.inc();
+            if self.first_time("forbidden") {
+                tracing::warn!(
+                    caller = caller.as_deref().unwrap_or("(no identity)"),
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    "request forbidden by authorization (logged once; see wayfinder_proxy_forbidden_total)"
+                );
+            }
             let resp = reply(grpc, StatusCode::FORBIDDEN, "forbidden");
             return self.count("inbound", "app", &self.app_requests, resp);
         }
@@ -687,6 +708,8 @@ pub async fn forward_upgrade(
     if to_http1(&mut req, ep).is_err() {
         return error(StatusCode::BAD_REQUEST, "bad-uri");
     }
+    // As on every other request: only sidecars speak for the mesh.
+    edge::strip_mesh_headers(req.headers_mut());
     let req = req.map(|b| ReplayBody::new(b, 0));
     let pool = match &clients.mesh_h1 {
         Some(mesh) if ep.meshed => mesh,
@@ -699,6 +722,9 @@ pub async fn forward_upgrade(
             return error(status, reason);
         }
     };
+    if !ep.meshed {
+        edge::strip_mesh_headers(resp.headers_mut());
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let server_upgrade = hyper::upgrade::on(&mut resp);
         let addr = ep.addr;

@@ -73,7 +73,10 @@ struct Verifiers {
 pub struct Identity {
     service: String,
     token: String,
-    channel: Channel,
+    /// Where renewals go: the bootstrap channel at first, then (against an
+    /// https control plane) the one presenting this certificate, so a
+    /// renewal needs no valid join token.
+    channel: RwLock<Channel>,
     current: RwLock<Current>,
     verifiers: RwLock<Verifiers>,
     /// SHA-256 of the roots trusted now (sent with watches).
@@ -166,7 +169,7 @@ impl Identity {
         Ok(Arc::new(Self {
             service: service.to_string(),
             token: token.to_string(),
-            channel,
+            channel: RwLock::new(channel),
             verifiers: RwLock::new(verifiers(&bundle)?),
             bundle_sha256: RwLock::new(wayfinder_proto::bundle_sha256(&bundle)),
             current: RwLock::new(current),
@@ -190,7 +193,12 @@ impl Identity {
                 wayfinder_proto::backoff::backoff(attempt)
             })
             .await;
-            match request(&self.channel, &self.service, &self.token).await {
+            let channel = self
+                .channel
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            match request(&channel, &self.service, &self.token).await {
                 Ok((current, bundle)) => {
                     attempt = 0;
                     self.set_roots(&bundle);
@@ -264,6 +272,13 @@ impl Identity {
             .with_cert_resolver(Arc::new(Dynamic(self.clone())));
         cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_H1.to_vec(), ALPN_TCP.to_vec()];
         Arc::new(cfg)
+    }
+
+    /// Renews over `channel` from now on (one that presents this identity).
+    pub fn renew_over(&self, channel: Channel) {
+        if let Ok(mut c) = self.channel.write() {
+            *c = channel;
+        }
     }
 
     /// This identity's certificate, as presented to the control plane

@@ -378,6 +378,16 @@ async fn inbound_tls(
         .peer_certificates()
         .and_then(crate::identity::peer_id)
         .map(Arc::from);
+    // The CA also signs the operator's credential (for wf-control): only
+    // workload identities may call a service.
+    if !caller.as_deref().is_some_and(|id| id.contains("/svc/")) {
+        proxy.refuse(
+            "handshake",
+            peer,
+            "the peer's certificate names no workload",
+        );
+        return;
+    }
     if conn.alpn_protocol() == Some(crate::identity::ALPN_TCP) {
         if !Box::pin(proxy.authorized(caller.as_deref(), crate::authz::Ask::Tcp)).await {
             proxy.refuse(

@@ -31,7 +31,7 @@ struct Args {
     #[arg(
         long,
         env = "WAYFINDER_CONTROL_PLANE",
-        default_value = "http://127.0.0.1:15010"
+        default_value = "https://127.0.0.1:15010"
     )]
     control_plane: String,
     /// Service the local app belongs to.
@@ -439,12 +439,20 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
     };
     let channel = match &identity {
         Some(id) if https => {
-            control_plane::channel(&args.control_plane, trust, Some(id.client_cert()))?
+            let ch = control_plane::channel(&args.control_plane, trust, Some(id.client_cert()))?;
+            id.renew_over(ch.clone());
+            ch
         }
         None if https => bail!(
             "an https control plane knows sidecars by their mesh certificate: give a join token (WAYFINDER_JOIN_TOKEN or --join-token) to get one"
         ),
-        _ => bootstrap,
+        Some(_) => {
+            tracing::warn!(
+                "the control plane is plain http://: the join token and every RPC cross the network unencrypted and unauthenticated (use https:// and --ca-bundle)"
+            );
+            bootstrap
+        }
+        None => bootstrap,
     };
     let sources = Sources {
         control_plane: channel.clone(),

@@ -116,9 +116,12 @@ pub async fn outbound(
     let name = match service {
         Some(s) => s,
         None => match service_from_authority(&req) {
-            Some(s) if proxy.knows(&s).await => Arc::from(s),
-            Some(_) => return reply(grpc, StatusCode::NOT_FOUND, "unknown-service"),
-            None => return reply(grpc, StatusCode::BAD_REQUEST, "no-service-in-host"),
+            Ok(Some(s)) if proxy.knows(&s).await => Arc::from(s),
+            Ok(Some(_)) => {
+                return proxy.refuse_request(edge::Refusal::UnknownService, grpc, client);
+            }
+            Ok(None) => return reply(grpc, StatusCode::BAD_REQUEST, "no-service-in-host"),
+            Err(r) => return proxy.refuse_request(r, grpc, client),
         },
     };
     // The one clock read for the request: its deadline, its first try and

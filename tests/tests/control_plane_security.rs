@@ -309,9 +309,20 @@ async fn a_sidecar_certificate_acts_only_on_its_own_service() -> Result<()> {
             .await;
         assert_eq!(code(applied), Code::PermissionDenied);
 
-        // Its own service: register, renew and deregister.
+        // Not at an address it does not call from (169.254.169.254 would
+        // make every caller's sidecar dial the metadata service).
+        let mut elsewhere = instance("client", "c-1");
+        elsewhere.address = "169.254.169.254".into();
+        let foreign = RegistryClient::new(ch.clone())
+            .register(register(elsewhere, false))
+            .await;
+        assert_eq!(code(foreign), Code::PermissionDenied);
+
+        // Its own service at its own address: register, renew and deregister.
+        let mut at_home = instance("client", "c-1");
+        at_home.address = "127.0.0.1".into();
         let own = RegistryClient::new(ch.clone())
-            .register(register(instance("client", "c-1"), false))
+            .register(register(at_home, false))
             .await?
             .into_inner();
         assert_eq!(first_message_code(ch.clone(), own.lease_id).await, Code::Ok);

@@ -27,6 +27,8 @@ struct Mesh {
     caller: Process,
     /// The client sidecar's `web` listener.
     via: SocketAddr,
+    /// The client sidecar's Host-routed listener.
+    outbound: SocketAddr,
 }
 
 /// wf-control with `policy`, web-1 (lab-app and sidecar) and a client
@@ -50,7 +52,7 @@ async fn mesh(policy: &str) -> Result<Mesh> {
         &["--join-token", TOKEN],
     )?;
     wait_serving(&cp, "web", 1).await?;
-    let (caller, via, _) = client(&cp, &["--join-token", TOKEN])?;
+    let (caller, via, outbound) = client(&cp, &["--join-token", TOKEN])?;
     Ok(Mesh {
         _cp: cp,
         _app: app_proc,
@@ -58,6 +60,7 @@ async fn mesh(policy: &str) -> Result<Mesh> {
         web,
         caller,
         via,
+        outbound,
     })
 }
 
@@ -118,7 +121,13 @@ async fn authorization_sees_the_path_the_app_sees() -> Result<()> {
             let (status, head, _) = http_request(via, "GET", path, "web", "").await?;
             assert_eq!(status, 403, "{path}: {head}");
         }
-        for path in ["/public/..%2fadmin", "/public/%2F../admin", "/public/%5c..%5cadmin"] {
+        // `..;` is `..` to Tomcat and Spring: refused, not matched.
+        for path in [
+            "/public/..%2fadmin",
+            "/public/%2F../admin",
+            "/public/%5c..%5cadmin",
+            "/public/..;/admin",
+        ] {
             let (status, head, _) = http_request(via, "GET", path, "web", "").await?;
             assert_eq!(status, 400, "{path}: {head}");
             assert!(head.contains("x-wayfinder-error: ambiguous-path"), "{head}");
@@ -133,13 +142,14 @@ async fn authorization_sees_the_path_the_app_sees() -> Result<()> {
         };
         let denied = raw_head(via, upgrade("/public/chat").as_bytes()).await?;
         assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+        logged(web, "request forbidden by authorization").await?;
         let allowed = raw_head(via, upgrade("/live/feed").as_bytes()).await?;
         assert!(!allowed.starts_with("HTTP/1.1 403"), "{allowed}");
 
         let (_, metrics) = admin_get(web, "/metrics").await?;
         assert_eq!(
             metric(&metrics, "wayfinder_proxy_edge_refusals_total{reason=\"ambiguous-path\"}"),
-            Some(3.0)
+            Some(4.0)
         );
         logged(web, "ambiguous-path").await?;
         Ok(())
@@ -200,7 +210,7 @@ async fn requests_the_proxy_cannot_route_safely_are_refused() -> Result<()> {
     bounded(async {
         let m = mesh("").await?;
         let (caller, via) = (&m.caller, m.via);
-        let cases: [(&str, &str, &str); 4] = [
+        let cases: [(&str, &str, &str); 6] = [
             (
                 "GET / HTTP/1.1\r\nHost: web\r\nHost: admin\r\nConnection: close\r\n\r\n",
                 "400",
@@ -221,9 +231,26 @@ async fn requests_the_proxy_cannot_route_safely_are_refused() -> Result<()> {
                 "405",
                 "connect-not-allowed",
             ),
+            // Host-routed: the URI names web, Host names another.
+            (
+                "GET http://web/ HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+                "400",
+                "host-mismatch",
+            ),
+            // Host-routed to a name nobody registered: no upstream is made.
+            (
+                "GET / HTTP/1.1\r\nHost: nosuch\r\nConnection: close\r\n\r\n",
+                "404",
+                "unknown-service",
+            ),
         ];
         for (req, status, reason) in cases {
-            let answer = raw_head(via, req.as_bytes()).await?;
+            let to = if req.starts_with("GET http://") || req.contains("nosuch") {
+                m.outbound
+            } else {
+                via
+            };
+            let answer = raw_head(to, req.as_bytes()).await?;
             assert!(
                 answer.starts_with(&format!("HTTP/1.1 {status}")),
                 "{req:?}: {answer}"
@@ -238,6 +265,8 @@ async fn requests_the_proxy_cannot_route_safely_are_refused() -> Result<()> {
             let (ok, _, _) = http_request(via, "GET", "/", "web", "").await?;
             assert_eq!(ok, 200, "everyone else is still served");
         }
+        let (_, upstreams) = admin_get(caller, "/endpoints").await?;
+        assert!(!upstreams.contains("nosuch"), "{upstreams}");
         Ok(())
     })
     .await

@@ -595,9 +595,11 @@ fn a_malformed_join_token_stops_start_up_without_being_echoed() -> Result<()> {
         (vec!["--join-token", secret], None),
         (vec![], Some(secret)),
         (
-            vec!["--join-token", "s3cr3t-long-enough-0123:Not_A_Service"],
+            vec!["--join-token", "s3cr3t-long-enough-0123:Not_A_s3cr3t"],
             None,
         ),
+        // A secret holding the separators: no part of it comes back.
+        (vec!["--join-token", "s3cr3t-abc:s3cr3t-def@s3cr3t"], None),
     ] {
         let (ok, text) = run(&args, env)?;
         assert!(!ok, "must not start: {text}");

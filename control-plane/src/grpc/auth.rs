@@ -155,7 +155,7 @@ impl Guard {
     }
 
     /// Counts and logs a refusal, and returns its status.
-    fn refuse<T>(
+    pub fn refuse<T>(
         &self,
         req: &Request<T>,
         rpc: &'static str,

@@ -41,9 +41,11 @@ impl std::str::FromStr for JoinToken {
         let (rest, expires_unix) = match s.rsplit_once('@') {
             Some((r, e)) => (
                 r,
+                // No part of a token is ever echoed: the secret may hold
+                // any character.
                 Some(
                     e.parse()
-                        .map_err(|_| format!("expiry {e:?} is not Unix seconds"))?,
+                        .map_err(|_| "the expiry after '@' is not Unix seconds".to_string())?,
                 ),
             ),
             None => (s, None),
@@ -51,8 +53,13 @@ impl std::str::FromStr for JoinToken {
         let (secret, services) = match rest.split_once(':') {
             Some((t, list)) => {
                 let services: Vec<String> = list.split(',').map(str::to_string).collect();
-                for svc in &services {
-                    wayfinder_proto::validate::service_name(svc).map_err(|e| e.to_string())?;
+                for (i, svc) in services.iter().enumerate() {
+                    wayfinder_proto::validate::service_name(svc).map_err(|_| {
+                        format!(
+                            "service {} of the list after ':' is not a service name (one DNS label)",
+                            i + 1
+                        )
+                    })?;
                 }
                 (t, Some(services))
             }
@@ -139,11 +146,29 @@ impl Identity for IdentityService {
         &self,
         req: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
+        // A sidecar renewing presents its current certificate: that is
+        // its credential, so the join token only bootstraps the first one
+        // (and may expire after it).
+        let renewing = match &*super::auth::caller(&req).0 {
+            super::auth::Caller::Sidecar { service } => service == &req.get_ref().service,
+            _ => false,
+        };
         let r = req.into_inner();
         check_size(&r).map_err(|s| self.refuse("invalid", s))?;
         wayfinder_proto::validate::service_name(&r.service).map_err(|e| {
             self.refuse("invalid", Status::invalid_argument(format!("service: {e}")))
         })?;
+        if !renewing {
+            self.check_token(&r)?;
+        }
+        self.issue(&r, renewing)
+    }
+}
+
+impl IdentityService {
+    /// Refuses a request whose join token is unknown, expired or not good
+    /// for its service.
+    fn check_token(&self, r: &CertifyRequest) -> Result<(), Status> {
         let Some(token) = self.token(r.token.as_bytes()) else {
             return Err(self.refuse("bad_token", Status::unauthenticated("unknown join token")));
         };
@@ -167,6 +192,14 @@ impl Identity for IdentityService {
                 )),
             ));
         }
+        Ok(())
+    }
+
+    fn issue(
+        &self,
+        r: &CertifyRequest,
+        renewal: bool,
+    ) -> Result<Response<CertifyResponse>, Status> {
         let issued = match self.ca.issue(&r.csr_der, &r.service) {
             Ok(i) => i,
             Err(e @ CaError::Csr(_)) => {
@@ -177,7 +210,7 @@ impl Identity for IdentityService {
         self.results
             .get_or_create(&ResultLabel { result: "issued" })
             .inc();
-        tracing::info!(service = %r.service, id = %issued.spiffe_id, "certificate issued");
+        tracing::info!(service = %r.service, id = %issued.spiffe_id, renewal, "certificate issued");
         Ok(Response::new(CertifyResponse {
             chain: issued.chain,
             trust_bundle: self.registry.trust_bundle(),

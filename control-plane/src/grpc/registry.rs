@@ -78,6 +78,24 @@ impl registry_server::Registry for RegistryService {
             self.guard
                 .same_service(&req, "Register", own.as_deref(), &i.service)?;
         }
+        // A sidecar registers the address it calls from: its certificate
+        // proves the service, not where it lives. Without this a holder of
+        // `web`'s identity could point every caller at 169.254.169.254, or
+        // claim another workload's address in the catalog. (An address
+        // that does not parse is refused below as invalid.)
+        if own.is_some()
+            && let (Some(peer), Some(i)) = (super::auth::caller(&req).1, &req.get_ref().instance)
+            && let Ok(ip) = validate::address(&i.address)
+            && ip.to_canonical() != peer.ip().to_canonical()
+        {
+            let status = Status::permission_denied(format!(
+                "a sidecar registers the address it connects from ({}), not {ip}",
+                peer.ip()
+            ));
+            return Err(self
+                .guard
+                .refuse(&req, "Register", "foreign_address", status));
+        }
         let req = req.into_inner();
         let instance = req
             .instance

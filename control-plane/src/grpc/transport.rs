@@ -26,6 +26,9 @@ use crate::registry::Registry;
 
 /// Longest a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most handshakes under way at once; connections beyond are closed at
+/// once (a flood of slow handshakes must not pile up tasks).
+pub const MAX_HANDSHAKES: usize = 256;
 
 /// One accepted connection.
 pub struct Conn {
@@ -209,6 +212,7 @@ pub fn incoming(
     tls: Option<Arc<Tls>>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -234,9 +238,17 @@ pub fn incoming(
                 }
                 continue;
             };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                if HANDSHAKE_LOG.allow() {
+                    tracing::warn!(peer = %addr, "{MAX_HANDSHAKES} TLS handshakes under way; connection closed");
+                }
+                continue;
+            };
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tls.handshake(tcp, addr).await {
+                let handshake = tls.handshake(tcp, addr).await;
+                drop(permit);
+                match handshake {
                     Ok(conn) => {
                         let _ = tx.send(Ok(conn)).await;
                     }

@@ -36,7 +36,14 @@ pub fn resolver(server: Option<SocketAddr>) -> LazyResolver {
 /// sidecar call something no service should reach through it.
 pub fn is_local(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_link_local(),
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_link_local()
+                // Alibaba Cloud's metadata service (the others sit at
+                // 169.254.169.254, which is link-local).
+                || v4 == std::net::Ipv4Addr::new(100, 100, 100, 200)
+        }
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => is_local(IpAddr::V4(v4)),
             None => {
@@ -147,6 +154,7 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "fd00:ec2::254",
+            "100.100.100.200",
         ] {
             assert!(is_local(ip.parse().expect("ip")), "{ip}");
         }
@@ -157,6 +165,7 @@ mod tests {
             "8.8.8.8",
             "2001:db8::1",
             "fd00::1",
+            "100.100.100.201",
         ] {
             assert!(!is_local(ip.parse().expect("ip")), "{ip}");
         }
