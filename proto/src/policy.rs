@@ -105,6 +105,9 @@ pub struct ServicePolicy {
     /// Who may call the service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authz: Option<Authz>,
+    /// Whether callers' apps may open CONNECT tunnels to the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnels: Option<bool>,
 }
 
 /// Who may call a service (checked by its sidecars on the way in).
@@ -777,6 +780,7 @@ impl ServicePolicy {
                     })
                     .collect(),
             }),
+            allow_tunnels: self.tunnels == Some(true),
             health_check: self.health_check.as_ref().map(|h| v1::HealthCheck {
                 enabled: h.enabled.unwrap_or(true),
                 http_path: h.http_path.clone().map(String::from).unwrap_or_default(),
@@ -994,6 +998,7 @@ impl ServicePolicy {
                 circuit_breaker,
                 health_check,
                 authz,
+                tunnels: p.allow_tunnels.then_some(true),
             },
         ))
     }

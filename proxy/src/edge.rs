@@ -45,7 +45,8 @@ pub enum Refusal {
     DuplicateHost,
     /// `Connection` names an end-to-end field (e.g. `Connection: host`).
     ConnectionNamesEndToEnd,
-    /// CONNECT asks for a tunnel; no policy allows tunnels.
+    /// CONNECT asks for a tunnel the target's policy does not allow (or
+    /// arrives where tunnels never go: inbound, or to an address).
     Tunnel,
     /// A path whose meaning servers disagree on (encoded slash or
     /// backslash, a raw backslash, broken percent-encoding, `..;`).

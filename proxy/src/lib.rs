@@ -15,6 +15,7 @@ pub mod listener;
 pub mod liveness;
 pub mod memory;
 pub mod metrics;
+pub mod opaque;
 pub mod outbound;
 pub mod pool;
 pub mod register;

@@ -11,18 +11,17 @@ use std::time::{Duration, Instant};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::balance::PickContext;
 use crate::connector::Stream;
 use crate::detect::{Protocol, classify};
 use crate::http_proxy::Proxy;
-use crate::metrics::{BytesLabels, DirectionLabels};
+use crate::metrics::DirectionLabels;
+use crate::opaque::relay;
 use crate::outbound::outbound;
 use crate::resilience::breaker::Permit;
-use crate::resilience::retry::Outcome;
 use crate::settings::DEFAULT_HEADER_READ;
 
 /// What a listener is for.
@@ -230,7 +229,7 @@ async fn connection(
         }
         Some(Protocol::Opaque | Protocol::Tls) => {
             if let Some((server, slot)) = Box::pin(connect_target(&role, &proxy, peer)).await {
-                Box::pin(relay(stream, server, &[], slot, &role, &proxy)).await;
+                Box::pin(relay(stream, server, &[], slot, role.direction(), &proxy)).await;
             }
         }
         // Host routing needs HTTP: a silent client just gets longer to speak.
@@ -263,13 +262,21 @@ async fn connection(
                         drop((server, slot));
                         return serve_http(stream, p, peer, role, proxy, None, shutdown).await;
                     }
-                    Box::pin(relay(stream, server, &[], slot, &role, &proxy)).await;
+                    Box::pin(relay(stream, server, &[], slot, role.direction(), &proxy)).await;
                 }
                 Some(Ok(n)) if n > 0 => {
                     if !transparent {
                         server_first.store(true, Ordering::Relaxed);
                     }
-                    Box::pin(relay(stream, server, &greeting[..n], slot, &role, &proxy)).await;
+                    Box::pin(relay(
+                        stream,
+                        server,
+                        &greeting[..n],
+                        slot,
+                        role.direction(),
+                        &proxy,
+                    ))
+                    .await;
                 }
                 // The target closed or failed before anyone spoke.
                 Some(_) => {}
@@ -330,15 +337,7 @@ async fn connect_direct(addr: SocketAddr, proxy: &Proxy) -> std::io::Result<TcpS
 async fn passthrough(stream: TcpStream, orig: SocketAddr, proxy: &Proxy) {
     match connect_direct(orig, proxy).await {
         Ok(server) => {
-            relay(
-                stream,
-                Box::new(server),
-                &[],
-                None,
-                &Role::Transparent,
-                proxy,
-            )
-            .await;
+            relay(stream, Box::new(server), &[], None, "outbound", proxy).await;
         }
         Err(e) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
     }
@@ -398,7 +397,7 @@ async fn inbound_tls(
             return;
         }
         if let Some((server, slot)) = Box::pin(connect_target(&Role::Inbound, &proxy, peer)).await {
-            Box::pin(relay(tls, server, &[], slot, &Role::Inbound, &proxy)).await;
+            Box::pin(relay(tls, server, &[], slot, "inbound", &proxy)).await;
         }
         return;
     }
@@ -500,10 +499,8 @@ where
     }
 }
 
-/// Connects to the role's target for an opaque relay. Outbound, a connect
-/// failure moves on to the next endpoint (nothing was sent yet), up to the
-/// retry policy's attempts, and the relay holds a `max_connections` slot.
-/// Meshed endpoints are reached over mTLS when the sidecar has an identity.
+/// Connects to the role's target for an opaque relay: the app inbound, an
+/// endpoint of the service outbound (see [`crate::opaque::connect`]).
 async fn connect_target(
     role: &Role,
     proxy: &Arc<Proxy>,
@@ -517,32 +514,7 @@ async fn connect_target(
                 .map_err(|e| format!("{app}: {e}")),
             None => Err("no app".to_string()),
         },
-        Role::Upstream(name) => {
-            let up = proxy.upstream(name);
-            up.wait_ready(crate::http_proxy::DISCOVERY_WAIT).await;
-            let active = up.active();
-            let tries = active.settings.retry.max_attempts as usize;
-            let mut result = Err("no endpoints".to_string());
-            for i in active.balancer.pick(&PickContext::default()).take(tries) {
-                let ep = &active.balancer.endpoints()[i];
-                let connector = match up.mesh_tcp_connector() {
-                    Some(c) if ep.meshed => c,
-                    _ => up.connector(),
-                };
-                match connector.connect(ep.addr).await {
-                    Ok(conn) => {
-                        let (stream, slot) = conn.into_parts();
-                        result = Ok((stream, Some(slot)));
-                        break;
-                    }
-                    Err(e) => {
-                        up.report(ep, Outcome::ConnectFailed, &active.settings);
-                        result = Err(format!("{}: {e}", ep.addr));
-                    }
-                }
-            }
-            result
-        }
+        Role::Upstream(name) => crate::opaque::connect(proxy, name).await,
         Role::HostRouted | Role::Transparent => Err("host routing needs HTTP".to_string()),
     };
     match target {
@@ -551,35 +523,6 @@ async fn connect_target(
             tracing::debug!(%peer, ?role, error = %e, "no target for an opaque connection; closing");
             None
         }
-    }
-}
-
-/// Relays bytes both ways until either side closes; `greeting` is what the
-/// server already said.
-async fn relay<C: Stream>(
-    mut client: C,
-    mut server: Box<dyn Stream>,
-    greeting: &[u8],
-    _slot: Option<Permit>,
-    role: &Role,
-    proxy: &Proxy,
-) {
-    if !greeting.is_empty() && client.write_all(greeting).await.is_err() {
-        return;
-    }
-    let (from_client, mut to_client) = tokio::io::copy_bidirectional(&mut client, &mut server)
-        .await
-        .unwrap_or_default();
-    to_client += greeting.len() as u64;
-    for (flow, n) in [("from_client", from_client), ("to_client", to_client)] {
-        proxy
-            .metrics
-            .tcp_bytes
-            .get_or_create(&BytesLabels {
-                direction: role.direction(),
-                flow,
-            })
-            .inc_by(n);
     }
 }
 

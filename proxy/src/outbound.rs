@@ -109,6 +109,9 @@ pub async fn outbound(
     service: Option<Arc<str>>,
     client: SocketAddr,
 ) -> Response<Body> {
+    if req.method() == hyper::Method::CONNECT {
+        return crate::opaque::tunnel(proxy, req, service, client).await;
+    }
     let grpc = is_grpc(req.headers());
     if let Err(r) = edge::check(&req) {
         return proxy.refuse_request(r, grpc, client);

@@ -49,6 +49,8 @@ pub struct Settings {
     pub breakers: Breakers,
     /// Active health checks for the endpoints in use; `None` = off.
     pub health_check: Option<HealthCheck>,
+    /// Callers' apps may open CONNECT tunnels to the service.
+    pub tunnels: bool,
 }
 
 /// Timeouts; `None` = unbounded.
@@ -296,6 +298,7 @@ impl Settings {
             outlier,
             breakers,
             health_check,
+            tunnels: policy.is_some_and(|p| p.allow_tunnels),
         }
     }
 }

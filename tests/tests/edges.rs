@@ -352,3 +352,67 @@ async fn dns_discovery_never_dials_loopback_or_metadata_addresses_unless_allowed
     })
     .await
 }
+
+/// Reads from `s` until `buf` holds `end` (5 s at most).
+async fn read_until(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, end: &[u8]) -> Result<()> {
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(end.len()).any(|w| w == end) {
+            let n = s.read(&mut chunk).await?;
+            anyhow::ensure!(n > 0, "closed: {}", String::from_utf8_lossy(buf));
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .context("no answer within 5 s")?
+}
+
+#[tokio::test]
+async fn a_service_whose_policy_allows_tunnels_takes_connect() -> Result<()> {
+    bounded(async {
+        let m = mesh("[services.web]\ntunnels = true\n").await?;
+        // Through the tunnel, bytes reach web's app as opaque TCP over mTLS
+        // (its sidecar authorizes it as TCP): here, an HTTP request the sidecars never parse.
+        let mut s = tokio::net::TcpStream::connect(m.outbound).await?;
+        s.write_all(b"CONNECT web:80 HTTP/1.1\r\nHost: web:80\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        read_until(&mut s, &mut buf, b"\r\n\r\n").await?;
+        let head = String::from_utf8_lossy(&buf).to_string();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        read_until(&mut s, &mut answer, b"\"instance\":\"web-1\"").await?;
+        drop(s);
+        // Counted as opaque bytes when the relay ends.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let (_, metrics) = admin_get(&m.caller, "/metrics").await?;
+            let sent = metric(
+                &metrics,
+                "wayfinder_proxy_tcp_bytes_total{direction=\"outbound\",flow=\"from_client\"}",
+            );
+            if sent > Some(0.0) {
+                break;
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "{metrics}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Tunnels go to services, never to addresses; and only where allowed.
+        for req in [
+            "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
+            "CONNECT api:80 HTTP/1.1\r\nHost: api:80\r\n\r\n",
+        ] {
+            let answer = raw_head(m.outbound, req.as_bytes()).await?;
+            assert!(
+                answer.starts_with("HTTP/1.1 405") || answer.starts_with("HTTP/1.1 404"),
+                "{req:?}: {answer}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}
