@@ -81,9 +81,10 @@ names=(wf-control "lab-app web-1" "lab-app web-2" "lab-app web-3" "web-1 sidecar
   echo "$(date -u '+%F %H:%M UTC'), $(nproc) cores, binaries from \`$B\`, $T s per window. wf-control,"
   echo "three web instances (lab-app + sidecar: TCP app check every 1 s, heartbeat every 3.3 s) and a"
   echo "client sidecar, idle; in the second window the client sidecar holds $pooled pooled HTTP/2"
-  echo "connections to the web sidecars (left by 300 calls). Those are pinged only while a request"
-  echo "waits, and their TCP keepalive probes (after 10 s idle, every 10 s) are the kernel's, so the"
-  echo "difference between the windows is what checking them costs. What remains is timers"
+  echo "connections to the web sidecars (left by 300 calls). Those are pinged by hyper while a"
+  echo "request waits and by the sidecar's idle ping (IdlePing) every 13 s while idle; their TCP"
+  echo "keepalive probes (after 10 s idle, every 3 s) are the kernel's, so the difference between"
+  echo "the windows is what checking them costs. What remains is timers"
   echo "(heartbeats, app checks, traffic reports, the control-plane channel's keepalive)."
   echo
   echo "| process | CPU ms/min, no pooled connections | with | wake-ups/min, no pooled connections | with |"

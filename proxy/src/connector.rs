@@ -187,3 +187,40 @@ impl Write for Conn {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connect_to_an_address_that_never_answers_ends_at_the_connect_timeout() {
+        // A listener that never accepts, its queue full: the kernel drops
+        // further SYNs unanswered, as for a host that vanished.
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        sock.bind(&any.into()).expect("bind");
+        sock.listen(0).expect("listen");
+        let addr = sock.local_addr().expect("addr").as_socket().expect("inet");
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(100), TcpStream::connect(addr)).await
+            {
+                held.push(s);
+            }
+        }
+        let limits = Arc::new(Limits::default());
+        limits.connect_ms.store(300, Ordering::Relaxed);
+        let connector = Connector::new(Arc::new(Breakers::default()), limits);
+        let started = std::time::Instant::now();
+        let r = connector.connect(addr).await;
+        let took = started.elapsed();
+        assert!(matches!(r, Err(ConnectError::Timeout)), "{:?}", r.err());
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        drop(held);
+    }
+}

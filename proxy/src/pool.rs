@@ -461,7 +461,7 @@ impl Drop for PoolBody {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use http_body_util::{BodyExt, Full};
@@ -479,7 +479,8 @@ mod tests {
 
     /// A loopback HTTP server answering `body` to every request; counts the
     /// connections it accepted.
-    async fn server(
+    /// A local HTTP server answering `body`, and how many connections it accepted.
+    pub(crate) async fn server(
         proto: Proto,
         body: &'static [u8],
         keep_alive: bool,
@@ -527,7 +528,8 @@ mod tests {
         )
     }
 
-    fn get(addr: SocketAddr, proto: Proto) -> Request<ReplayBody> {
+    /// A GET for `addr` as the pool sends it.
+    pub(crate) fn get(addr: SocketAddr, proto: Proto) -> Request<ReplayBody> {
         let uri = match proto {
             Proto::Http1 => "/".to_string(),
             Proto::Http2 => format!("http://{addr}/"),
@@ -544,7 +546,8 @@ mod tests {
         req
     }
 
-    async fn read(resp: Response<PoolBody>) -> Bytes {
+    /// The whole body of `resp`.
+    pub(crate) async fn read(resp: Response<PoolBody>) -> Bytes {
         resp.into_body().collect().await.expect("body").to_bytes()
     }
 

@@ -825,6 +825,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn discovery_retiring_an_endpoint_closes_its_pooled_connections() {
+        use crate::pool::Proto;
+        use crate::pool::tests::{get, read, server};
+        let (addr, accepted) = server(Proto::Http2, b"h2", true).await;
+        let u = up(Kind::RoundRobin);
+        u.apply(
+            Origin::Mesh,
+            Update::Reset(vec![d("a", addr.port(), true), d("b", 1, true)]),
+        );
+        let clients = u.clients();
+        let sent = clients.h2.send(addr, get(addr, Proto::Http2)).await;
+        read(sent.expect("answered")).await;
+        assert_eq!(clients.h2.pooled(addr), 1);
+        // Not serving any more: its connection goes at once, not when idle.
+        u.apply(Origin::Mesh, Update::Add(vec![d("a", addr.port(), false)]));
+        assert_eq!(clients.h2.pooled(addr), 0);
+        // Serving again: a new connection.
+        u.apply(Origin::Mesh, Update::Add(vec![d("a", addr.port(), true)]));
+        let sent = clients.h2.send(addr, get(addr, Proto::Http2)).await;
+        read(sent.expect("answered")).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn discovery_retiring_an_endpoint_wakes_the_attempts_waiting_on_it() {
         use futures::FutureExt;
         let u = up(Kind::RoundRobin);
