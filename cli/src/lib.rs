@@ -2,4 +2,5 @@
 //! Docker's, the DNS-vs-balancer-vs-mesh comparison and its report), shared
 //! with the end-to-end tests and benchmarks.
 
+pub mod connect;
 pub mod lab;

@@ -284,8 +284,21 @@ struct Procs(Vec<(String, Child)>);
 impl Procs {
     /// Starts `bin` and waits for `ready` on its stderr; returns that line.
     fn start(&mut self, key: &str, bin: &Path, args: &[String], ready: &str) -> Result<String> {
+        self.start_with(key, bin, args, &[], ready)
+    }
+
+    /// [`Procs::start`] with more environment (secrets stay off command lines).
+    fn start_with(
+        &mut self,
+        key: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        ready: &str,
+    ) -> Result<String> {
         let mut child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .env("WAYFINDER_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -406,14 +419,50 @@ struct Lab {
     port: u16,
     procs: Procs,
     dns: DnsServer,
-    /// Control plane URL (mesh).
-    control: Option<String>,
+    /// The mesh's control plane.
+    control: Option<Control>,
     /// Where the client sends (balancer, mesh).
     front: Option<SocketAddr>,
     tmp: tempfile::TempDir,
     fallback: Option<tokio::task::JoinHandle<()>>,
     /// web-1's address as a black hole, once it vanished.
     vanished: Option<Blackhole>,
+}
+
+/// The mesh way's control plane, in its default, secure mode: TLS, a join
+/// token per service, the operator credential for the comparison's checks.
+struct Control {
+    /// `https://` URL of its gRPC port.
+    url: String,
+    /// Its data directory (`ca/bundle.crt`, `operator/`).
+    data: PathBuf,
+    web_token: String,
+    client_token: String,
+}
+
+impl Control {
+    /// What a sidecar of `service` needs: flags, and its token for the environment.
+    fn sidecar(&self, service: &str) -> (Vec<String>, &str) {
+        let args = vec![
+            "--control-plane".into(),
+            self.url.clone(),
+            "--ca-bundle".into(),
+            self.data.join("ca/bundle.crt").to_string_lossy().into(),
+        ];
+        let token = if service == "web" {
+            &self.web_token
+        } else {
+            &self.client_token
+        };
+        (args, token)
+    }
+}
+
+/// A random join token.
+fn token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Drop for Lab {
@@ -446,6 +495,18 @@ impl Lab {
         };
         if way == Way::Mesh {
             let data = lab.tmp.path().join("control");
+            let (web_token, client_token) = (token(), token());
+            let tokens = lab.tmp.path().join("join-tokens");
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tokens)?;
+                writeln!(f, "{web_token}:web\n{client_token}:client")?;
+            }
             let line = lab.procs.start(
                 "control",
                 &cfg.bin_dir.join("wf-control"),
@@ -456,32 +517,38 @@ impl Lab {
                     "127.0.0.1:0".into(),
                     "--data-dir".into(),
                     data.to_string_lossy().into(),
-                    // Plaintext, as the comparison's sidecars speak it: the
-                    // way measures the data path, on loopback, for 30 s.
-                    "--insecure".into(),
+                    "--join-token-file".into(),
+                    tokens.to_string_lossy().into(),
                 ],
                 "wf-control serving",
             )?;
             let grpc = field(&line, "grpc=").context("wf-control's gRPC address")?;
-            lab.control = Some(format!("http://{grpc}"));
+            lab.control = Some(Control {
+                url: format!("https://{grpc}"),
+                data,
+                web_token,
+                client_token,
+            });
         }
         for i in 1..=3 {
             lab.add_backend(i).await?;
         }
         match way {
             Way::Mesh => {
-                let url = lab.control.clone().context("control plane")?;
-                let line = lab.procs.start(
+                let control = lab.control.as_ref().context("control plane")?;
+                let (mut args, token) = control.sidecar("client");
+                let token = token.to_string();
+                args.extend([
+                    "--admin".into(),
+                    "127.0.0.1:0".into(),
+                    "--upstream".into(),
+                    "web=127.0.0.1:0".into(),
+                ]);
+                let line = lab.procs.start_with(
                     "client",
                     &cfg.bin_dir.join("wf-proxy"),
-                    &[
-                        "--control-plane".into(),
-                        url,
-                        "--admin".into(),
-                        "127.0.0.1:0".into(),
-                        "--upstream".into(),
-                        "web=127.0.0.1:0".into(),
-                    ],
+                    &args,
+                    &[("WAYFINDER_JOIN_TOKEN", &token)],
                     "wf-proxy listening",
                 )?;
                 let addr = field(&line, "upstreams=web=").context("client sidecar address")?;
@@ -509,28 +576,30 @@ impl Lab {
             "listening on",
         )?;
         wait_port(app).await?;
-        if let Some(url) = self.control.clone() {
-            self.procs.start(
+        if let Some(control) = &self.control {
+            let (mut args, token) = control.sidecar("web");
+            let token = token.to_string();
+            args.extend([
+                "--service".into(),
+                "web".into(),
+                "--instance".into(),
+                name.clone(),
+                "--app".into(),
+                app.to_string(),
+                "--inbound".into(),
+                format!("{}:0", backend_ip(i)),
+                "--admin".into(),
+                "127.0.0.1:0".into(),
+                "--health-check".into(),
+                "/healthz".into(),
+                "--health-interval".into(),
+                "500ms".into(),
+            ]);
+            self.procs.start_with(
                 &name,
                 &self.cfg.bin_dir.join("wf-proxy"),
-                &[
-                    "--control-plane".into(),
-                    url,
-                    "--service".into(),
-                    "web".into(),
-                    "--instance".into(),
-                    name.clone(),
-                    "--app".into(),
-                    app.to_string(),
-                    "--inbound".into(),
-                    format!("{}:0", backend_ip(i)),
-                    "--admin".into(),
-                    "127.0.0.1:0".into(),
-                    "--health-check".into(),
-                    "/healthz".into(),
-                    "--health-interval".into(),
-                    "500ms".into(),
-                ],
+                &args,
+                &[("WAYFINDER_JOIN_TOKEN", &token)],
                 "registered with the control plane",
             )?;
         }
@@ -608,12 +677,14 @@ async fn target(
 }
 
 /// Waits until the control plane has `want` serving instances of `web`.
-async fn wait_serving(url: &str, want: usize, deadline: Instant) -> Result<()> {
+async fn wait_serving(control: &Control, want: usize, deadline: Instant) -> Result<()> {
     use wayfinder_proto::v1::{Health, ListEndpointsRequest, admin_client::AdminClient};
-    let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let ch = crate::connect::channel(
+        &control.url,
+        &control.data.join("operator"),
+        Duration::from_secs(5),
+    )
+    .await?;
     loop {
         let serving = AdminClient::new(ch.clone())
             .list_endpoints(ListEndpointsRequest {
@@ -720,8 +791,7 @@ async fn run_way(cfg: &Config, way: Way) -> Result<Outcome> {
     let want = match way {
         Way::Balancer if cfg.nginx.is_none() => 1,
         Way::Mesh => {
-            let url = lab.control.clone().context("control plane")?;
-            wait_serving(&url, 3, deadline).await?;
+            wait_serving(lab.control.as_ref().context("control plane")?, 3, deadline).await?;
             1
         }
         _ => 3,

@@ -59,6 +59,12 @@ fn health(v: i32) -> Result<Health, Status> {
         .map_err(|_| Status::invalid_argument(format!("health {v} is not a known value")))
 }
 
+/// Whether a sidecar calling from `peer` may register `ip`.
+fn own_address(ip: std::net::IpAddr, peer: std::net::IpAddr) -> bool {
+    let (ip, peer) = (ip.to_canonical(), peer.to_canonical());
+    ip == peer || (ip.is_loopback() && peer.is_loopback())
+}
+
 type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<KeepAliveResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -81,12 +87,13 @@ impl registry_server::Registry for RegistryService {
         // A sidecar registers the address it calls from: its certificate
         // proves the service, not where it lives. Without this a holder of
         // `web`'s identity could point every caller at 169.254.169.254, or
-        // claim another workload's address in the catalog. (An address
-        // that does not parse is refused below as invalid.)
+        // claim another workload's address in the catalog. On one host
+        // (loopback to loopback) any loopback address is its own. (An
+        // address that does not parse is refused below as invalid.)
         if own.is_some()
             && let (Some(peer), Some(i)) = (super::auth::caller(&req).1, &req.get_ref().instance)
             && let Ok(ip) = validate::address(&i.address)
-            && ip.to_canonical() != peer.ip().to_canonical()
+            && !own_address(ip, peer.ip())
         {
             let status = Status::permission_denied(format!(
                 "a sidecar registers the address it connects from ({}), not {ip}",
@@ -201,5 +208,21 @@ impl registry_server::Registry for RegistryService {
             None => return Err(Status::invalid_argument("give a lease id or an endpoint")),
         };
         Ok(Response::new(DeregisterResponse { version }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_address;
+
+    #[test]
+    fn a_sidecar_owns_the_address_it_calls_from_and_loopback_on_its_host() {
+        let ip = |s: &str| s.parse().expect("ip");
+        assert!(own_address(ip("10.0.0.7"), ip("10.0.0.7")));
+        assert!(own_address(ip("10.0.0.7"), ip("::ffff:10.0.0.7")));
+        assert!(own_address(ip("127.0.0.11"), ip("127.0.0.1")));
+        assert!(!own_address(ip("10.0.0.8"), ip("10.0.0.7")));
+        assert!(!own_address(ip("169.254.169.254"), ip("127.0.0.1")));
+        assert!(!own_address(ip("127.0.0.1"), ip("10.0.0.7")));
     }
 }
