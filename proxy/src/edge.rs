@@ -55,6 +55,9 @@ pub enum Refusal {
     HostMismatch,
     /// Host routing to a name neither the catalog nor `--upstream` knows.
     UnknownService,
+    /// Host routing with no service name in the Host (none, or an address:
+    /// a Host never makes the sidecar dial an address of the client's choosing).
+    NoServiceInHost,
 }
 
 impl Refusal {
@@ -76,6 +79,7 @@ impl Refusal {
             Refusal::AmbiguousPath => "ambiguous-path",
             Refusal::HostMismatch => "host-mismatch",
             Refusal::UnknownService => "unknown-service",
+            Refusal::NoServiceInHost => "no-service-in-host",
         }
     }
 }

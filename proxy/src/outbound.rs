@@ -123,7 +123,9 @@ pub async fn outbound(
             Ok(Some(_)) => {
                 return proxy.refuse_request(edge::Refusal::UnknownService, grpc, client);
             }
-            Ok(None) => return reply(grpc, StatusCode::BAD_REQUEST, "no-service-in-host"),
+            Ok(None) => {
+                return proxy.refuse_request(edge::Refusal::NoServiceInHost, grpc, client);
+            }
             Err(r) => return proxy.refuse_request(r, grpc, client),
         },
     };

@@ -85,6 +85,13 @@ impl ControlPlane {
         Self::spawn(data, insecure(extra), grpc, "127.0.0.1:0")
     }
 
+    /// [`ControlPlane::start_secure`] with gRPC on `grpc`.
+    pub fn start_secure_on(grpc: &str, extra: &[&str]) -> Result<Self> {
+        let data = Arc::new(tempfile::tempdir()?);
+        let args = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(data, args, grpc, "127.0.0.1:0")
+    }
+
     /// Whether gRPC is TLS with authenticated callers.
     pub fn secure(&self) -> bool {
         !self.args.iter().any(|a| a == "--insecure")
@@ -180,7 +187,7 @@ impl ControlPlane {
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg));
         let connector = wayfinder_proto::dial::Failover::new(
-            vec![("127.0.0.1".to_string(), self.grpc.port())],
+            vec![(self.grpc.ip().to_string(), self.grpc.port())],
             Some(tls),
         );
         Ok(

@@ -76,54 +76,53 @@ impl Mesh {
         );
         Ok(())
     }
+}
 
-    /// web-1's lease id, from wf-control's log of the registration.
-    fn web_lease(&self) -> Result<u64> {
-        self.cp
-            .log_text()
-            .lines()
-            .filter(|l| l.contains("instance=web-1") && l.contains("registered"))
-            .find_map(|l| {
-                l.split("lease=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .context("web-1's registration in wf-control's log")
-    }
+/// web-1's lease id, from wf-control's log of the registration.
+fn web_lease(cp: &ControlPlane) -> Result<u64> {
+    cp.log_text()
+        .lines()
+        .filter(|l| l.contains("instance=web-1") && l.contains("registered"))
+        .find_map(|l| {
+            l.split("lease=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .context("web-1's registration in wf-control's log")
+}
 
-    /// A certificate for `service` from `Certify`, as a sidecar gets one.
-    async fn certificate(
-        &self,
-        token: &str,
-        service: &str,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-        let key = rcgen::KeyPair::generate()?;
-        let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
-        let anonymous = self.cp.tls_channel(None).await?;
-        let resp = IdentityClient::new(anonymous)
-            .certify(CertifyRequest {
-                token: token.into(),
-                service: service.into(),
-                csr_der: csr.der().to_vec(),
-            })
-            .await?
-            .into_inner();
-        let chain = resp.chain.into_iter().map(CertificateDer::from).collect();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        Ok((chain, key))
-    }
+/// A certificate for `service` from `Certify`, as a sidecar gets one.
+async fn certificate(
+    cp: &ControlPlane,
+    token: &str,
+    service: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let key = rcgen::KeyPair::generate()?;
+    let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
+    let anonymous = cp.tls_channel(None).await?;
+    let resp = IdentityClient::new(anonymous)
+        .certify(CertifyRequest {
+            token: token.into(),
+            service: service.into(),
+            csr_der: csr.der().to_vec(),
+        })
+        .await?
+        .into_inner();
+    let chain = resp.chain.into_iter().map(CertificateDer::from).collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok((chain, key))
+}
 
-    fn refusals(&self) -> String {
-        self.cp
-            .log_text()
-            .lines()
-            .filter(|l| l.contains("RPC refused"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
+/// wf-control's "RPC refused" lines.
+fn refusals(cp: &ControlPlane) -> String {
+    cp.log_text()
+        .lines()
+        .filter(|l| l.contains("RPC refused"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn instance(service: &str, id: &str) -> Instance {
@@ -184,7 +183,7 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
     bounded(async {
         let m = mesh().await?;
         m.serves().await?;
-        let lease = m.web_lease()?;
+        let lease = web_lease(&m.cp)?;
         let anon = m.cp.tls_channel(None).await?;
 
         // The attacks of the issue, each refused as unauthenticated.
@@ -229,7 +228,7 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
         assert_eq!(code(reported), Code::Unauthenticated);
 
         // What an anonymous caller may do: present its join token.
-        let (chain, _) = m.certificate(CLIENT_TOKEN, "client").await?;
+        let (chain, _) = certificate(&m.cp, CLIENT_TOKEN, "client").await?;
         assert!(!chain.is_empty());
 
         // Plaintext to the TLS port gets nowhere.
@@ -244,7 +243,7 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
         }
 
         // Each refusal is logged with the RPC and why, and counted.
-        let log = m.refusals();
+        let log = refusals(&m.cp);
         for rpc in ["ApplyPolicy", "Register", "Deregister", "KeepAlive", "Discovery.Watch", "Report"] {
             assert!(
                 log.contains(&format!("rpc=\"{rpc}\"")) || log.contains(&format!("rpc={rpc}")),
@@ -280,8 +279,8 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
 async fn a_sidecar_certificate_acts_only_on_its_own_service() -> Result<()> {
     bounded(async {
         let m = mesh().await?;
-        let lease = m.web_lease()?;
-        let (chain, key) = m.certificate(CLIENT_TOKEN, "client").await?;
+        let lease = web_lease(&m.cp)?;
+        let (chain, key) = certificate(&m.cp, CLIENT_TOKEN, "client").await?;
         let ch = m.cp.tls_channel(Some((chain, key))).await?;
 
         // Not another service's instance, lease or static endpoint.
@@ -362,7 +361,7 @@ async fn a_sidecar_certificate_acts_only_on_its_own_service() -> Result<()> {
         assert_eq!(forged.len(), 1, "{dash}");
         assert_eq!(forged[0]["caller"], "client", "{dash}");
 
-        let log = m.refusals();
+        let log = refusals(&m.cp);
         assert!(
             log.contains("other_service") && log.contains("not_operator"),
             "{log}"
@@ -439,6 +438,111 @@ async fn an_insecure_control_plane_says_so_at_start() -> Result<()> {
         );
         // No operator credential is written for a plaintext control plane.
         assert!(!cp.credentials().join("operator.key").exists());
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_sidecar_renews_with_its_certificate_after_its_join_token_expired() -> Result<()> {
+    bounded(async {
+        // The token is good for 4 s: enough for the first certificate, not
+        // for the renewal at 70% of a 10 s lifetime.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+        let expiring = format!("{WEB_TOKEN}:web@{}", now.as_secs() + 4);
+        let cp =
+            ControlPlane::start_secure(&["--cert-lifetime", "10s", "--join-token", &expiring])?;
+        let bundle = cp.bundle().to_string_lossy().to_string();
+        let (_app, addr) = lab_app("web-1")?;
+        let sidecar = sidecar_at(
+            &cp.url(),
+            "web",
+            "web-1",
+            addr,
+            "/healthz",
+            &["--ca-bundle", &bundle, "--join-token", WEB_TOKEN],
+        )?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !sidecar.log_text().contains("certificate renewed") {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no renewal: {}",
+                sidecar.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // It was the certificate that paid: the token had expired...
+        let key = rcgen::KeyPair::generate()?;
+        let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
+        let expired = IdentityClient::new(cp.tls_channel(None).await?)
+            .certify(CertifyRequest {
+                token: WEB_TOKEN.into(),
+                service: "web".into(),
+                csr_der: csr.der().to_vec(),
+            })
+            .await;
+        assert_eq!(code(expired), Code::Unauthenticated);
+        // ...and wf-control says it issued a renewal.
+        assert!(cp.log_text().contains("renewal=true"), "{}", cp.log_text());
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_sidecar_cannot_take_over_an_instance_another_sidecar_holds() -> Result<()> {
+    use wayfinder_tests::netns::{Lab, unavailable};
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    bounded(async {
+        // web-1 in its own namespace (10.77.0.11); the test, holding another
+        // web certificate, calls from 10.77.0.254: two hosts, one service.
+        let mut lab = Lab::new("hold")?;
+        lab.attach_host(254)?;
+        let cp = ControlPlane::start_secure_on(
+            &format!("{}:0", Lab::ip(254)),
+            &["--join-token", &format!("{WEB_TOKEN}:web")],
+        )?;
+        let bundle = cp.bundle().to_string_lossy().to_string();
+        let _web1 = lab.web(
+            1,
+            &cp.url(),
+            &["--ca-bundle", &bundle, "--join-token", WEB_TOKEN],
+        )?;
+        let lease = web_lease(&cp)?;
+        let (chain, key) = certificate(&cp, WEB_TOKEN, "web").await?;
+        let ch = cp.tls_channel(Some((chain, key))).await?;
+        let here = Lab::ip(254).to_string();
+
+        // web-1 from here: the same service, another sidecar's instance.
+        let mut takeover = instance("web", "web-1");
+        takeover.address = here.clone();
+        let r = RegistryClient::new(ch.clone())
+            .register(register(takeover, false))
+            .await;
+        assert_eq!(code(r), Code::PermissionDenied);
+        assert_eq!(
+            first_message_code(ch.clone(), lease).await,
+            Code::PermissionDenied
+        );
+        let r = RegistryClient::new(ch.clone())
+            .deregister(DeregisterRequest {
+                target: Some(Target::LeaseId(lease)),
+            })
+            .await;
+        assert_eq!(code(r), Code::PermissionDenied);
+        assert!(refusals(&cp).contains("not_holder"), "{}", refusals(&cp));
+        // An instance of its own, at its own address, it may.
+        let mut own = instance("web", "web-9");
+        own.address = here;
+        RegistryClient::new(ch.clone())
+            .register(register(own, false))
+            .await?;
+        // web-1 is still web-1's, at its address.
+        let (_, body) = cp.get("/v1/services/web").await?;
+        assert!(body.contains("10.77.0.11"), "{body}");
         Ok(())
     })
     .await

@@ -219,16 +219,32 @@ async fn proxy_errors_say_why() -> Result<()> {
 
         // A name the control plane does not know: refused, and nothing is
         // created for it (no upstream, no watch).
-        for host in ["ghost", "127.0.0.5", "169.254.169.254", "web.evil.example"] {
+        // An address (or anything not one DNS label) is never a service.
+        for (host, status_wanted, reason) in [
+            ("ghost", 404, "unknown-service"),
+            ("127.0.0.5", 400, "no-service-in-host"),
+            ("169.254.169.254", 400, "no-service-in-host"),
+            ("web.evil.example", 400, "no-service-in-host"),
+        ] {
             let (status, head, _) = http_request(outbound, "GET", "/", host, "").await?;
+            assert_eq!(status, status_wanted, "{host}: {head}");
             assert!(
-                (status == 404 && head.contains("x-wayfinder-error: unknown-service"))
-                    || (status == 400 && head.contains("x-wayfinder-error: no-service-in-host")),
+                head.contains(&format!("x-wayfinder-error: {reason}")),
                 "{host}: {head}"
             );
         }
         let (_, eps) = wayfinder_tests::mesh::admin_get(&_client, "/endpoints").await?;
         assert!(!eps.contains("ghost"), "{eps}");
+        // Counted as refusals at the edge (and logged once per kind).
+        let (_, m) = wayfinder_tests::mesh::admin_get(&_client, "/metrics").await?;
+        assert_eq!(
+            wayfinder_tests::metric(
+                &m,
+                "wayfinder_proxy_edge_refusals_total{reason=\"no-service-in-host\"}"
+            ),
+            Some(4.0),
+            "{m}"
+        );
 
         // A service the control plane knows (by its policy) with no endpoint.
         let dir = tempfile::tempdir()?;

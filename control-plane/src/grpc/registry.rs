@@ -35,23 +35,69 @@ impl RegistryService {
         }
     }
 
-    /// Refuses a sidecar of `own` acting on a lease of another service.
-    fn own_lease<T>(
+    /// [`holds`] for the instance lease `lease_id` keeps; an unknown lease
+    /// is the backend's answer to give (NotFound).
+    fn holds_lease<T>(
         &self,
         req: &Request<T>,
         rpc: &'static str,
         own: Option<&str>,
         lease_id: u64,
     ) -> Result<(), Status> {
-        if own.is_none() {
-            return Ok(());
-        }
-        // An unknown lease is the backend's answer to give (NotFound).
         match self.registry.lease_holder(lease_id) {
-            Some((service, ..)) => self.guard.same_service(req, rpc, own, &service),
+            Some((service, id, ..)) => {
+                holds(&self.registry, &self.guard, req, rpc, own, &service, &id)
+            }
             None => Ok(()),
         }
     }
+}
+
+/// Refuses a sidecar (of service `own`) acting on instance `id` of
+/// `service` unless it holds it: the same service, and a leased
+/// registration at the sidecar's own address (a static endpoint is the
+/// operator's). A certificate names a service, not an instance: the
+/// address is what tells two sidecars of one service apart (on one host,
+/// loopback, they are one). The operator and `--insecure` callers pass.
+fn holds<T>(
+    registry: &Registry,
+    guard: &Guard,
+    req: &Request<T>,
+    rpc: &'static str,
+    own: Option<&str>,
+    service: &str,
+    id: &str,
+) -> Result<(), Status> {
+    let Some(own) = own else {
+        return Ok(());
+    };
+    guard.same_service(req, rpc, Some(own), service)?;
+    let Some(ep) = registry.endpoint(service, id) else {
+        return Ok(());
+    };
+    if ep.lease.is_none() {
+        let status = Status::permission_denied(format!(
+            "instance {id} of {service} is a static endpoint: the operator's"
+        ));
+        return Err(guard.refuse(req, rpc, "static_endpoint", status));
+    }
+    let held_here = match (
+        validate::address(&ep.instance.address),
+        super::auth::caller(req).1,
+    ) {
+        (Ok(ip), Some(peer)) => own_address(ip, peer.ip()),
+        // No connection info: an in-process caller.
+        (_, None) => true,
+        (Err(_), Some(_)) => false,
+    };
+    if held_here {
+        return Ok(());
+    }
+    let status = Status::permission_denied(format!(
+        "instance {id} of {service} is held by the sidecar at {}",
+        ep.instance.address
+    ));
+    Err(guard.refuse(req, rpc, "not_holder", status))
 }
 
 fn health(v: i32) -> Result<Health, Status> {
@@ -102,6 +148,20 @@ impl registry_server::Registry for RegistryService {
             return Err(self
                 .guard
                 .refuse(&req, "Register", "foreign_address", status));
+        }
+        // Not over another sidecar's live registration of that instance.
+        if let Some(i) = &req.get_ref().instance
+            && !i.instance_id.is_empty()
+        {
+            holds(
+                &self.registry,
+                &self.guard,
+                &req,
+                "Register",
+                own.as_deref(),
+                &i.service,
+                &i.instance_id,
+            )?;
         }
         let req = req.into_inner();
         let instance = req
@@ -154,10 +214,16 @@ impl registry_server::Registry for RegistryService {
                     (registry.clone(), guard.clone(), own.clone(), probe.clone());
                 async move {
                     let beat = beat?;
-                    if let (Some(own), Some((service, ..))) =
-                        (&own, registry.lease_holder(beat.lease_id))
-                    {
-                        guard.same_service(&probe, "KeepAlive", Some(own), &service)?;
+                    if let Some((service, id, ..)) = registry.lease_holder(beat.lease_id) {
+                        holds(
+                            &registry,
+                            &guard,
+                            &probe,
+                            "KeepAlive",
+                            own.as_deref(),
+                            &service,
+                            &id,
+                        )?;
                     }
                     let h = health(beat.health)?;
                     let ttl = backend.heartbeat(beat.lease_id, h).await?;
@@ -183,7 +249,9 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<DeregisterResponse>, Status> {
         let own = self.guard.member(&req, "Deregister")?;
         match &req.get_ref().target {
-            Some(Target::LeaseId(id)) => self.own_lease(&req, "Deregister", own.as_deref(), *id)?,
+            Some(Target::LeaseId(id)) => {
+                self.holds_lease(&req, "Deregister", own.as_deref(), *id)?;
+            }
             // Sidecars deregister their leases; endpoints by address are
             // static ones, the operator's.
             Some(Target::Endpoint(_)) if own.is_some() => {
