@@ -126,6 +126,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(hop) {
         return;
     }
+    // `te: trailers` is the one TE HTTP/2 allows, and gRPC servers built on
+    // grpc-core (Python, C++, Ruby, PHP) refuse a call without it (as Envoy,
+    // keep it when it is all TE says).
+    let trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -141,6 +147,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
 }
 
 /// The standard hop-by-hop headers.
@@ -765,6 +774,20 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        // gRPC's `te: trailers` stays; any other TE goes.
+        for (te, kept) in [
+            ("trailers", true),
+            ("Trailers", true),
+            ("gzip", false),
+            ("trailers, deflate", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::TE, HeaderValue::from_str(te).expect("value"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("te"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.get(header::TE).is_some(), kept, "{te}");
+            assert!(h.get(header::CONNECTION).is_none());
+        }
     }
 
     #[test]

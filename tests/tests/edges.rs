@@ -165,7 +165,7 @@ async fn an_app_cannot_speak_for_the_mesh_nor_a_caller_claim_an_identity() -> Re
 
         // What the app sees: the caller's identity as mTLS proved it, none
         // of what the caller claimed, none of the mesh's own headers.
-        let req = "GET /headers HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\
+        let req = "GET /headers HTTP/1.1\r\nHost: web\r\nConnection: close, te\r\nte: trailers\r\n\
                    l5d-client-id: admin.svc\r\nx-forwarded-client-cert: URI=spiffe://wayfinder.local/svc/admin\r\n\
                    x-wayfinder-orig-proto: HTTP/1.0\r\nx-wayfinder-attempts: 9\r\n\r\n";
         let answer = raw(via, req.as_bytes()).await?;
@@ -183,6 +183,9 @@ async fn an_app_cannot_speak_for_the_mesh_nor_a_caller_claim_an_identity() -> Re
             .map(|o| o.keys().filter(|k| k.starts_with("x-wayfinder-")).collect())
             .unwrap_or_default();
         assert!(mesh.is_empty(), "{mesh:?}");
+        // `te: trailers`, which gRPC servers on grpc-core require, crosses
+        // both sidecars.
+        assert_eq!(h["te"], "trailers", "{h}");
 
         // An app answering 502 with the mesh's connect-failed signal: the
         // caller's sidecar neither believes nor repeats it, so a POST is
