@@ -1,12 +1,13 @@
 //! The sidecar's admin server (localhost by default): `/live`, `/ready`,
-//! `/metrics`, `/config`, `/endpoints`.
+//! `/metrics`, `/config`, `/endpoints`, and `POST /shutdown` (from loopback
+//! only: a job's last step, or an orchestrator ending the sidecar).
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
 
@@ -21,6 +22,8 @@ pub struct AdminState {
     pub metrics: Arc<Registry>,
     /// Effective configuration, as JSON.
     pub config: Arc<serde_json::Value>,
+    /// Ends the sidecar as SIGTERM does (deregister, drain, exit).
+    pub shutdown: Arc<tokio::sync::Notify>,
 }
 
 /// The admin router.
@@ -34,7 +37,24 @@ pub fn router(state: AdminState) -> Router {
             get(|State(s): State<AdminState>| async move { Json((*s.config).clone()) }),
         )
         .route("/endpoints", get(endpoints))
+        .route("/shutdown", post(shutdown))
         .with_state(state)
+}
+
+/// Ends the sidecar, when asked from this host: the admin port may be bound
+/// wider, and ending the mesh for an app is not a remote caller's to do.
+async fn shutdown(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+) -> Response {
+    if !peer.ip().is_loopback() {
+        tracing::warn!(%peer, "POST /shutdown refused: not from loopback");
+        return (StatusCode::FORBIDDEN, "shutdown is for this host only\n").into_response();
+    }
+    tracing::info!(%peer, "shutdown requested on the admin port");
+    // Kept if nobody waits yet: the request is not lost.
+    s.shutdown.notify_one();
+    "shutting down\n".into_response()
 }
 
 /// Ready once every upstream has had its first discovery answer.

@@ -566,13 +566,16 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         "request_timeout_ms": args.request_timeout.as_millis() as u64,
         "drain_timeout_ms": args.drain_timeout.as_millis() as u64,
     });
+    let shutdown = Arc::new(tokio::sync::Notify::new());
     let admin_app = admin::router(admin::AdminState {
         proxy: proxy.clone(),
         metrics: Arc::new(prom),
         config: Arc::new(config),
+        shutdown: shutdown.clone(),
     });
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(admin_listener, admin_app).await {
+        let app = admin_app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(admin_listener, app).await {
             tracing::error!(error = %e, "admin server failed");
         }
     });
@@ -640,7 +643,10 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         "wf-proxy listening"
     );
 
-    shutdown_signal().await;
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = shutdown.notified() => {}
+    }
     tracing::info!("draining");
     // Leave the mesh first so callers stop picking us, then drain.
     register::deregister(channel, lease.load(Ordering::Relaxed)).await;

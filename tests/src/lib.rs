@@ -354,6 +354,22 @@ impl Process {
         terminate(&mut c)
     }
 
+    /// Waits (up to `within`) for it to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("not running")?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("still running after {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, ...): `STOP` freezes it as `docker
     /// pause` does, its sockets open and the kernel still answering for it.
     pub fn signal(&self, signal: &str) -> Result<()> {

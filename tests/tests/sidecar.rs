@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use wayfinder_tests::mesh::{
-    admin_get, client, instance, instance_of, lab_app, sidecar_with, wait_serving,
+    admin_get, client, instance, instance_of, lab_app, sidecar, sidecar_with, wait_serving,
 };
 use wayfinder_tests::{ControlPlane, Process, bounded, http_request, metric, wfctl};
 
@@ -588,6 +588,30 @@ async fn sigterm_lets_in_flight_requests_finish() -> Result<()> {
             "exited before the request finished"
         );
         drop(web.app);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn post_shutdown_on_the_admin_port_ends_the_sidecar_like_sigterm() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let (_app, addr) = lab_app("web-1")?;
+        let mut web = sidecar(&cp, "web", "web-1", addr, "tcp")?;
+        wait_serving(&cp, "web", 1).await?;
+        // Only POST, and only from this host (the admin port is loopback
+        // here, so the refusal of others is the handler's own check).
+        let admin = web.addr("admin=")?;
+        let (status, _, _) = http_request(admin, "GET", "/shutdown", "admin", "").await?;
+        assert_eq!(status, 405);
+        let (status, _, body) = http_request(admin, "POST", "/shutdown", "admin", "").await?;
+        assert_eq!(status, 200, "{body}");
+        let exit = web.wait_exit(Duration::from_secs(5))?;
+        assert!(exit.success(), "{exit:?}");
+        // It left the mesh on its way out, as on SIGTERM.
+        let (status, body) = cp.get("/v1/services/web").await?;
+        assert!(status == 404 || !body.contains("web-1"), "{status} {body}");
         Ok(())
     })
     .await
