@@ -159,6 +159,21 @@ fn code<T>(r: Result<T, tonic::Status>) -> Code {
     r.map_or_else(|s| s.code(), |_| Code::Ok)
 }
 
+/// How each move on web-1 goes over `ch`: registering `web1` (another
+/// sidecar's instance), a heartbeat on its `lease`, deregistering it.
+async fn takeover_codes(ch: &Channel, web1: Instance, lease: u64) -> [Code; 3] {
+    let registered = RegistryClient::new(ch.clone())
+        .register(register(web1, false))
+        .await;
+    let beat = first_message_code(ch.clone(), lease).await;
+    let deregistered = RegistryClient::new(ch.clone())
+        .deregister(DeregisterRequest {
+            target: Some(Target::LeaseId(lease)),
+        })
+        .await;
+    [code(registered), beat, code(deregistered)]
+}
+
 /// A server-streaming call's refusal: the status comes with the response.
 async fn first_message_code(ch: Channel, lease: u64) -> Code {
     let beats = futures::stream::iter([Heartbeat {
@@ -189,17 +204,10 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
         // The attacks of the issue, each refused as unauthenticated.
         let applied = AdminClient::new(anon.clone()).apply_policy(open_policy()).await;
         assert_eq!(code(applied), Code::Unauthenticated);
-        let hijack = RegistryClient::new(anon.clone())
-            .register(register(instance("web", "web-1"), false))
-            .await;
-        assert_eq!(code(hijack), Code::Unauthenticated);
-        let dereg = RegistryClient::new(anon.clone())
-            .deregister(DeregisterRequest {
-                target: Some(Target::LeaseId(lease)),
-            })
-            .await;
-        assert_eq!(code(dereg), Code::Unauthenticated);
-        assert_eq!(first_message_code(anon.clone(), lease).await, Code::Unauthenticated);
+        assert_eq!(
+            takeover_codes(&anon, instance("web", "web-1"), lease).await,
+            [Code::Unauthenticated; 3]
+        );
         let listed = AdminClient::new(anon.clone())
             .list_services(ListServicesRequest {})
             .await;
@@ -284,19 +292,9 @@ async fn a_sidecar_certificate_acts_only_on_its_own_service() -> Result<()> {
         let ch = m.cp.tls_channel(Some((chain, key))).await?;
 
         // Not another service's instance, lease or static endpoint.
-        let hijack = RegistryClient::new(ch.clone())
-            .register(register(instance("web", "web-1"), false))
-            .await;
-        assert_eq!(code(hijack), Code::PermissionDenied);
-        let dereg = RegistryClient::new(ch.clone())
-            .deregister(DeregisterRequest {
-                target: Some(Target::LeaseId(lease)),
-            })
-            .await;
-        assert_eq!(code(dereg), Code::PermissionDenied);
         assert_eq!(
-            first_message_code(ch.clone(), lease).await,
-            Code::PermissionDenied
+            takeover_codes(&ch, instance("web", "web-1"), lease).await,
+            [Code::PermissionDenied; 3]
         );
         let static_own = RegistryClient::new(ch.clone())
             .register(register(instance("client", "c-static"), true))
@@ -519,20 +517,10 @@ async fn a_sidecar_cannot_take_over_an_instance_another_sidecar_holds() -> Resul
         // web-1 from here: the same service, another sidecar's instance.
         let mut takeover = instance("web", "web-1");
         takeover.address = here.clone();
-        let r = RegistryClient::new(ch.clone())
-            .register(register(takeover, false))
-            .await;
-        assert_eq!(code(r), Code::PermissionDenied);
         assert_eq!(
-            first_message_code(ch.clone(), lease).await,
-            Code::PermissionDenied
+            takeover_codes(&ch, takeover, lease).await,
+            [Code::PermissionDenied; 3]
         );
-        let r = RegistryClient::new(ch.clone())
-            .deregister(DeregisterRequest {
-                target: Some(Target::LeaseId(lease)),
-            })
-            .await;
-        assert_eq!(code(r), Code::PermissionDenied);
         assert!(refusals(&cp).contains("not_holder"), "{}", refusals(&cp));
         // An instance of its own, at its own address, it may.
         let mut own = instance("web", "web-9");
