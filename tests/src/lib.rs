@@ -138,6 +138,11 @@ impl ControlPlane {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// The log once it holds `needle` (see [`await_log`]).
+    pub async fn await_log(&self, needle: &str) -> Result<String> {
+        await_log(&self.log, needle).await
+    }
+
     /// URL of the gRPC port: `https://` unless `--insecure`.
     pub fn url(&self) -> String {
         let scheme = if self.secure() { "https" } else { "http" };
@@ -233,6 +238,23 @@ impl Drop for ControlPlane {
     }
 }
 
+/// The log once it holds `needle`, within 10 s. The log is read by a thread
+/// of its own, so a line the process wrote may trail what the test saw
+/// happen (a refused call's status, a peer's readiness) by a moment.
+pub async fn await_log(log: &Mutex<String>, needle: &str) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = log.lock().map(|l| l.clone()).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no {needle:?} in the log within 10 s:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Starts a workspace binary, collects its stderr, and waits for the first
 /// line containing `ready` (which usually carries the bound addresses).
 pub fn spawn_logged(
@@ -290,14 +312,16 @@ pub fn spawn_command(
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains(&marker)
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(line.clone());
-            }
+            // Into the log before the ready signal: whoever wakes on it
+            // finds every line up to and including the ready line.
             if let Ok(mut l) = sink.lock() {
                 l.push_str(&line);
                 l.push('\n');
+            }
+            if line.contains(&marker)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(line);
             }
         }
     });
@@ -346,6 +370,11 @@ impl Process {
     /// The log so far.
     pub fn log_text(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// The log once it holds `needle` (see [`await_log`]).
+    pub async fn await_log(&self, needle: &str) -> Result<String> {
+        await_log(&self.log, needle).await
     }
 
     /// Sends SIGTERM and waits (at most 15 s) for the exit status.

@@ -79,8 +79,9 @@ impl Mesh {
 }
 
 /// web-1's lease id, from wf-control's log of the registration.
-fn web_lease(cp: &ControlPlane) -> Result<u64> {
-    cp.log_text()
+async fn web_lease(cp: &ControlPlane) -> Result<u64> {
+    cp.await_log("instance=web-1")
+        .await?
         .lines()
         .filter(|l| l.contains("instance=web-1") && l.contains("registered"))
         .find_map(|l| {
@@ -116,13 +117,17 @@ async fn certificate(
     Ok((chain, key))
 }
 
-/// wf-control's "RPC refused" lines.
-fn refusals(cp: &ControlPlane) -> String {
-    cp.log_text()
+/// wf-control's "RPC refused" lines, once the log holds each of `awaited`.
+async fn refusals(cp: &ControlPlane, awaited: &[&str]) -> Result<String> {
+    for needle in awaited {
+        cp.await_log(needle).await?;
+    }
+    Ok(cp
+        .log_text()
         .lines()
         .filter(|l| l.contains("RPC refused"))
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n"))
 }
 
 fn instance(service: &str, id: &str) -> Instance {
@@ -198,7 +203,7 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
     bounded(async {
         let m = mesh().await?;
         m.serves().await?;
-        let lease = web_lease(&m.cp)?;
+        let lease = web_lease(&m.cp).await?;
         let anon = m.cp.tls_channel(None).await?;
 
         // The attacks of the issue, each refused as unauthenticated.
@@ -251,8 +256,9 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
         }
 
         // Each refusal is logged with the RPC and why, and counted.
-        let log = refusals(&m.cp);
-        for rpc in ["ApplyPolicy", "Register", "Deregister", "KeepAlive", "Discovery.Watch", "Report"] {
+        let rpcs = ["ApplyPolicy", "Register", "Deregister", "KeepAlive", "Discovery.Watch", "Report"];
+        let log = refusals(&m.cp, &rpcs).await?;
+        for rpc in rpcs {
             assert!(
                 log.contains(&format!("rpc=\"{rpc}\"")) || log.contains(&format!("rpc={rpc}")),
                 "no refusal logged for {rpc}:\n{log}"
@@ -287,7 +293,7 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
 async fn a_sidecar_certificate_acts_only_on_its_own_service() -> Result<()> {
     bounded(async {
         let m = mesh().await?;
-        let lease = web_lease(&m.cp)?;
+        let lease = web_lease(&m.cp).await?;
         let (chain, key) = certificate(&m.cp, CLIENT_TOKEN, "client").await?;
         let ch = m.cp.tls_channel(Some((chain, key))).await?;
 
@@ -359,7 +365,11 @@ async fn a_sidecar_certificate_acts_only_on_its_own_service() -> Result<()> {
         assert_eq!(forged.len(), 1, "{dash}");
         assert_eq!(forged[0]["caller"], "client", "{dash}");
 
-        let log = refusals(&m.cp);
+        let log = refusals(
+            &m.cp,
+            &["other_service", "not_operator", "sidecar of client"],
+        )
+        .await?;
         assert!(
             log.contains("other_service") && log.contains("not_operator"),
             "{log}"
@@ -481,7 +491,7 @@ async fn a_sidecar_renews_with_its_certificate_after_its_join_token_expired() ->
             .await;
         assert_eq!(code(expired), Code::Unauthenticated);
         // ...and wf-control says it issued a renewal.
-        assert!(cp.log_text().contains("renewal=true"), "{}", cp.log_text());
+        cp.await_log("renewal=true").await?;
         Ok(())
     })
     .await
@@ -509,7 +519,7 @@ async fn a_sidecar_cannot_take_over_an_instance_another_sidecar_holds() -> Resul
             &cp.url(),
             &["--ca-bundle", &bundle, "--join-token", WEB_TOKEN],
         )?;
-        let lease = web_lease(&cp)?;
+        let lease = web_lease(&cp).await?;
         let (chain, key) = certificate(&cp, WEB_TOKEN, "web").await?;
         let ch = cp.tls_channel(Some((chain, key))).await?;
         let here = Lab::ip(254).to_string();
@@ -521,7 +531,8 @@ async fn a_sidecar_cannot_take_over_an_instance_another_sidecar_holds() -> Resul
             takeover_codes(&ch, takeover, lease).await,
             [Code::PermissionDenied; 3]
         );
-        assert!(refusals(&cp).contains("not_holder"), "{}", refusals(&cp));
+        let log = refusals(&cp, &["not_holder"]).await?;
+        assert!(log.contains("not_holder"), "{log}");
         // An instance of its own, at its own address, it may.
         let mut own = instance("web", "web-9");
         own.address = here;

@@ -134,7 +134,7 @@ async fn sidecars_speak_mtls_and_a_strict_inbound_refuses_everything_else() -> R
         let refused = |r: &str| format!("wayfinder_proxy_inbound_refused_total{{reason=\"{r}\"}}");
         assert_eq!(metric_of(&web, &refused("plaintext")).await?, 1.0);
         assert_eq!(metric_of(&web, &refused("handshake")).await?, 3.0);
-        let log = web.log_text();
+        let log = web.await_log("reason=\"handshake\"").await?;
         assert_eq!(log.matches("reason=\"handshake\"").count(), 1, "each kind is logged once: {log}");
 
         // The mesh traffic itself never failed.
@@ -338,7 +338,7 @@ async fn certify_refuses_bad_tokens_services_and_csrs_and_logs_each_kind_once() 
             metric(&m, "wayfinder_control_certify_total{result=\"issued\"}"),
             Some(1.0)
         );
-        let log = cp.log_text();
+        let log = cp.await_log("result=\"bad_token\"").await?;
         assert_eq!(
             log.matches("result=\"bad_token\"").count(),
             1,
