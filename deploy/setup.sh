@@ -13,13 +13,14 @@
 #                      the network-namespace labs and transparent interception tests
 #   nginx-light        what `wfctl lab compare` measures the mesh against
 #   chromium           loads the dashboard headless in its test
+#   busybox-static     the classic lab's web and client image (deploy/lab-images.sh)
 # More packages: WAYFINDER_CI_PACKAGES="a b". Not root or no apt-get: says what is missing.
 set -euo pipefail
 
 packages="protobuf-compiler libprotobuf-dev"
 case "${1:-test}" in
   build) ;;
-  test) packages="$packages etcd-server iproute2 iptables util-linux curl nginx-light chromium ${WAYFINDER_CI_PACKAGES:-}" ;;
+  test) packages="$packages etcd-server iproute2 iptables util-linux curl nginx-light chromium busybox-static ${WAYFINDER_CI_PACKAGES:-}" ;;
   *) echo "usage: $0 build|test" >&2; exit 2 ;;
 esac
 need=()

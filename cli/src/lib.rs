@@ -3,4 +3,5 @@
 //! with the end-to-end tests and benchmarks.
 
 pub mod connect;
+pub mod inject;
 pub mod lab;

@@ -36,14 +36,10 @@ struct Cli {
         default_value = "./wf-data/operator"
     )]
     credentials: std::path::PathBuf,
-    /// Output: tables for people, JSON for scripts (one object per line for `watch`).
-    #[arg(
-        long,
-        short,
-        global = true,
-        env = "WAYFINDER_OUTPUT",
-        default_value = "table"
-    )]
+    /// Output: tables for people, JSON for scripts (one object per line for
+    /// `watch`). Given before the command (`wfctl -o json endpoints web`):
+    /// `inject` has an `-o` of its own, for its output file.
+    #[arg(long, short, env = "WAYFINDER_OUTPUT", default_value = "table")]
     output: Format,
     /// Time limit for one request (not for `watch`), e.g. "5s".
     #[arg(long, global = true, env = "WAYFINDER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
@@ -96,6 +92,25 @@ enum Command {
     /// Manage per-service policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Mesh a docker-compose file: a sidecar beside each service, a control
+    /// plane, Jaeger (profile `tracing`); per-service join tokens in
+    /// owner-only env files beside the output. `--remove` takes it out.
+    Inject {
+        /// The compose file.
+        file: std::path::PathBuf,
+        /// Write here instead of stdout.
+        #[arg(short = 'o', long = "out")]
+        out: Option<std::path::PathBuf>,
+        /// Give back the file as it was before inject.
+        #[arg(long, alias = "uninject")]
+        remove: bool,
+        /// Mesh only these services (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Leave these services out of the mesh (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        skip: Vec<String>,
+    },
     /// Lab tools: a DNS server that answers like Docker's, and the
     /// DNS-vs-balancer-vs-mesh comparison.
     #[command(subcommand)]
@@ -206,6 +221,22 @@ async fn run(cli: Cli) -> Result<()> {
     if let Command::Lab(lab) = cli.command {
         return run_lab(lab).await;
     }
+    if let Command::Inject {
+        file,
+        out,
+        remove,
+        only,
+        skip,
+    } = cli.command
+    {
+        return wayfinder_cli::inject::run(&wayfinder_cli::inject::Request {
+            file,
+            out,
+            remove,
+            only,
+            skip,
+        });
+    }
     // Local validation first: a bad file is reported without a connection.
     if let Command::Policy(PolicyCommand::Apply { file }) = &cli.command {
         let policies = wayfinder_proto::policy::PolicyFile::load(file)?;
@@ -231,7 +262,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Policy(PolicyCommand::Get { service }) => {
             commands::policy_get(ch, t, &service, out).await
         }
-        Command::Policy(PolicyCommand::Apply { .. }) | Command::Lab(_) => {
+        Command::Policy(PolicyCommand::Apply { .. }) | Command::Lab(_) | Command::Inject { .. } => {
             unreachable!("handled above")
         }
     }

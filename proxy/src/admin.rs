@@ -57,9 +57,12 @@ async fn shutdown(
     "shutting down\n".into_response()
 }
 
-/// Ready once every upstream has had its first discovery answer.
+/// Ready once every upstream has had its first discovery answer and, when
+/// the sidecar routes by Host or original destination, the catalog has
+/// come: before it, an app's first call would pass through unmeshed.
+/// (The certificate and the listeners come before the admin port opens.)
 async fn ready(State(s): State<AdminState>) -> Response {
-    let pending: Vec<String> = s
+    let mut pending: Vec<String> = s
         .proxy
         .upstreams
         .all()
@@ -67,6 +70,9 @@ async fn ready(State(s): State<AdminState>) -> Response {
         .filter(|u| !u.is_ready())
         .map(|u| u.name().to_string())
         .collect();
+    if s.proxy.catalog.is_pending() {
+        pending.push("the catalog".into());
+    }
     if pending.is_empty() {
         "ready\n".into_response()
     } else {

@@ -648,13 +648,24 @@ impl Proxy {
             _ if use_h2 => &clients.h2,
             _ => &clients.h1,
         };
+        // A try that dials first times the handshake (TCP, mTLS, HTTP/2)
+        // as much as the endpoint: it does not feed peak-EWMA, or one cold
+        // connection would keep an endpoint out of rotation for tens of
+        // seconds while its estimate decays (Linkerd's balancer likewise
+        // measures only endpoints it is connected to).
+        let dials = pool.pooled(ep.addr) == 0;
         let result = pool.send_marked(ep.addr, req, dispatched).await;
         match result {
             Ok(resp) => {
                 // One clock read ends the attempt for the balancer and the
                 // histogram. An endpoint serves one direction of one
                 // upstream, so its series never changes.
-                let rtt = guard.finish_at(std::time::Instant::now());
+                let now = std::time::Instant::now();
+                let rtt = if dials {
+                    guard.finish_unobserved_at(now)
+                } else {
+                    guard.finish_at(now)
+                };
                 ep.latency
                     .get_or_init(|| {
                         self.metrics

@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod edge;
 pub mod http_proxy;
 pub mod identity;
+pub mod lifecycle;
 pub mod listener;
 pub mod liveness;
 pub mod memory;

@@ -133,6 +133,24 @@ struct Args {
     /// Share of new traces sampled, 0 to 1 (a caller's decision in `traceparent` is kept).
     #[arg(long, env = "WAYFINDER_TRACE_SAMPLING", default_value_t = 1.0, value_parser = sampling)]
     trace_sampling: f64,
+    /// Capture this network namespace's TCP at start, as `wf-proxy init`
+    /// does (outbound to --transparent, inbound to --inbound when there is
+    /// an app), then give up root for --run-as. Needs root and NET_ADMIN;
+    /// for a sidecar container that owns the namespace its app joins.
+    #[arg(long, env = "WAYFINDER_CAPTURE")]
+    capture: bool,
+    /// With --capture: inbound ports left alone (published ports, whose
+    /// callers are outside the mesh).
+    #[arg(
+        long = "capture-exclude-inbound-port",
+        env = "WAYFINDER_CAPTURE_EXCLUDE_INBOUND_PORTS",
+        value_delimiter = ','
+    )]
+    capture_exclude_inbound_ports: Vec<u16>,
+    /// With --capture: the uid to become once the rules are in (the rules
+    /// let its connections through).
+    #[arg(long, env = "WAYFINDER_RUN_AS", default_value_t = 1337)]
+    run_as: u32,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -143,6 +161,24 @@ enum Command {
     /// the sidecar (run as root before the app starts, like Istio's init
     /// container); `--cleanup` removes them.
     Init(InitArgs),
+    /// Wait until the sidecar answers `/ready` on its admin port, then run
+    /// COMMAND if one follows `--` (exit 1 if it never does): a compose
+    /// healthcheck for images without a shell, or an app's entrypoint.
+    Await(AwaitArgs),
+}
+
+/// `wf-proxy await`.
+#[derive(clap::Args, Debug)]
+struct AwaitArgs {
+    /// The sidecar's admin address.
+    #[arg(long, env = "WAYFINDER_ADMIN", default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// How long to wait.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// The command to exec once ready.
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 /// `wf-proxy init`.
@@ -214,33 +250,35 @@ fn init(a: InitArgs) -> std::process::ExitCode {
         },
         None => Vec::new(),
     };
-    let cmds = if a.cleanup {
-        iptables::cleanup()
-    } else {
-        let mut exclude_inbound_ports = vec![a.admin_port];
-        exclude_inbound_ports.extend(a.exclude_inbound_ports);
-        Rules {
-            proxy_uid: a.proxy_uid,
-            outbound_port: a.outbound_port,
-            inbound_port: (!a.no_inbound).then_some(a.inbound_port),
-            exclude_inbound_ports,
-            exclude_outbound_ports: a.exclude_outbound_ports,
-            exclude_cidrs: a.exclude_cidrs,
-            control_plane,
-        }
-        .install()
+    let rules = Rules {
+        proxy_uid: a.proxy_uid,
+        outbound_port: a.outbound_port,
+        inbound_port: (!a.no_inbound).then_some(a.inbound_port),
+        exclude_inbound_ports: [a.admin_port]
+            .into_iter()
+            .chain(a.exclude_inbound_ports)
+            .collect(),
+        exclude_outbound_ports: a.exclude_outbound_ports,
+        exclude_cidrs: a.exclude_cidrs,
+        control_plane,
     };
     if a.dry_run {
+        let cmds = if a.cleanup {
+            iptables::cleanup()
+        } else {
+            rules.install()
+        };
         for c in &cmds {
             println!("iptables {}", c.join(" "));
         }
         return std::process::ExitCode::SUCCESS;
     }
-    if !a.cleanup {
-        // Start from a clean slate: a second init replaces, never doubles, the rules.
-        let _ = iptables::run(&iptables::cleanup(), true);
-    }
-    match iptables::run(&cmds, a.cleanup) {
+    let done = if a.cleanup {
+        iptables::run(&iptables::cleanup(), true)
+    } else {
+        rules.apply()
+    };
+    match done {
         Ok(()) => {
             let what = if a.cleanup { "removed" } else { "installed" };
             println!("wf-proxy init: interception rules {what}");
@@ -248,10 +286,69 @@ fn init(a: InitArgs) -> std::process::ExitCode {
         }
         Err(e) => {
             eprintln!("wf-proxy init: {e}");
-            let _ = iptables::run(&iptables::cleanup(), true);
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `--capture`: the rules `wf-proxy init` would install for this
+/// sidecar's own listeners, then root is given up for `--run-as`.
+fn capture(args: &Args) -> Result<()> {
+    use wayfinder_proxy::lifecycle::privileges;
+    use wayfinder_proxy::transparent::iptables::Rules;
+    if !privileges::is_root() {
+        bail!(
+            "--capture installs iptables rules: run the sidecar as root (it becomes --run-as {} after)",
+            args.run_as
+        );
+    }
+    let transparent = args
+        .transparent
+        .context("--capture sends outbound TCP to the --transparent listener: give one")?;
+    let rules = Rules {
+        proxy_uid: args.run_as,
+        outbound_port: transparent.port(),
+        inbound_port: args.app.map(|_| args.inbound.port()),
+        exclude_inbound_ports: [args.admin.port()]
+            .into_iter()
+            .chain(args.capture_exclude_inbound_ports.iter().copied())
+            .collect(),
+        exclude_outbound_ports: Vec::new(),
+        exclude_cidrs: Vec::new(),
+        control_plane: control_plane_addrs(&args.control_plane)
+            .with_context(|| format!("--control-plane {:?}", args.control_plane))?,
+    };
+    rules.apply().map_err(anyhow::Error::msg)?;
+    privileges::drop_to(args.run_as)?;
+    Ok(())
+}
+
+/// `wf-proxy await`: exit status (or exec) once the sidecar is ready.
+fn await_ready(a: AwaitArgs) -> std::process::ExitCode {
+    use wayfinder_proxy::lifecycle::await_ready;
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wf-proxy await: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = rt.block_on(await_ready::wait(a.admin, a.timeout)) {
+        eprintln!("wf-proxy await: not ready after {:?}: {e}", a.timeout);
+        return std::process::ExitCode::FAILURE;
+    }
+    drop(rt);
+    let Some((program, rest)) = a.command.split_first() else {
+        return std::process::ExitCode::SUCCESS;
+    };
+    use std::os::unix::process::CommandExt;
+    // exec only returns on failure.
+    let e = std::process::Command::new(program).args(rest).exec();
+    eprintln!("wf-proxy await: cannot run {program:?}: {e}");
+    std::process::ExitCode::from(127)
 }
 
 /// A duration, or "none" (zero: no limit).
@@ -313,8 +410,16 @@ fn balancer(s: &str) -> Result<Kind, String> {
 
 fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
-    if let Some(Command::Init(a)) = args.command.take() {
-        return init(a);
+    match args.command.take() {
+        Some(Command::Init(a)) => return init(a),
+        Some(Command::Await(a)) => return await_ready(a),
+        None => {}
+    }
+    if args.capture
+        && let Err(e) = capture(&args)
+    {
+        eprintln!("wf-proxy: {e:#}");
+        return std::process::ExitCode::FAILURE;
     }
     // A sidecar gets a core or less (Linkerd sizes its proxy's runtime to
     // its CPU limit the same way). One worker keeps a request's tasks on one

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod docker;
 pub mod etcd;
 pub mod load;
 pub mod mesh;

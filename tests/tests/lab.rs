@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use wayfinder_tests::bin;
+use wayfinder_tests::{bin, docker};
 
 #[tokio::test]
 async fn lab_compare_reports_every_way_with_numbers() -> Result<()> {
@@ -113,68 +113,6 @@ async fn lab_compare_reports_every_way_with_numbers() -> Result<()> {
     Ok(())
 }
 
-/// `docker-compose` (Debian's) or the `docker compose` plugin, when a Docker
-/// engine answers; else why the Docker lab test skips.
-fn compose_command() -> std::result::Result<Vec<String>, String> {
-    let engine = std::process::Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .map_err(|e| format!("no docker client: {e}"))?;
-    if !engine.status.success() {
-        return Err("no Docker engine answers `docker info`".into());
-    }
-    for cmd in [vec!["docker-compose"], vec!["docker", "compose"]] {
-        let ok = std::process::Command::new(cmd[0])
-            .args(&cmd[1..])
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return Ok(cmd.into_iter().map(String::from).collect());
-        }
-    }
-    Err("neither docker-compose nor `docker compose` is installed".into())
-}
-
-/// A compose project, taken down (containers, network, volumes) on drop.
-struct Project {
-    compose: Vec<String>,
-    name: String,
-    file: std::path::PathBuf,
-    env: Vec<(String, String)>,
-}
-
-impl Project {
-    fn cmd(&self, args: &[&str]) -> std::process::Command {
-        let mut c = std::process::Command::new(&self.compose[0]);
-        c.args(&self.compose[1..])
-            .args(["-p", &self.name, "-f"])
-            .arg(&self.file)
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Result<String> {
-        let out = self.cmd(args).output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "compose {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    }
-}
-
-impl Drop for Project {
-    fn drop(&mut self) {
-        let _ = self
-            .cmd(&["down", "-v", "--remove-orphans", "-t", "2"])
-            .output();
-    }
-}
-
 /// Five clients calling `web` through the client's sidecar, each one call
 /// after another for `run_for`; every call's status (0: no answer within
 /// `limit`), answering instance and duration, in the order they started.
@@ -236,7 +174,7 @@ async fn five_clients_while(
 
 #[tokio::test]
 async fn docker_lab_survives_instances_that_vanish_or_freeze() -> Result<()> {
-    let compose = match compose_command() {
+    let compose = match docker::compose_command() {
         Ok(c) => c,
         Err(why) => {
             eprintln!("skipped: {why}");
@@ -244,30 +182,14 @@ async fn docker_lab_survives_instances_that_vanish_or_freeze() -> Result<()> {
         }
     };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let image = "wayfinder:test-lab";
-    // Static binaries and the image (nothing pulled: FROM scratch).
-    let build = tokio::process::Command::new("bash")
-        .arg(root.join("deploy/docker-build.sh"))
-        .env("WAYFINDER_PROFILE", "image")
-        .env("WAYFINDER_IMAGE", image)
-        .kill_on_drop(true)
-        .output();
-    let build = tokio::time::timeout(Duration::from_secs(900), build)
-        .await
-        .context("image build within 15 min")??;
-    anyhow::ensure!(
-        build.status.success(),
-        "deploy/docker-build.sh: {}",
-        String::from_utf8_lossy(&build.stderr)
-    );
-
+    let image = docker::wayfinder_image().await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let dashboard = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let project = Project {
+    let project = docker::Project {
         compose,
         name: format!("wft{}", std::process::id()),
         file: root.join("deploy/compose.yaml"),

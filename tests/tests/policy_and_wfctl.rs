@@ -284,7 +284,7 @@ async fn invalid_policies_are_refused_by_wfctl_and_by_the_server() -> Result<()>
             out.contains("[services.web.retries]") && out.contains("budget_ratio = 0.2"),
             "{out}"
         );
-        let (ok, out, _) = wfctl(&cp, &["policy", "get", "web", "-o", "json"])?;
+        let (ok, out, _) = wfctl(&cp, &["-o", "json", "policy", "get", "web"])?;
         assert!(ok);
         let v: serde_json::Value = serde_json::from_str(out.trim())?;
         assert_eq!(v["policy"]["balancer"], "least-request");

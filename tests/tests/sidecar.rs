@@ -442,6 +442,78 @@ async fn ready_waits_for_the_first_discovery_answer() -> Result<()> {
     .await
 }
 
+/// `wf-proxy await ARGS`: exit code and stderr.
+async fn await_ready(args: &[&str]) -> Result<(Option<i32>, String)> {
+    let out = tokio::process::Command::new(wayfinder_tests::bin("wf-proxy"))
+        .arg("await")
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    ))
+}
+
+#[tokio::test]
+async fn await_holds_an_app_until_its_sidecar_has_the_catalog() -> Result<()> {
+    bounded(async {
+        // A Host-routing sidecar whose control plane is not there yet: it
+        // listens, but it does not know which names are services.
+        let cp_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let client = Process::start(
+            "wf-proxy",
+            &[
+                "--control-plane",
+                &format!("http://{cp_port}"),
+                "--admin",
+                "127.0.0.1:0",
+                "--transparent",
+                "127.0.0.1:0",
+            ],
+            "wf-proxy listening",
+        )?;
+        let admin = client.addr("admin=")?.to_string();
+        let (code, body) = admin_get(&client, "/ready").await?;
+        assert_eq!(
+            (code, body.trim()),
+            (503, "waiting for discovery of: the catalog")
+        );
+        let (code, err) =
+            await_ready(&["--admin", &admin, "--timeout", "300ms", "--", "true"]).await?;
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("the catalog"), "{err}");
+        // Nothing on the admin port at all: said so.
+        let (code, err) =
+            await_ready(&["--admin", &cp_port.to_string(), "--timeout", "200ms"]).await?;
+        assert_eq!(code, Some(1));
+        assert!(err.contains("no sidecar on"), "{err}");
+
+        // With a control plane, the same sidecar becomes ready and the
+        // command runs (exec'd: its exit code is await's).
+        let cp = ControlPlane::start(&[])?;
+        let (client, _, _) = wayfinder_tests::mesh::client(&cp, &[])?;
+        let admin = client.addr("admin=")?.to_string();
+        let (code, err) = await_ready(&[
+            "--admin",
+            &admin,
+            "--timeout",
+            "10s",
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ])
+        .await?;
+        assert_eq!(code, Some(7), "{err}");
+        let (code, body) = admin_get(&client, "/ready").await?;
+        assert_eq!((code, body.trim()), (200, "ready"));
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test]
 async fn dns_discovery_uses_every_record_and_follows_changes() -> Result<()> {
     bounded(async {

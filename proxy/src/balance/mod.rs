@@ -72,6 +72,8 @@ struct Ewma {
     /// Latency estimate in nanoseconds.
     cost_ns: f64,
     at: Instant,
+    /// Whether any latency was observed (else `cost_ns` is the default).
+    measured: bool,
 }
 
 /// Latency assumed for an endpoint that has not answered yet: optimistic
@@ -102,6 +104,7 @@ impl EndpointStats {
             ewma: Mutex::new(Ewma {
                 cost_ns: DEFAULT_RTT.as_nanos() as f64,
                 at: Instant::now(),
+                measured: false,
             }),
             outlier: Mutex::default(),
             authority: hyper::http::uri::Authority::try_from(addr.to_string()).ok(),
@@ -138,6 +141,7 @@ impl EndpointStats {
             decayed + rtt * (1.0 - w)
         };
         e.at = now;
+        e.measured = true;
     }
 
     /// Completes when discovery retires the endpoint after this call (a
@@ -163,7 +167,17 @@ impl EndpointStats {
     /// looks cheaper as time passes and is tried again (tower's PeakEwma
     /// decays on read the same way); without it, one that lost a comparison
     /// early kept its estimate while the others' fell, and was never picked
-    /// again.
+    /// again. `None` before the first observation.
+    pub fn estimate_ns(&self, now: Instant) -> Option<f64> {
+        self.ewma
+            .lock()
+            .ok()
+            .filter(|e| e.measured)
+            .map(|e| e.cost_ns * decay(now.saturating_duration_since(e.at)))
+    }
+
+    /// [`EndpointStats::estimate_ns`], or the default for an endpoint not
+    /// measured yet.
     pub fn cost_ns(&self, now: Instant) -> f64 {
         self.ewma.lock().map_or(DEFAULT_RTT.as_nanos() as f64, |e| {
             e.cost_ns * decay(now.saturating_duration_since(e.at))
@@ -195,6 +209,13 @@ impl InFlight {
         let rtt = now.saturating_duration_since(self.started);
         self.ep.observe(rtt, now);
         rtt
+    }
+
+    /// Ends the request at `now` without feeding its latency to the
+    /// estimate (it measured something else, such as a connection's
+    /// handshake), returning it.
+    pub fn finish_unobserved_at(self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
     }
 }
 

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use super::{Balancer, EndpointStats, PickContext, Picks};
 
-fn two_choices(n: usize, cost: impl Fn(usize) -> f64) -> Picks {
+/// `cost(i, rival)`: endpoint `i`'s cost when compared with `rival`.
+fn two_choices(n: usize, cost: impl Fn(usize, usize) -> f64) -> Picks {
     match n {
         0 => Picks::new(0, 0),
         1 => Picks::new(0, 1),
@@ -19,7 +20,7 @@ fn two_choices(n: usize, cost: impl Fn(usize) -> f64) -> Picks {
             if b >= a {
                 b += 1;
             }
-            let (ca, cb) = (cost(a), cost(b));
+            let (ca, cb) = (cost(a, b), cost(b, a));
             let first = if ca < cb || (ca == cb && rand::random::<bool>()) {
                 a
             } else {
@@ -45,7 +46,7 @@ impl LeastRequest {
 impl Balancer for LeastRequest {
     fn pick(&self, _: &PickContext) -> Picks {
         let eps = &self.endpoints;
-        two_choices(eps.len(), |i| {
+        two_choices(eps.len(), |i, _| {
             (f64::from(eps[i].in_flight()) + 1.0) / f64::from(eps[i].weight)
         })
     }
@@ -68,11 +69,18 @@ impl PeakEwma {
 
 impl PeakEwma {
     /// The pick at `now` (estimates decay with time, see
-    /// [`EndpointStats::cost_ns`]).
+    /// [`EndpointStats::cost_ns`]). An endpoint not measured yet borrows
+    /// its rival's estimate, so the two compare by load alone: a fixed
+    /// default (Linkerd's 30 ms) kept a new endpoint out of rotation for
+    /// ~30 s beside rivals answering in a millisecond, until it decayed.
     pub(crate) fn pick_at(&self, now: Instant) -> Picks {
         let eps = &self.endpoints;
-        two_choices(eps.len(), |i| {
-            eps[i].cost_ns(now) * (f64::from(eps[i].in_flight()) + 1.0) / f64::from(eps[i].weight)
+        two_choices(eps.len(), |i, rival| {
+            let rtt = eps[i]
+                .estimate_ns(now)
+                .or_else(|| eps[rival].estimate_ns(now))
+                .unwrap_or(super::DEFAULT_RTT.as_nanos() as f64);
+            rtt * (f64::from(eps[i].in_flight()) + 1.0) / f64::from(eps[i].weight)
         })
     }
 }
@@ -118,6 +126,19 @@ mod tests {
         let b = PeakEwma::new(eps);
         let c = counts(&b, 3000, |_| None);
         assert_eq!(c[0], 0, "the slow endpoint never beats a fast one: {c:?}");
+    }
+
+    #[test]
+    fn a_new_endpoint_gets_traffic_beside_fast_measured_ones() {
+        let eps = endpoints(&[1, 1, 1]);
+        let now = Instant::now();
+        eps[0].observe(Duration::from_millis(1), now);
+        eps[1].observe(Duration::from_millis(1), now);
+        let b = PeakEwma::new(eps);
+        // Not measured, it compares with its rival by load: half the
+        // comparisons it is in (two thirds of them), so about a third.
+        let c = counts(&b, 3000, |_| None);
+        assert!((700..=1300).contains(&c[2]), "{c:?}");
     }
 
     proptest::proptest! {

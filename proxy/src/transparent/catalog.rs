@@ -78,38 +78,64 @@ impl Table {
 }
 
 /// The table, kept current by [`watch`]; `None` until the first arrives.
-pub struct Catalog(tokio::sync::watch::Sender<Option<Arc<Table>>>);
+pub struct Catalog {
+    table: tokio::sync::watch::Sender<Option<Arc<Table>>>,
+    /// Whether [`watch`] runs for it (Host routing is on): then the
+    /// sidecar is not ready before the first table.
+    watched: std::sync::atomic::AtomicBool,
+}
 
 impl Default for Catalog {
     fn default() -> Self {
-        Self(tokio::sync::watch::channel(None).0)
+        Self {
+            table: tokio::sync::watch::channel(None).0,
+            watched: Default::default(),
+        }
     }
 }
 
 impl Catalog {
+    /// Whether the sidecar still waits for its first table (and needs it).
+    pub fn is_pending(&self) -> bool {
+        self.watched.load(std::sync::atomic::Ordering::Relaxed) && self.table.borrow().is_none()
+    }
+
     /// The current table (empty before the first).
     pub fn table(&self) -> Arc<Table> {
-        self.0.borrow().clone().unwrap_or_default()
+        self.table.borrow().clone().unwrap_or_default()
     }
 
     /// Waits (bounded) for the first table, so the first connections after
     /// start-up are not passed through for want of it.
     pub async fn wait_loaded(&self, limit: std::time::Duration) {
-        if self.0.borrow().is_some() {
+        if self.table.borrow().is_some() {
             return;
         }
-        let mut rx = self.0.subscribe();
+        let mut rx = self.table.subscribe();
         let _ = tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await;
     }
 
     fn set(&self, t: Table) {
-        self.0.send_replace(Some(Arc::new(t)));
+        self.table.send_replace(Some(Arc::new(t)));
     }
 }
 
 /// Keeps `catalog` current forever; while the control plane is away the
 /// last table stays in force.
-pub async fn watch(channel: Channel, catalog: Arc<Catalog>, node: String) {
+/// The sidecar counts as waiting for the table from this call on, not
+/// from the future's first poll.
+pub fn watch(
+    channel: Channel,
+    catalog: Arc<Catalog>,
+    node: String,
+) -> impl std::future::Future<Output = ()> {
+    catalog
+        .watched
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    keep_current(channel, catalog, node)
+}
+
+async fn keep_current(channel: Channel, catalog: Arc<Catalog>, node: String) {
     let mut attempt = 0u32;
     loop {
         let req = CatalogRequest { node: node.clone() };

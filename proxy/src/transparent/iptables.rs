@@ -123,6 +123,17 @@ fn nat(args: &[&str]) -> Vec<String> {
     v
 }
 
+impl Rules {
+    /// Installs the rules in place of any earlier ones (a second start
+    /// replaces, never doubles, them); on failure none are left behind.
+    pub fn apply(&self) -> Result<(), String> {
+        let _ = run(&cleanup(), true);
+        run(&self.install(), false).inspect_err(|_| {
+            let _ = run(&cleanup(), true);
+        })
+    }
+}
+
 /// The argument lists that remove whatever [`Rules::install`] added; each
 /// may fail harmlessly when that part is not there.
 pub fn cleanup() -> Vec<Vec<String>> {

@@ -1,0 +1,6 @@
+//! The sidecar's life beside its app in a container: capturing the
+//! namespace's traffic at start and dropping root ([`privileges`]), telling
+//! compose and entrypoints when it is ready ([`await_ready`]).
+
+pub mod await_ready;
+pub mod privileges;

@@ -1,0 +1,194 @@
+//! The classic lab (examples/classic-lab: web1..3 under the alias `web`,
+//! nginx over them, a client calling http://web/) meshed by `wfctl inject`
+//! on a real Docker engine, and unmeshed again. Skipped, saying why, where
+//! no engine answers.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use wayfinder_tests::{bin, docker, metric};
+
+/// `wfctl ARGS` in `dir`; its stdout, or an error with its stderr.
+fn wfctl(dir: &std::path::Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(bin("wfctl"))
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "wfctl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `n` calls to http://web/ from inside the client container (its app's
+/// own wget, captured by its sidecar): who answered each, "failed" for
+/// the ones that did not succeed.
+fn calls_from_client(project: &docker::Project, n: usize, pause_us: u32) -> Result<Vec<String>> {
+    let script = format!(
+        "for i in $(seq {n}); do wget -q -O- http://web/ || echo failed; usleep {pause_us}; done"
+    );
+    let out = project.run(&["exec", "-T", "client", "sh", "-c", &script])?;
+    Ok(out.lines().map(str::to_string).collect())
+}
+
+fn count(answers: &[String], who: &str) -> usize {
+    answers.iter().filter(|a| *a == who).count()
+}
+
+#[tokio::test]
+async fn docker_lab_the_classic_lab_is_meshed_by_inject_and_unmeshed_by_remove() -> Result<()> {
+    let compose = match docker::compose_command() {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return Ok(());
+        }
+    };
+    let image = docker::wayfinder_image().await?;
+    docker::lab_images().await?;
+
+    let dir = tempfile::tempdir()?;
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/classic-lab");
+    for f in ["compose.yaml", "nginx.conf"] {
+        std::fs::copy(example.join(f), dir.path().join(f))?;
+    }
+    wfctl(dir.path(), &["inject", "compose.yaml", "-o", "meshed.yaml"])?;
+
+    let free = || -> Result<String> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+            .to_string())
+    };
+    let dashboard = free()?;
+    let project = docker::Project {
+        compose,
+        name: format!("wfclassic{}", std::process::id()),
+        file: dir.path().join("meshed.yaml"),
+        env: vec![
+            ("WAYFINDER_IMAGE".into(), image.into()),
+            ("WAYFINDER_DASHBOARD_PORT".into(), dashboard.clone()),
+            ("LAB_NGINX_PORT".into(), free()?),
+        ],
+    };
+    let lab = async {
+        project.run(&["up", "-d"])?;
+        // The control plane lists web1..3 as instances of one service, web.
+        let dash: std::net::SocketAddr = format!("127.0.0.1:{dashboard}").parse()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let listed = wayfinder_tests::http_get(dash, "/v1/services/web").await;
+            if let Ok((200, body)) = &listed
+                && body.contains("\"serving\":3")
+            {
+                for w in ["web1", "web2", "web3"] {
+                    assert!(body.contains(&format!("\"{w}\"")), "{body}");
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                let logs = project.run(&["logs", "--no-color"]).unwrap_or_default();
+                anyhow::bail!("web never had 3 serving instances: {listed:?}\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+
+        // Round robin, so "reached all three" is exact: peak-EWMA (the
+        // default) may rightly keep a web that answered one slow call
+        // aside for a while.
+        let mut apply = project
+            .cmd(&[
+                "exec",
+                "-T",
+                "wayfinder-control",
+                "wfctl",
+                "policy",
+                "apply",
+                "/dev/stdin",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        {
+            use std::io::Write;
+            apply
+                .stdin
+                .take()
+                .context("stdin")?
+                .write_all(b"[services.web]\nbalancer = \"round-robin\"\n")?;
+        }
+        let applied = apply.wait_with_output()?;
+        anyhow::ensure!(
+            applied.status.success(),
+            "wfctl policy apply: {}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        // 300 calls by name from the client's own app, all answered, by
+        // all three webs, and all through the client's sidecar.
+        let answers = calls_from_client(&project, 300, 0)?;
+        assert_eq!(answers.len(), 300);
+        assert_eq!(count(&answers, "failed"), 0, "{answers:?}");
+        for w in ["web1", "web2", "web3"] {
+            assert!((95..=105).contains(&count(&answers, w)), "{w}: {answers:?}");
+        }
+        let metrics = project.run(&[
+            "exec",
+            "-T",
+            "client",
+            "wget",
+            "-q",
+            "-O-",
+            "http://127.0.0.1:15000/metrics",
+        ])?;
+        let meshed = metric(
+            &metrics,
+            "wayfinder_proxy_requests_total{direction=\"outbound\",upstream=\"web\",status=\"2xx\"}",
+        );
+        assert!(meshed.is_some_and(|n| n >= 300.0), "{meshed:?}");
+
+        // web2 is killed mid-run: no call fails.
+        let during = {
+            let project = &project;
+            std::thread::scope(|s| {
+                // 200 calls 20 ms apart (4 s and more), web2 killed 1.5 s in.
+                let calls = s.spawn(|| calls_from_client(project, 200, 20_000));
+                std::thread::sleep(Duration::from_millis(1500));
+                project.run(&["kill", "web2"])?;
+                calls.join().map_err(|_| anyhow::anyhow!("caller thread"))?
+            })?
+        };
+        assert_eq!(count(&during, "failed"), 0, "{during:?}");
+        assert!(
+            count(&during[during.len() - 50..], "web2") == 0,
+            "{during:?}"
+        );
+
+        // nginx (meshed too) still answers on its published port.
+        let nginx: std::net::SocketAddr = format!("127.0.0.1:{}", project.env[2].1).parse()?;
+        let (status, body) = wayfinder_tests::http_get(nginx, "/").await?;
+        assert_eq!(status, 200, "{body}");
+        assert!(["web1", "web3"].contains(&body.trim()), "{body}");
+        Ok::<_, anyhow::Error>(())
+    };
+    let result = tokio::time::timeout(Duration::from_secs(300), lab)
+        .await
+        .context("the classic lab within 5 min")?;
+    if result.is_err() {
+        eprintln!(
+            "{}",
+            project.run(&["logs", "--no-color"]).unwrap_or_default()
+        );
+    }
+    result?;
+
+    // Taken out again: the original file, byte for byte.
+    let back = wfctl(dir.path(), &["inject", "--remove", "meshed.yaml"])?;
+    assert_eq!(back, std::fs::read_to_string(example.join("compose.yaml"))?);
+    Ok(())
+}
