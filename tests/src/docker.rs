@@ -90,6 +90,37 @@ impl Project {
         c
     }
 
+    /// `wfctl policy apply` of `toml` inside the `control` service (which
+    /// holds the operator credential).
+    pub fn apply_policy(&self, control: &str, toml: &str) -> Result<()> {
+        use std::io::Write;
+        let mut c = self
+            .cmd(&[
+                "exec",
+                "-T",
+                control,
+                "wfctl",
+                "policy",
+                "apply",
+                "/dev/stdin",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        c.stdin
+            .take()
+            .context("stdin")?
+            .write_all(toml.as_bytes())?;
+        let out = c.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "wfctl policy apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     /// Runs `compose ARGS`; its stdout, or an error with its stderr.
     pub fn run(&self, args: &[&str]) -> Result<String> {
         let out = self.cmd(args).output()?;

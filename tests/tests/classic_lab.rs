@@ -99,34 +99,10 @@ async fn docker_lab_the_classic_lab_is_meshed_by_inject_and_unmeshed_by_remove()
         // Round robin, so "reached all three" is exact: peak-EWMA (the
         // default) may rightly keep a web that answered one slow call
         // aside for a while.
-        let mut apply = project
-            .cmd(&[
-                "exec",
-                "-T",
-                "wayfinder-control",
-                "wfctl",
-                "policy",
-                "apply",
-                "/dev/stdin",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        {
-            use std::io::Write;
-            apply
-                .stdin
-                .take()
-                .context("stdin")?
-                .write_all(b"[services.web]\nbalancer = \"round-robin\"\n")?;
-        }
-        let applied = apply.wait_with_output()?;
-        anyhow::ensure!(
-            applied.status.success(),
-            "wfctl policy apply: {}",
-            String::from_utf8_lossy(&applied.stderr)
-        );
+        project.apply_policy(
+            "wayfinder-control",
+            "[services.web]\nbalancer = \"round-robin\"\n",
+        )?;
         tokio::time::sleep(Duration::from_secs(1)).await;
 
         // 300 calls by name from the client's own app, all answered, by

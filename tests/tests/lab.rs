@@ -210,34 +210,7 @@ async fn docker_lab_survives_instances_that_vanish_or_freeze() -> Result<()> {
             ),
         ],
     };
-    let policy = |toml: &str| -> Result<()> {
-        use std::io::Write;
-        let mut c = project
-            .cmd(&[
-                "exec",
-                "-T",
-                "control",
-                "wfctl",
-                "policy",
-                "apply",
-                "/dev/stdin",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        c.stdin
-            .take()
-            .context("stdin")?
-            .write_all(toml.as_bytes())?;
-        let out = c.wait_with_output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "wfctl policy apply: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let policy = |toml: &str| project.apply_policy("control", toml);
     let client = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     // `policy` in force, five clients calling for `run_for`, `container`
     // paused (docker pause: TCP alive, no answer) a second in, and
