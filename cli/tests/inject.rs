@@ -87,12 +87,17 @@ fn every_shape_of_service_is_meshed_as_the_golden_file_says() {
             ("api2", "backend", "api2", Some(8080)),
             // A label names the service; no port, no alias: client only.
             ("worker", "jobs", "worker", None),
+            // An unquoted number label; the UDP port is not the app's.
+            ("resolver", "resolver", "resolver", Some(8053)),
         ]
     );
-    // db (label) and monitor (host network) are left alone, each named.
-    assert_eq!(out.warnings.len(), 2, "{:?}", out.warnings);
+    // db (an unquoted `false` label) and monitor (host network) are left
+    // alone, each named; debug, in api's namespace, follows it to its sidecar.
+    assert_eq!(out.warnings.len(), 3, "{:?}", out.warnings);
     assert!(out.warnings[0].contains("db is not meshed: label wayfinder.io/inject"));
     assert!(out.warnings[1].contains("monitor is not meshed: network_mode \"host\""));
+    assert!(out.warnings[2].contains("debug shares api's network namespace"));
+    assert!(out.text.contains("network_mode: service:api-sidecar"));
 }
 
 #[test]

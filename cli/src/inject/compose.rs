@@ -92,6 +92,7 @@ const APP_KEYS: &[&str] = &[
     "stop_grace_period",
     "stop_signal",
     "storage_opt",
+    "sysctls",
     "tmpfs",
     "tty",
     "ulimits",
@@ -116,7 +117,6 @@ const NAMESPACE_KEYS: &[&str] = &[
     "expose",
     "links",
     "mac_address",
-    "sysctls",
 ];
 
 /// What the caller chose.
@@ -220,7 +220,7 @@ fn previous(doc: &Mapping, o: &Options) -> Result<Option<(String, Options)>, Inj
         .unwrap_or(&o.secrets_dir)
         .to_string();
     Ok(Some((
-        original.to_string(),
+        original.replace("$$", "$"),
         Options {
             file: o.file.clone(),
             only: list("only"),
@@ -360,13 +360,39 @@ fn inject_original(text: &str, o: &Options) -> Result<Injected, InjectError> {
             out.insert(k.clone(), v.clone());
         }
     }
+    let meshed_names: BTreeSet<String> = plans
+        .iter()
+        .filter(|(_, _, p)| matches!(p, Plan::Mesh))
+        .map(|(n, _, _)| n.clone())
+        .collect();
+    let meshes = |app: &str| meshed_names.contains(app);
     let mut new_services = Mapping::new();
     let mut meshed = Vec::new();
     let mut warnings = Vec::new();
     let mut control_networks = BTreeSet::new();
     for (name, svc, p) in plans {
         if let Plan::Leave(why) = p {
-            warnings.push(format!("{}: {name} is not meshed: {why}", o.file));
+            let mut svc = svc;
+            let joins = svc
+                .get("network_mode")
+                .and_then(Value::as_str)
+                .and_then(|m| m.strip_prefix("service:"))
+                .filter(|app| meshes(app))
+                .map(String::from);
+            match joins {
+                // The namespace it joined now belongs to the app's sidecar.
+                Some(app) => {
+                    svc.insert(
+                        "network_mode".into(),
+                        format!("service:{app}{SIDECAR_SUFFIX}").into(),
+                    );
+                    warnings.push(format!(
+                        "{}: {name} shares {app}'s network namespace: its traffic goes through {app}'s sidecar",
+                        o.file
+                    ));
+                }
+                None => warnings.push(format!("{}: {name} is not meshed: {why}", o.file)),
+            }
             new_services.insert(name.into(), Value::Mapping(svc));
             continue;
         }
@@ -428,7 +454,8 @@ fn inject_original(text: &str, o: &Options) -> Result<Injected, InjectError> {
     state.insert("secrets".into(), o.secrets_dir.clone().into());
     state.insert("only".into(), strings(&o.only));
     state.insert("skip".into(), strings(&o.skip));
-    state.insert("original".into(), text.into());
+    // Escaped as compose escapes `$`: compose v2 interpolates x- keys too.
+    state.insert("original".into(), text.replace('$', "$$").into());
     out.insert(STATE_KEY.into(), Value::Mapping(state));
 
     let body = serde_yaml_ng::to_string(&Value::Mapping(out))
@@ -449,14 +476,21 @@ fn strings(v: &[String]) -> Value {
     Value::Sequence(v.iter().map(|s| s.clone().into()).collect())
 }
 
-/// A label's value, from the mapping or the `KEY=VALUE` list form.
-fn label<'a>(svc: &'a Mapping, key: &str) -> Option<&'a str> {
+/// A label's value, from the mapping or the `KEY=VALUE` list form; an
+/// unquoted `false` or `8080` counts as its text, as compose takes it.
+fn label(svc: &Mapping, key: &str) -> Option<String> {
     match svc.get("labels")? {
-        Value::Mapping(m) => m.get(key).and_then(Value::as_str),
-        Value::Sequence(s) => s
-            .iter()
-            .filter_map(Value::as_str)
-            .find_map(|l| l.strip_prefix(key).and_then(|rest| rest.strip_prefix('='))),
+        Value::Mapping(m) => match m.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        },
+        Value::Sequence(s) => s.iter().filter_map(Value::as_str).find_map(|l| {
+            l.strip_prefix(key)
+                .and_then(|rest| rest.strip_prefix('='))
+                .map(String::from)
+        }),
         _ => None,
     }
 }
@@ -468,7 +502,7 @@ fn plan(name: &str, svc: &Mapping, o: &Options) -> Result<Plan, InjectError> {
     if !o.only.is_empty() && !o.only.iter().any(|s| s == name) {
         return Ok(Plan::Leave("not in --only".into()));
     }
-    if label(svc, LABEL_INJECT) == Some("false") {
+    if label(svc, LABEL_INJECT).as_deref() == Some("false") {
         return Ok(Plan::Leave(format!("label {LABEL_INJECT}: \"false\"")));
     }
     if let Some(mode) = svc.get("network_mode") {
@@ -576,6 +610,19 @@ fn port_number(v: &Value) -> Option<u16> {
     }
 }
 
+/// Whether a port entry is UDP or SCTP (`"53:53/udp"`, `{protocol: udp}`):
+/// not the app's TCP port, and nothing the sidecar captures.
+fn not_tcp(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.rsplit_once('/').is_some_and(|(_, p)| p != "tcp"),
+        Value::Mapping(m) => m
+            .get("protocol")
+            .and_then(Value::as_str)
+            .is_some_and(|p| p != "tcp"),
+        _ => false,
+    }
+}
+
 /// The container-side ports of `ports`: `"8088:80"`, `"127.0.0.1:8088:80/tcp"`,
 /// `"80"`, `80`, `{target: 80}`.
 fn published(name: &str, svc: &Mapping, o: &Options) -> Result<Vec<u16>, InjectError> {
@@ -587,7 +634,7 @@ fn published(name: &str, svc: &Mapping, o: &Options) -> Result<Vec<u16>, InjectE
     let list = ports
         .as_sequence()
         .ok_or_else(|| err(o, &at, "expected a list"))?;
-    for p in list {
+    for p in list.iter().filter(|p| !not_tcp(p)) {
         let port = match p {
             Value::Mapping(m) => m.get("target").and_then(port_number),
             Value::String(s) => {
@@ -616,7 +663,7 @@ fn describe(
 ) -> Result<Meshed, InjectError> {
     let at = |k: &str| format!("services.{name}.{k}");
     let service = match label(svc, LABEL_SERVICE) {
-        Some(s) => s.to_string(),
+        Some(s) => s,
         None => networks(name, svc, o)?
             .into_iter()
             .flat_map(|(_, a)| a)
@@ -636,7 +683,7 @@ fn describe(
         .unwrap_or(name)
         .to_string();
     let has_alias = networks(name, svc, o)?.iter().any(|(_, a)| !a.is_empty());
-    let port = match label(svc, LABEL_PORT) {
+    let port = match label(svc, LABEL_PORT).as_deref() {
         Some(p) => Some(p.parse().map_err(|_| {
             err(
                 o,
@@ -648,7 +695,7 @@ fn describe(
             let expose = svc
                 .get("expose")
                 .and_then(Value::as_sequence)
-                .and_then(|s| s.first())
+                .and_then(|s| s.iter().find(|p| !not_tcp(p)))
                 .and_then(port_number);
             expose
                 .or(published(name, svc, o)?.first().copied())
@@ -690,6 +737,37 @@ fn health_path(svc: &Mapping) -> Option<String> {
     })
 }
 
+/// `sysctls` (mapping or `KEY=VALUE` list) split into the network
+/// namespace's (`net.*`) and the rest; `None` for an empty side.
+fn split_sysctls(v: &Value) -> (Option<Value>, Option<Value>) {
+    let is_net = |k: &str| k.starts_with("net.");
+    let nonempty = |v: Value| match &v {
+        Value::Mapping(m) if m.is_empty() => None,
+        Value::Sequence(s) if s.is_empty() => None,
+        _ => Some(v),
+    };
+    match v {
+        Value::Mapping(m) => {
+            let (net, own): (Mapping, Mapping) = m
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .partition(|(k, _)| k.as_str().is_some_and(is_net));
+            (nonempty(Value::Mapping(net)), nonempty(Value::Mapping(own)))
+        }
+        Value::Sequence(s) => {
+            let (net, own): (Vec<Value>, Vec<Value>) = s
+                .iter()
+                .cloned()
+                .partition(|e| e.as_str().is_some_and(is_net));
+            (
+                nonempty(Value::Sequence(net)),
+                nonempty(Value::Sequence(own)),
+            )
+        }
+        other => (None, Some(other.clone())),
+    }
+}
+
 fn seq(items: &[&str]) -> Value {
     Value::Sequence(items.iter().map(|s| Value::from(*s)).collect())
 }
@@ -711,7 +789,17 @@ fn split(
     side.insert("cap_add".into(), seq(&["NET_ADMIN"]));
     for (k, v) in svc {
         let key = k.as_str().unwrap_or_default();
-        if NAMESPACE_KEYS.contains(&key) && key != "networks" {
+        if key == "sysctls" {
+            // net.* belong to the namespace (Docker refuses them beside
+            // network_mode); kernel.*, fs.* stay with the app.
+            let (net, own) = split_sysctls(v);
+            if let Some(net) = net {
+                side.insert(k.clone(), net);
+            }
+            if let Some(own) = own {
+                app.insert(k.clone(), own);
+            }
+        } else if NAMESPACE_KEYS.contains(&key) && key != "networks" {
             side.insert(k.clone(), v.clone());
         } else if key != "networks" {
             app.insert(k.clone(), v.clone());
@@ -819,7 +907,7 @@ fn split(
             let list: Vec<String> = ports.iter().map(u16::to_string).collect();
             cmd.extend(["--capture-exclude-inbound-port".into(), list.join(",")]);
         }
-        if label(svc, LABEL_INBOUND) == Some("permissive") {
+        if label(svc, LABEL_INBOUND).as_deref() == Some("permissive") {
             cmd.extend(["--inbound-mode".into(), "permissive".into()]);
         }
     }
