@@ -648,20 +648,20 @@ impl Proxy {
             _ if use_h2 => &clients.h2,
             _ => &clients.h1,
         };
-        // A try that dials first times the handshake (TCP, mTLS, HTTP/2)
-        // as much as the endpoint: it does not feed peak-EWMA, or one cold
-        // connection would keep an endpoint out of rotation for tens of
-        // seconds while its estimate decays (Linkerd's balancer likewise
-        // measures only endpoints it is connected to).
-        let dials = pool.pooled(ep.addr) == 0;
         let result = pool.send_marked(ep.addr, req, dispatched).await;
         match result {
-            Ok(resp) => {
+            Ok((resp, dialed)) => {
                 // One clock read ends the attempt for the balancer and the
                 // histogram. An endpoint serves one direction of one
-                // upstream, so its series never changes.
+                // upstream, so its series never changes. A try on a
+                // connection dialed for it times the handshake (TCP, mTLS,
+                // HTTP/2) as much as the endpoint: it does not feed
+                // peak-EWMA, or one cold connection would keep an endpoint
+                // out of rotation for tens of seconds while its estimate
+                // decays (Linkerd's balancer likewise measures only
+                // endpoints it is connected to).
                 let now = std::time::Instant::now();
-                let rtt = if dials {
+                let rtt = if dialed {
                     guard.finish_unobserved_at(now)
                 } else {
                     guard.finish_at(now)

@@ -113,17 +113,21 @@ impl Pool {
         addr: SocketAddr,
         req: Request<ReplayBody>,
     ) -> Result<Response<PoolBody>, PoolError> {
-        self.send_marked(addr, req, &AtomicBool::new(false)).await
+        self.send_marked(addr, req, &AtomicBool::new(false))
+            .await
+            .map(|(resp, _)| resp)
     }
 
     /// [`Pool::send`], setting `dispatched` once the request is handed to
-    /// a connection (until then it has certainly not reached the endpoint).
+    /// a connection (until then it has certainly not reached the endpoint),
+    /// and saying whether that connection was dialed for it (its time then
+    /// includes the handshake).
     pub async fn send_marked(
         &self,
         addr: SocketAddr,
         req: Request<ReplayBody>,
         dispatched: &AtomicBool,
-    ) -> Result<Response<PoolBody>, PoolError> {
+    ) -> Result<(Response<PoolBody>, bool), PoolError> {
         match self.inner.proto {
             Proto::Http1 => self.inner.send_h1(addr, req, dispatched).await,
             Proto::Http2 => self.inner.send_h2(addr, req, dispatched).await,
@@ -159,7 +163,7 @@ impl Inner {
         addr: SocketAddr,
         mut req: Request<ReplayBody>,
         dispatched: &AtomicBool,
-    ) -> Result<Response<PoolBody>, PoolError> {
+    ) -> Result<(Response<PoolBody>, bool), PoolError> {
         loop {
             let (idle, retired) = self.checkout_h1(addr);
             let (mut tx, reused) = match idle {
@@ -176,7 +180,7 @@ impl Inner {
                         tx,
                         retired,
                     });
-                    return Ok(resp.map(|inner| PoolBody::new(inner, lent)));
+                    return Ok((resp.map(|inner| PoolBody::new(inner, lent)), !reused));
                 }
                 Err(mut e) => match e.take_message() {
                     // Closed while idle before it took the request: nothing
@@ -247,7 +251,7 @@ impl Inner {
         addr: SocketAddr,
         mut req: Request<ReplayBody>,
         dispatched: &AtomicBool,
-    ) -> Result<Response<PoolBody>, PoolError> {
+    ) -> Result<(Response<PoolBody>, bool), PoolError> {
         let mut redialed = false;
         loop {
             let mut tx = match self.shared_h2(addr) {
@@ -259,7 +263,7 @@ impl Inner {
             };
             dispatched.store(true, Ordering::Relaxed);
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|inner| PoolBody::new(inner, None))),
+                Ok(resp) => return Ok((resp.map(|inner| PoolBody::new(inner, None)), redialed)),
                 Err(mut e) => match e.take_message() {
                     // The connection was going away (GOAWAY, closed while
                     // idle) before it took the request: dial a new one, once.
@@ -564,6 +568,24 @@ pub(crate) mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.pooled(addr), 1);
+    }
+
+    #[tokio::test]
+    async fn only_the_try_that_dialed_says_so() {
+        for proto in [Proto::Http1, Proto::Http2] {
+            let (addr, _) = server(proto, b"hello", true).await;
+            let pool = pool(proto);
+            let mut dialed = Vec::new();
+            for _ in 0..3 {
+                let (resp, d) = pool
+                    .send_marked(addr, get(addr, proto), &AtomicBool::new(false))
+                    .await
+                    .expect("response");
+                read(resp).await;
+                dialed.push(d);
+            }
+            assert_eq!(dialed, [true, false, false], "{proto:?}");
+        }
     }
 
     #[tokio::test]
