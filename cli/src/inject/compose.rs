@@ -311,7 +311,12 @@ fn first_difference(a: &Value, b: &Value, at: &str) -> Option<String> {
 
 /// How a service is treated.
 enum Plan {
-    Mesh,
+    /// Meshed, with its networks (and aliases) and published TCP ports,
+    /// read once.
+    Mesh {
+        nets: Vec<(String, Vec<String>)>,
+        ports: Vec<u16>,
+    },
     Leave(String),
 }
 
@@ -344,12 +349,13 @@ fn inject_original(text: &str, o: &Options) -> Result<Injected, InjectError> {
         plans.push((name.to_string(), svc.clone(), plan(name, svc, o)?));
     }
     let mut alias_users: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (name, svc, p) in &plans {
-        if matches!(p, Plan::Mesh) {
-            for (_, aliases) in networks(name, svc, o)? {
-                for a in aliases {
-                    alias_users.entry(a).or_default().insert(name.clone());
-                }
+    for (name, _, p) in &plans {
+        if let Plan::Mesh { nets, .. } = p {
+            for a in nets.iter().flat_map(|(_, aliases)| aliases) {
+                alias_users
+                    .entry(a.clone())
+                    .or_default()
+                    .insert(name.clone());
             }
         }
     }
@@ -362,7 +368,7 @@ fn inject_original(text: &str, o: &Options) -> Result<Injected, InjectError> {
     }
     let meshed_names: BTreeSet<String> = plans
         .iter()
-        .filter(|(_, _, p)| matches!(p, Plan::Mesh))
+        .filter(|(_, _, p)| matches!(p, Plan::Mesh { .. }))
         .map(|(n, _, _)| n.clone())
         .collect();
     let meshes = |app: &str| meshed_names.contains(app);
@@ -371,31 +377,34 @@ fn inject_original(text: &str, o: &Options) -> Result<Injected, InjectError> {
     let mut warnings = Vec::new();
     let mut control_networks = BTreeSet::new();
     for (name, svc, p) in plans {
-        if let Plan::Leave(why) = p {
-            let mut svc = svc;
-            let joins = svc
-                .get("network_mode")
-                .and_then(Value::as_str)
-                .and_then(|m| m.strip_prefix("service:"))
-                .filter(|app| meshes(app))
-                .map(String::from);
-            match joins {
-                // The namespace it joined now belongs to the app's sidecar.
-                Some(app) => {
-                    svc.insert(
-                        "network_mode".into(),
-                        format!("service:{app}{SIDECAR_SUFFIX}").into(),
-                    );
-                    warnings.push(format!(
+        let (nets, ports) = match p {
+            Plan::Mesh { nets, ports } => (nets, ports),
+            Plan::Leave(why) => {
+                let mut svc = svc;
+                let joins = svc
+                    .get("network_mode")
+                    .and_then(Value::as_str)
+                    .and_then(|m| m.strip_prefix("service:"))
+                    .filter(|app| meshes(app))
+                    .map(String::from);
+                match joins {
+                    // The namespace it joined now belongs to the app's sidecar.
+                    Some(app) => {
+                        svc.insert(
+                            "network_mode".into(),
+                            format!("service:{app}{SIDECAR_SUFFIX}").into(),
+                        );
+                        warnings.push(format!(
                         "{}: {name} shares {app}'s network namespace: its traffic goes through {app}'s sidecar",
                         o.file
                     ));
+                    }
+                    None => warnings.push(format!("{}: {name} is not meshed: {why}", o.file)),
                 }
-                None => warnings.push(format!("{}: {name} is not meshed: {why}", o.file)),
+                new_services.insert(name.into(), Value::Mapping(svc));
+                continue;
             }
-            new_services.insert(name.into(), Value::Mapping(svc));
-            continue;
-        }
+        };
         let sidecar = format!("{name}{SIDECAR_SUFFIX}");
         if services.contains_key(sidecar.as_str()) {
             return Err(err(
@@ -404,10 +413,9 @@ fn inject_original(text: &str, o: &Options) -> Result<Injected, InjectError> {
                 format!("the name inject gives {name}'s sidecar is taken"),
             ));
         }
-        let m = describe(&name, &svc, &alias_users, o)?;
-        let nets = networks(&name, &svc, o)?;
+        let m = describe(&name, &svc, &nets, &ports, &alias_users, o)?;
         control_networks.extend(nets.iter().map(|(n, _)| n.clone()));
-        let (app, side) = split(&name, &svc, &m, &nets, o)?;
+        let (app, side) = split(&name, &svc, &m, &nets, &ports, o)?;
         new_services.insert(name.clone().into(), Value::Mapping(app));
         new_services.insert(sidecar.into(), Value::Mapping(side));
         meshed.push(m);
@@ -551,7 +559,10 @@ fn plan(name: &str, svc: &Mapping, o: &Options) -> Result<Plan, InjectError> {
             ));
         }
     }
-    Ok(Plan::Mesh)
+    Ok(Plan::Mesh {
+        nets: networks(name, svc, o)?,
+        ports: published(name, svc, o)?,
+    })
 }
 
 /// The service's networks, each with its aliases (the compose name and
@@ -658,16 +669,19 @@ fn published(name: &str, svc: &Mapping, o: &Options) -> Result<Vec<u16>, InjectE
 fn describe(
     name: &str,
     svc: &Mapping,
+    nets: &[(String, Vec<String>)],
+    ports: &[u16],
     alias_users: &BTreeMap<String, BTreeSet<String>>,
     o: &Options,
 ) -> Result<Meshed, InjectError> {
     let at = |k: &str| format!("services.{name}.{k}");
     let service = match label(svc, LABEL_SERVICE) {
         Some(s) => s,
-        None => networks(name, svc, o)?
-            .into_iter()
+        None => nets
+            .iter()
             .flat_map(|(_, a)| a)
-            .find(|a| alias_users.get(a).is_some_and(|u| u.len() > 1))
+            .find(|a| alias_users.get(*a).is_some_and(|u| u.len() > 1))
+            .cloned()
             .unwrap_or_else(|| name.to_string()),
     };
     wayfinder_proto::validate::service_name(&service).map_err(|e| {
@@ -682,7 +696,7 @@ fn describe(
         .and_then(Value::as_str)
         .unwrap_or(name)
         .to_string();
-    let has_alias = networks(name, svc, o)?.iter().any(|(_, a)| !a.is_empty());
+    let has_alias = nets.iter().any(|(_, a)| !a.is_empty());
     let port = match label(svc, LABEL_PORT).as_deref() {
         Some(p) => Some(p.parse().map_err(|_| {
             err(
@@ -698,7 +712,7 @@ fn describe(
                 .and_then(|s| s.iter().find(|p| !not_tcp(p)))
                 .and_then(port_number);
             expose
-                .or(published(name, svc, o)?.first().copied())
+                .or(ports.first().copied())
                 // Called by an alias, with no port in the file: the web's.
                 .or(has_alias.then_some(80))
         }
@@ -778,6 +792,7 @@ fn split(
     svc: &Mapping,
     m: &Meshed,
     nets: &[(String, Vec<String>)],
+    ports: &[u16],
     o: &Options,
 ) -> Result<(Mapping, Mapping), InjectError> {
     let sidecar = format!("{name}{SIDECAR_SUFFIX}");
@@ -902,7 +917,6 @@ fn split(
             health_path(svc).unwrap_or_else(|| "tcp".into()),
         ]);
         // Published ports are called from outside the mesh: not captured.
-        let ports = published(name, svc, o)?;
         if !ports.is_empty() {
             let list: Vec<String> = ports.iter().map(u16::to_string).collect();
             cmd.extend(["--capture-exclude-inbound-port".into(), list.join(",")]);

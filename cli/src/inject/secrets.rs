@@ -24,20 +24,16 @@ pub fn tokens(dir: &Path, services: &BTreeSet<String>) -> Result<BTreeMap<String
                     .find_map(|l| l.strip_prefix(&format!("{VAR}=")).map(str::to_string))
             })
             .filter(|t| t.len() >= 16);
-        let token = match existing {
-            Some(t) => t,
-            None => fresh()?,
-        };
-        out.insert(s.clone(), token);
+        out.insert(s.clone(), existing.unwrap_or_else(fresh));
     }
     Ok(out)
 }
 
 /// 128 random bits, hex.
-fn fresh() -> Result<String> {
+fn fresh() -> String {
     let mut b = [0u8; 16];
     rand::fill(&mut b);
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Writes `dir/<service>.env` for each service and `dir/control.env` with

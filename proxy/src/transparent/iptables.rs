@@ -92,6 +92,15 @@ impl Rules {
         cmds.push(nat(&["-A", "OUTPUT", "-p", "tcp", "-j", OUTBOUND_CHAIN]));
         cmds
     }
+
+    /// Installs the rules in place of any earlier ones (a second start
+    /// replaces, never doubles, them); on failure none are left behind.
+    pub fn apply(&self) -> Result<(), String> {
+        let _ = run(&cleanup(), true);
+        run(&self.install(), false).inspect_err(|_| {
+            let _ = run(&cleanup(), true);
+        })
+    }
 }
 
 /// Sends the TCP connections that reach the end of `chain` to local `port`.
@@ -121,17 +130,6 @@ fn nat(args: &[&str]) -> Vec<String> {
     let mut v = vec!["-w".to_string(), "-t".into(), "nat".into()];
     v.extend(args.iter().map(|s| s.to_string()));
     v
-}
-
-impl Rules {
-    /// Installs the rules in place of any earlier ones (a second start
-    /// replaces, never doubles, them); on failure none are left behind.
-    pub fn apply(&self) -> Result<(), String> {
-        let _ = run(&cleanup(), true);
-        run(&self.install(), false).inspect_err(|_| {
-            let _ = run(&cleanup(), true);
-        })
-    }
 }
 
 /// The argument lists that remove whatever [`Rules::install`] added; each
