@@ -1,4 +1,4 @@
-//! Compiles `wayfinder.v1` with protox (no system `protoc`) and tonic's generator.
+//! Compiles `wayfinder.v1` (and lab-app's `wayfinder.lab.v1`) with protox (no system `protoc`) and tonic's generator.
 //!
 //! Two passes: the normal one produces every message, client and server; the
 //! second produces only the Discovery server again, with `WatchEvent` mapped to
@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "protos/wayfinder/v1/telemetry.proto",
     "protos/wayfinder/v1/identity.proto",
     "protos/wayfinder/v1/catalog.proto",
+    "protos/wayfinder/lab/v1/echo.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

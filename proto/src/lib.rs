@@ -20,6 +20,15 @@ pub mod v1 {
     tonic::include_proto!("wayfinder.v1");
 }
 
+/// lab-app's gRPC echo service (`wayfinder.lab.v1`).
+#[allow(clippy::all, missing_docs)]
+pub mod lab {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("wayfinder.lab.v1");
+    }
+}
+
 /// The Discovery server generated a second time so that `Watch` streams
 /// pre-encoded [`encoded::EncodedWatchEvent`]s instead of `WatchEvent`s.
 #[allow(clippy::all, missing_docs)]

@@ -239,6 +239,29 @@ impl Drop for ControlPlane {
     }
 }
 
+/// A python with grpcio and its health stub (`deploy/setup.sh test` puts
+/// them in target/grpc-venv; `WAYFINDER_GRPC_PYTHON` names another), or
+/// why there is none.
+pub fn python_grpc() -> std::result::Result<PathBuf, String> {
+    let python = std::env::var_os("WAYFINDER_GRPC_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/grpc-venv/bin/python3")
+        });
+    let ok = Command::new(&python)
+        .args(["-c", "import grpc, grpc_health"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        Ok(python)
+    } else {
+        Err(format!(
+            "no grpcio at {} (bash deploy/setup.sh test installs it)",
+            python.display()
+        ))
+    }
+}
+
 /// The log once it holds `needle`, within 10 s. The log is read by a thread
 /// of its own, so a line the process wrote may trail what the test saw
 /// happen (a refused call's status, a peer's readiness) by a moment.
@@ -356,6 +379,16 @@ impl Process {
     pub fn start_in(prefix: &[String], name: &str, args: &[&str], ready: &str) -> Result<Self> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let (child, ready_line, log) = spawn_logged_in(prefix, name, &args, ready)?;
+        Ok(Self {
+            child: Some(child),
+            ready_line,
+            log,
+        })
+    }
+
+    /// Any program (`cmd`), its stderr collected, once `ready` is in it.
+    pub fn spawn(cmd: Command, name: &str, ready: &str) -> Result<Self> {
+        let (child, ready_line, log) = spawn_command(cmd, name, ready)?;
         Ok(Self {
             child: Some(child),
             ready_line,

@@ -19,6 +19,11 @@
 //!                        `traceparent` on; answers with both instances
 //! ```
 //! Any other path answers like `/`, so it can stand in for any API.
+//!
+//! gRPC on the same port (h2c): `wayfinder.lab.v1.Echo/Say` answers with the
+//! instance, and `grpc.health.v1.Health` (Check, Watch) follows `healthy`.
+
+mod grpc;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,6 +69,8 @@ struct Faults {
 
 struct App {
     name: String,
+    /// The gRPC health the `healthy` fault sets.
+    health: tokio::sync::OnceCell<tonic_health::server::HealthReporter>,
     count: AtomicU64,
     faults: Faults,
     outbound: Option<SocketAddr>,
@@ -204,6 +211,7 @@ async fn fault(State(app): State<Arc<App>>, Query(q): Query<FaultQuery>) -> Resp
     }
     if let Some(h) = q.healthy {
         app.faults.unhealthy.store(!h, Ordering::Relaxed);
+        report_health(&app, h).await;
     }
     if let Some(f) = q.forge {
         app.faults.forge.store(f, Ordering::Relaxed);
@@ -216,7 +224,14 @@ async fn reset(State(app): State<Arc<App>>) -> Response {
     app.faults.delay_ms.store(0, Ordering::Relaxed);
     app.faults.unhealthy.store(false, Ordering::Relaxed);
     app.faults.forge.store(false, Ordering::Relaxed);
+    report_health(&app, true).await;
     faults(&app).into_response()
+}
+
+async fn report_health(app: &App, healthy: bool) {
+    if let Some(reporter) = app.health.get() {
+        grpc::report(reporter, healthy).await;
+    }
 }
 
 fn faults(app: &App) -> Json<serde_json::Value> {
@@ -235,12 +250,15 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let app = Arc::new(App {
         name: args.name,
+        health: tokio::sync::OnceCell::new(),
         count: AtomicU64::new(0),
         faults: Faults::default(),
         outbound: args.outbound,
         client: Client::builder(TokioExecutor::new()).build_http(),
     });
-    let router = Router::new()
+    let (grpc, reporter) = grpc::routes(app.clone()).await;
+    let _ = app.health.set(reporter);
+    let http = Router::new()
         .route("/healthz", get(healthz))
         .route(
             "/fault",
@@ -249,8 +267,11 @@ async fn main() -> anyhow::Result<()> {
         .route("/fault/reset", post(reset))
         .route("/chain", get(chain))
         .route("/headers", get(headers))
-        .fallback(hello)
-        .with_state(app);
+        .with_state(app.clone());
+    // Any other path answers like `/`.
+    let router = grpc
+        .merge(http)
+        .fallback_service(Router::new().fallback(hello).with_state(app));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!("lab-app listening on {}", listener.local_addr()?);
     axum::serve(listener, router)
