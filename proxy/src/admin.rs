@@ -57,22 +57,27 @@ async fn shutdown(
     "shutting down\n".into_response()
 }
 
-/// Ready once every upstream has had its first discovery answer and, when
-/// the sidecar routes by Host or original destination, the catalog has
-/// come: before it, an app's first call would pass through unmeshed.
-/// (The certificate and the listeners come before the admin port opens.)
-async fn ready(State(s): State<AdminState>) -> Response {
-    let mut pending: Vec<String> = s
-        .proxy
+/// What the sidecar still waits for before it is ready (nothing: ready).
+pub fn pending(proxy: &Proxy) -> Vec<String> {
+    let mut pending: Vec<String> = proxy
         .upstreams
         .all()
         .iter()
         .filter(|u| !u.is_ready())
         .map(|u| u.name().to_string())
         .collect();
-    if s.proxy.catalog.is_pending() {
+    if proxy.catalog.is_pending() {
         pending.push("the catalog".into());
     }
+    pending
+}
+
+/// Ready once every upstream has had its first discovery answer and, when
+/// the sidecar routes by Host or original destination, the catalog has
+/// come: before it, an app's first call would pass through unmeshed.
+/// (The certificate and the listeners come before the admin port opens.)
+async fn ready(State(s): State<AdminState>) -> Response {
+    let pending = pending(&s.proxy);
     if pending.is_empty() {
         "ready\n".into_response()
     } else {

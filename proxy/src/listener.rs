@@ -49,12 +49,54 @@ impl Role {
 
 /// Connections being served, for draining on shutdown.
 #[derive(Default)]
-pub struct Open(AtomicUsize);
+struct Open(AtomicUsize);
 
 impl Open {
     /// Connections still open.
     pub fn count(&self) -> usize {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Listeners that close together (the inbound ones, or the outbound ones)
+/// and the connections they accepted, which drain together.
+pub struct Group {
+    stop: watch::Sender<bool>,
+    open: Arc<Open>,
+}
+
+impl Default for Group {
+    fn default() -> Self {
+        Self {
+            stop: watch::channel(false).0,
+            open: Arc::default(),
+        }
+    }
+}
+
+impl Group {
+    /// Serves `l` as part of the group.
+    pub fn serve(&self, l: Listener, proxy: Arc<Proxy>) {
+        tokio::spawn(serve(l, proxy, self.open.clone(), self.stop.subscribe()));
+    }
+
+    /// Stops accepting; open HTTP connections are asked to finish.
+    pub fn close(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Connections still open.
+    pub fn open(&self) -> usize {
+        self.open.count()
+    }
+
+    /// Waits until every connection has ended or `deadline` passes;
+    /// whether they all ended.
+    pub async fn drained(&self, deadline: tokio::time::Instant) -> bool {
+        while self.open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.open() == 0
     }
 }
 
@@ -77,12 +119,7 @@ pub struct Listener {
 
 /// Accepts until `shutdown` turns true; in-flight connections are asked to
 /// finish (HTTP: graceful shutdown) and counted in `open`.
-pub async fn serve(
-    l: Listener,
-    proxy: Arc<Proxy>,
-    open: Arc<Open>,
-    shutdown: watch::Receiver<bool>,
-) {
+async fn serve(l: Listener, proxy: Arc<Proxy>, open: Arc<Open>, shutdown: watch::Receiver<bool>) {
     // Set once a client here sent nothing within the window: this port
     // carries a server-speaks-first protocol, so skip the wait from now on.
     let server_first = Arc::new(AtomicBool::new(false));

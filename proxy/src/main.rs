@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use nix::sys::signal::Signal;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use wayfinder_proto::policy::parse_duration;
@@ -16,7 +17,8 @@ use wayfinder_proxy::balance::Kind;
 use wayfinder_proxy::control_plane::{self, Trust};
 use wayfinder_proxy::discovery::{Origin, Sources, dns};
 use wayfinder_proxy::http_proxy::{Local, Proxy};
-use wayfinder_proxy::listener::{self, Listener, Open, Role};
+use wayfinder_proxy::lifecycle::app::{App, Ended};
+use wayfinder_proxy::listener::{Group, Listener, Role};
 use wayfinder_proxy::metrics::ProxyMetrics;
 use wayfinder_proxy::register::{self, Check};
 use wayfinder_proxy::settings::Defaults;
@@ -98,6 +100,11 @@ struct Args {
     /// response headers); "none" waits forever.
     #[arg(long, env = "WAYFINDER_REQUEST_TIMEOUT", default_value = "15s", value_parser = duration_or_none)]
     request_timeout: Duration,
+    /// On SIGTERM, how long the sidecar keeps serving after it left the
+    /// mesh, while callers learn it is gone (their discovery update is in
+    /// flight): a connection they open meanwhile is still answered.
+    #[arg(long, env = "WAYFINDER_LAME_DUCK", default_value = "3s", value_parser = parse_duration)]
+    lame_duck: Duration,
     /// How long in-flight requests may take to finish on SIGTERM.
     #[arg(long, env = "WAYFINDER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     drain_timeout: Duration,
@@ -165,6 +172,19 @@ enum Command {
     /// COMMAND if one follows `--` (exit 1 if it never does): a compose
     /// healthcheck for images without a shell, or an app's entrypoint.
     Await(AwaitArgs),
+    /// Run the sidecar (the flags before `run`) and, once it is ready, the
+    /// app `-- CMD ARGS…` as its child: reload signals pass on at once,
+    /// SIGTERM after the lame duck, and the app's exit ends the sidecar
+    /// with its exit code.
+    Run(RunArgs),
+}
+
+/// `wf-proxy … run -- CMD ARGS…`.
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The app and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
 }
 
 /// `wf-proxy await`.
@@ -410,11 +430,12 @@ fn balancer(s: &str) -> Result<Kind, String> {
 
 fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
-    match args.command.take() {
+    let app = match args.command.take() {
         Some(Command::Init(a)) => return init(a),
         Some(Command::Await(a)) => return await_ready(a),
-        None => {}
-    }
+        Some(Command::Run(r)) => Some(r.command),
+        None => None,
+    };
     if args.capture
         && let Err(e) = capture(&args)
     {
@@ -436,7 +457,7 @@ fn main() -> std::process::ExitCode {
             .build()
     };
     match runtime {
-        Ok(rt) => rt.block_on(start(args)),
+        Ok(rt) => rt.block_on(start(args, app)),
         Err(e) => {
             eprintln!("wf-proxy: cannot start the runtime: {e}");
             std::process::ExitCode::FAILURE
@@ -444,7 +465,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn start(args: Args) -> std::process::ExitCode {
+async fn start(args: Args, app: Option<Vec<String>>) -> std::process::ExitCode {
     // One crypto provider for every TLS user in the process (rustls, tonic).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut prom = Registry::default();
@@ -483,11 +504,12 @@ async fn start(args: Args) -> std::process::ExitCode {
         eprintln!("wf-proxy: {e}");
         return std::process::ExitCode::FAILURE;
     }
-    let result = run(args, prom, metrics, node).await;
+    let result = run(args, app, prom, metrics, node).await;
     // Flush the last spans; the SDK blocks, and exports need the runtime.
     let _ = tokio::task::spawn_blocking(move || drop(exporter)).await;
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(None) => std::process::ExitCode::SUCCESS,
+        Ok(Some(ended)) => std::process::ExitCode::from(ended.code()),
         Err(e) => {
             eprintln!("wf-proxy: {e:#}");
             std::process::ExitCode::FAILURE
@@ -501,7 +523,13 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
         .with_context(|| format!("binding the {what} listener on {addr}"))
 }
 
-async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) -> Result<()> {
+async fn run(
+    args: Args,
+    app_command: Option<Vec<String>>,
+    prom: Registry,
+    metrics: ProxyMetrics,
+    node: String,
+) -> Result<Option<Ended>> {
     if args.app.is_some() && args.service.is_none() {
         bail!("--app needs --service: the app is registered as an instance of it");
     }
@@ -685,15 +713,15 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         }
     });
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let open = Arc::new(Open::default());
+    // Inbound closes after the lame duck; outbound stays open until the
+    // app no longer needs it.
+    let (inbound_group, outbound_group) = (Group::default(), Group::default());
     for l in listeners {
-        tokio::spawn(listener::serve(
-            l,
-            proxy.clone(),
-            open.clone(),
-            stop_rx.clone(),
-        ));
+        let group = match l.role {
+            Role::Inbound => &inbound_group,
+            _ => &outbound_group,
+        };
+        group.serve(l, proxy.clone());
     }
 
     tokio::spawn(wayfinder_proxy::memory::trim_when_idle());
@@ -705,6 +733,7 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
     ));
 
     let lease = Arc::new(AtomicU64::new(0));
+    let mut registration = None;
     if let (Some(app), Some(service), Some(inbound)) = (args.app, args.service.clone(), inbound) {
         let (htx, hrx) = tokio::sync::watch::channel(Health::Unknown);
         tokio::spawn(register::check_loop(app, check, args.health_interval, htx));
@@ -730,12 +759,12 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
             meshed: true,
             ..Default::default()
         };
-        tokio::spawn(register::keep_registered(
+        registration = Some(tokio::spawn(register::keep_registered(
             channel.clone(),
             instance,
             hrx,
             lease.clone(),
-        ));
+        )));
     }
 
     // Tests and scripts read the bound addresses from this line.
@@ -748,25 +777,88 @@ async fn run(args: Args, prom: Registry, metrics: ProxyMetrics, node: String) ->
         "wf-proxy listening"
     );
 
-    tokio::select! {
-        () = shutdown_signal() => {}
-        () = shutdown.notified() => {}
-    }
+    let app = app_command.map(|command| {
+        let proxy = proxy.clone();
+        let app = App::start_when_ready(command, move || admin::pending(&proxy).is_empty());
+        tokio::spawn(forward_reload_signals(app.clone()));
+        app
+    });
+    let app_exited = async {
+        match &app {
+            Some(app) => app.ended().await,
+            None => std::future::pending().await,
+        }
+    };
+    let app_went_first = tokio::select! {
+        () = shutdown_signal() => false,
+        () = shutdown.notified() => false,
+        _ = app_exited => true,
+    };
     tracing::info!("draining");
-    // Leave the mesh first so callers stop picking us, then drain.
-    register::deregister(channel, lease.load(Ordering::Relaxed)).await;
-    let _ = stop_tx.send(true);
-    let deadline = tokio::time::Instant::now() + args.drain_timeout;
-    while open.count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Leave the mesh first so callers stop picking us; the heartbeats stop
+    // first, or the lease they no longer find would be registered again.
+    if let Some(r) = &registration {
+        r.abort();
     }
-    if open.count() > 0 {
+    register::deregister(channel, lease.load(Ordering::Relaxed)).await;
+    if !app_went_first && inbound.is_some() {
+        // Lame duck: callers whose discovery has not caught up yet still
+        // get answers, from the app that still runs.
+        tokio::time::sleep(args.lame_duck).await;
+    }
+    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    inbound_group.close();
+    inbound_group.drained(deadline).await;
+    // The app hears SIGTERM once nobody calls it any more; its outbound
+    // stays open while it finishes.
+    let ended = match &app {
+        Some(app) => {
+            app.signal(Signal::SIGTERM);
+            match tokio::time::timeout_at(deadline, app.ended()).await {
+                Ok(ended) => Some(ended),
+                Err(_) => {
+                    tracing::warn!("drain timeout; killing the app");
+                    app.signal(Signal::SIGKILL);
+                    Some(app.ended().await)
+                }
+            }
+        }
+        None => None,
+    };
+    outbound_group.close();
+    if !outbound_group.drained(deadline).await || inbound_group.open() > 0 {
         tracing::warn!(
-            open = open.count(),
+            open = inbound_group.open() + outbound_group.open(),
             "drain timeout; closing remaining connections"
         );
     }
-    Ok(())
+    Ok(ended)
+}
+
+/// SIGHUP, SIGUSR1 and SIGUSR2 go to the app as they come (reloads).
+async fn forward_reload_signals(app: Arc<App>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let kinds = [
+        (SignalKind::hangup(), Signal::SIGHUP),
+        (SignalKind::user_defined1(), Signal::SIGUSR1),
+        (SignalKind::user_defined2(), Signal::SIGUSR2),
+    ];
+    let mut streams = Vec::new();
+    for (kind, sig) in kinds {
+        match signal(kind) {
+            Ok(s) => streams.push((s, sig)),
+            Err(e) => tracing::warn!(error = %e, ?sig, "cannot forward"),
+        }
+    }
+    let waits = streams.into_iter().map(|(mut s, sig)| {
+        let app = app.clone();
+        async move {
+            while s.recv().await.is_some() {
+                app.signal(sig);
+            }
+        }
+    });
+    futures::future::join_all(waits).await;
 }
 
 /// The control plane's roots. In a container lab they arrive through a

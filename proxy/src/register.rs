@@ -92,6 +92,10 @@ pub async fn keep_registered(
     mut health: watch::Receiver<Health>,
     lease: Arc<AtomicU64>,
 ) {
+    // Registered as "unknown", the instance would take traffic before its
+    // app was ever checked (an app started after its sidecar, by `run` or
+    // by compose, is not listening yet): register with the first verdict.
+    let _ = health.wait_for(|h| *h != Health::Unknown).await;
     let mut attempt = 0u32;
     loop {
         let mut client = RegistryClient::new(channel.clone());

@@ -81,6 +81,9 @@ pub fn sidecar_at(
         "200ms",
         "--drain-timeout",
         "2s",
+        // Callers on loopback learn of a departure in milliseconds.
+        "--lame-duck",
+        "300ms",
     ];
     args.extend_from_slice(extra);
     Process::start("wf-proxy", &args, "wf-proxy listening")
