@@ -89,8 +89,12 @@ fn every_shape_of_service_is_meshed_as_the_golden_file_says() {
             ("worker", "jobs", "worker", None),
             // An unquoted number label; the UDP port is not the app's.
             ("resolver", "resolver", "resolver", Some(8053)),
+            // A job: it shares its sidecar's PID namespace, which ends with it.
+            ("migrate", "migrate", "migrate", None),
         ]
     );
+    assert!(out.text.contains("pid: service:migrate-sidecar"));
+    assert_eq!(out.text.matches("--exit-with-app").count(), 1);
     // db (an unquoted `false` label) and monitor (host network) are left
     // alone, each named; debug, in api's namespace, follows it to its sidecar.
     assert_eq!(out.warnings.len(), 3, "{:?}", out.warnings);

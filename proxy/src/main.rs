@@ -105,6 +105,11 @@ struct Args {
     /// flight): a connection they open meanwhile is still answered.
     #[arg(long, env = "WAYFINDER_LAME_DUCK", default_value = "3s", value_parser = parse_duration)]
     lame_duck: Duration,
+    /// End when the app in this PID namespace ends: for a sidecar container
+    /// whose app joins its PID namespace (compose `pid: "service:…"`, as
+    /// `wfctl inject` writes for jobs), so a finished job leaves no sidecar.
+    #[arg(long, env = "WAYFINDER_EXIT_WITH_APP")]
+    exit_with_app: bool,
     /// How long in-flight requests may take to finish on SIGTERM.
     #[arg(long, env = "WAYFINDER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     drain_timeout: Duration,
@@ -777,12 +782,16 @@ async fn run(
         "wf-proxy listening"
     );
 
-    let app = app_command.map(|command| {
-        let proxy = proxy.clone();
-        let app = App::start_when_ready(command, move || admin::pending(&proxy).is_empty());
-        tokio::spawn(forward_reload_signals(app.clone()));
-        app
-    });
+    let app = match app_command {
+        Some(command) => {
+            let proxy = proxy.clone();
+            let app = App::start_when_ready(command, move || admin::pending(&proxy).is_empty());
+            tokio::spawn(forward_reload_signals(app.clone()));
+            Some(app)
+        }
+        None if args.exit_with_app => Some(App::watch_pid_namespace()),
+        None => None,
+    };
     let app_exited = async {
         match &app {
             Some(app) => app.ended().await,
@@ -812,7 +821,7 @@ async fn run(
     // The app hears SIGTERM once nobody calls it any more; its outbound
     // stays open while it finishes.
     let ended = match &app {
-        Some(app) => {
+        Some(app) if app.is_child() => {
             app.signal(Signal::SIGTERM);
             match tokio::time::timeout_at(deadline, app.ended()).await {
                 Ok(ended) => Some(ended),
@@ -823,7 +832,8 @@ async fn run(
                 }
             }
         }
-        None => None,
+        // A neighbour's container stops it; the sidecar's exit is its own.
+        _ => None,
     };
     outbound_group.close();
     if !outbound_group.drained(deadline).await || inbound_group.open() > 0 {

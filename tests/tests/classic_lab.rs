@@ -168,3 +168,156 @@ async fn docker_lab_the_classic_lab_is_meshed_by_inject_and_unmeshed_by_remove()
     assert_eq!(back, std::fs::read_to_string(example.join("compose.yaml"))?);
     Ok(())
 }
+
+/// A one-shot job beside a web, both meshed by inject.
+const JOB_LAB: &str = r#"services:
+  web1:
+    image: ${LAB_BUSYBOX_IMAGE:-wayfinder-busybox:lab}
+    hostname: web1
+    command: ["sh", "-c", "mkdir -p /tmp/www && hostname > /tmp/www/index.html && exec httpd -f -p 80 -h /tmp/www"]
+    labels:
+      wayfinder.io/service: web
+    networks:
+      default:
+        aliases: [web]
+  job:
+    image: ${LAB_BUSYBOX_IMAGE:-wayfinder-busybox:lab}
+    restart: "no"
+    # Calls web at its very first instant: 3 when answered, 1 when not.
+    command: ["sh", "-c", "wget -q -O- http://web/ && exit 3; exit 1"]
+"#;
+
+#[tokio::test]
+async fn docker_lab_a_job_is_meshed_from_its_first_instant_and_its_sidecar_ends_with_it()
+-> Result<()> {
+    let compose = match docker::compose_command() {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return Ok(());
+        }
+    };
+    let image = docker::wayfinder_image().await?;
+    docker::lab_images().await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("jobs.yaml"), JOB_LAB)?;
+    wfctl(dir.path(), &["inject", "jobs.yaml", "-o", "meshed.yaml"])?;
+    let dashboard = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port()
+        .to_string();
+    let project = docker::Project {
+        compose,
+        name: format!("wfjob{}", std::process::id()),
+        file: dir.path().join("meshed.yaml"),
+        env: vec![
+            ("WAYFINDER_IMAGE".into(), image.into()),
+            ("WAYFINDER_DASHBOARD_PORT".into(), dashboard.clone()),
+        ],
+    };
+    let lab = async {
+        project.run(&["up", "-d", "web1"])?;
+        let dash: std::net::SocketAddr = format!("127.0.0.1:{dashboard}").parse()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !matches!(
+            wayfinder_tests::http_get(dash, "/v1/services/web").await,
+            Ok((200, ref body)) if body.contains("\"serving\":1")
+        ) {
+            anyhow::ensure!(Instant::now() < deadline, "web1 never served");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+
+        // 20 starts of the job with a new sidecar each: its first call is
+        // never refused, and its exit code comes back through compose.
+        for start in 1..=20 {
+            let out = project
+                .cmd(&[
+                    "up",
+                    "--force-recreate",
+                    "--no-deps",
+                    "--exit-code-from",
+                    "job",
+                    "job-sidecar",
+                    "job",
+                ])
+                .output()?;
+            assert_eq!(
+                out.status.code(),
+                Some(3),
+                "start {start}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+
+        // Left to itself, the job ends and its sidecar within 2 s of it.
+        project.run(&[
+            "up",
+            "-d",
+            "--force-recreate",
+            "--no-deps",
+            "job-sidecar",
+            "job",
+        ])?;
+        let id = |service: &str| -> Result<String> {
+            Ok(project.run(&["ps", "-q", service])?.trim().to_string())
+        };
+        let (job, sidecar) = (id("job")?, id("job-sidecar")?);
+        let state = |id: &str| -> Result<(bool, String, String)> {
+            let out = std::process::Command::new("docker")
+                .args([
+                    "inspect",
+                    "-f",
+                    "{{.State.Running}} {{.State.ExitCode}} {{.State.FinishedAt}}",
+                    id,
+                ])
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let mut f = text.split(' ');
+            Ok((
+                f.next() == Some("true"),
+                f.next().unwrap_or_default().to_string(),
+                f.next().unwrap_or_default().to_string(),
+            ))
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while state(&job)?.0 || state(&sidecar)?.0 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "job {:?}, sidecar {:?}",
+                state(&job)?,
+                state(&sidecar)?
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (job_state, sidecar_state) = (state(&job)?, state(&sidecar)?);
+        assert_eq!(job_state.1, "3", "{job_state:?}");
+        assert_eq!(sidecar_state.1, "0", "{sidecar_state:?}");
+        let ended = |s: &str| -> Result<f64> {
+            // 2026-11-30T12:00:00.123456789Z: seconds within the day suffice.
+            let t = s.split('T').nth(1).context("time")?.trim_end_matches('Z');
+            let mut hms = t.split(':');
+            let (h, m, sec): (f64, f64, f64) = (
+                hms.next().context("h")?.parse()?,
+                hms.next().context("m")?.parse()?,
+                hms.next().context("s")?.parse()?,
+            );
+            Ok(h * 3600.0 + m * 60.0 + sec)
+        };
+        let after = ended(&sidecar_state.2)? - ended(&job_state.2)?;
+        assert!(
+            (0.0..2.0).contains(&after),
+            "the sidecar ended {after:.2} s after the job"
+        );
+        Ok::<_, anyhow::Error>(())
+    };
+    let result = tokio::time::timeout(Duration::from_secs(400), lab)
+        .await
+        .context("the job lab within 400 s")?;
+    if result.is_err() {
+        eprintln!(
+            "{}",
+            project.run(&["logs", "--no-color"]).unwrap_or_default()
+        );
+    }
+    result
+}

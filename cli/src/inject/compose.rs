@@ -14,6 +14,8 @@ pub const LABEL_INJECT: &str = "wayfinder.io/inject";
 pub const LABEL_SERVICE: &str = "wayfinder.io/service";
 /// The label naming the app's port (default: expose, ports, else 80).
 pub const LABEL_PORT: &str = "wayfinder.io/port";
+/// The label that marks a one-shot service (`"true"`), as `restart: "no"` does.
+pub const LABEL_JOB: &str = "wayfinder.io/job";
 /// The label that lets plaintext callers outside the mesh in (`permissive`).
 pub const LABEL_INBOUND: &str = "wayfinder.io/inbound";
 
@@ -466,7 +468,7 @@ fn inject_original(text: &str, o: &Options) -> Result<Injected, InjectError> {
     state.insert("original".into(), text.replace('$', "$$").into());
     out.insert(STATE_KEY.into(), Value::Mapping(state));
 
-    let body = serde_yaml_ng::to_string(&Value::Mapping(out))
+    let body = super::yaml11::to_string(&Value::Mapping(out))
         .map_err(|e| err(o, "(output)", e.to_string()))?;
     Ok(Injected {
         text: format!(
@@ -821,6 +823,16 @@ fn split(
         }
     }
     app.insert("network_mode".into(), format!("service:{sidecar}").into());
+    // A job (`restart: "no"`, or the label) shares its sidecar's PID
+    // namespace, so the sidecar sees it end and ends too. Not every service
+    // without a restart policy: a server restarted by hand would find its
+    // sidecar gone, and its namespace with it.
+    let job = (svc.get("restart").and_then(Value::as_str) == Some("no")
+        || label(svc, LABEL_JOB).as_deref() == Some("true"))
+        && !svc.contains_key("pid");
+    if job {
+        app.insert("pid".into(), format!("service:{sidecar}").into());
+    }
     let mut deps = match svc.get("depends_on") {
         None => Mapping::new(),
         Some(Value::Sequence(s)) => s
@@ -924,6 +936,9 @@ fn split(
         if label(svc, LABEL_INBOUND).as_deref() == Some("permissive") {
             cmd.extend(["--inbound-mode".into(), "permissive".into()]);
         }
+    }
+    if job {
+        cmd.push("--exit-with-app".into());
     }
     side.insert(
         "command".into(),

@@ -22,6 +22,9 @@ pub enum Ended {
     NotStarted,
     /// The sidecar was told to stop before the app had started.
     Cancelled,
+    /// The app in the shared PID namespace is gone (its exit code is its
+    /// container's, which compose reports).
+    Gone,
 }
 
 impl Ended {
@@ -38,12 +41,16 @@ impl Ended {
             },
             Ended::NotStarted => 127,
             Ended::Cancelled => 143,
+            Ended::Gone => 0,
         }
     }
 }
 
 /// The supervised app.
 pub struct App {
+    /// Whether the app is the sidecar's child (`run`), which it starts and
+    /// stops, rather than a neighbour it watches.
+    child: bool,
     pid: OnceLock<u32>,
     cancelled: watch::Sender<bool>,
     ended: watch::Sender<Option<Ended>>,
@@ -57,6 +64,7 @@ impl App {
         ready: impl Fn() -> bool + Send + 'static,
     ) -> Arc<Self> {
         let app = Arc::new(Self {
+            child: true,
             pid: OnceLock::new(),
             cancelled: watch::channel(false).0,
             ended: watch::channel(None).0,
@@ -106,6 +114,47 @@ impl App {
         app
     }
 
+    /// The app of a sidecar container whose PID namespace it shares
+    /// (compose `pid: "service:…-sidecar"`, as `wfctl inject` writes for a
+    /// job): ended once, after one was seen, no process of another
+    /// container is left. The sidecar, PID 1
+    /// there, reaps the orphans that come to it. Not signalled: the app
+    /// runs as another user and its container's stop reaches it. Polled
+    /// every 100 ms: a job that lives less may go unseen, and its sidecar
+    /// then stays until stopped.
+    pub fn watch_pid_namespace() -> Arc<Self> {
+        let app = Arc::new(Self {
+            child: false,
+            pid: OnceLock::new(),
+            cancelled: watch::channel(false).0,
+            ended: watch::channel(None).0,
+        });
+        let me = app.clone();
+        tokio::spawn(async move {
+            let mut seen = false;
+            loop {
+                reap_orphans();
+                let others = neighbours();
+                if others > 0 && !seen {
+                    tracing::info!(processes = others, "app seen in the shared PID namespace");
+                }
+                seen |= others > 0;
+                if seen && others == 0 {
+                    tracing::info!("app exited");
+                    me.ended.send_replace(Some(Ended::Gone));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        app
+    }
+
+    /// Whether the app is the sidecar's own child (which it stops).
+    pub fn is_child(&self) -> bool {
+        self.child
+    }
+
     /// Sends `signal` to the app if it runs; before it started, SIGTERM
     /// and SIGINT cancel the start.
     pub fn signal(&self, signal: Signal) {
@@ -136,6 +185,47 @@ impl App {
     /// Whether it has ended.
     pub fn has_ended(&self) -> bool {
         self.ended.borrow().is_some()
+    }
+}
+
+/// Processes in this PID namespace from another container: those in
+/// another cgroup than the sidecar's (its own healthchecks, which Docker
+/// execs into its container, share its cgroup), zombies aside.
+fn neighbours() -> usize {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                return false;
+            }
+            let Ok(cgroup) = std::fs::read_to_string(e.path().join("cgroup")) else {
+                return false;
+            };
+            // "PID (COMM) STATE …"; COMM may hold spaces and parentheses.
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let state = stat
+                .rfind(')')
+                .and_then(|close| stat[close + 1..].split_whitespace().next())
+                .unwrap_or("Z");
+            cgroup != own && state != "Z" && state != "X"
+        })
+        .count()
+}
+
+/// As PID 1 of the namespace, reaps the orphans reparented to it.
+fn reap_orphans() {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    if std::process::id() != 1 {
+        return;
+    }
+    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if status == nix::sys::wait::WaitStatus::StillAlive {
+            break;
+        }
     }
 }
 
