@@ -34,6 +34,24 @@ fn calls_from_client(project: &docker::Project, n: usize, pause_us: u32) -> Resu
     Ok(out.lines().map(str::to_string).collect())
 }
 
+/// The control plane's view of `web` once `want` instances serve (60 s).
+async fn web_serving(dash: std::net::SocketAddr, want: usize) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed = wayfinder_tests::http_get(dash, "/v1/services/web").await;
+        if let Ok((200, body)) = &listed
+            && body.contains(&format!("\"serving\":{want}"))
+        {
+            return Ok(body.clone());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "web never had {want} serving instances: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn count(answers: &[String], who: &str) -> usize {
     answers.iter().filter(|a| *a == who).count()
 }
@@ -78,22 +96,9 @@ async fn docker_lab_the_classic_lab_is_meshed_by_inject_and_unmeshed_by_remove()
         project.run(&["up", "-d"])?;
         // The control plane lists web1..3 as instances of one service, web.
         let dash: std::net::SocketAddr = format!("127.0.0.1:{dashboard}").parse()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let listed = wayfinder_tests::http_get(dash, "/v1/services/web").await;
-            if let Ok((200, body)) = &listed
-                && body.contains("\"serving\":3")
-            {
-                for w in ["web1", "web2", "web3"] {
-                    assert!(body.contains(&format!("\"{w}\"")), "{body}");
-                }
-                break;
-            }
-            if Instant::now() > deadline {
-                let logs = project.run(&["logs", "--no-color"]).unwrap_or_default();
-                anyhow::bail!("web never had 3 serving instances: {listed:?}\n{logs}");
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        let body = web_serving(dash, 3).await?;
+        for w in ["web1", "web2", "web3"] {
+            assert!(body.contains(&format!("\"{w}\"")), "{body}");
         }
 
         // Round robin, so "reached all three" is exact: peak-EWMA (the
@@ -101,7 +106,7 @@ async fn docker_lab_the_classic_lab_is_meshed_by_inject_and_unmeshed_by_remove()
         // aside for a while.
         project.apply_policy(
             "wayfinder-control",
-            "[services.web]\nbalancer = \"round-robin\"\n",
+            "[services.web]\nbalancer = \"round-robin\"\n[services.web.retries]\nmax_attempts = 1\n",
         )?;
         tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -128,7 +133,42 @@ async fn docker_lab_the_classic_lab_is_meshed_by_inject_and_unmeshed_by_remove()
         );
         assert!(meshed.is_some_and(|n| n >= 300.0), "{meshed:?}");
 
-        // web2 is killed mid-run: no call fails.
+        // A rolling restart of web1..3 under load, retries off: each sidecar
+        // (it owns the namespace) leaves the mesh and serves through its
+        // lame duck before it stops, then its app rejoins the new one.
+        let during = {
+            let project = &project;
+            std::thread::scope(|s| {
+                let calls = s.spawn(|| calls_from_client(project, 900, 20_000));
+                // A thread of its own: this one drives the test's runtime.
+                let restarts = s.spawn(|| -> Result<()> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    for w in ["web1", "web2", "web3"] {
+                        project.run(&["restart", "-t", "10", &format!("{w}-sidecar")])?;
+                        project.run(&["restart", "-t", "1", w])?;
+                        rt.block_on(web_serving(dash, 3))?;
+                    }
+                    Ok(())
+                });
+                restarts
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("restart thread"))??;
+                calls.join().map_err(|_| anyhow::anyhow!("caller thread"))?
+            })?
+        };
+        assert_eq!(count(&during, "failed"), 0, "{during:?}");
+        for w in ["web1", "web2", "web3"] {
+            assert!(count(&during, w) > 100, "{w}: {during:?}");
+        }
+
+        // web2 is killed mid-run, under the default retries: no call fails.
+        project.apply_policy(
+            "wayfinder-control",
+            "[services.web]\nbalancer = \"round-robin\"\n",
+        )?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let during = {
             let project = &project;
             std::thread::scope(|s| {
