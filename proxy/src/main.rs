@@ -330,20 +330,36 @@ fn capture(args: &Args) -> Result<()> {
     let transparent = args
         .transparent
         .context("--capture sends outbound TCP to the --transparent listener: give one")?;
-    let rules = Rules {
-        proxy_uid: args.run_as,
-        outbound_port: transparent.port(),
-        inbound_port: args.app.map(|_| args.inbound.port()),
-        exclude_inbound_ports: [args.admin.port()]
-            .into_iter()
-            .chain(args.capture_exclude_inbound_ports.iter().copied())
-            .collect(),
-        exclude_outbound_ports: Vec::new(),
-        exclude_cidrs: Vec::new(),
-        control_plane: control_plane_addrs(&args.control_plane)
-            .with_context(|| format!("--control-plane {:?}", args.control_plane))?,
+    // A container's namespace is still being set up as it starts (Docker
+    // adds its DNS rules to the same nat table, and its DNS may not know
+    // the control plane's name yet): a failure is tried again, a few
+    // times, before start-up fails.
+    let install = || -> Result<()> {
+        Rules {
+            proxy_uid: args.run_as,
+            outbound_port: transparent.port(),
+            inbound_port: args.app.map(|_| args.inbound.port()),
+            exclude_inbound_ports: [args.admin.port()]
+                .into_iter()
+                .chain(args.capture_exclude_inbound_ports.iter().copied())
+                .collect(),
+            exclude_outbound_ports: Vec::new(),
+            exclude_cidrs: Vec::new(),
+            control_plane: control_plane_addrs(&args.control_plane)
+                .with_context(|| format!("--control-plane {:?}", args.control_plane))?,
+        }
+        .apply()
+        .map_err(anyhow::Error::msg)
     };
-    rules.apply().map_err(anyhow::Error::msg)?;
+    let mut attempt = 1;
+    while let Err(e) = install() {
+        if attempt == 5 {
+            return Err(e.context("installing the capture rules"));
+        }
+        eprintln!("wf-proxy: installing the capture rules (attempt {attempt} of 5): {e:#}");
+        std::thread::sleep(Duration::from_millis(200 * attempt));
+        attempt += 1;
+    }
     privileges::drop_to(args.run_as)?;
     Ok(())
 }

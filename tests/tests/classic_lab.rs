@@ -281,12 +281,17 @@ async fn docker_lab_a_job_is_meshed_from_its_first_instant_and_its_sidecar_ends_
                     "job",
                 ])
                 .output()?;
-            assert_eq!(
-                out.status.code(),
-                Some(3),
-                "start {start}: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
+            if out.status.code() != Some(3) {
+                anyhow::bail!(
+                    "start {start}: exit {:?}\n{}\n{}\n{}",
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    project
+                        .run(&["logs", "--no-color", "job-sidecar", "job"])
+                        .unwrap_or_default()
+                );
+            }
         }
 
         // Left to itself, the job ends and its sidecar within 2 s of it.
@@ -360,4 +365,46 @@ async fn docker_lab_a_job_is_meshed_from_its_first_instant_and_its_sidecar_ends_
         );
     }
     result
+}
+
+#[test]
+fn wfctl_inject_refuses_each_bad_input_naming_it_and_writes_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cases = [
+        (
+            "notcompose.yaml",
+            "name: x\n",
+            "notcompose.yaml: services: not a compose file",
+        ),
+        ("broken.yaml", "services: [a\n", "broken.yaml: "),
+        (
+            "scaled.yaml",
+            "services:\n  web:\n    image: x\n    scale: 2\n",
+            "scaled.yaml: services.web.scale:",
+        ),
+        (
+            "unknown.yaml",
+            "services:\n  web:\n    image: x\n    frobnicate: 1\n",
+            "unknown.yaml: services.web.frobnicate:",
+        ),
+    ];
+    for (file, text, want) in cases {
+        std::fs::write(dir.path().join(file), text)?;
+        let out = std::process::Command::new(bin("wfctl"))
+            .args(["inject", file, "-o", "out.yaml"])
+            .current_dir(dir.path())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {stderr}");
+        assert!(stderr.contains(want), "{file}: {stderr}");
+        assert!(
+            !dir.path().join("out.yaml").exists(),
+            "{file}: output written"
+        );
+        assert!(
+            !dir.path().join("out.wayfinder").exists(),
+            "{file}: tokens written"
+        );
+    }
+    Ok(())
 }

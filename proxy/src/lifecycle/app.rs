@@ -119,9 +119,10 @@ impl App {
     /// job): ended once, after one was seen, no process of another
     /// container is left. The sidecar, PID 1
     /// there, reaps the orphans that come to it. Not signalled: the app
-    /// runs as another user and its container's stop reaches it. Polled
-    /// every 100 ms: a job that lives less may go unseen, and its sidecar
-    /// then stays until stopped.
+    /// runs as another user and its container's stop reaches it. Looked
+    /// for every 2 ms until seen (two minutes at most), then every 50 ms:
+    /// a job that lives less than that may go unseen, and its sidecar then
+    /// stays until stopped.
     pub fn watch_pid_namespace() -> Arc<Self> {
         let app = Arc::new(Self {
             child: false,
@@ -132,19 +133,25 @@ impl App {
         let me = app.clone();
         tokio::spawn(async move {
             let mut seen = false;
+            let watching = tokio::time::Instant::now();
             loop {
                 reap_orphans();
                 let others = neighbours();
                 if others > 0 && !seen {
                     tracing::info!(processes = others, "app seen in the shared PID namespace");
+                    seen = true;
                 }
-                seen |= others > 0;
                 if seen && others == 0 {
                     tracing::info!("app exited");
                     me.ended.send_replace(Some(Ended::Gone));
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // A short job may live a few milliseconds: until it is seen
+                // the namespace is looked at often (for two minutes, then
+                // as after), once seen every 50 ms.
+                let early = !seen && watching.elapsed() < Duration::from_secs(120);
+                let every = if early { 2 } else { 50 };
+                tokio::time::sleep(Duration::from_millis(every)).await;
             }
         });
         app
@@ -189,8 +196,11 @@ impl App {
 }
 
 /// Processes in this PID namespace from another container: those in
-/// another cgroup than the sidecar's (its own healthchecks, which Docker
-/// execs into its container, share its cgroup), zombies aside.
+/// another cgroup than the sidecar's, zombies aside. The sidecar's own
+/// healthchecks (`wf-proxy await`, exec'd into its container by Docker)
+/// share its cgroup, but not for their first moments: runc shows up in the
+/// namespace (`runc:[2:INIT]`), and may exec the healthcheck, before it
+/// moves it into the container's cgroup; both names are left out.
 fn neighbours() -> usize {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -207,11 +217,16 @@ fn neighbours() -> usize {
             };
             // "PID (COMM) STATE …"; COMM may hold spaces and parentheses.
             let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let state = stat
-                .rfind(')')
-                .and_then(|close| stat[close + 1..].split_whitespace().next())
-                .unwrap_or("Z");
-            cgroup != own && state != "Z" && state != "X"
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                return false;
+            };
+            let comm = &stat[open + 1..close];
+            let state = stat[close + 1..].split_whitespace().next().unwrap_or("Z");
+            cgroup != own
+                && !comm.starts_with("runc")
+                && comm != "wf-proxy"
+                && state != "Z"
+                && state != "X"
         })
         .count()
 }
