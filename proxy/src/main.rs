@@ -457,6 +457,14 @@ fn main() -> std::process::ExitCode {
         Some(Command::Run(r)) => Some(r.command),
         None => None,
     };
+    if args.capture && app.is_some() {
+        // Its app would run as --run-as, whose connections the rules let
+        // through: nothing it sends would be meshed.
+        eprintln!(
+            "wf-proxy: --capture with `run` would leave the app's traffic uncaptured (it would run as the proxy's uid): install the rules with `wf-proxy init` before starting the sidecar and its app as different users"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
     if args.capture
         && let Err(e) = capture(&args)
     {

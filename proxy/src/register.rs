@@ -140,7 +140,8 @@ pub async fn keep_registered(
             };
             let lease_id = resp.lease_id;
             let mut h = health.clone();
-            let sender = tokio::spawn(async move {
+            // Aborted when this task is (on shutdown), not only here below.
+            let sender = AbortOnDrop(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     let beat = Heartbeat {
@@ -155,7 +156,7 @@ pub async fn keep_registered(
                         r = h.changed() => if r.is_err() { return },
                     }
                 }
-            });
+            }));
             let end = loop {
                 match acks.next().await {
                     Some(Ok(_)) => attempt = 0,
@@ -163,7 +164,7 @@ pub async fn keep_registered(
                     None => break tonic::Status::unavailable("keep-alive stream ended"),
                 }
             };
-            sender.abort();
+            drop(sender);
             if end.code() == Code::NotFound {
                 tracing::warn!("the control plane lost our lease; registering again");
                 break;
@@ -173,6 +174,15 @@ pub async fn keep_registered(
             attempt = attempt.saturating_add(1);
         }
         lease.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

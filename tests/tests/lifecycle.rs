@@ -197,3 +197,21 @@ async fn a_rolling_restart_with_retries_off_fails_no_request() -> Result<()> {
     })
     .await
 }
+
+#[test]
+fn capture_with_run_is_refused_because_the_app_would_go_uncaptured() -> Result<()> {
+    let out = std::process::Command::new(wayfinder_tests::bin("wf-proxy"))
+        .args([
+            "--capture",
+            "--transparent",
+            "127.0.0.1:0",
+            "run",
+            "--",
+            "true",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--capture with `run`"), "{stderr}");
+    Ok(())
+}

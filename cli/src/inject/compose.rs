@@ -954,6 +954,8 @@ fn split(
     check.insert("timeout".into(), "3s".into());
     check.insert("retries".into(), 120.into());
     side.insert("healthcheck".into(), Value::Mapping(check));
+    // Its lame duck (3 s) and drain (10 s) fit before Docker's SIGKILL.
+    side.insert("stop_grace_period".into(), "15s".into());
     // The sidecar's control plane; it waits for the trust bundle itself.
     side.insert("depends_on".into(), seq(&[CONTROL]));
     for key in ["restart", "profiles"] {

@@ -41,7 +41,16 @@ fn mark(v: &mut Value) {
     match v {
         Value::String(s) if NOT_A_STRING.is_match(s) => s.insert(0, MARK),
         Value::Sequence(items) => items.iter_mut().for_each(mark),
-        Value::Mapping(m) => m.values_mut().for_each(mark),
+        Value::Mapping(m) => {
+            *m = std::mem::take(m)
+                .into_iter()
+                .map(|(mut k, mut v)| {
+                    mark(&mut k);
+                    mark(&mut v);
+                    (k, v)
+                })
+                .collect();
+        }
         Value::Tagged(t) => mark(&mut t.value),
         _ => {}
     }
@@ -55,7 +64,7 @@ mod tests {
     fn strings_yaml_1_1_would_retype_are_quoted_and_others_left_plain() {
         let v: Value = serde_yaml_ng::from_str(
             "{restart: 'no', ports: ['22:22', '8080:80'], mode: '0777', day: '2026-11-30', \
-              flag: 'on', name: web, retries: 120, path: /healthz, tls: true}",
+              flag: 'on', name: web, retries: 120, path: /healthz, tls: true, labels: {'on': x}}",
         )
         .expect("yaml");
         let text = to_string(&v).expect("emit");
@@ -65,6 +74,7 @@ mod tests {
             "mode: \"0777\"",
             "day: \"2026-11-30\"",
             "flag: \"on\"",
+            "\"on\": x",
         ] {
             assert!(text.contains(quoted), "{quoted} in\n{text}");
         }

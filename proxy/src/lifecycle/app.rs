@@ -166,6 +166,8 @@ impl App {
     /// and SIGINT cancel the start.
     pub fn signal(&self, signal: Signal) {
         match self.pid.get() {
+            // Reaped: its pid may belong to another process by now.
+            Some(_) if self.has_ended() => {}
             Some(&pid) => {
                 let Ok(pid) = i32::try_from(pid) else { return };
                 if let Err(e) = kill(Pid::from_raw(pid), signal) {
