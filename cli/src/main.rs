@@ -101,8 +101,8 @@ enum Command {
         /// Write here instead of stdout.
         #[arg(short = 'o', long = "out")]
         out: Option<std::path::PathBuf>,
-        /// Give back the file as it was before inject.
-        #[arg(long, alias = "uninject")]
+        /// Give back the file as it was before inject (as `wfctl uninject`).
+        #[arg(long)]
         remove: bool,
         /// Mesh only these services (comma-separated).
         #[arg(long, value_delimiter = ',')]
@@ -110,6 +110,15 @@ enum Command {
         /// Leave these services out of the mesh (comma-separated).
         #[arg(long, value_delimiter = ',')]
         skip: Vec<String>,
+    },
+    /// Take the mesh out of a file `wfctl inject` wrote: the original,
+    /// byte for byte (`wfctl inject --remove`).
+    Uninject {
+        /// The meshed compose file.
+        file: std::path::PathBuf,
+        /// Write here instead of stdout.
+        #[arg(short = 'o', long = "out")]
+        out: Option<std::path::PathBuf>,
     },
     /// Lab tools: a DNS server that answers like Docker's, and the
     /// DNS-vs-balancer-vs-mesh comparison.
@@ -237,6 +246,15 @@ async fn run(cli: Cli) -> Result<()> {
             skip,
         });
     }
+    if let Command::Uninject { file, out } = cli.command {
+        return wayfinder_cli::inject::run(&wayfinder_cli::inject::Request {
+            file,
+            out,
+            remove: true,
+            only: Vec::new(),
+            skip: Vec::new(),
+        });
+    }
     // Local validation first: a bad file is reported without a connection.
     if let Command::Policy(PolicyCommand::Apply { file }) = &cli.command {
         let policies = wayfinder_proto::policy::PolicyFile::load(file)?;
@@ -262,7 +280,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Policy(PolicyCommand::Get { service }) => {
             commands::policy_get(ch, t, &service, out).await
         }
-        Command::Policy(PolicyCommand::Apply { .. }) | Command::Lab(_) | Command::Inject { .. } => {
+        Command::Policy(PolicyCommand::Apply { .. })
+        | Command::Lab(_)
+        | Command::Inject { .. }
+        | Command::Uninject { .. } => {
             unreachable!("handled above")
         }
     }
