@@ -52,50 +52,88 @@ async fn web_serving(dash: std::net::SocketAddr, want: usize) -> Result<String> 
     }
 }
 
+/// A lab meshed by `wfctl inject`, brought up by the test.
+struct Injected {
+    /// Where the files are (the original, meshed.yaml, the tokens).
+    dir: tempfile::TempDir,
+    project: docker::Project,
+    /// The control plane's dashboard (`/v1/services/...`).
+    dash: std::net::SocketAddr,
+}
+
+/// Writes `files` (name, text) into a directory of its own, injects `file`
+/// into meshed.yaml, and makes a compose project `name` of it on the
+/// Wayfinder image with a free dashboard port and `env`; `None`, said,
+/// where there is no Docker.
+async fn injected(
+    name: &str,
+    files: &[(&str, String)],
+    file: &str,
+    env: &[(&str, String)],
+) -> Result<Option<Injected>> {
+    let compose = match docker::compose_command() {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return Ok(None);
+        }
+    };
+    let image = docker::wayfinder_image().await?;
+    docker::lab_images().await?;
+    let dir = tempfile::tempdir()?;
+    for (f, text) in files {
+        std::fs::write(dir.path().join(f), text)?;
+    }
+    wfctl(dir.path(), &["inject", file, "-o", "meshed.yaml"])?;
+    let dashboard = free_port()?;
+    let mut vars = vec![
+        ("WAYFINDER_IMAGE".to_string(), image.to_string()),
+        (
+            "WAYFINDER_DASHBOARD_PORT".to_string(),
+            dashboard.to_string(),
+        ),
+    ];
+    vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let project = docker::Project {
+        compose,
+        name: format!("{name}{}", std::process::id()),
+        file: dir.path().join("meshed.yaml"),
+        env: vars,
+    };
+    Ok(Some(Injected {
+        dir,
+        project,
+        dash: std::net::SocketAddr::from(([127, 0, 0, 1], dashboard)),
+    }))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 fn count(answers: &[String], who: &str) -> usize {
     answers.iter().filter(|a| *a == who).count()
 }
 
 #[tokio::test]
 async fn docker_lab_the_classic_lab_is_meshed_by_inject_and_unmeshed_by_remove() -> Result<()> {
-    let compose = match docker::compose_command() {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return Ok(());
-        }
-    };
-    let image = docker::wayfinder_image().await?;
-    docker::lab_images().await?;
-
-    let dir = tempfile::tempdir()?;
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/classic-lab");
-    for f in ["compose.yaml", "nginx.conf"] {
-        std::fs::copy(example.join(f), dir.path().join(f))?;
-    }
-    wfctl(dir.path(), &["inject", "compose.yaml", "-o", "meshed.yaml"])?;
-
-    let free = || -> Result<String> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-            .to_string())
-    };
-    let dashboard = free()?;
-    let project = docker::Project {
-        compose,
-        name: format!("wfclassic{}", std::process::id()),
-        file: dir.path().join("meshed.yaml"),
-        env: vec![
-            ("WAYFINDER_IMAGE".into(), image.into()),
-            ("WAYFINDER_DASHBOARD_PORT".into(), dashboard.clone()),
-            ("LAB_NGINX_PORT".into(), free()?),
-        ],
+    let files = ["compose.yaml", "nginx.conf"]
+        .into_iter()
+        .map(|f| Ok((f, std::fs::read_to_string(example.join(f))?)))
+        .collect::<Result<Vec<_>>>()?;
+    let nginx_port = free_port()?;
+    let env = [("LAB_NGINX_PORT", nginx_port.to_string())];
+    let Some(Injected { dir, project, dash }) =
+        injected("wfclassic", &files, "compose.yaml", &env).await?
+    else {
+        return Ok(());
     };
     let lab = async {
         project.run(&["up", "-d"])?;
         // The control plane lists web1..3 as instances of one service, web.
-        let dash: std::net::SocketAddr = format!("127.0.0.1:{dashboard}").parse()?;
         let body = web_serving(dash, 3).await?;
         for w in ["web1", "web2", "web3"] {
             assert!(body.contains(&format!("\"{w}\"")), "{body}");
@@ -186,7 +224,7 @@ async fn docker_lab_the_classic_lab_is_meshed_by_inject_and_unmeshed_by_remove()
         );
 
         // nginx (meshed too) still answers on its published port.
-        let nginx: std::net::SocketAddr = format!("127.0.0.1:{}", project.env[2].1).parse()?;
+        let nginx = std::net::SocketAddr::from(([127, 0, 0, 1], nginx_port));
         let (status, body) = wayfinder_tests::http_get(nginx, "/").await?;
         assert_eq!(status, 200, "{body}");
         assert!(["web1", "web3"].contains(&body.trim()), "{body}");
@@ -233,42 +271,19 @@ const JOB_LAB: &str = r#"services:
 #[tokio::test]
 async fn docker_lab_a_job_is_meshed_from_its_first_instant_and_its_sidecar_ends_with_it()
 -> Result<()> {
-    let compose = match docker::compose_command() {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return Ok(());
-        }
-    };
-    let image = docker::wayfinder_image().await?;
-    docker::lab_images().await?;
-    let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("jobs.yaml"), JOB_LAB)?;
-    wfctl(dir.path(), &["inject", "jobs.yaml", "-o", "meshed.yaml"])?;
-    let dashboard = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port()
-        .to_string();
-    let project = docker::Project {
-        compose,
-        name: format!("wfjob{}", std::process::id()),
-        file: dir.path().join("meshed.yaml"),
-        env: vec![
-            ("WAYFINDER_IMAGE".into(), image.into()),
-            ("WAYFINDER_DASHBOARD_PORT".into(), dashboard.clone()),
-        ],
+    let files = [("jobs.yaml", JOB_LAB.to_string())];
+    // `_dir` holds the files until the end.
+    let Some(Injected {
+        project,
+        dash,
+        dir: _dir,
+    }) = injected("wfjob", &files, "jobs.yaml", &[]).await?
+    else {
+        return Ok(());
     };
     let lab = async {
         project.run(&["up", "-d", "web1"])?;
-        let dash: std::net::SocketAddr = format!("127.0.0.1:{dashboard}").parse()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !matches!(
-            wayfinder_tests::http_get(dash, "/v1/services/web").await,
-            Ok((200, ref body)) if body.contains("\"serving\":1")
-        ) {
-            anyhow::ensure!(Instant::now() < deadline, "web1 never served");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        web_serving(dash, 1).await?;
 
         // 20 starts of the job with a new sidecar each: its first call is
         // never refused, and its exit code comes back through compose.

@@ -69,6 +69,15 @@ impl Watch {
             process: Process::spawn(cmd, "grpcio watch", "SERVING")?,
         })
     }
+
+    /// Waits for NOT_SERVING, and checks the stream said exactly SERVING
+    /// then NOT_SERVING.
+    async fn saw_serving_then_not_serving(&self) -> Result<()> {
+        let log = self.process.await_log("NOT_SERVING").await?;
+        let statuses: Vec<_> = log.lines().filter(|l| l.contains("SERVING")).collect();
+        anyhow::ensure!(statuses == ["SERVING", "NOT_SERVING"], "{log}");
+        Ok(())
+    }
 }
 
 #[tokio::test]
@@ -106,14 +115,7 @@ async fn grpcio_calls_lab_app_directly_and_through_two_sidecars_over_mtls() -> R
         // A server stream through the mesh: Watch sees the app turn unhealthy.
         let watch = Watch::start(&python, via, 2)?;
         wayfinder_tests::http_request(app, "POST", "/fault?healthy=false", "web", "").await?;
-        let log = watch.process.await_log("NOT_SERVING").await?;
-        assert_eq!(
-            log.lines()
-                .filter(|l| l.contains("SERVING"))
-                .collect::<Vec<_>>(),
-            ["SERVING", "NOT_SERVING"],
-            "{log}"
-        );
+        watch.saw_serving_then_not_serving().await?;
         Ok(())
     })
     .await
@@ -154,14 +156,7 @@ async fn a_grpcio_server_behind_its_sidecar_answers_grpcio_through_the_mesh() ->
             grpcio(&python, via, &["say", "unhealthy"]).await?,
             "unhealthy py-1"
         );
-        let log = watch.process.await_log("NOT_SERVING").await?;
-        assert_eq!(
-            log.lines()
-                .filter(|l| l.contains("SERVING"))
-                .collect::<Vec<_>>(),
-            ["SERVING", "NOT_SERVING"],
-            "{log}"
-        );
+        watch.saw_serving_then_not_serving().await?;
         Ok(())
     })
     .await

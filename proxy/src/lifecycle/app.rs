@@ -57,18 +57,22 @@ pub struct App {
 }
 
 impl App {
+    fn new(child: bool) -> Arc<Self> {
+        Arc::new(Self {
+            child,
+            pid: OnceLock::new(),
+            cancelled: watch::channel(false).0,
+            ended: watch::channel(None).0,
+        })
+    }
+
     /// Starts `command` once `ready()` holds (polled every 50 ms), with the
     /// sidecar's stdin, stdout and stderr.
     pub fn start_when_ready(
         command: Vec<String>,
         ready: impl Fn() -> bool + Send + 'static,
     ) -> Arc<Self> {
-        let app = Arc::new(Self {
-            child: true,
-            pid: OnceLock::new(),
-            cancelled: watch::channel(false).0,
-            ended: watch::channel(None).0,
-        });
+        let app = Self::new(true);
         let me = app.clone();
         tokio::spawn(async move {
             let mut cancelled = me.cancelled.subscribe();
@@ -124,12 +128,7 @@ impl App {
     /// a job that lives less than that may go unseen, and its sidecar then
     /// stays until stopped.
     pub fn watch_pid_namespace() -> Arc<Self> {
-        let app = Arc::new(Self {
-            child: false,
-            pid: OnceLock::new(),
-            cancelled: watch::channel(false).0,
-            ended: watch::channel(None).0,
-        });
+        let app = Self::new(false);
         let me = app.clone();
         tokio::spawn(async move {
             let mut seen = false;
