@@ -140,30 +140,88 @@ enum LabCommand {
         #[arg(long, default_value_t = 5)]
         ttl: u32,
     },
-    /// One workload through DNS (resolved once, and per request), a plain
-    /// balancer (nginx when installed) and the mesh, with a backend killed,
-    /// one vanished (root only), one slowed and one added; writes a markdown
+    /// One scenario, every way to find `web` at once: DNS resolved once,
+    /// per request, cached 600 s and 30 s, an nginx upstream and the mesh,
+    /// while instances are killed, paused, recreated with a new IP, slowed,
+    /// made unhealthy and added, and the control plane goes down and up.
+    /// On loopback by default; on Docker with --compose. Writes a markdown
     /// report with plots.
     Compare {
-        /// Requests per way.
-        #[arg(long, default_value_t = 6_000)]
-        requests: usize,
-        /// Requests in flight.
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-        /// How much slower web-3 answers from 70% of the run.
-        #[arg(long, default_value = "20ms", value_parser = parse_duration)]
-        slow: Duration,
+        /// Scenario file (TOML); default: the shipped one (`wfctl lab scenario` prints it).
+        #[arg(long)]
+        scenario: Option<std::path::PathBuf>,
+        /// Ways to compare, comma-separated: dns-once, dns-per-request,
+        /// dns-ttl-600, dns-ttl-30, nginx, mesh.
+        #[arg(
+            long,
+            default_value = "dns-once,dns-per-request,dns-ttl-600,dns-ttl-30,nginx,mesh"
+        )]
+        ways: String,
+        /// Run on the containers of this compose file (the classic lab,
+        /// injected or not) instead of loopback.
+        #[arg(long)]
+        compose: Option<std::path::PathBuf>,
+        /// Docker: the compose project name (lowercase letters and digits).
+        #[arg(long, default_value = "wfcompare")]
+        project: String,
+        /// Docker: the network alias the instances share.
+        #[arg(long, default_value = "web")]
+        alias: String,
+        /// Docker: the service whose sidecar carries the mesh way.
+        #[arg(long, default_value = "client")]
+        client: String,
+        /// Docker: the nginx service (kept out of the mesh).
+        #[arg(long, default_value = "nginx")]
+        nginx_service: String,
+        /// Docker: the Wayfinder image (sidecars, control plane, load).
+        #[arg(long, env = "WAYFINDER_IMAGE", default_value = "wayfinder:lab")]
+        image: String,
+        /// Docker: leave the lab running afterwards.
+        #[arg(long)]
+        keep: bool,
         /// Directory for report.md and its plots.
         #[arg(long, default_value = "lab-compare")]
         out: std::path::PathBuf,
-        /// Where wf-control, wf-proxy and lab-app are (default: next to wfctl).
+        /// Loopback: where wf-control, wf-proxy and lab-app are (default: next to wfctl).
         #[arg(long)]
         bin_dir: Option<std::path::PathBuf>,
-        /// nginx binary (default: `nginx` on PATH or /usr/sbin/nginx); "none" uses
-        /// the built-in TCP round robin, clearly labelled.
+        /// Loopback: nginx binary (default: `nginx` on PATH or /usr/sbin/nginx); "none"
+        /// uses the built-in TCP round robin, clearly labelled.
         #[arg(long)]
         nginx: Option<String>,
+    },
+    /// Print the default scenario (a start for your own).
+    Scenario,
+    /// The comparison's load, as it runs inside a container of the lab:
+    /// one line per request on stdout (`wfctl lab compare --compose` starts it).
+    Load {
+        /// When to start, in milliseconds since the epoch.
+        #[arg(long)]
+        start_at: u64,
+        /// How long.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Duration,
+        /// Requests per second per way.
+        #[arg(long)]
+        rate: u32,
+        /// Slower than this has failed.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Duration,
+        /// DNS server the DNS ways ask.
+        #[arg(long, default_value = "127.0.0.11:53")]
+        resolver: std::net::SocketAddr,
+        /// The name the DNS ways look up (and the Host header).
+        #[arg(long, default_value = "web")]
+        name: String,
+        /// The instances' port.
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        /// Ways, comma-separated.
+        #[arg(long)]
+        ways: String,
+        /// WAY=HOST:PORT for the ways that go through a front (nginx, mesh).
+        #[arg(long = "front")]
+        fronts: Vec<String>,
     },
 }
 
@@ -306,16 +364,26 @@ async fn run_lab(cmd: LabCommand) -> Result<()> {
             Ok(())
         }
         LabCommand::Compare {
-            requests,
-            concurrency,
-            slow,
+            scenario,
+            ways,
+            compose,
+            project,
+            alias,
+            client,
+            nginx_service,
+            image,
+            keep,
             out,
             bin_dir,
             nginx,
         } => {
-            if requests < 100 || concurrency == 0 {
-                anyhow::bail!("--requests must be at least 100 and --concurrency at least 1");
-            }
+            use wayfinder_cli::lab::{compare, docker, loopback, scenario::Scenario};
+            // Everything is checked before anything starts.
+            let scenario = match scenario {
+                Some(path) => Scenario::load(&path)?,
+                None => Scenario::default_scenario(),
+            };
+            let ways = wayfinder_cli::lab::load::parse_ways(&ways)?;
             let bin_dir = match bin_dir {
                 Some(d) => d,
                 None => std::env::current_exe()?
@@ -323,16 +391,55 @@ async fn run_lab(cmd: LabCommand) -> Result<()> {
                     .context("wfctl's directory")?
                     .to_path_buf(),
             };
-            let cfg = wayfinder_cli::lab::compare::Config {
-                requests,
-                concurrency,
-                slow,
+            let cfg = compare::Config {
+                scenario,
+                ways,
                 out,
                 bin_dir,
                 nginx: find_nginx(nginx),
             };
-            wayfinder_cli::lab::compare::run(&cfg).await?;
+            let report = match compose {
+                Some(compose) => {
+                    let o = docker::Options {
+                        compose,
+                        project,
+                        alias,
+                        client,
+                        nginx: nginx_service,
+                        image,
+                        keep,
+                    };
+                    docker::run(&cfg, &o).await?
+                }
+                None => loopback::run(&cfg).await?,
+            };
+            eprintln!("== report: {}", report.display());
             Ok(())
+        }
+        LabCommand::Scenario => {
+            print!("{}", wayfinder_cli::lab::scenario::DEFAULT);
+            Ok(())
+        }
+        LabCommand::Load {
+            start_at,
+            duration,
+            rate,
+            timeout,
+            resolver,
+            name,
+            port,
+            ways,
+            fronts,
+        } => {
+            let ways = wayfinder_cli::lab::load::parse_ways(&ways)?;
+            let plan = wayfinder_cli::lab::load::Plan {
+                rate,
+                duration,
+                timeout,
+                start: std::time::UNIX_EPOCH + Duration::from_millis(start_at),
+                host: name.clone(),
+            };
+            wayfinder_cli::lab::load::serve_lines(ways, &fronts, resolver, &name, port, plan).await
         }
     }
 }

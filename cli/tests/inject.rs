@@ -290,3 +290,40 @@ fn a_refused_file_writes_nothing_and_tokens_are_owner_only_and_kept() {
     );
     assert_eq!(std::fs::read_to_string(&out).expect("out"), meshed);
 }
+
+#[test]
+fn only_the_control_plane_holds_the_operator_credential() {
+    // The operator credential lives in the control plane's data volume; an
+    // app or a sidecar that mounted it could call the operator RPCs.
+    let out = inject::inject(&classic(), &opts("compose.yaml")).expect("inject");
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out.text).expect("yaml");
+    let services = doc["services"].as_mapping().expect("services");
+    let mut holders = Vec::new();
+    for (name, svc) in services {
+        let name = name.as_str().expect("name");
+        let mounts = svc["volumes"].as_sequence().cloned().unwrap_or_default();
+        if mounts.iter().any(|m| {
+            m.as_str()
+                .is_some_and(|m| m.starts_with("wayfinder-control-data:"))
+        }) {
+            holders.push(name.to_string());
+        }
+        let envs = svc["env_file"].as_sequence().cloned().unwrap_or_default();
+        for env in envs.iter().filter_map(|e| e.as_str()) {
+            let owner = env
+                .rsplit('/')
+                .next()
+                .unwrap_or(env)
+                .trim_end_matches(".env");
+            let own = match name.strip_suffix("-sidecar") {
+                Some(app) => out
+                    .meshed
+                    .iter()
+                    .any(|m| m.compose == app && m.service == owner),
+                None => name == "wayfinder-control" && owner == "control",
+            };
+            assert!(own, "{name} reads {env}, not its own secrets");
+        }
+    }
+    assert_eq!(holders, ["wayfinder-control"]);
+}

@@ -546,3 +546,62 @@ async fn a_sidecar_cannot_take_over_an_instance_another_sidecar_holds() -> Resul
     })
     .await
 }
+
+#[tokio::test]
+async fn a_recreated_sidecar_takes_its_instance_back_once_the_old_one_is_gone() -> Result<()> {
+    use wayfinder_tests::netns::{Lab, unavailable};
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    bounded(async {
+        // web-1's sidecar in its namespace (10.77.0.11) is killed, as when
+        // its container dies; the test, at 10.77.0.254 with a web
+        // certificate, is web-1 recreated with a new address.
+        let mut lab = Lab::new("back")?;
+        lab.attach_host(254)?;
+        let cp = ControlPlane::start_secure_on(
+            &format!("{}:0", Lab::ip(254)),
+            &["--join-token", &format!("{WEB_TOKEN}:web")],
+        )?;
+        let bundle = cp.bundle().to_string_lossy().to_string();
+        let (_app, mut sidecar) = lab.web(
+            1,
+            &cp.url(),
+            &["--ca-bundle", &bundle, "--join-token", WEB_TOKEN],
+        )?;
+        let (chain, key) = certificate(&cp, WEB_TOKEN, "web").await?;
+        let ch = cp.tls_channel(Some((chain, key))).await?;
+        let mut again = instance("web", "web-1");
+        again.address = Lab::ip(254).to_string();
+        // While its sidecar lives, the instance is its own.
+        let live = RegistryClient::new(ch.clone())
+            .register(register(again.clone(), false))
+            .await;
+        assert_eq!(code(live), Code::PermissionDenied);
+        sidecar.kill();
+        // Gone (its connection closed): registered again at once, long
+        // before the dead lease (10 s) would have run out.
+        let killed = std::time::Instant::now();
+        loop {
+            let r = RegistryClient::new(ch.clone())
+                .register(register(again.clone(), false))
+                .await;
+            if r.is_ok() {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(3),
+                "still refused 3 s after its sidecar died: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (_, body) = cp.get("/v1/services/web").await?;
+        assert!(
+            body.contains("10.77.0.254") && !body.contains("10.77.0.11"),
+            "{body}"
+        );
+        Ok(())
+    })
+    .await
+}

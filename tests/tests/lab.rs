@@ -6,109 +6,266 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use wayfinder_tests::{bin, docker};
 
-#[tokio::test]
-async fn lab_compare_reports_every_way_with_numbers() -> Result<()> {
-    let out = tempfile::tempdir()?;
-    let run = tokio::process::Command::new(bin("wfctl"))
-        .args(["lab", "compare", "--requests", "600", "--concurrency", "8"])
-        .arg("--out")
-        .arg(out.path())
-        .kill_on_drop(true)
-        .output();
-    let run = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .context("lab compare within 120 s")??;
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
-    // Progress was shown for each way.
-    assert!(
-        stderr.contains("web-2 killed") && stderr.contains("100%"),
-        "{stderr}"
-    );
-    // Where iptables works (root), web-1 vanishes; elsewhere that is said.
-    let vanishes = wayfinder_cli::lab::compare::vanish_unavailable().is_none();
-    if vanishes {
-        assert!(stderr.contains("web-1 vanished"), "{stderr}");
-    } else {
-        assert!(stderr.contains("web-1 vanishing skipped"), "{stderr}");
-    }
-    let report = std::fs::read_to_string(out.path().join("report.md"))?;
-    let rows: Vec<&str> = report
+/// A short scenario with every kind of event, for the loopback lab.
+const EVERY_EVENT: &str = r#"
+duration = "24s"
+rate = 25
+timeout = "1s"
+[[event]]
+at = "10%"
+action = "kill"
+target = "web2"
+[[event]]
+at = "20%"
+action = "restart"
+target = "web2"
+[[event]]
+at = "32%"
+action = "pause"
+target = "web1"
+[[event]]
+at = "42%"
+action = "resume"
+target = "web1"
+[[event]]
+at = "52%"
+action = "slow"
+target = "web3"
+delay = "300ms"
+[[event]]
+at = "60%"
+action = "resume"
+target = "web3"
+[[event]]
+at = "65%"
+action = "unhealthy"
+target = "web3"
+[[event]]
+at = "72%"
+action = "add"
+target = "web4"
+[[event]]
+at = "80%"
+action = "control-down"
+[[event]]
+at = "90%"
+action = "control-up"
+"#;
+
+/// The cells of the markdown table row starting with `| {first} |`.
+fn row<'a>(report: &'a str, first: &str) -> Option<Vec<&'a str>> {
+    report
         .lines()
-        .filter(|l| l.starts_with("| ") && l.contains(" of 600 "))
-        .collect();
-    assert_eq!(rows.len(), 4, "{report}");
-    for way in [
-        "DNS, resolved once",
-        "DNS, resolved per request",
-        "Wayfinder mesh",
-    ] {
-        assert!(
-            rows.iter().any(|r| r.starts_with(&format!("| {way} |"))),
-            "{way}: {report}"
-        );
-    }
-    assert!(
-        rows.iter()
-            .any(|r| r.starts_with("| nginx upstream") || r.contains("(nginx not installed)")),
-        "{report}"
-    );
-    for row in &rows {
-        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
-        assert_eq!(cells.len(), 12, "{row}");
-        // failed, p50, p90, p99 and the per-instance counts are numbers.
-        for cell in &cells[1..9] {
-            let number = cell.split_whitespace().next().unwrap_or("");
-            assert!(number.parse::<f64>().is_ok(), "{cell:?} in {row}");
+        .find(|l| l.starts_with(&format!("| {first} |")))
+        .map(|l| {
+            l.trim()
+                .trim_matches('|')
+                .split('|')
+                .map(str::trim)
+                .collect()
+        })
+}
+
+/// A way in an event's window: failed requests, and until they stopped
+/// failing (ms; `None`: never).
+type Window = (usize, Option<f64>);
+
+/// `errors · recovery` of a cell: (errors, Some(ms) or None for never).
+fn window(cell: &str) -> Window {
+    let mut parts = cell.split(" · ");
+    let errors = parts
+        .next()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(usize::MAX);
+    let recovery = match parts.next() {
+        None => Some(0.0),
+        Some("never") => None,
+        Some(t) => {
+            let (v, unit) = t.split_once(' ').unwrap_or((t, ""));
+            let v: f64 = v.parse().unwrap_or(f64::NAN);
+            Some(if unit == "s" { v * 1000.0 } else { v })
         }
-        // Recovery times are numbers, an explicit "never", or "skipped"
-        // where web-1 could not vanish.
-        for cell in &cells[9..] {
-            let first = cell.split_whitespace().next().unwrap_or("");
-            assert!(
-                first.parse::<f64>().is_ok()
-                    || first == "never"
-                    || (first == "skipped" && !vanishes),
-                "{cell:?} in {row}"
+    };
+    (errors, recovery)
+}
+
+/// The report's ways, in its order.
+const WAYS: [&str; 6] = [
+    "DNS, resolved once",
+    "DNS, per request",
+    "DNS, cached 600 s (Docker's TTL)",
+    "DNS, cached 30 s",
+    "nginx upstream",
+    "Wayfinder mesh",
+];
+
+/// Each event's row of the report, `(errors, recovery)` per way; every
+/// cell must be numbers or "never".
+fn event_table(report: &str, events: &[&str]) -> Result<Vec<Vec<Window>>> {
+    let mut rows = report
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains(" s | "));
+    let mut table = Vec::new();
+    for event in events {
+        let line = rows
+            .find(|l| l.contains(&format!(" | {event} |")))
+            .with_context(|| format!("no row for {event} (in order): {report}"))?;
+        let cells: Vec<&str> = line
+            .trim()
+            .trim_matches('|')
+            .split('|')
+            .map(str::trim)
+            .collect();
+        anyhow::ensure!(cells.len() == 2 + WAYS.len(), "{line}");
+        let windows: Vec<Window> = cells[2..].iter().map(|c| window(c)).collect();
+        for (cell, w) in cells[2..].iter().zip(&windows) {
+            anyhow::ensure!(
+                w.0 != usize::MAX && w.1.is_none_or(|ms| ms.is_finite()),
+                "{cell:?} in {line}"
             );
         }
-        // The instances took answers that add up to the successes.
-        let n = |i: usize| cells[i].parse::<usize>().unwrap_or(usize::MAX);
-        let failed: usize = cells[1]
-            .split_whitespace()
-            .next()
-            .and_then(|f| f.parse().ok())
-            .unwrap_or(usize::MAX);
-        assert_eq!(n(5) + n(6) + n(7) + n(8) + failed, 600, "{row}");
+        table.push(windows);
     }
-    // The mesh routed around the dead instance: nothing failing at the end.
-    let mesh = rows
-        .iter()
-        .find(|r| r.starts_with("| Wayfinder mesh |"))
-        .context("mesh row")?;
-    assert!(!mesh.contains("never"), "{mesh}");
-    if vanishes {
-        // The mesh stops sending to the vanished instance within seconds.
-        let cells: Vec<&str> = mesh.trim_matches('|').split('|').map(str::trim).collect();
-        let vanish: f64 = cells[10]
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("web-1 recovery in {mesh}"))?;
-        assert!(vanish < 5000.0, "{mesh}");
+    Ok(table)
+}
+
+#[tokio::test]
+async fn lab_compare_runs_a_scenario_file_on_loopback_and_reports_every_way_and_event() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let scenario = dir.path().join("every-event.toml");
+    std::fs::write(&scenario, EVERY_EVENT)?;
+    let out = dir.path().join("report");
+    let run = tokio::process::Command::new(bin("wfctl"))
+        .args(["lab", "compare", "--scenario"])
+        .arg(&scenario)
+        .arg("--out")
+        .arg(&out)
+        .kill_on_drop(true)
+        .output();
+    let run = tokio::time::timeout(Duration::from_secs(100), run)
+        .await
+        .context("lab compare within 100 s")??;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    // Progress: each event as it happens, and the share of the run.
+    for line in [
+        "web2 killed",
+        "web4 added",
+        "control plane up",
+        " 50% ",
+        "100% ",
+    ] {
+        assert!(stderr.contains(line), "no {line:?} in {stderr}");
     }
-    // Resolving once never sees the new instance.
-    let once = rows
-        .iter()
-        .find(|r| r.starts_with("| DNS, resolved once |"))
-        .context("row")?;
-    assert!(once.trim_end().ends_with("| never |"), "{once}");
-    for plot in ["failures.svg", "latency.svg"] {
-        let svg = std::fs::read_to_string(out.path().join(plot))?;
+    assert!(!stderr.contains("FAILED"), "an event failed: {stderr}");
+    let report = std::fs::read_to_string(out.join("report.md"))?;
+    for way in WAYS {
+        let cells = row(&report, way).with_context(|| format!("no totals row {way}: {report}"))?;
+        assert_eq!(cells.len(), 6, "{cells:?}");
+        assert_eq!(cells[1], "600", "{way}: 25/s for 24 s");
+    }
+    let events = [
+        "web2 killed",
+        "web2 restarted (new IP)",
+        "web1 paused",
+        "web1 resumed",
+        "web3 slow (+300 ms)",
+        "web3 resumed",
+        "web3 unhealthy",
+        "web4 added",
+        "control plane down",
+        "control plane up",
+    ];
+    let table = event_table(&report, &events)?;
+    let mesh = WAYS.len() - 1;
+    // Resolved once, the dead address stays: still failing when web2 is
+    // back elsewhere.
+    assert_eq!(table[1][0].1, None, "DNS once after the restart: {report}");
+    // The mesh: around the dead, the restarted and the frozen instance
+    // within seconds, nothing failing at the end of those windows.
+    for (i, event) in events.iter().enumerate().take(3) {
+        let (_, recovered) = table[i][mesh];
+        assert!(
+            recovered.is_some_and(|ms| ms < 3000.0),
+            "mesh after {event}: {report}"
+        );
+    }
+    // Without its control plane, the mesh keeps serving from what it knows.
+    assert_eq!(
+        table[8][mesh].0, 0,
+        "mesh with the control plane down: {report}"
+    );
+    // web4 took calls through the mesh once added; web3, unhealthy, none.
+    let shares = report
+        .split("### Wayfinder mesh")
+        .nth(1)
+        .context("the mesh's share table")?;
+    let after_add = shares
+        .lines()
+        .find(|l| l.starts_with("| after web4 added |"))
+        .context("phase row")?;
+    let header = shares
+        .lines()
+        .find(|l| l.starts_with("| phase |"))
+        .context("header")?;
+    let col = |name: &str| header.split('|').map(str::trim).position(|c| c == name);
+    let cells: Vec<&str> = after_add.split('|').map(str::trim).collect();
+    let web4 = col("web4").map(|i| cells[i]).context("web4 column")?;
+    assert!(web4.ends_with('%') && web4 != "0%", "{after_add}");
+    let web3 = col("web3").map(|i| cells[i]).context("web3 column")?;
+    assert!(
+        web3 == "·" || web3 == "0%",
+        "unhealthy web3 still took calls: {after_add}"
+    );
+    for plot in ["failures.svg", "p99.svg", "latency.svg"] {
+        let svg = std::fs::read_to_string(out.join(plot))?;
         assert!(
             svg.starts_with("<svg") && svg.contains("polyline"),
             "{plot}"
         );
+        if plot != "latency.svg" {
+            assert!(
+                svg.contains(">web1 paused</text>"),
+                "{plot} has no event lines"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn lab_compare_refuses_a_bad_scenario_before_anything_starts() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (text, want) in [
+        (
+            "duration = \"30s\"\n[[event]]\nat = \"50%\"\naction = \"explode\"\ntarget = \"web1\"\n",
+            ":4: field event[0].action: \"explode\" is not an action",
+        ),
+        (
+            "duration = \"30s\"\n[[event]]\nat = \"50%\"\naction = \"kill\"\ntarget = \"web9\"\n",
+            ":3: field event[0].target: the lab has no instance \"web9\"",
+        ),
+        ("duration = 30\n", ":1: field duration: invalid type"),
+    ] {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, text)?;
+        let run = tokio::process::Command::new(bin("wfctl"))
+            .args(["lab", "compare", "--scenario"])
+            .arg(&file)
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .kill_on_drop(true)
+            .output();
+        let run = tokio::time::timeout(Duration::from_secs(20), run).await??;
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{}{want}", file.display())),
+            "{want} not in {stderr}"
+        );
+        assert!(!stderr.contains("== loopback lab"), "it started: {stderr}");
+        assert!(!dir.path().join("out").exists(), "it wrote a report");
     }
     Ok(())
 }
@@ -319,4 +476,189 @@ async fn docker_lab_survives_instances_that_vanish_or_freeze() -> Result<()> {
     tokio::time::timeout(Duration::from_secs(240), lab)
         .await
         .context("the Docker lab test within 4 min")?
+}
+
+/// Removes what a compare run of `project` may have left (its compose
+/// project's containers, network and volumes; its loads and placeholders),
+/// even when the test fails or wfctl was killed.
+struct Sweep(String);
+
+impl Sweep {
+    /// The containers left of the run.
+    fn left(&self) -> Vec<String> {
+        let mut ids = Vec::new();
+        for filter in [
+            format!("label=com.docker.compose.project={}", self.0),
+            format!("name=^{}-", self.0),
+        ] {
+            if let Ok(o) = std::process::Command::new("docker")
+                .args(["ps", "-aq", "--filter", &filter])
+                .output()
+            {
+                ids.extend(
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .map(String::from),
+                );
+            }
+        }
+        ids
+    }
+}
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        let ids = self.left();
+        if !ids.is_empty() {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+        let p = &self.0;
+        let _ = std::process::Command::new("docker")
+            .args(["network", "rm", &format!("{p}_default")])
+            .output();
+        let _ = std::process::Command::new("docker")
+            .args([
+                "volume",
+                "rm",
+                &format!("{p}_wayfinder-control-data"),
+                &format!("{p}_wayfinder-trust"),
+            ])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn docker_lab_compare_runs_the_default_scenario_on_the_classic_lab() -> Result<()> {
+    if let Err(why) = docker::compose_command() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    let image = docker::wayfinder_image().await?;
+    docker::lab_images().await?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = tempfile::tempdir()?;
+    let sweep = Sweep(format!("wftc{}", std::process::id()));
+    let started = std::time::Instant::now();
+    let run = tokio::process::Command::new(bin("wfctl"))
+        .args(["lab", "compare", "--compose"])
+        .arg(root.join("examples/classic-lab/compose.yaml"))
+        .args(["--project", &sweep.0, "--image", image, "--out"])
+        .arg(out.path())
+        .kill_on_drop(true)
+        .output();
+    let run = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .context("lab compare --compose within 300 s")??;
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        sweep.left().is_empty(),
+        "containers left: {:?}",
+        sweep.left()
+    );
+    // The default scenario on two cores, images aside, in under 3 minutes.
+    assert!(took < Duration::from_secs(180), "took {took:?}: {stderr}");
+    assert!(
+        !stderr.contains("FAILED") && !stderr.contains("did not come back"),
+        "{stderr}"
+    );
+    // Restarts come back on new addresses; the old ones are held.
+    assert_eq!(
+        stderr
+            .matches("a placeholder holds that address now")
+            .count(),
+        3,
+        "{stderr}"
+    );
+    let report = std::fs::read_to_string(out.path().join("report.md"))?;
+    for way in WAYS {
+        let cells = row(&report, way).with_context(|| format!("no totals row {way}: {report}"))?;
+        assert_eq!(cells[1], "2400", "{way}: 40/s for 60 s");
+    }
+    let events = [
+        "web2 killed",
+        "web2 restarted (new IP)",
+        "web1 paused",
+        "web1 resumed",
+        "web3 slow (+200 ms)",
+        "web3 resumed",
+        "web3 unhealthy",
+        "web3 resumed",
+        "web4 added",
+        "web1 restarted (new IP)",
+        "web3 restarted (new IP)",
+        "control plane down",
+        "control plane up",
+    ];
+    let table = event_table(&report, &events)?;
+    let (once, nginx, mesh) = (0, 4, 5);
+    // Resolved once, the dead address stays in the answer: still failing
+    // when web2 is back elsewhere, and after each restart.
+    for i in [1, 9, 10] {
+        assert_eq!(
+            table[i][once].1, None,
+            "DNS once after {}: {report}",
+            events[i]
+        );
+    }
+    // nginx's static upstream: once all three webs moved, every call fails.
+    for i in [10, 11, 12] {
+        assert_eq!(
+            table[i][nginx].1, None,
+            "nginx after {}: {report}",
+            events[i]
+        );
+        assert!(table[i][nginx].0 > 0, "nginx after {}: {report}", events[i]);
+    }
+    // The mesh: within a second of every restart.
+    for i in [1, 9, 10] {
+        assert!(
+            table[i][mesh].1.is_some_and(|ms| ms < 1000.0),
+            "mesh after {}: {report}",
+            events[i]
+        );
+    }
+    // With its control plane down, the mesh fails nothing.
+    assert_eq!(
+        table[11][mesh].0, 0,
+        "mesh with the control plane down: {report}"
+    );
+    // And it found the restarted instances at their new addresses.
+    let shares = report
+        .split("### Wayfinder mesh")
+        .nth(1)
+        .context("the mesh's share table")?;
+    let header = shares
+        .lines()
+        .find(|l| l.starts_with("| phase |"))
+        .context("header")?;
+    let col = |name: &str| header.split('|').map(str::trim).position(|c| c == name);
+    for instance in ["web1", "web2", "web3"] {
+        let c = col(instance).context("column")?;
+        let took_calls = shares
+            .lines()
+            .filter(|l| l.starts_with("| after control plane"))
+            .any(|l| {
+                l.split('|')
+                    .map(str::trim)
+                    .nth(c)
+                    .is_some_and(|v| v != "·" && v != "0%")
+            });
+        assert!(
+            took_calls,
+            "{instance} took no mesh calls at its new address: {shares}"
+        );
+    }
+    for plot in ["failures.svg", "p99.svg", "latency.svg"] {
+        let svg = std::fs::read_to_string(out.path().join(plot))?;
+        assert!(
+            svg.starts_with("<svg") && svg.contains("polyline"),
+            "{plot}"
+        );
+    }
+    Ok(())
 }

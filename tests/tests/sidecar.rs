@@ -688,3 +688,75 @@ async fn post_shutdown_on_the_admin_port_ends_the_sidecar_like_sigterm() -> Resu
     })
     .await
 }
+
+#[tokio::test]
+async fn post_shutdown_from_another_host_is_refused_even_on_an_open_admin_port() -> Result<()> {
+    use wayfinder_tests::netns::{Lab, unavailable};
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    const TOKEN: &str = "shutdown-test-token";
+    bounded(async {
+        // web-1 in its own namespace with its admin port open to the bridge;
+        // the test calls it from 10.77.0.254, another host.
+        let mut lab = Lab::new("shut")?;
+        lab.attach_host(254)?;
+        let cp = ControlPlane::start_secure_on(
+            &format!("{}:0", Lab::ip(254)),
+            &["--join-token", &format!("{TOKEN}:web")],
+        )?;
+        let ns = lab.node("web1", 11)?;
+        let _app = Process::start_in(
+            &Lab::exec(&ns),
+            "lab-app",
+            &["--listen", "127.0.0.1:8080", "--name", "web-1"],
+            "listening on",
+        )?;
+        let (url, bundle) = (cp.url(), cp.bundle().to_string_lossy().to_string());
+        let advertise = format!("{}:15006", Lab::ip(11));
+        let mut web = Process::start_in(
+            &Lab::exec(&ns),
+            "wf-proxy",
+            &[
+                "--control-plane",
+                &url,
+                "--ca-bundle",
+                &bundle,
+                "--join-token",
+                TOKEN,
+                "--service",
+                "web",
+                "--instance",
+                "web-1",
+                "--app",
+                "127.0.0.1:8080",
+                "--inbound",
+                "0.0.0.0:15006",
+                "--advertise",
+                &advertise,
+                "--admin",
+                "0.0.0.0:15000",
+                "--health-check",
+                "tcp",
+            ],
+            "registered with the control plane",
+        )?;
+        let admin = SocketAddr::new(Lab::ip(11).into(), 15000);
+        // Other admin pages answer there: the refusal is /shutdown's own.
+        let (status, _, _) = http_request(admin, "GET", "/live", "admin", "").await?;
+        assert_eq!(status, 200);
+        let (status, _, body) = http_request(admin, "POST", "/shutdown", "admin", "").await?;
+        assert_eq!(status, 403, "{body}");
+        let log = web.await_log("POST /shutdown refused").await?;
+        assert!(log.contains("10.77.0.254"), "{log}");
+        assert!(
+            web.wait_exit(Duration::from_millis(500)).is_err(),
+            "the sidecar ended on a remote request"
+        );
+        let (status, body) = cp.get("/v1/services/web").await?;
+        assert!(status == 200 && body.contains("web-1"), "{status} {body}");
+        Ok(())
+    })
+    .await
+}

@@ -16,7 +16,7 @@
 
 pub mod compose;
 pub mod secrets;
-mod yaml11;
+pub mod yaml11;
 
 pub use compose::{Injected, Options, inject, remove};
 

@@ -1,122 +1,235 @@
-//! The comparison's report: a markdown table and two plots next to it.
+//! The comparison's report: markdown tables, and plots beside them
+//! (failures and p99 over time with the events drawn in, latency CDF).
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::compare::{self, Config, Outcome, Row};
+use super::scenario::Scenario;
 use super::svg;
+use super::timeline::{Run, Window};
 
-fn ms(v: Option<f64>, never: &str) -> String {
-    match v {
-        Some(v) => format!("{v:.0} ms"),
-        None => never.to_string(),
+/// What the report says about where it ran.
+pub struct Setting<'a> {
+    /// "on loopback (...)" or "on Docker (compose file ...)".
+    pub place: String,
+    /// The scenario.
+    pub scenario: &'a Scenario,
+    /// Notes on how the ways were set up (one paragraph each).
+    pub notes: Vec<String>,
+}
+
+fn cell(w: &Window) -> String {
+    match (w.errors, w.recovered_ms) {
+        (0, _) => "0".into(),
+        (n, Some(ms)) => format!("{n} · {}", seconds(ms)),
+        (n, None) => format!("{n} · never"),
     }
 }
 
-/// The markdown for `rows`.
-pub fn markdown(cfg: &Config, rows: &[Row]) -> String {
+fn seconds(ms: f64) -> String {
+    if ms < 1000.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{:.1} s", ms / 1000.0)
+    }
+}
+
+/// The markdown for `run`.
+pub fn markdown(setting: &Setting<'_>, run: &Run) -> String {
+    let sc = setting.scenario;
     let mut s = String::new();
-    let _ = writeln!(s, "# DNS vs balancer vs mesh\n");
     let _ = writeln!(
         s,
-        "{}, on {} (every process on this machine, over loopback).\n",
+        "# DNS vs nginx vs mesh: the same calls, the same events\n"
+    );
+    let _ = writeln!(
+        s,
+        "{}, {}, on {}.\n",
         super::machine::date(),
+        setting.place,
         super::machine::describe()
     );
     let _ = writeln!(
         s,
-        "{} requests per way at concurrency {}, `GET /` to lab-app instances of `web` on \
-         127.0.0.11-14. At 40% of the requests web-2 is killed (its DNS record goes away, as \
-         Docker's does); at 55% web-1 vanishes: every packet to or from it is dropped and its \
-         processes stop, as when a container's network namespace goes (no FIN, no RST, no \
-         heartbeat; its record goes away too); at \
-         70% web-3 answers {} ms slower; at 85% web-4 starts (its record appears). A request \
-         fails on an error, a status other than 200, or after 2 s. nginx runs with its \
-         defaults (`proxy_connect_timeout` and `proxy_read_timeout` 60 s).\n",
-        cfg.requests,
-        cfg.concurrency,
-        cfg.slow.as_millis()
+        "Scenario `{}`: every way at once, {} requests per second each (open loop) for {} s; \
+         a request fails on an error, a status other than 200, or after {} ms.\n",
+        sc.file,
+        sc.rate,
+        sc.duration.as_secs(),
+        sc.timeout.as_millis()
     );
-    let _ = writeln!(
-        s,
-        "| way | failed | p50 | p90 | p99 | web-1 | web-2 | web-3 | web-4 | rerouted around web-2 after | rerouted around web-1 after | web-4 took traffic after |"
-    );
-    let _ = writeln!(
-        s,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    );
-    for r in rows {
-        let n = |i: &str| r.per_instance.get(i).copied().unwrap_or(0);
+    for n in &setting.notes {
+        let _ = writeln!(s, "{n}\n");
+    }
+    let _ = writeln!(s, "## Totals\n");
+    let _ = writeln!(s, "| way | requests | failed | p50 | p90 | p99 |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    for &w in &run.ways {
+        let t = run.totals(w);
         let _ = writeln!(
             s,
-            "| {} | {} of {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {} | {} | {} | {} | {} |",
-            r.label,
-            r.failed,
-            r.requests,
-            r.p50,
-            r.p90,
-            r.p99,
-            n("web-1"),
-            n("web-2"),
-            n("web-3"),
-            n("web-4"),
-            ms(r.reroute_ms, "never (still failing)"),
-            match r.vanish_ms {
-                Some(v) => ms(v, "never (failing at the end)"),
-                None => "skipped (needs root and iptables)".to_string(),
-            },
-            ms(r.new_instance_ms, "never"),
+            "| {} | {} | {} ({:.1}%) | {:.1} ms | {:.1} ms | {:.1} ms |",
+            w.label(),
+            t.requests,
+            t.failed,
+            t.failed as f64 * 100.0 / t.requests.max(1) as f64,
+            t.p50,
+            t.p90,
+            t.p99
         );
     }
     let _ = writeln!(
         s,
-        "\n\"Rerouted after\" runs from the event to the end of the last failed request that \
-         ended before the next event (for web-1, before the end of the run); 0 ms means none \
-         failed, \"never\" that requests sent in the last tenth of that window still failed.\n\n![failed requests](failures.svg)\n\n![latency](latency.svg)"
+        "\n## Each event: failed requests · until calls stopped failing\n"
     );
+    let _ = write!(s, "| at | event |");
+    for &w in &run.ways {
+        let _ = write!(s, " {} |", w.label());
+    }
+    let _ = write!(s, "\n|---:|---|");
+    for _ in &run.ways {
+        let _ = write!(s, "---:|");
+    }
+    let _ = writeln!(s);
+    for (i, f) in run.fired.iter().enumerate() {
+        let label = match &f.error {
+            None => f.event.label(),
+            Some(e) => format!("{} (failed: {e})", f.event.label()),
+        };
+        let _ = write!(s, "| {:.1} s | {label} |", f.at);
+        for &w in &run.ways {
+            let _ = write!(s, " {} |", cell(&run.during(w, i)));
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(
+        s,
+        "\nA window runs from its event to the next one (the last to the end of the run); a \
+         request counts for the window it ended in. \"Until calls stopped failing\" runs from \
+         the event to the end of the last failed request of the window; \"never\": requests \
+         sent in the window's last tenth still failed.\n\n\
+         ![failed requests per second](failures.svg)\n\n![p99 per second](p99.svg)\n\n\
+         ![latency CDF](latency.svg)\n"
+    );
+    let _ = writeln!(
+        s,
+        "## Who answered: share of each way's calls per instance, per phase\n"
+    );
+    let instances = run.instances();
+    for &w in &run.ways {
+        let _ = writeln!(s, "### {}\n", w.label());
+        let _ = write!(s, "| phase |");
+        for i in &instances {
+            let _ = write!(s, " {i} |");
+        }
+        let _ = write!(s, "\n|---|");
+        for _ in &instances {
+            let _ = write!(s, "---:|");
+        }
+        let _ = writeln!(s);
+        for (label, from, to) in run.phases() {
+            let shares = run.shares(w, from, to);
+            let _ = write!(s, "| {label} |");
+            for i in &instances {
+                let _ = match shares.get(i) {
+                    Some(p) => write!(s, " {p:.0}% |"),
+                    None => write!(s, " · |"),
+                };
+            }
+            let _ = writeln!(s);
+        }
+        let _ = writeln!(s);
+    }
     s
 }
 
-/// Writes `report.md`, `failures.svg` and `latency.svg` into `cfg.out`.
-pub fn write(cfg: &Config, outcomes: &[Outcome]) -> Result<PathBuf> {
-    let rows: Vec<Row> = outcomes.iter().map(Outcome::row).collect();
-    let failures: Vec<Vec<(f64, f64)>> =
-        outcomes.iter().map(compare::failures_by_progress).collect();
-    let lines: Vec<svg::Series<'_>> = outcomes
+/// The few lines printed when the run ends.
+pub fn summary(run: &Run) -> String {
+    let mut s = String::new();
+    for &w in &run.ways {
+        let t = run.totals(w);
+        let worst = (0..run.fired.len())
+            .map(|i| (i, run.during(w, i)))
+            .max_by_key(|(_, win)| win.errors)
+            .filter(|(_, win)| win.errors > 0)
+            .map(|(i, win)| format!("; worst: {} ({})", run.fired[i].event.label(), cell(&win)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "   {:<34} {:>6} failed of {:<6} p99 {:>7.1} ms{worst}",
+            w.label(),
+            t.failed,
+            t.requests,
+            t.p99
+        );
+    }
+    s
+}
+
+/// Writes `report.md`, `failures.svg`, `p99.svg` and `latency.svg` into `out`.
+pub fn write(out: &Path, setting: &Setting<'_>, run: &Run) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let labels: Vec<String> = run.fired.iter().map(|f| f.event.label()).collect();
+    let markers: Vec<(f64, &str)> = run
+        .fired
         .iter()
-        .zip(&failures)
-        .map(|(o, pts)| svg::Series {
-            label: &o.label,
-            points: pts,
-            color: compare::color(o),
+        .zip(&labels)
+        .map(|(f, l)| (f.at, l.as_str()))
+        .collect();
+    let plot = |title: &str, y: &str, series: &dyn Fn(super::load::Way) -> Vec<(f64, f64)>| {
+        let points: Vec<_> = run.ways.iter().map(|&w| (w, series(w))).collect();
+        let lines: Vec<svg::Series<'_>> = points
+            .iter()
+            .map(|(w, p)| svg::Series {
+                label: w.label(),
+                points: p,
+                color: w.color(),
+            })
+            .collect();
+        svg::series(title, "seconds", y, &lines, &markers)
+    };
+    std::fs::write(
+        out.join("failures.svg"),
+        plot("Failed requests over time", "failed per second", &|w| {
+            run.failures_per_second(w)
+        }),
+    )?;
+    std::fs::write(
+        out.join("p99.svg"),
+        plot("p99 latency over time", "p99 of each second (ms)", &|w| {
+            run.p99_per_second(w)
+        }),
+    )?;
+    let latencies: Vec<(super::load::Way, Vec<f64>)> = run
+        .ways
+        .iter()
+        .map(|&w| {
+            let mut v: Vec<f64> = run
+                .samples
+                .iter()
+                .filter(|s| s.way == w)
+                .map(|s| s.ms)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            (w, v)
         })
         .collect();
-    let plot = svg::series(
-        "Failed requests over the run",
-        "progress (% of requests)",
-        "failed requests per 2%",
-        &lines,
-        &compare::events(outcomes),
-    );
-    std::fs::write(cfg.out.join("failures.svg"), plot)?;
-    let latencies: Vec<Vec<f64>> = outcomes.iter().map(compare::sorted_ms).collect();
-    let curves: Vec<svg::Curve<'_>> = outcomes
+    let curves: Vec<svg::Curve<'_>> = latencies
         .iter()
-        .zip(&latencies)
-        .map(|(o, l)| svg::Curve {
-            label: &o.label,
+        .map(|(w, l)| svg::Curve {
+            label: w.label(),
             sorted_ms: l,
-            color: compare::color(o),
+            color: w.color(),
         })
         .collect();
     std::fs::write(
-        cfg.out.join("latency.svg"),
+        out.join("latency.svg"),
         svg::cdf("Latency of every request (CDF)", &curves),
     )?;
-    let path = cfg.out.join("report.md");
-    std::fs::write(&path, markdown(cfg, &rows))
+    let path = out.join("report.md");
+    std::fs::write(&path, markdown(setting, run))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }

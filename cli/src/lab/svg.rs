@@ -164,15 +164,16 @@ pub fn series(
             y(yv) + 4.0
         );
     }
-    for (mx, label) in markers {
+    // Labels step down the plot so close events stay readable.
+    for (i, (mx, label)) in markers.iter().enumerate() {
         s += &format!(
-            r##"<line x1="{:.1}" y1="{top}" x2="{:.1}" y2="{:.1}" stroke="#999" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="#666">{label}</text>
+            r##"<line x1="{:.1}" y1="{top}" x2="{:.1}" y2="{:.1}" stroke="#999" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="#666" font-size="11">{label}</text>
 "##,
             x(*mx),
             x(*mx),
             top + ph,
             x(*mx) + 3.0,
-            top + ph - 6.0
+            top + ph - 6.0 - 13.0 * (i % 6) as f64
         );
     }
     s += &format!(

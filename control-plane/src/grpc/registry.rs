@@ -1,7 +1,8 @@
 //! `wayfinder.v1.Registry`: Register, KeepAlive, Deregister.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -22,6 +23,59 @@ pub struct RegistryService {
     backend: Arc<dyn Backend>,
     registry: Arc<Registry>,
     guard: Guard,
+    streams: Streams,
+}
+
+/// Leases with a KeepAlive stream open on this replica: their sidecar is
+/// there. A lease without one belongs to a sidecar that is gone (killed:
+/// its connection closed) or not yet heartbeating; the same service may
+/// then register the instance again from its new address, as a container
+/// recreated after a crash does, instead of waiting out the dead one's
+/// lease.
+#[derive(Clone, Default)]
+struct Streams(Arc<Mutex<HashMap<u64, usize>>>);
+
+impl Streams {
+    fn open(&self, lease: u64) -> bool {
+        self.0
+            .lock()
+            .map(|m| m.get(&lease).is_some_and(|n| *n > 0))
+            .unwrap_or(true)
+    }
+}
+
+/// One KeepAlive stream's hold on the leases it heartbeats, let go when
+/// the stream ends.
+struct Attached {
+    streams: Streams,
+    leases: Vec<u64>,
+}
+
+impl Attached {
+    fn attach(&mut self, lease: u64) {
+        if self.leases.contains(&lease) {
+            return;
+        }
+        self.leases.push(lease);
+        if let Ok(mut m) = self.streams.0.lock() {
+            *m.entry(lease).or_default() += 1;
+        }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.streams.0.lock() {
+            for l in &self.leases {
+                if let Some(n) = m.get_mut(l) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        m.remove(l);
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl RegistryService {
@@ -32,6 +86,7 @@ impl RegistryService {
             backend,
             registry,
             guard,
+            streams: Streams::default(),
         }
     }
 
@@ -45,9 +100,16 @@ impl RegistryService {
         lease_id: u64,
     ) -> Result<(), Status> {
         match self.registry.lease_holder(lease_id) {
-            Some((service, id, ..)) => {
-                holds(&self.registry, &self.guard, req, rpc, own, &service, &id)
-            }
+            Some((service, id, ..)) => holds(
+                &self.registry,
+                &self.guard,
+                req,
+                rpc,
+                own,
+                &service,
+                &id,
+                None,
+            ),
             None => Ok(()),
         }
     }
@@ -59,6 +121,9 @@ impl RegistryService {
 /// operator's). A certificate names a service, not an instance: the
 /// address is what tells two sidecars of one service apart (on one host,
 /// loopback, they are one). The operator and `--insecure` callers pass.
+/// With `gone` (registering), an instance whose lease has no KeepAlive
+/// stream open (its sidecar is gone) may be taken over by its service.
+#[allow(clippy::too_many_arguments)]
 fn holds<T>(
     registry: &Registry,
     guard: &Guard,
@@ -67,6 +132,7 @@ fn holds<T>(
     own: Option<&str>,
     service: &str,
     id: &str,
+    gone: Option<&Streams>,
 ) -> Result<(), Status> {
     let Some(own) = own else {
         return Ok(());
@@ -91,6 +157,12 @@ fn holds<T>(
         (Err(_), Some(_)) => false,
     };
     if held_here {
+        return Ok(());
+    }
+    if let (Some(streams), Some(lease)) = (gone, ep.lease)
+        && !streams.open(lease)
+    {
+        tracing::info!(%service, instance = %id, was = %ep.instance.address, "its sidecar is gone: registered again from a new address");
         return Ok(());
     }
     let status = Status::permission_denied(format!(
@@ -161,6 +233,7 @@ impl registry_server::Registry for RegistryService {
                 own.as_deref(),
                 &i.service,
                 &i.instance_id,
+                Some(&self.streams),
             )?;
         }
         let req = req.into_inner();
@@ -223,6 +296,7 @@ impl registry_server::Registry for RegistryService {
                             own.as_deref(),
                             &service,
                             &id,
+                            None,
                         )?;
                     }
                     let h = health(beat.health)?;
@@ -233,13 +307,25 @@ impl registry_server::Registry for RegistryService {
                     })
                 }
             })
-            .scan(false, |failed, item: Result<KeepAliveResponse, Status>| {
-                if *failed {
-                    return futures::future::ready(None);
-                }
-                *failed = item.is_err();
-                futures::future::ready(Some(item))
-            });
+            .scan(
+                (
+                    false,
+                    Attached {
+                        streams: self.streams.clone(),
+                        leases: Vec::new(),
+                    },
+                ),
+                |(failed, attached), item: Result<KeepAliveResponse, Status>| {
+                    if *failed {
+                        return futures::future::ready(None);
+                    }
+                    *failed = item.is_err();
+                    if let Ok(r) = &item {
+                        attached.attach(r.lease_id);
+                    }
+                    futures::future::ready(Some(item))
+                },
+            );
         Ok(Response::new(Box::pin(out)))
     }
 

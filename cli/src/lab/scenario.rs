@@ -1,0 +1,546 @@
+//! Comparison scenarios: a load and a timeline of events, read from TOML.
+//!
+//! ```toml
+//! duration = "60s"   # how long the load runs
+//! rate = 40          # requests per second, per way (open loop)
+//! timeout = "2s"     # a request slower than this has failed
+//!
+//! [[event]]
+//! at = "40%"         # of the duration, or a time ("24s")
+//! action = "kill"
+//! target = "web2"
+//! ```
+//!
+//! The same file drives the loopback lab and the Docker one. Everything is
+//! checked when the file is read, before a process or container starts: a
+//! bad file gets `FILE:LINE: field F: what is wrong`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The scenario shipped with the project: what `wfctl lab compare` runs
+/// without `--scenario`.
+pub const DEFAULT: &str = include_str!("scenarios/default.toml");
+
+/// A scenario file that cannot be used, located for its author.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{file}:{line}: field {field}: {message}")]
+pub struct ScenarioError {
+    /// The file (or `default scenario`).
+    pub file: String,
+    /// 1-based line (0 when the file as a whole is wrong).
+    pub line: usize,
+    /// `duration`, `event[2].action`, ...
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// What an event does to the lab.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// SIGKILL the instance (app and sidecar): its DNS record goes.
+    Kill,
+    /// Freeze it (`docker pause`, SIGSTOP): connections hang, no FIN or RST.
+    Pause,
+    /// Undo pause, slow and unhealthy.
+    Resume,
+    /// Recreate it: it comes back with a new IP address.
+    Restart,
+    /// Add this much latency to everything it sends.
+    Slow(Duration),
+    /// Its health check fails while it keeps answering.
+    Unhealthy,
+    /// Start a new instance of the service under this name.
+    Add,
+    /// Kill the control plane.
+    ControlDown,
+    /// Start it again.
+    ControlUp,
+}
+
+impl Action {
+    /// The name scenario files use.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Kill => "kill",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Restart => "restart",
+            Action::Slow(_) => "slow",
+            Action::Unhealthy => "unhealthy",
+            Action::Add => "add",
+            Action::ControlDown => "control-down",
+            Action::ControlUp => "control-up",
+        }
+    }
+
+    /// Whether it acts on one instance (and so needs a `target`).
+    pub fn has_target(&self) -> bool {
+        !matches!(self, Action::ControlDown | Action::ControlUp)
+    }
+}
+
+const ACTIONS: &str =
+    "kill, pause, resume, restart, slow, unhealthy, add, control-down, control-up";
+
+/// One event of the timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// When, from the start of the load.
+    pub at: Duration,
+    /// What.
+    pub action: Action,
+    /// The instance (`web2`); empty for the control plane's events.
+    pub target: String,
+    /// Its line in the file, for errors found later (a target the lab has not).
+    pub line: usize,
+}
+
+impl Event {
+    /// `web2 killed`, `control plane down`: the label on plots and tables.
+    pub fn label(&self) -> String {
+        match &self.action {
+            Action::Kill => format!("{} killed", self.target),
+            Action::Pause => format!("{} paused", self.target),
+            Action::Resume => format!("{} resumed", self.target),
+            Action::Restart => format!("{} restarted (new IP)", self.target),
+            Action::Slow(d) => format!("{} slow (+{} ms)", self.target, d.as_millis()),
+            Action::Unhealthy => format!("{} unhealthy", self.target),
+            Action::Add => format!("{} added", self.target),
+            Action::ControlDown => "control plane down".into(),
+            Action::ControlUp => "control plane up".into(),
+        }
+    }
+}
+
+/// A checked scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    /// Where it came from, for messages.
+    pub file: String,
+    /// How long the load runs.
+    pub duration: Duration,
+    /// Requests per second, per way.
+    pub rate: u32,
+    /// A request slower than this has failed.
+    pub timeout: Duration,
+    /// Events in time order.
+    pub events: Vec<Event>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    duration: toml::Spanned<String>,
+    #[serde(default = "default_rate")]
+    rate: u32,
+    #[serde(default)]
+    timeout: Option<toml::Spanned<String>>,
+    #[serde(default, rename = "event")]
+    events: Vec<RawEvent>,
+}
+
+fn default_rate() -> u32 {
+    40
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    at: toml::Spanned<String>,
+    action: toml::Spanned<String>,
+    #[serde(default)]
+    target: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    delay: Option<toml::Spanned<String>>,
+}
+
+impl Scenario {
+    /// The shipped default.
+    pub fn default_scenario() -> Self {
+        // Checked by a unit test: it always parses.
+        Self::parse("default scenario", DEFAULT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+            file: name.clone(),
+            line: 0,
+            field: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&name, &text)
+    }
+
+    /// Parses and checks scenario TOML; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ScenarioError> {
+        let err = |offset: Option<usize>, field: Option<String>, message: String| {
+            let (line, located) = offset.map_or((0, None), |o| locate(text, o));
+            ScenarioError {
+                file: file.to_string(),
+                line,
+                field: field.or(located).unwrap_or_else(|| "(file)".into()),
+                message,
+            }
+        };
+        let raw: RawScenario = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().to_string();
+            let offset = e.span().map(|s| s.start);
+            // A missing field is named by the message, not where the span
+            // (its whole table) starts.
+            let missing = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.split('`').next())
+                .map(|name| {
+                    let table = offset
+                        .and_then(|o| locate(text, o).1)
+                        .filter(|f| f.starts_with("event["))
+                        .map(|f| f.split('.').next().unwrap_or("").to_string());
+                    match table {
+                        Some(t) => format!("{t}.{name}"),
+                        None => name.to_string(),
+                    }
+                });
+            err(offset, missing, message)
+        })?;
+        let at = |s: &toml::Spanned<String>| s.span().start;
+        let duration = parse_duration(raw.duration.get_ref())
+            .filter(|d| *d >= Duration::from_secs(5) && *d <= Duration::from_secs(3600))
+            .ok_or_else(|| {
+                err(
+                    Some(at(&raw.duration)),
+                    Some("duration".into()),
+                    format!(
+                        "{:?}: give a time from 5s to 1h, as \"60s\" or \"2m\"",
+                        raw.duration.get_ref()
+                    ),
+                )
+            })?;
+        if !(1..=2000).contains(&raw.rate) {
+            return Err(err(
+                None,
+                Some("rate".into()),
+                format!("{}: requests per second per way, from 1 to 2000", raw.rate),
+            ));
+        }
+        let timeout = match &raw.timeout {
+            None => Duration::from_secs(2),
+            Some(t) => parse_duration(t.get_ref())
+                .filter(|d| *d >= Duration::from_millis(10) && *d < duration)
+                .ok_or_else(|| {
+                    err(
+                        Some(at(t)),
+                        Some("timeout".into()),
+                        format!(
+                            "{:?}: give a time from 10ms up to the duration",
+                            t.get_ref()
+                        ),
+                    )
+                })?,
+        };
+        let mut events = Vec::new();
+        for (i, e) in raw.events.iter().enumerate() {
+            let field = |k: &str| Some(format!("event[{i}].{k}"));
+            let when = e.at.get_ref().trim();
+            let offset = match when.strip_suffix('%') {
+                Some(p) => p
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|p| *p > 0.0 && *p < 100.0)
+                    .map(|p| duration.mul_f64(p / 100.0)),
+                None => parse_duration(when).filter(|d| !d.is_zero() && *d < duration),
+            }
+            .ok_or_else(|| {
+                err(
+                    Some(at(&e.at)),
+                    field("at"),
+                    format!(
+                        "{when:?}: give a share of the duration (\"40%\") or a time inside it (\"24s\")"
+                    ),
+                )
+            })?;
+            let action = match e.action.get_ref().as_str() {
+                "kill" => Action::Kill,
+                "pause" => Action::Pause,
+                "resume" => Action::Resume,
+                "restart" => Action::Restart,
+                "slow" => {
+                    let d = e.delay.as_ref().ok_or_else(|| {
+                        err(
+                            Some(at(&e.action)),
+                            field("delay"),
+                            "slow needs a delay (\"200ms\")".into(),
+                        )
+                    })?;
+                    Action::Slow(
+                        parse_duration(d.get_ref())
+                            .filter(|v| !v.is_zero() && *v <= Duration::from_secs(30))
+                            .ok_or_else(|| {
+                                err(
+                                    Some(at(d)),
+                                    field("delay"),
+                                    format!("{:?}: give a time from 1ms to 30s", d.get_ref()),
+                                )
+                            })?,
+                    )
+                }
+                "unhealthy" => Action::Unhealthy,
+                "add" => Action::Add,
+                "control-down" => Action::ControlDown,
+                "control-up" => Action::ControlUp,
+                other => {
+                    return Err(err(
+                        Some(at(&e.action)),
+                        field("action"),
+                        format!("{other:?} is not an action ({ACTIONS})"),
+                    ));
+                }
+            };
+            if let (Some(d), false) = (&e.delay, matches!(action, Action::Slow(_))) {
+                return Err(err(
+                    Some(at(d)),
+                    field("delay"),
+                    format!("only slow takes a delay, not {}", action.name()),
+                ));
+            }
+            let target = match (&e.target, action.has_target()) {
+                (Some(t), true) => {
+                    let name = t.get_ref();
+                    if !is_instance_name(name) {
+                        return Err(err(
+                            Some(at(t)),
+                            field("target"),
+                            format!("{name:?} is not an instance name (letters, digits, '-', '_')"),
+                        ));
+                    }
+                    name.clone()
+                }
+                (None, true) => {
+                    return Err(err(
+                        Some(at(&e.action)),
+                        field("target"),
+                        format!("{} needs a target instance (\"web2\")", action.name()),
+                    ));
+                }
+                (Some(t), false) => {
+                    return Err(err(
+                        Some(at(t)),
+                        field("target"),
+                        format!("{} acts on the control plane: no target", action.name()),
+                    ));
+                }
+                (None, false) => String::new(),
+            };
+            events.push(Event {
+                at: offset,
+                action,
+                target,
+                line: locate(text, at(&e.at)).0,
+            });
+        }
+        // Events run in time order; a file may list them in any.
+        events.sort_by_key(|e| e.at);
+        Ok(Self {
+            file: file.to_string(),
+            duration,
+            rate: raw.rate,
+            timeout,
+            events,
+        })
+    }
+
+    /// An error about `event` found once the lab is known (a target it has
+    /// not), located at the event's line.
+    pub fn error_at(&self, event: &Event, field: &str, message: String) -> ScenarioError {
+        let index = self.events.iter().position(|e| e == event).unwrap_or(0);
+        ScenarioError {
+            file: self.file.clone(),
+            line: event.line,
+            field: format!("event[{index}].{field}"),
+            message,
+        }
+    }
+
+    /// Instances the scenario adds, in order.
+    pub fn added(&self) -> Vec<&str> {
+        self.events
+            .iter()
+            .filter(|e| e.action == Action::Add)
+            .map(|e| e.target.as_str())
+            .collect()
+    }
+}
+
+fn is_instance_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// `500ms`, `2s`, `2m`: the policy files' durations.
+fn parse_duration(s: &str) -> Option<Duration> {
+    wayfinder_proto::policy::parse_duration(s.trim()).ok()
+}
+
+/// The 1-based line of `offset` and, inside the n-th `[[event]]`, the
+/// field `event[n].key` written on that line.
+fn locate(text: &str, offset: usize) -> (usize, Option<String>) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('#') && !k.starts_with('['));
+    // Up to this line's end: on a `[[event]]` line, it is that event.
+    let events_before = text[..line_start + line.len()]
+        .lines()
+        .filter(|l| l.trim().starts_with("[[event]]"))
+        .count();
+    let field = match (events_before, key) {
+        (0, k) => k,
+        (n, Some(k)) => Some(format!("event[{}].{k}", n - 1)),
+        (n, None) => Some(format!("event[{}]", n - 1)),
+    };
+    (line_no, field)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_scenario_parses_and_keeps_time_order() {
+        let s = Scenario::default_scenario();
+        assert!(s.duration <= Duration::from_secs(120), "{:?}", s.duration);
+        assert!(s.events.len() >= 8);
+        assert!(s.events.windows(2).all(|w| w[0].at <= w[1].at));
+        for want in [
+            "kill",
+            "pause",
+            "restart",
+            "slow",
+            "unhealthy",
+            "add",
+            "control-down",
+        ] {
+            assert!(
+                s.events.iter().any(|e| e.action.name() == want),
+                "the default scenario has no {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn events_take_shares_and_times_and_sort() {
+        let s = Scenario::parse(
+            "s.toml",
+            "duration = \"50s\"\nrate = 10\n\
+             [[event]]\nat = \"30s\"\naction = \"add\"\ntarget = \"web4\"\n\
+             [[event]]\nat = \"20%\"\naction = \"slow\"\ntarget = \"web3\"\ndelay = \"150ms\"\n\
+             [[event]]\nat = \"90%\"\naction = \"control-down\"\n",
+        )
+        .expect("parses");
+        let got: Vec<_> = s.events.iter().map(|e| (e.at, e.label())).collect();
+        assert_eq!(
+            got,
+            [
+                (Duration::from_secs(10), "web3 slow (+150 ms)".to_string()),
+                (Duration::from_secs(30), "web4 added".to_string()),
+                (Duration::from_secs(45), "control plane down".to_string()),
+            ]
+        );
+        assert_eq!(s.events[0].line, 8, "the line of the 20% event's `at`");
+        assert_eq!(s.timeout, Duration::from_secs(2));
+        assert_eq!(s.added(), ["web4"]);
+    }
+
+    fn error(text: &str) -> String {
+        Scenario::parse("bad.toml", text)
+            .expect_err("refused")
+            .to_string()
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_line_and_field() {
+        let ev = |body: &str| format!("duration = \"60s\"\n\n[[event]]\n{body}");
+        for (text, want) in [
+            (
+                "duration = 60\n".to_string(),
+                "bad.toml:1: field duration: invalid type",
+            ),
+            (
+                "duration = \"soon\"\n".into(),
+                "bad.toml:1: field duration: \"soon\"",
+            ),
+            (
+                "rate = 5\n".into(),
+                "bad.toml:1: field duration: missing field `duration`",
+            ),
+            (
+                "duration = \"60s\"\nrate = 0\n".into(),
+                "bad.toml:0: field rate: 0: requests per second",
+            ),
+            (
+                "duration = \"60s\"\ntimeout = \"2m\"\n".into(),
+                "bad.toml:2: field timeout: \"2m\"",
+            ),
+            (
+                "duration = \"60s\"\nspeed = 3\n".into(),
+                "bad.toml:2: field speed: unknown field `speed`",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"explode\"\ntarget = \"web2\"\n"),
+                "bad.toml:5: field event[0].action: \"explode\" is not an action",
+            ),
+            (
+                ev("at = \"140%\"\naction = \"kill\"\ntarget = \"web2\"\n"),
+                "bad.toml:4: field event[0].at: \"140%\"",
+            ),
+            (
+                ev("at = \"61s\"\naction = \"kill\"\ntarget = \"web2\"\n"),
+                "bad.toml:4: field event[0].at: \"61s\"",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"kill\"\n"),
+                "bad.toml:5: field event[0].target: kill needs a target",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"control-up\"\ntarget = \"web2\"\n"),
+                "bad.toml:6: field event[0].target: control-up acts on the control plane",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"slow\"\ntarget = \"web2\"\n"),
+                "bad.toml:5: field event[0].delay: slow needs a delay",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"kill\"\ntarget = \"web2\"\ndelay = \"1s\"\n"),
+                "bad.toml:7: field event[0].delay: only slow takes a delay",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"kill\"\ntarget = \"web 2\"\n"),
+                "bad.toml:6: field event[0].target: \"web 2\" is not an instance name",
+            ),
+            (
+                ev("action = \"kill\"\ntarget = \"web2\"\n"),
+                "bad.toml:3: field event[0].at: missing field `at`",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"kill\"\ntarget = \"web2\"\nwhen = 1\n"),
+                "bad.toml:7: field event[0].when: unknown field `when`",
+            ),
+        ] {
+            let got = error(&text);
+            assert!(got.starts_with(want), "{text}\ngot:  {got}\nwant: {want}");
+        }
+    }
+}
