@@ -46,24 +46,7 @@ async fn script(path: &str, env: &[(&str, &str)]) -> Result<()> {
 /// `docker-compose` (Debian's) or the `docker compose` plugin, when a Docker
 /// engine answers; else why the Docker lab test skips.
 pub fn compose_command() -> std::result::Result<Vec<String>, String> {
-    let engine = std::process::Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .map_err(|e| format!("no docker client: {e}"))?;
-    if !engine.status.success() {
-        return Err("no Docker engine answers `docker info`".into());
-    }
-    for cmd in [vec!["docker-compose"], vec!["docker", "compose"]] {
-        let ok = std::process::Command::new(cmd[0])
-            .args(&cmd[1..])
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return Ok(cmd.into_iter().map(String::from).collect());
-        }
-    }
-    Err("neither docker-compose nor `docker compose` is installed".into())
+    wayfinder_cli::lab::docker::compose_command().map_err(|e| e.to_string())
 }
 
 /// A compose project, taken down (containers, network, volumes) on drop.

@@ -161,7 +161,8 @@ impl Lab {
     /// A `web` instance in its own namespace `web{i}` at 10.77.0.1i:
     /// lab-app on :8080, its sidecar registered with the control plane at
     /// `control_plane`, inbound on :15006 advertised with the namespace's
-    /// address, health-checking `/healthz`; `extra` flags for the sidecar.
+    /// address, health-checking `/healthz`, admin on 127.0.0.1:15000 unless
+    /// `extra` (more flags for the sidecar) gives `--admin`.
     pub fn web(
         &mut self,
         i: u8,
@@ -190,11 +191,12 @@ impl Lab {
             "0.0.0.0:15006",
             "--advertise",
             &advertise,
-            "--admin",
-            "127.0.0.1:15000",
             "--health-check",
             "/healthz",
         ];
+        if !extra.contains(&"--admin") {
+            args.extend(["--admin", "127.0.0.1:15000"]);
+        }
         args.extend_from_slice(extra);
         let sidecar = crate::Process::start_in(
             &Self::exec(&ns),

@@ -497,6 +497,35 @@ async fn a_sidecar_renews_with_its_certificate_after_its_join_token_expired() ->
     .await
 }
 
+/// web-1 (lab-app and sidecar) in a namespace of its own at 10.77.0.11,
+/// its control plane at 10.77.0.254 (the test's side of the bridge), and a
+/// channel there presenting another `web` certificate.
+async fn web1_in_a_namespace(
+    tag: &str,
+) -> Result<(
+    wayfinder_tests::netns::Lab,
+    ControlPlane,
+    (Process, Process),
+    Channel,
+)> {
+    use wayfinder_tests::netns::Lab;
+    let mut lab = Lab::new(tag)?;
+    lab.attach_host(254)?;
+    let cp = ControlPlane::start_secure_on(
+        &format!("{}:0", Lab::ip(254)),
+        &["--join-token", &format!("{WEB_TOKEN}:web")],
+    )?;
+    let bundle = cp.bundle().to_string_lossy().to_string();
+    let web1 = lab.web(
+        1,
+        &cp.url(),
+        &["--ca-bundle", &bundle, "--join-token", WEB_TOKEN],
+    )?;
+    let (chain, key) = certificate(&cp, WEB_TOKEN, "web").await?;
+    let ch = cp.tls_channel(Some((chain, key))).await?;
+    Ok((lab, cp, web1, ch))
+}
+
 #[tokio::test]
 async fn a_sidecar_cannot_take_over_an_instance_another_sidecar_holds() -> Result<()> {
     use wayfinder_tests::netns::{Lab, unavailable};
@@ -507,21 +536,8 @@ async fn a_sidecar_cannot_take_over_an_instance_another_sidecar_holds() -> Resul
     bounded(async {
         // web-1 in its own namespace (10.77.0.11); the test, holding another
         // web certificate, calls from 10.77.0.254: two hosts, one service.
-        let mut lab = Lab::new("hold")?;
-        lab.attach_host(254)?;
-        let cp = ControlPlane::start_secure_on(
-            &format!("{}:0", Lab::ip(254)),
-            &["--join-token", &format!("{WEB_TOKEN}:web")],
-        )?;
-        let bundle = cp.bundle().to_string_lossy().to_string();
-        let _web1 = lab.web(
-            1,
-            &cp.url(),
-            &["--ca-bundle", &bundle, "--join-token", WEB_TOKEN],
-        )?;
+        let (_lab, cp, _web1, ch) = web1_in_a_namespace("hold").await?;
         let lease = web_lease(&cp).await?;
-        let (chain, key) = certificate(&cp, WEB_TOKEN, "web").await?;
-        let ch = cp.tls_channel(Some((chain, key))).await?;
         let here = Lab::ip(254).to_string();
 
         // web-1 from here: the same service, another sidecar's instance.
@@ -558,20 +574,7 @@ async fn a_recreated_sidecar_takes_its_instance_back_once_the_old_one_is_gone() 
         // web-1's sidecar in its namespace (10.77.0.11) is killed, as when
         // its container dies; the test, at 10.77.0.254 with a web
         // certificate, is web-1 recreated with a new address.
-        let mut lab = Lab::new("back")?;
-        lab.attach_host(254)?;
-        let cp = ControlPlane::start_secure_on(
-            &format!("{}:0", Lab::ip(254)),
-            &["--join-token", &format!("{WEB_TOKEN}:web")],
-        )?;
-        let bundle = cp.bundle().to_string_lossy().to_string();
-        let (_app, mut sidecar) = lab.web(
-            1,
-            &cp.url(),
-            &["--ca-bundle", &bundle, "--join-token", WEB_TOKEN],
-        )?;
-        let (chain, key) = certificate(&cp, WEB_TOKEN, "web").await?;
-        let ch = cp.tls_channel(Some((chain, key))).await?;
+        let (_lab, cp, (_app, mut sidecar), ch) = web1_in_a_namespace("back").await?;
         let mut again = instance("web", "web-1");
         again.address = Lab::ip(254).to_string();
         // While its sidecar lives, the instance is its own.

@@ -706,41 +706,18 @@ async fn post_shutdown_from_another_host_is_refused_even_on_an_open_admin_port()
             &format!("{}:0", Lab::ip(254)),
             &["--join-token", &format!("{TOKEN}:web")],
         )?;
-        let ns = lab.node("web1", 11)?;
-        let _app = Process::start_in(
-            &Lab::exec(&ns),
-            "lab-app",
-            &["--listen", "127.0.0.1:8080", "--name", "web-1"],
-            "listening on",
-        )?;
-        let (url, bundle) = (cp.url(), cp.bundle().to_string_lossy().to_string());
-        let advertise = format!("{}:15006", Lab::ip(11));
-        let mut web = Process::start_in(
-            &Lab::exec(&ns),
-            "wf-proxy",
+        let bundle = cp.bundle().to_string_lossy().to_string();
+        let (_app, mut web) = lab.web(
+            1,
+            &cp.url(),
             &[
-                "--control-plane",
-                &url,
                 "--ca-bundle",
                 &bundle,
                 "--join-token",
                 TOKEN,
-                "--service",
-                "web",
-                "--instance",
-                "web-1",
-                "--app",
-                "127.0.0.1:8080",
-                "--inbound",
-                "0.0.0.0:15006",
-                "--advertise",
-                &advertise,
                 "--admin",
                 "0.0.0.0:15000",
-                "--health-check",
-                "tcp",
             ],
-            "registered with the control plane",
         )?;
         let admin = SocketAddr::new(Lab::ip(11).into(), 15000);
         // Other admin pages answer there: the refusal is /shutdown's own.

@@ -112,6 +112,17 @@ impl Samples {
     }
 }
 
+/// The line that says what the load is about to do, `from` where.
+pub(crate) fn announce_load(cfg: &Config, from: &str) {
+    let ways: Vec<&str> = cfg.ways.iter().map(|w| w.key()).collect();
+    eprintln!(
+        "== load: {} at {} requests per second each for {} s{from}",
+        ways.join(", "),
+        cfg.scenario.rate,
+        cfg.scenario.duration.as_secs()
+    );
+}
+
 /// Fires the scenario's events at their times from `start` while the load
 /// runs, printing progress; returns what happened, once the load's time
 /// (and its last timeout) is over.

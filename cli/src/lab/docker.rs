@@ -942,16 +942,7 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
         };
         loads.push(lab.start_load(load, cfg, start, samples.clone()).await?);
     }
-    eprintln!(
-        "== load: {} at {} requests per second each for {} s, from containers on the lab's network",
-        cfg.ways
-            .iter()
-            .map(|w| w.key())
-            .collect::<Vec<_>>()
-            .join(", "),
-        cfg.scenario.rate,
-        cfg.scenario.duration.as_secs()
-    );
+    compare::announce_load(cfg, ", from containers on the lab's network");
     let started = {
         let now = (Instant::now(), SystemTime::now());
         now.0 + start.duration_since(now.1).unwrap_or_default()

@@ -591,16 +591,7 @@ pub async fn run(cfg: &Config) -> Result<PathBuf> {
     });
     let start = plan.start_instant();
     let load = tokio::spawn(load::run(lab.aims(), plan, tx));
-    eprintln!(
-        "== load: {} at {} requests per second each for {} s",
-        cfg.ways
-            .iter()
-            .map(|w| w.key())
-            .collect::<Vec<_>>()
-            .join(", "),
-        cfg.scenario.rate,
-        cfg.scenario.duration.as_secs()
-    );
+    compare::announce_load(cfg, "");
     let fired = compare::drive(&mut lab, cfg, start, &samples).await;
     let cold = load.await.context("the load failed")??;
     let _ = collector.await;
