@@ -95,12 +95,23 @@ fn every_shape_of_service_is_meshed_as_the_golden_file_says() {
     );
     assert!(out.text.contains("pid: service:migrate-sidecar"));
     assert_eq!(out.text.matches("--exit-with-app").count(), 1);
-    // db (an unquoted `false` label) and monitor (host network) are left
-    // alone, each named; debug, in api's namespace, follows it to its sidecar.
-    assert_eq!(out.warnings.len(), 3, "{:?}", out.warnings);
+    // db (an unquoted `false` label), monitor (host network), sandbox (no
+    // network) and legacy (Docker's bridge, no names) are left alone, each
+    // named with its reason; debug, in api's namespace, follows it to its
+    // sidecar.
+    assert_eq!(out.warnings.len(), 5, "{:?}", out.warnings);
     assert!(out.warnings[0].contains("db is not meshed: label wayfinder.io/inject"));
-    assert!(out.warnings[1].contains("monitor is not meshed: network_mode \"host\""));
-    assert!(out.warnings[2].contains("debug shares api's network namespace"));
+    assert!(
+        out.warnings[1]
+            .contains("monitor is not meshed: network_mode \"host\": it shares the host's")
+    );
+    assert!(
+        out.warnings[2].contains("sandbox is not meshed: network_mode \"none\": it has no network")
+    );
+    assert!(out.warnings[3].contains(
+        "legacy is not meshed: network_mode \"bridge\": Docker's default bridge resolves no names"
+    ));
+    assert!(out.warnings[4].contains("debug shares api's network namespace"));
     assert!(out.text.contains("network_mode: service:api-sidecar"));
 }
 
@@ -257,6 +268,22 @@ fn a_refused_file_writes_nothing_and_tokens_are_owner_only_and_kept() {
 
     let good = dir.path().join("lab.yaml");
     std::fs::write(&good, classic()).expect("write");
+    // An OUT that cannot be written fails before any token is.
+    let nowhere = Request {
+        file: good.clone(),
+        out: Some(dir.path().join("missing/lab.meshed.yaml")),
+        ..r.clone()
+    };
+    let e = inject::run(&nowhere).expect_err("no such directory");
+    assert!(
+        format!("{e:#}").contains("missing/lab.meshed.yaml"),
+        "{e:#}"
+    );
+    assert!(
+        !inject::secrets_dir(&nowhere).1.exists(),
+        "tokens for an unwritten file"
+    );
+
     let out = dir.path().join("lab.meshed.yaml");
     let r = Request {
         file: good,
@@ -264,9 +291,10 @@ fn a_refused_file_writes_nothing_and_tokens_are_owner_only_and_kept() {
         ..r
     };
     inject::run(&r).expect("inject");
+    let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&out), 0o644, "a compose file is no secret");
     let (relative, secrets) = inject::secrets_dir(&r);
     assert_eq!(relative, "./lab.meshed.wayfinder");
-    let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode(&secrets), 0o700);
     let web = std::fs::read_to_string(secrets.join("web.env")).expect("web.env");
     assert_eq!(mode(&secrets.join("web.env")), 0o600);

@@ -1,6 +1,8 @@
 """A gRPC server the project did not write: grpcio (grpc-core, as the C++,
 Ruby and PHP servers use) with the standard health service from PyPI and
-lab-app's Echo. Saying "unhealthy" turns its health to NOT_SERVING.
+lab-app's Echo. Saying "unhealthy" turns its health to NOT_SERVING; saying
+"whoami" answers with the caller identity its sidecar passed on (the
+x-forwarded-client-cert header, from the mTLS hop), or "none".
 
   grpc_server.py PORT NAME     prints "listening on 127.0.0.1:PORT" once up
 """
@@ -23,6 +25,9 @@ def main():
     def say(request, context):
         if request.get(1) == "unhealthy":
             checker.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        if request.get(1) == "whoami":
+            meta = dict(context.invocation_metadata())
+            return {1: meta.get("x-forwarded-client-cert", "none"), 2: name}
         return {1: request.get(1, ""), 2: name}
 
     echo = grpc.method_handlers_generic_handler(

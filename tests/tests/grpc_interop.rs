@@ -112,9 +112,12 @@ async fn grpcio_calls_lab_app_directly_and_through_two_sidecars_over_mtls() -> R
             "{metrics}"
         );
 
-        // A server stream through the mesh: Watch sees the app turn unhealthy.
+        // A server stream, directly and through the mesh: both Watches see
+        // the app turn unhealthy.
+        let direct = Watch::start(&python, app, 2)?;
         let watch = Watch::start(&python, via, 2)?;
         wayfinder_tests::http_request(app, "POST", "/fault?healthy=false", "web", "").await?;
+        direct.saw_serving_then_not_serving().await?;
         watch.saw_serving_then_not_serving().await?;
         Ok(())
     })
@@ -149,13 +152,23 @@ async fn a_grpcio_server_behind_its_sidecar_answers_grpcio_through_the_mesh() ->
             grpcio(&python, via, &["say", "meshed"]).await?,
             "meshed py-1"
         );
+        // The hop between the sidecars was mTLS: the server's sidecar names
+        // the caller's proven identity; a direct call has none.
+        assert_eq!(grpcio(&python, app, &["say", "whoami"]).await?, "none py-1");
+        let who = grpcio(&python, via, &["say", "whoami"]).await?;
+        assert!(
+            who.starts_with("URI=spiffe://") && who.contains("/client py-1"),
+            "{who}"
+        );
 
-        // Its health stream through both sidecars.
+        // Its health stream, directly and through both sidecars.
+        let direct = Watch::start(&python, app, 2)?;
         let watch = Watch::start(&python, via, 2)?;
         assert_eq!(
             grpcio(&python, via, &["say", "unhealthy"]).await?,
             "unhealthy py-1"
         );
+        direct.saw_serving_then_not_serving().await?;
         watch.saw_serving_then_not_serving().await?;
         Ok(())
     })

@@ -60,6 +60,44 @@ async fn run_starts_the_app_once_ready_and_exits_with_its_code() -> Result<()> {
     .await
 }
 
+#[tokio::test]
+async fn run_passes_reload_signals_to_the_app_as_they_come() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        // The app reports each reload signal, and exits 4 on USR2.
+        let script = "trap 'echo app got HUP >&2' HUP; trap 'echo app got USR1 >&2' USR1; \
+                      trap 'echo app got USR2 >&2; exit 4' USR2; \
+                      echo app waiting >&2; while :; do sleep 0.05; done";
+        let mut sidecar = Process::start(
+            "wf-proxy",
+            &[
+                "--control-plane",
+                &cp.url(),
+                "--admin",
+                "127.0.0.1:0",
+                "run",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+            "wf-proxy listening",
+        )?;
+        sidecar.await_log("app waiting").await?;
+        for signal in ["HUP", "USR1"] {
+            sidecar.signal(signal)?;
+            sidecar.await_log(&format!("app got {signal}")).await?;
+        }
+        // Reloads do not end the sidecar; the app's exit after USR2 does.
+        sidecar.signal("USR2")?;
+        let status = sidecar.wait_exit(Duration::from_secs(10))?;
+        assert_eq!(status.code(), Some(4), "{}", sidecar.log_text());
+        assert!(sidecar.log_text().contains("app got USR2"));
+        Ok(())
+    })
+    .await
+}
+
 /// web-`i`: `wf-proxy … run -- lab-app` with a short lame duck.
 fn web(cp: &ControlPlane, i: u8, port: u16) -> Result<Process> {
     web_with(cp, i, port, "500ms")

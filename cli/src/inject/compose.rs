@@ -517,9 +517,22 @@ fn plan(name: &str, svc: &Mapping, o: &Options) -> Result<Plan, InjectError> {
     }
     if let Some(mode) = svc.get("network_mode") {
         let mode = mode.as_str().unwrap_or_default();
-        return Ok(Plan::Leave(format!(
-            "network_mode {mode:?}: it has no network namespace of its own for a sidecar"
-        )));
+        let why = match mode {
+            "host" => {
+                "it shares the host's network namespace, where a sidecar would capture every process's traffic"
+            }
+            "none" => "it has no network",
+            // Docker's default bridge has no DNS: its sidecar could not
+            // find the control plane (or anyone) by name.
+            "bridge" | "default" => {
+                "Docker's default bridge resolves no names; put it on a compose network to mesh it"
+            }
+            m if m.starts_with("service:") || m.starts_with("container:") => {
+                "it joins another container's network namespace: mesh that one and it follows"
+            }
+            _ => "a network mode inject does not know",
+        };
+        return Ok(Plan::Leave(format!("network_mode {mode:?}: {why}")));
     }
     for (k, _) in svc {
         let key = k.as_str().unwrap_or_default();

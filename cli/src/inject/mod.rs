@@ -63,6 +63,17 @@ pub fn run(r: &Request) -> Result<()> {
         skip: r.skip.clone(),
         secrets_dir: relative,
     };
+    // The file goes to a temporary beside OUT first, so an OUT that cannot
+    // be written fails before any token is, and OUT appears whole or not.
+    let staged = match &r.out {
+        Some(path) => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let tmp = tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new(".")))
+                .with_context(|| format!("writing {}", path.display()))?;
+            Some((path, tmp))
+        }
+        None => None,
+    };
     let result = if r.remove {
         let original = remove(&text, &o)?;
         eprintln!(
@@ -90,9 +101,15 @@ pub fn run(r: &Request) -> Result<()> {
         );
         injected.text
     };
-    match &r.out {
-        Some(path) => {
-            std::fs::write(path, result).with_context(|| format!("writing {}", path.display()))?
+    match staged {
+        Some((path, tmp)) => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(tmp.path(), result)
+                .with_context(|| format!("writing {}", path.display()))?;
+            // A compose file is no secret (the tokens are beside it).
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
+            tmp.persist(path)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         None => print!("{result}"),
     }
