@@ -151,10 +151,10 @@ enum LabCommand {
         #[arg(long)]
         scenario: Option<std::path::PathBuf>,
         /// Ways to compare, comma-separated: dns-once, dns-per-request,
-        /// dns-ttl-600, dns-ttl-30, nginx, mesh.
+        /// dns-ttl, dns-ttl-30, nginx, mesh.
         #[arg(
             long,
-            default_value = "dns-once,dns-per-request,dns-ttl-600,dns-ttl-30,nginx,mesh"
+            default_value = "dns-once,dns-per-request,dns-ttl,dns-ttl-30,nginx,mesh"
         )]
         ways: String,
         /// Run on the containers of this compose file (the classic lab,
@@ -398,20 +398,28 @@ async fn run_lab(cmd: LabCommand) -> Result<()> {
                 bin_dir,
                 nginx: find_nginx(nginx),
             };
-            let report = match compose {
-                Some(compose) => {
-                    let o = docker::Options {
-                        compose,
-                        project,
-                        alias,
-                        client,
-                        nginx: nginx_service,
-                        image,
-                        keep,
-                    };
-                    docker::run(&cfg, &o).await?
+            let run = async {
+                match compose {
+                    Some(compose) => {
+                        let o = docker::Options {
+                            compose,
+                            project,
+                            alias,
+                            client,
+                            nginx: nginx_service,
+                            image,
+                            keep,
+                        };
+                        docker::run(&cfg, &o).await
+                    }
+                    None => loopback::run(&cfg).await,
                 }
-                None => loopback::run(&cfg).await?,
+            };
+            // Ctrl-C drops the run, and with it the lab: its processes,
+            // or its containers, placeholders and loads.
+            let report = tokio::select! {
+                r = run => r?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted: the lab is taken down"),
             };
             eprintln!("== report: {}", report.display());
             Ok(())

@@ -2,7 +2,7 @@
 //!
 //! A lab (loopback processes, or the containers of a compose file) serves
 //! `web` from web1..3. The load sends the same open-loop stream of calls
-//! through each way: DNS resolved once, per request, cached for 600 s and
+//! through each way: DNS resolved once, per request, cached for its TTL and
 //! for 30 s, the nginx upstream, and the mesh. The scenario's events (kill,
 //! pause, restart with a new IP, slow, unhealthy, add, control plane down
 //! and up) act on the lab at their times, to every way at the same moment;
@@ -213,10 +213,10 @@ mod tests {
             &have,
         )
         .expect_err("no web9");
-        assert_eq!(e.line, 3);
+        assert_eq!(e.line, 5);
         assert!(
             e.to_string()
-                .starts_with("s.toml:3: field event[0].target: the lab has no instance \"web9\""),
+                .starts_with("s.toml:5: field event[0].target: the lab has no instance \"web9\""),
             "{e}"
         );
         let e = check_targets(
@@ -225,5 +225,15 @@ mod tests {
         )
         .expect_err("web2 exists");
         assert!(e.message.contains("exists already"), "{e}");
+        // Named by its place in the file, not in time order.
+        let e = check_targets(
+            &sc(
+                "[[event]]\nat = \"50%\"\naction = \"kill\"\ntarget = \"web9\"\n\
+                 [[event]]\nat = \"10%\"\naction = \"kill\"\ntarget = \"web1\"\n",
+            ),
+            &have,
+        )
+        .expect_err("no web9");
+        assert_eq!((e.line, e.field.as_str()), (5, "event[0].target"), "{e}");
     }
 }

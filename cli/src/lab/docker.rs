@@ -63,8 +63,10 @@ pub struct Derived {
     pub text: String,
     /// The alias's instances (compose service names), file order.
     pub instances: Vec<String>,
-    /// The network the instances share the alias on.
+    /// The network the instances share the alias on (its compose key).
     pub network: String,
+    /// Its Docker name when the file gives one (`name:`, or external).
+    pub network_named: Option<String>,
     /// The port they serve on.
     pub port: u16,
     /// nginx's port inside its container.
@@ -192,12 +194,11 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         }
     }
     let last = instances.last().cloned().unwrap_or_default();
-    let template = services
+    let port = services
         .get(last.as_str())
         .and_then(Value::as_mapping)
-        .cloned()
-        .context("the last instance")?;
-    let port = first_port(&template).unwrap_or(80);
+        .and_then(first_port)
+        .unwrap_or(80);
     let nginx_port = services
         .get(o.nginx.as_str())
         .and_then(Value::as_mapping)
@@ -225,6 +226,13 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         // nginx stays the nginx people run, not a meshed one.
         labels_mut(svc)?.insert(inject::compose::LABEL_INJECT.into(), "false".into());
     }
+    // Taken once its labels are set: an added instance lets the DNS ways'
+    // plaintext in like the others.
+    let template = services
+        .get(last.as_str())
+        .and_then(Value::as_mapping)
+        .cloned()
+        .context("the last instance")?;
     for added in sc.added() {
         let mut svc = template.clone();
         if svc.contains_key("hostname") {
@@ -241,6 +249,22 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         }
         services.insert(added.into(), Value::Mapping(svc));
     }
+    let network_named = doc
+        .get("networks")
+        .and_then(|n| n.get(network.as_str()))
+        .and_then(|n| {
+            let external = n.get("external");
+            n.get("name")
+                .and_then(Value::as_str)
+                .or_else(|| external.and_then(|e| e.get("name")).and_then(Value::as_str))
+                .map(String::from)
+                .or_else(|| {
+                    external
+                        .and_then(Value::as_bool)
+                        .filter(|e| *e)
+                        .map(|_| network.clone())
+                })
+        });
     let derived = inject::yaml11::to_string(&doc)
         .with_context(|| format!("{file}: writing the derived file"))?;
     let injected = inject::inject(&derived, &opts).map_err(anyhow::Error::from)?;
@@ -267,10 +291,20 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         mesh_services: injected.mesh_services(),
         instances,
         network,
+        network_named,
         port,
         nginx_port,
         unhealthy,
     })
+}
+
+impl Derived {
+    /// The Docker network the instances are on.
+    pub fn network_name(&self, project: &str) -> String {
+        self.network_named
+            .clone()
+            .unwrap_or_else(|| format!("{project}_{}", self.network))
+    }
 }
 
 /// Checks the scenario against the derived lab, before anything starts.
@@ -749,26 +783,41 @@ impl Lab for DockerLab {
                 // placeholder takes it, so the instance comes back on a
                 // new one and the old one answers no more (refused), the
                 // trap for whoever kept it.
-                let held = format!("{}-held-{t}-{}", self.project, self.loads.len());
-                let network = format!("{}_{}", self.project, self.derived.network);
-                let _ = docker(&["rm", "-f", &held]).await;
-                self.loads.push(held.clone());
-                docker(&[
-                    "run",
-                    "-d",
-                    "--name",
-                    &held,
-                    "--network",
-                    &network,
-                    &self.image,
-                    "lab-app",
-                    "--listen",
-                    "127.0.0.1:9",
-                ])
-                .await
-                .context("the placeholder holding the old address")?;
+                // The kill returns before Docker has freed the address:
+                // placeholders are started until one holds it (an extra
+                // one holds some other free address, harmlessly).
                 let was = self.address(t);
-                eprintln!("          {t} was at {was}; a placeholder holds that address now");
+                let mut held_it = false;
+                for _ in 0..5 {
+                    let held = format!("{}-held-{t}-{}", self.project, self.loads.len());
+                    let _ = docker(&["rm", "-f", &held]).await;
+                    self.loads.push(held.clone());
+                    docker(&[
+                        "run",
+                        "-d",
+                        "--name",
+                        &held,
+                        "--network",
+                        &self.derived.network_name(&self.project),
+                        &self.image,
+                        "lab-app",
+                        "--listen",
+                        "127.0.0.1:9",
+                    ])
+                    .await
+                    .context("the placeholder holding the old address")?;
+                    if ips(&held).await == was {
+                        held_it = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if !held_it {
+                    eprintln!("          {t}: no placeholder got {was}; it may come back there");
+                }
+                if held_it {
+                    eprintln!("          {t} was at {was}; a placeholder holds that address now");
+                }
                 self.come_back(t, Some((sidecar[0].clone(), app[0].clone())));
             }
             Action::Slow(d) => {
@@ -838,11 +887,11 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
     check_project(&o.project)?;
     let text = std::fs::read_to_string(&o.compose)
         .with_context(|| format!("reading {}", o.compose.display()))?;
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
-    let out = std::fs::canonicalize(&cfg.out)?;
+    let out = std::path::absolute(&cfg.out)?;
     let secrets = out.join("lab.wayfinder");
     let derived = derive(&text, o, &cfg.scenario, &secrets.to_string_lossy())?;
     check(&cfg.scenario, &derived)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let compose = compose_command()?;
     let image_ok = docker(&["image", "inspect", "-f", "{{.Id}}", &o.image]).await;
     if image_ok.is_err() {
@@ -925,7 +974,7 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
         };
         let load = Load {
             name: "load",
-            network: format!("{}_{}", o.project, derived.network),
+            network: derived.network_name(&o.project),
             ways: plain,
             fronts,
         };

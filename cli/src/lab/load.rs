@@ -24,8 +24,8 @@ pub enum Way {
     DnsOnce,
     /// Resolve before every request; take the first record.
     DnsPerRequest,
-    /// Keep the answer for the TTL Docker gives it (600 s).
-    DnsTtl600,
+    /// Keep the answer for the TTL it came with (Docker's: 600 s).
+    DnsTtl,
     /// Keep it for 30 s (a common runtime default).
     DnsTtl30,
     /// Through the nginx upstream.
@@ -39,7 +39,7 @@ impl Way {
     pub const ALL: [Way; 6] = [
         Way::DnsOnce,
         Way::DnsPerRequest,
-        Way::DnsTtl600,
+        Way::DnsTtl,
         Way::DnsTtl30,
         Way::Nginx,
         Way::Mesh,
@@ -50,7 +50,7 @@ impl Way {
         match self {
             Way::DnsOnce => "dns-once",
             Way::DnsPerRequest => "dns-per-request",
-            Way::DnsTtl600 => "dns-ttl-600",
+            Way::DnsTtl => "dns-ttl",
             Way::DnsTtl30 => "dns-ttl-30",
             Way::Nginx => "nginx",
             Way::Mesh => "mesh",
@@ -67,7 +67,7 @@ impl Way {
         match self {
             Way::DnsOnce => "DNS, resolved once",
             Way::DnsPerRequest => "DNS, per request",
-            Way::DnsTtl600 => "DNS, cached 600 s (Docker's TTL)",
+            Way::DnsTtl => "DNS, cached for its TTL (Docker: 600 s)",
             Way::DnsTtl30 => "DNS, cached 30 s",
             Way::Nginx => "nginx upstream",
             Way::Mesh => "Wayfinder mesh",
@@ -79,19 +79,19 @@ impl Way {
         match self {
             Way::DnsOnce => "#d62728",
             Way::DnsPerRequest => "#ff7f0e",
-            Way::DnsTtl600 => "#8c564b",
+            Way::DnsTtl => "#8c564b",
             Way::DnsTtl30 => "#e377c2",
             Way::Nginx => "#1f77b4",
             Way::Mesh => "#2ca02c",
         }
     }
 
-    /// How long a DNS way keeps an answer (`None`: forever); not a DNS way:
-    /// `Some(ZERO)` is never asked.
-    fn keep(self) -> Option<Duration> {
+    /// How long a DNS way keeps an answer that is valid until `valid`:
+    /// `None` forever, zero not at all.
+    fn keep(self, valid: Instant) -> Option<Duration> {
         match self {
             Way::DnsOnce => None,
-            Way::DnsTtl600 => Some(Duration::from_secs(600)),
+            Way::DnsTtl => Some(valid.saturating_duration_since(Instant::now())),
             Way::DnsTtl30 => Some(Duration::from_secs(30)),
             Way::DnsPerRequest | Way::Nginx | Way::Mesh => Some(Duration::ZERO),
         }
@@ -101,7 +101,7 @@ impl Way {
     pub fn is_dns(self) -> bool {
         matches!(
             self,
-            Way::DnsOnce | Way::DnsPerRequest | Way::DnsTtl600 | Way::DnsTtl30
+            Way::DnsOnce | Way::DnsPerRequest | Way::DnsTtl | Way::DnsTtl30
         )
     }
 }
@@ -235,7 +235,8 @@ struct Target {
     way: Way,
     aim: Aim,
     resolver: Option<hickory_resolver::TokioResolver>,
-    cache: Mutex<Option<(Instant, Vec<Ipv4Addr>)>>,
+    /// The kept answer and until when it is kept (`None`: for ever).
+    cache: Mutex<Option<(Option<Instant>, Vec<Ipv4Addr>)>>,
     next: AtomicUsize,
 }
 
@@ -257,30 +258,32 @@ impl Target {
         })
     }
 
-    async fn lookup(&self, name: &str) -> Vec<Ipv4Addr> {
+    async fn lookup(&self, name: &str) -> (Vec<Ipv4Addr>, Instant) {
         match &self.resolver {
             Some(r) => Self::v4(r, name).await,
-            None => Vec::new(),
+            None => (Vec::new(), Instant::now()),
         }
     }
 
-    /// `name`'s A records, in the order the server gave them.
-    async fn v4(r: &hickory_resolver::TokioResolver, name: &str) -> Vec<Ipv4Addr> {
-        r.lookup_ip(format!("{name}."))
-            .await
-            .map(|a| {
+    /// `name`'s A records, in the order the server gave them, and until
+    /// when their TTL lets a client keep them.
+    async fn v4(r: &hickory_resolver::TokioResolver, name: &str) -> (Vec<Ipv4Addr>, Instant) {
+        match r.lookup_ip(format!("{name}.")).await {
+            Ok(a) => (
                 a.iter()
                     .filter_map(|ip| match ip {
                         IpAddr::V4(v4) => Some(v4),
                         IpAddr::V6(_) => None,
                     })
-                    .collect()
-            })
-            .unwrap_or_default()
+                    .collect(),
+                a.valid_until(),
+            ),
+            Err(_) => (Vec::new(), Instant::now()),
+        }
     }
 
     async fn first_v4(r: &hickory_resolver::TokioResolver, name: &str) -> Option<Ipv4Addr> {
-        Self::v4(r, name).await.first().copied()
+        Self::v4(r, name).await.0.first().copied()
     }
 
     /// The address of the next request.
@@ -291,30 +294,29 @@ impl Target {
             };
             return Some(*a);
         };
-        let ips = match self.way.keep() {
-            Some(keep) if keep.is_zero() => {
-                return self
-                    .lookup(name)
-                    .await
-                    .first()
-                    .map(|ip| SocketAddr::new(IpAddr::V4(*ip), *port));
+        let ips = if self.way == Way::DnsPerRequest {
+            return self
+                .lookup(name)
+                .await
+                .0
+                .first()
+                .map(|ip| SocketAddr::new(IpAddr::V4(*ip), *port));
+        } else {
+            let mut cache = self.cache.lock().await;
+            let fresh = cache
+                .as_ref()
+                .is_some_and(|(until, _)| until.is_none_or(|u| Instant::now() < u));
+            if !fresh {
+                let (ips, valid) = self.lookup(name).await;
+                // A failed refresh leaves nothing to call: the client's
+                // requests fail until an answer comes.
+                let until = self.way.keep(valid).map(|k| Instant::now() + k);
+                *cache = Some((until, ips));
             }
-            keep => {
-                let mut cache = self.cache.lock().await;
-                let fresh = cache
-                    .as_ref()
-                    .is_some_and(|(t, _)| keep.is_none_or(|k| t.elapsed() < k));
-                if !fresh {
-                    let ips = self.lookup(name).await;
-                    // A failed refresh leaves nothing to call: the client's
-                    // requests fail until an answer comes.
-                    *cache = Some((Instant::now(), ips));
-                }
-                cache
-                    .as_ref()
-                    .map(|(_, ips)| ips.clone())
-                    .unwrap_or_default()
-            }
+            cache
+                .as_ref()
+                .map(|(_, ips)| ips.clone())
+                .unwrap_or_default()
         };
         if ips.is_empty() {
             return None;

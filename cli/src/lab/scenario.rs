@@ -95,8 +95,11 @@ pub struct Event {
     pub action: Action,
     /// The instance (`web2`); empty for the control plane's events.
     pub target: String,
-    /// Its line in the file, for errors found later (a target the lab has not).
-    pub line: usize,
+    /// The line of its `at`, `action` and `target`, for errors found
+    /// later (a target the lab has not).
+    pub lines: [usize; 3],
+    /// Its place in the file (`event[index]`), which time order may change.
+    pub index: usize,
 }
 
 impl Event {
@@ -135,16 +138,12 @@ pub struct Scenario {
 #[serde(deny_unknown_fields)]
 struct RawScenario {
     duration: toml::Spanned<String>,
-    #[serde(default = "default_rate")]
-    rate: u32,
+    #[serde(default)]
+    rate: Option<toml::Spanned<u32>>,
     #[serde(default)]
     timeout: Option<toml::Spanned<String>>,
     #[serde(default, rename = "event")]
     events: Vec<RawEvent>,
-}
-
-fn default_rate() -> u32 {
-    40
 }
 
 #[derive(Deserialize)]
@@ -221,13 +220,20 @@ impl Scenario {
                     ),
                 )
             })?;
-        if !(1..=2000).contains(&raw.rate) {
-            return Err(err(
-                None,
-                Some("rate".into()),
-                format!("{}: requests per second per way, from 1 to 2000", raw.rate),
-            ));
-        }
+        let rate = match &raw.rate {
+            None => 40,
+            Some(r) if (1..=2000).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                return Err(err(
+                    Some(r.span().start),
+                    Some("rate".into()),
+                    format!(
+                        "{}: requests per second per way, from 1 to 2000",
+                        r.get_ref()
+                    ),
+                ));
+            }
+        };
         let timeout = match &raw.timeout {
             None => Duration::from_secs(2),
             Some(t) => parse_duration(t.get_ref())
@@ -341,7 +347,12 @@ impl Scenario {
                 at: offset,
                 action,
                 target,
-                line: locate(text, at(&e.at)).0,
+                lines: [
+                    locate(text, at(&e.at)).0,
+                    locate(text, at(&e.action)).0,
+                    e.target.as_ref().map_or(0, |t| locate(text, at(t)).0),
+                ],
+                index: i,
             });
         }
         // Events run in time order; a file may list them in any.
@@ -349,7 +360,7 @@ impl Scenario {
         Ok(Self {
             file: file.to_string(),
             duration,
-            rate: raw.rate,
+            rate,
             timeout,
             events,
         })
@@ -358,11 +369,15 @@ impl Scenario {
     /// An error about `event` found once the lab is known (a target it has
     /// not), located at the event's line.
     pub fn error_at(&self, event: &Event, field: &str, message: String) -> ScenarioError {
-        let index = self.events.iter().position(|e| e == event).unwrap_or(0);
+        let line = match field {
+            "action" => event.lines[1],
+            "target" if event.lines[2] > 0 => event.lines[2],
+            _ => event.lines[0],
+        };
         ScenarioError {
             file: self.file.clone(),
-            line: event.line,
-            field: format!("event[{index}].{field}"),
+            line,
+            field: format!("event[{}].{field}", event.index),
             message,
         }
     }
@@ -459,7 +474,7 @@ mod tests {
                 (Duration::from_secs(45), "control plane down".to_string()),
             ]
         );
-        assert_eq!(s.events[0].line, 8, "the line of the 20% event's `at`");
+        assert_eq!(s.events[0].lines, [8, 9, 10], "the 20% event's at, action, target");
         assert_eq!(s.timeout, Duration::from_secs(2));
         assert_eq!(s.added(), ["web4"]);
     }
@@ -488,7 +503,7 @@ mod tests {
             ),
             (
                 "duration = \"60s\"\nrate = 0\n".into(),
-                "bad.toml:0: field rate: 0: requests per second",
+                "bad.toml:2: field rate: 0: requests per second",
             ),
             (
                 "duration = \"60s\"\ntimeout = \"2m\"\n".into(),

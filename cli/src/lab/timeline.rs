@@ -91,15 +91,20 @@ impl Run {
     }
 
     /// `way` during event `i`'s window. A request counts for the window it
-    /// ended in: one sent before an event that fails because of it counts
-    /// for that event.
+    /// ended in (the last window takes everything that ended after it
+    /// began): one sent before an event that fails because of it counts for
+    /// that event. The way is still failing ("never") when a request sent
+    /// in the window's last tenth failed, whenever it ended: a timeout
+    /// that outlasts the window is no recovery.
     pub fn during(&self, way: Way, i: usize) -> Window {
         let (from, to) = self.window(i);
+        let last = i + 1 == self.fired.len();
         let failed: Vec<&Sample> = self
             .of(way)
-            .filter(|s| !s.ok && s.end() >= from && s.end() < to)
+            .filter(|s| !s.ok && s.end() >= from && (last || s.end() < to))
             .collect();
-        let still = failed.iter().any(|s| s.at >= to - (to - from) * 0.1);
+        let tail = to - (to - from) * 0.1;
+        let still = self.of(way).any(|s| !s.ok && s.at >= tail && s.at < to);
         Window {
             errors: failed.len(),
             recovered_ms: (!still).then(|| {
@@ -209,7 +214,8 @@ mod tests {
                 at: Duration::from_secs_f64(at),
                 action,
                 target: target.into(),
-                line: 1,
+                lines: [1, 2, 3],
+                index: 0,
             },
             at,
             error: None,
@@ -253,6 +259,24 @@ mod tests {
         assert!((once.recovered_ms.expect("recovered") - 1.0).abs() < 1e-6);
         let t = r.totals(Way::Mesh);
         assert_eq!((t.requests, t.failed), (6, 3));
+    }
+
+    #[test]
+    fn a_timeout_outlasting_its_window_is_no_recovery() {
+        let mut late = s(Way::DnsOnce, 5.4, false, "");
+        late.ms = 2000.0;
+        let r = run(vec![s(Way::DnsOnce, 4.5, false, ""), late.clone()]);
+        // Sent in the kill window's last tenth, it failed after the pause:
+        // the kill window never recovered; the pause window counts it.
+        assert_eq!(r.during(Way::DnsOnce, 0).recovered_ms, None);
+        assert_eq!(r.during(Way::DnsOnce, 0).errors, 1);
+        assert_eq!(r.during(Way::DnsOnce, 1).errors, 1);
+        // A failure ending after the run still counts for the last window.
+        let mut after = s(Way::Mesh, 9.7, false, "");
+        after.ms = 2000.0;
+        let r = run(vec![after]);
+        assert_eq!(r.during(Way::Mesh, 1).errors, 1);
+        assert_eq!(r.during(Way::Mesh, 1).recovered_ms, None);
     }
 
     #[test]
