@@ -13,7 +13,7 @@
 //! Events are Docker's own verbs: kill, pause, recreate, `tc netem` in the
 //! instance's namespace, the control plane's container killed and started.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -79,6 +79,27 @@ pub struct Derived {
     pub service: String,
     /// Services `up` starts (those under no profile).
     pub started: Vec<String>,
+    /// Instances (and the client) of a lab meshed by hand; a meshed one's
+    /// are `X-sidecar` then `X`.
+    pub pods: BTreeMap<String, Pod>,
+    /// The control plane's service.
+    pub control: String,
+    /// Where the mesh way sends inside the client's namespace, when not
+    /// captured (by hand: its sidecar's `--outbound` listener).
+    pub mesh_front: Option<String>,
+    /// Variables the file needs (join tokens), with values for this run.
+    pub secrets: Vec<(String, String)>,
+    /// The file ran Wayfinder by hand.
+    pub by_hand: bool,
+}
+
+impl Derived {
+    /// `instance`'s containers, the namespace's owner first.
+    pub fn pod(&self, instance: &str) -> Pod {
+        self.pods.get(instance).cloned().unwrap_or_else(|| Pod {
+            members: vec![format!("{instance}-sidecar"), instance.to_string()],
+        })
+    }
 }
 
 fn labels_mut(svc: &mut Mapping) -> Result<&mut Mapping> {
@@ -147,7 +168,48 @@ fn first_port(svc: &Mapping) -> Option<u16> {
         .find_map(|k| svc.get(*k)?.as_sequence()?.iter().find_map(container_side))
 }
 
-/// Derives the comparison's project from the user's compose text.
+/// A compose service's command as one string (for looking into it).
+fn command_text(svc: &Mapping) -> String {
+    match svc.get("command") {
+        Some(Value::String(c)) => c.clone(),
+        Some(Value::Sequence(words)) => words
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+/// The value after `flag` in a service's command.
+fn flag_value(svc: &Mapping, flag: &str) -> Option<String> {
+    let text = command_text(svc);
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == flag)?;
+    words.next().map(String::from)
+}
+
+/// `svc` with every string `from` replaced by `to` (an added instance
+/// made from the last one: names, hostnames, the namespace it joins).
+fn renamed(svc: &Value, from: &str, to: &str) -> Value {
+    match svc {
+        Value::String(s) => Value::String(s.replace(from, to)),
+        Value::Sequence(items) => {
+            Value::Sequence(items.iter().map(|v| renamed(v, from, to)).collect())
+        }
+        Value::Mapping(m) => Value::Mapping(
+            m.iter()
+                .map(|(k, v)| (k.clone(), renamed(v, from, to)))
+                .collect(),
+        ),
+        v => v.clone(),
+    }
+}
+
+/// Derives the comparison's project from the user's compose text: a lab
+/// without the mesh (or meshed by `wfctl inject`) is meshed here; a lab
+/// that runs Wayfinder by hand (`deploy/compose.yaml`: sidecars joining
+/// their app's namespace) is taken as it is.
 pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Result<Derived> {
     let file = o.compose.display().to_string();
     let opts = inject::Options {
@@ -193,6 +255,24 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
             bail!("{file}: services.{want}: no such service (see --client and --nginx-service)");
         }
     }
+    let control = services.iter().find_map(|(name, svc)| {
+        let svc = svc.as_mapping()?;
+        command_text(svc)
+            .contains("wf-control")
+            .then(|| name.as_str().map(String::from))?
+    });
+    let by_hand = control.is_some();
+    // Who joins whose network namespace (`network_mode: service:X`).
+    let joins = |services: &Mapping, owner: &str| -> Vec<String> {
+        services
+            .iter()
+            .filter(|(_, svc)| {
+                svc.get("network_mode").and_then(Value::as_str)
+                    == Some(format!("service:{owner}").as_str())
+            })
+            .filter_map(|(name, _)| name.as_str().map(String::from))
+            .collect()
+    };
     let last = instances.last().cloned().unwrap_or_default();
     let port = services
         .get(last.as_str())
@@ -215,40 +295,95 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         if label(svc, LABEL_UNHEALTHY).is_some() {
             unhealthy.push(name.clone());
         }
-        // The DNS and nginx ways call the instances in plaintext, as
-        // before the mesh; the mesh way is mTLS between sidecars.
-        labels_mut(svc)?.insert(inject::compose::LABEL_INBOUND.into(), "permissive".into());
+        if !by_hand {
+            // The DNS and nginx ways call the instances in plaintext, as
+            // before the mesh; the mesh way is mTLS between sidecars.
+            labels_mut(svc)?.insert(inject::compose::LABEL_INBOUND.into(), "permissive".into());
+        }
     }
     if let Some(svc) = services
         .get_mut(o.nginx.as_str())
         .and_then(Value::as_mapping_mut)
     {
-        // nginx stays the nginx people run, not a meshed one.
+        // nginx stays the nginx people run, not a meshed one, and runs
+        // even where the file keeps it under a profile.
         labels_mut(svc)?.insert(inject::compose::LABEL_INJECT.into(), "false".into());
+        svc.remove("profiles");
     }
     // Taken once its labels are set: an added instance lets the DNS ways'
-    // plaintext in like the others.
-    let template = services
-        .get(last.as_str())
-        .and_then(Value::as_mapping)
-        .cloned()
-        .context("the last instance")?;
-    for added in sc.added() {
-        let mut svc = template.clone();
-        if svc.contains_key("hostname") {
-            svc.insert("hostname".into(), added.into());
-        }
-        svc.remove("container_name");
-        svc.remove("ports");
-        svc.insert(
-            "profiles".into(),
-            Value::Sequence(vec![ADDED_PROFILE.into()]),
-        );
-        if label(&svc, LABEL_UNHEALTHY).is_some() {
-            unhealthy.push(added.to_string());
-        }
-        services.insert(added.into(), Value::Mapping(svc));
+    // plaintext in like the others. By hand, its sidecars come along.
+    let mut template = vec![last.clone()];
+    if by_hand {
+        template.extend(joins(services, &last));
     }
+    let mut pods = BTreeMap::new();
+    for added in sc.added() {
+        let mut members = Vec::new();
+        for from in &template {
+            let svc = services
+                .get(from.as_str())
+                .context("the last instance")?;
+            let name = from.replacen(&last, added, 1);
+            let mut svc = renamed(svc, &last, added);
+            // lab-app's and the sidecar's `web-3` become `web-4`.
+            if let (Some(a), Some(b)) = (last.strip_prefix(&o.alias), added.strip_prefix(&o.alias)) {
+                let (dashed_a, dashed_b) = (format!("{}-{a}", o.alias), format!("{}-{b}", o.alias));
+                svc = renamed(&svc, &dashed_a, &dashed_b);
+            }
+            let Some(m) = svc.as_mapping_mut() else {
+                bail!("{file}: services.{from}: not a mapping");
+            };
+            m.remove("container_name");
+            m.remove("ports");
+            m.insert("profiles".into(), Value::Sequence(vec![ADDED_PROFILE.into()]));
+            if name == added && label(m, LABEL_UNHEALTHY).is_some() {
+                unhealthy.push(added.to_string());
+            }
+            services.insert(name.clone().into(), svc);
+            members.push(name);
+        }
+        if by_hand {
+            pods.insert(added.to_string(), Pod { members });
+        }
+    }
+    if by_hand {
+        for i in instances.iter().chain([&o.client]) {
+            let mut members = vec![i.clone()];
+            members.extend(joins(services, i));
+            pods.insert(i.clone(), Pod { members });
+        }
+    }
+    // By hand, the mesh way calls the client sidecar's Host-routed listener.
+    let mesh_front = by_hand
+        .then(|| {
+            pods.get(&o.client)?.members.iter().find_map(|m| {
+                let addr = flag_value(services.get(m.as_str())?.as_mapping()?, "--outbound")?;
+                let port = addr.rsplit(':').next()?.to_string();
+                Some(format!("127.0.0.1:{port}"))
+            })
+        })
+        .flatten();
+    if by_hand && mesh_front.is_none() {
+        bail!(
+            "{file}: services.{}: its sidecar has no --outbound listener for the mesh way",
+            o.client
+        );
+    }
+    // Variables the file needs and has no default for: join tokens.
+    let secrets: Vec<(String, String)> = regex::Regex::new(r"\$\{(WAYFINDER_[A-Z_]*TOKEN)[:?}]")
+        .map(|re| {
+            let mut names: Vec<String> = re
+                .captures_iter(&original)
+                .map(|c| c[1].to_string())
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+                .into_iter()
+                .map(|n| (n, random_token()))
+                .collect()
+        })
+        .unwrap_or_default();
     let network_named = doc
         .get("networks")
         .and_then(|n| n.get(network.as_str()))
@@ -267,15 +402,21 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         });
     let derived = inject::yaml11::to_string(&doc)
         .with_context(|| format!("{file}: writing the derived file"))?;
-    let injected = inject::inject(&derived, &opts).map_err(anyhow::Error::from)?;
-    let service = injected
-        .meshed
-        .iter()
-        .find(|m| m.compose == instances[0])
-        .map(|m| m.service.clone())
-        .context("the instances were not meshed")?;
+    let (text, service, mesh_services) = if by_hand {
+        (derived, o.alias.clone(), Default::default())
+    } else {
+        let injected = inject::inject(&derived, &opts).map_err(anyhow::Error::from)?;
+        let service = injected
+            .meshed
+            .iter()
+            .find(|m| m.compose == instances[0])
+            .map(|m| m.service.clone())
+            .context("the instances were not meshed")?;
+        let mesh_services = injected.mesh_services();
+        (injected.text, service, mesh_services)
+    };
     let mut plain: Vec<String> = Vec::new();
-    if let Ok(Value::Mapping(doc)) = serde_yaml_ng::from_str::<Value>(&injected.text)
+    if let Ok(Value::Mapping(doc)) = serde_yaml_ng::from_str::<Value>(&text)
         && let Some(Value::Mapping(services)) = doc.get("services")
     {
         for (name, svc) in services {
@@ -285,17 +426,37 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         }
     }
     Ok(Derived {
-        text: injected.text.clone(),
+        text,
         service,
         started: plain,
-        mesh_services: injected.mesh_services(),
+        mesh_services,
         instances,
         network,
         network_named,
         port,
         nginx_port,
         unhealthy,
+        pods,
+        control: control.unwrap_or_else(|| "wayfinder-control".into()),
+        mesh_front,
+        secrets,
+        by_hand,
     })
+}
+
+/// A random join token for a lab's variables.
+fn random_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An instance's containers by compose service, the one owning the
+/// network namespace first (the order they start in).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pod {
+    /// Owner first, then those joining it.
+    pub members: Vec<String>,
 }
 
 impl Derived {
@@ -371,6 +532,31 @@ async fn output(program: &str, args: &[String], env: &[(String, String)]) -> Res
 async fn docker(args: &[&str]) -> Result<String> {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     output("docker", &args, &[]).await
+}
+
+/// Does what label `key` of `container` says: `POST /path` (or `GET`) is
+/// sent from here to the instance at `addr` (an image with no shell, such
+/// as lab-app's); anything else is a shell command run in the container.
+async fn exec_label(container: &str, key: &str, addr: Option<SocketAddr>) -> Result<()> {
+    let cmd = docker(&[
+        "inspect",
+        "-f",
+        &format!("{{{{index .Config.Labels \"{key}\"}}}}"),
+        container,
+    ])
+    .await?;
+    if cmd.is_empty() {
+        return Ok(());
+    }
+    if let Some((method @ ("POST" | "GET"), path)) = cmd.split_once(' ') {
+        let addr = addr.context("the instance's address is not known")?;
+        let (status, body) = super::http(addr, method, path.trim()).await?;
+        anyhow::ensure!(status < 300, "{method} {path} answered {status}: {body}");
+        return Ok(());
+    }
+    docker(&["exec", container, "sh", "-c", &cmd])
+        .await
+        .map(drop)
 }
 
 /// The containers (stopped ones too) of compose `service` in `project`.
@@ -506,9 +692,16 @@ impl DockerLab {
 
     /// The pid of the container owning `instance`'s network namespace.
     async fn netns_pid(&self, instance: &str) -> Result<String> {
-        let side = format!("{instance}-sidecar");
-        let id = self.ids(&[&side]).await?;
+        let owner = self.derived.pod(instance).members[0].clone();
+        let id = self.ids(&[&owner]).await?;
         docker(&["inspect", "-f", "{{.State.Pid}}", &id[0]]).await
+    }
+
+    /// The containers of `instance`'s pod, the namespace's owner first.
+    async fn pod_ids(&self, instance: &str) -> Result<Vec<String>> {
+        let pod = self.derived.pod(instance);
+        let members: Vec<&str> = pod.members.iter().map(String::as_str).collect();
+        self.ids(&members).await
     }
 
     /// Runs the label command `key` of `instance` in its app container
@@ -520,7 +713,12 @@ impl DockerLab {
             c.abort();
             let _ = docker(&["unpause", &id[0]]).await;
         }
-        let result = self.exec_label(&id[0], key).await;
+        let addr = self
+            .address(instance)
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, self.derived.port));
+        let result = exec_label(&id[0], key, addr).await;
         if let Some((_, delay)) = cycle {
             self.freeze_cycle(instance, id[0].clone(), delay);
         }
@@ -541,23 +739,6 @@ impl DockerLab {
         if let Some((old, _)) = self.freezing.insert(instance.to_string(), (cycle, delay)) {
             old.abort();
         }
-    }
-
-    /// Runs the command in label `key` of `container` there.
-    async fn exec_label(&self, container: &str, key: &str) -> Result<()> {
-        let cmd = docker(&[
-            "inspect",
-            "-f",
-            &format!("{{{{index .Config.Labels \"{key}\"}}}}"),
-            container,
-        ])
-        .await?;
-        if cmd.is_empty() {
-            return Ok(());
-        }
-        docker(&["exec", container, "sh", "-c", &cmd])
-            .await
-            .map(drop)
     }
 
     /// Waits until the control plane has `want` serving instances of the alias.
@@ -582,45 +763,52 @@ impl DockerLab {
     /// that is healthy its app, as compose's `service_healthy` does), so
     /// the timeline goes on: `containers` are the (sidecar, app) to start
     /// again, or `None` to create them with compose.
-    fn come_back(&mut self, instance: &str, containers: Option<(String, String)>) {
+    fn come_back(&mut self, instance: &str, containers: Option<Vec<String>>) {
         let compose = (self.compose[0].clone(), self.args(&[]), self.env.clone());
         let (addresses, instance) = (self.addresses.clone(), instance.to_string());
         let project = self.project.clone();
+        let members = self.derived.pod(&instance).members;
         let task = tokio::spawn(async move {
-            let side = format!("{instance}-sidecar");
+            let owner = members[0].clone();
             let started = async {
-                let sidecar = match containers {
-                    Some((sidecar, app)) => {
-                        docker(&["start", &sidecar]).await?;
+                let owner = match containers {
+                    Some(ids) => {
+                        let Some((first, rest)) = ids.split_first() else {
+                            bail!("no containers");
+                        };
+                        docker(&["start", first]).await?;
+                        // Once the owner is ready (healthy, where it has a
+                        // check), as compose's service_healthy waits.
                         let deadline = Instant::now() + Duration::from_secs(60);
-                        while docker(&["inspect", "-f", "{{.State.Health.Status}}", &sidecar])
-                            .await?
-                            != "healthy"
-                        {
+                        let health = "{{if .State.Health}}{{.State.Health.Status}}{{else}}healthy{{end}}";
+                        while docker(&["inspect", "-f", health, first]).await? != "healthy" {
                             if Instant::now() > deadline {
-                                bail!("{side} not healthy within 60 s");
+                                bail!("{owner} not healthy within 60 s");
                             }
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
-                        docker(&["start", &app]).await?;
-                        sidecar
+                        for id in rest {
+                            docker(&["start", id]).await?;
+                        }
+                        first.clone()
                     }
                     None => {
                         let (program, mut args, env) = compose;
-                        args.extend(["up", "-d", "--no-deps", &side, &instance].map(String::from));
+                        args.extend(["up", "-d", "--no-deps"].map(String::from));
+                        args.extend(members.iter().cloned());
                         output(&program, &args, &env).await?;
-                        container_ids(&project, &side)
+                        container_ids(&project, &owner)
                             .await?
                             .into_iter()
                             .next()
-                            .with_context(|| format!("no {side} container"))?
+                            .with_context(|| format!("no {owner} container"))?
                     }
                 };
-                anyhow::Ok(sidecar)
+                anyhow::Ok(owner)
             };
             match started.await {
-                Ok(sidecar) => {
-                    let ip = ips(&sidecar).await;
+                Ok(owner) => {
+                    let ip = ips(&owner).await;
                     eprintln!("          {instance} is up at {ip}");
                     if let Ok(mut a) = addresses.lock() {
                         a.insert(instance, ip);
@@ -741,10 +929,9 @@ impl DockerLab {
 impl Lab for DockerLab {
     async fn act(&mut self, event: &Event) -> Result<()> {
         let t = event.target.as_str();
-        let side = format!("{t}-sidecar");
         match &event.action {
             Action::Kill => {
-                let ids = self.ids(&[t, &side]).await?;
+                let ids = self.pod_ids(t).await?;
                 let mut args = vec!["kill"];
                 args.extend(ids.iter().map(String::as_str));
                 docker(&args).await?;
@@ -752,7 +939,7 @@ impl Lab for DockerLab {
             // The whole instance, sidecar too: a hung host, not a hung app
             // its sidecar could report.
             Action::Pause => {
-                let ids = self.ids(&[t, &side]).await?;
+                let ids = self.pod_ids(t).await?;
                 let mut args = vec!["pause"];
                 args.extend(ids.iter().map(String::as_str));
                 docker(&args).await?;
@@ -761,7 +948,7 @@ impl Lab for DockerLab {
                 if let Some((cycle, _)) = self.freezing.remove(t) {
                     cycle.abort();
                 }
-                for id in self.ids(&[t, &side]).await? {
+                for id in self.pod_ids(t).await? {
                     let _ = docker(&["unpause", &id]).await;
                 }
                 let pid = self.netns_pid(t).await?;
@@ -777,8 +964,10 @@ impl Lab for DockerLab {
                 self.label_command(t, LABEL_HEALTHY).await?;
             }
             Action::Restart => {
-                let (sidecar, app) = (self.ids(&[&side]).await?, self.ids(&[t]).await?);
-                let _ = docker(&["kill", &sidecar[0], &app[0]]).await;
+                let ids = self.pod_ids(t).await?;
+                let mut kill = vec!["kill"];
+                kill.extend(ids.iter().map(String::as_str));
+                let _ = docker(&kill).await;
                 // Docker hands a freed address to the next container: a
                 // placeholder takes it, so the instance comes back on a
                 // new one and the old one answers no more (refused), the
@@ -818,7 +1007,7 @@ impl Lab for DockerLab {
                 if held_it {
                     eprintln!("          {t} was at {was}; a placeholder holds that address now");
                 }
-                self.come_back(t, Some((sidecar[0].clone(), app[0].clone())));
+                self.come_back(t, Some(ids));
             }
             Action::Slow(d) => {
                 let pid = self.netns_pid(t).await?;
@@ -857,11 +1046,11 @@ impl Lab for DockerLab {
             Action::Unhealthy => self.label_command(t, LABEL_UNHEALTHY).await?,
             Action::Add => self.come_back(t, None),
             Action::ControlDown => {
-                let id = self.ids(&["wayfinder-control"]).await?;
+                let id = self.ids(&[&self.derived.control]).await?;
                 docker(&["kill", &id[0]]).await?;
             }
             Action::ControlUp => {
-                let id = self.ids(&["wayfinder-control"]).await?;
+                let id = self.ids(&[&self.derived.control]).await?;
                 docker(&["start", &id[0]]).await?;
             }
         }
@@ -902,8 +1091,10 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
     }
     let file = out.join("lab.yaml");
     std::fs::write(&file, &derived.text).with_context(|| format!("writing {}", file.display()))?;
-    let tokens = inject::secrets::tokens(&secrets, &derived.mesh_services)?;
-    inject::secrets::write(&secrets, &tokens)?;
+    if !derived.by_hand {
+        let tokens = inject::secrets::tokens(&secrets, &derived.mesh_services)?;
+        inject::secrets::write(&secrets, &tokens)?;
+    }
     let directory = std::fs::canonicalize(&o.compose)?
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
@@ -919,7 +1110,11 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
             // Published ports of the user's lab, moved off the ones it may
             // be using right now.
             ("LAB_NGINX_PORT".into(), super::free_port()?.to_string()),
-        ],
+            ("WAYFINDER_CLIENT_PORT".into(), super::free_port()?.to_string()),
+        ]
+        .into_iter()
+        .chain(derived.secrets.iter().cloned())
+        .collect(),
         dashboard: SocketAddr::from(([127, 0, 0, 1], dashboard)),
         derived: derived.clone(),
         image: o.image.clone(),
@@ -950,8 +1145,8 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
     lab.wait_serving(derived.instances.len(), Duration::from_secs(90))
         .await?;
     for i in &derived.instances {
-        let side = lab.ids(&[&format!("{i}-sidecar")]).await?;
-        let ip = ips(&side[0]).await;
+        let owner = lab.pod_ids(i).await?;
+        let ip = ips(&owner[0]).await;
         if let Ok(mut a) = lab.addresses.lock() {
             a.insert(i.clone(), ip);
         }
@@ -981,11 +1176,15 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
         loads.push(lab.start_load(load, cfg, start, samples.clone()).await?);
     }
     if cfg.ways.contains(&Way::Mesh) {
-        let side = lab.ids(&[&format!("{}-sidecar", o.client)]).await?;
-        let fronts = vec![format!("mesh={}:{}", derived.service, derived.port)];
+        let owner = lab.pod_ids(&o.client).await?;
+        let front = derived
+            .mesh_front
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", derived.service, derived.port));
+        let fronts = vec![format!("mesh={front}")];
         let load = Load {
             name: "load-mesh",
-            network: format!("container:{}", side[0]),
+            network: format!("container:{}", owner[0]),
             ways: vec![Way::Mesh],
             fronts,
         };
@@ -1006,23 +1205,46 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
         }
     }
     let run = compare::finish(cfg, &samples, fired);
+    let (meshed, mesh_way, plaintext) = if derived.by_hand {
+        (
+            "which runs Wayfinder by hand (sidecars joining their app's network namespace), as it is",
+            format!(
+                "the mesh way in the network namespace of `{}`, through its sidecar's Host-routed listener",
+                o.client
+            ),
+            "the DNS ways reach the apps' own ports",
+        )
+    } else {
+        (
+            "meshed by `wfctl inject` as `lab.yaml` here shows",
+            format!(
+                "the mesh way in the network namespace of `{}`, where its sidecar captures the calls",
+                o.client
+            ),
+            "the instances' sidecars let the DNS ways' plaintext through",
+        )
+    };
     let mut notes = vec![format!(
-        "Containers of `{}` (project `{}`), meshed by `wfctl inject` as `lab.yaml` here shows: \
-         the load runs in containers of the Wayfinder image, the DNS and nginx ways on the \
-         lab's network (names through Docker's resolver at 127.0.0.11), the mesh way in {}'s \
-         network namespace, where its sidecar captures the calls. {} stays out of the mesh \
-         (its static upstream, as people run it); the instances' sidecars let the DNS ways' \
-         plaintext through. Every event acts on an instance with its sidecar: kill is SIGKILL, \
-         pause `docker pause`, restart a kill and a recreate (a new IP: a placeholder container holds the old one, which refuses connections from then on), slow `tc netem` in its \
-         namespace, unhealthy the command in its {LABEL_UNHEALTHY} label; control-down kills \
+        "Containers of `{}` (project `{}`), {meshed}: the load runs in containers of the \
+         Wayfinder image, the DNS and nginx ways on the lab's network (names through Docker's \
+         resolver at 127.0.0.11), {mesh_way}. {} stays out of the mesh (its static upstream, as \
+         people run it); {plaintext}. Every event acts on an instance with its sidecar: kill is \
+         SIGKILL, pause `docker pause`, restart a kill and a start on a new IP (a placeholder \
+         container holds the old one, which refuses connections from then on), slow `tc netem` \
+         in its namespace, unhealthy what its {LABEL_UNHEALTHY} label says; control-down kills \
          the control plane's container, control-up starts it again.",
         o.compose.display(),
         o.project,
-        o.client,
         o.nginx
     )];
     notes.append(&mut lab.notes);
+    let keep = lab.keep;
     drop(lab);
+    // The lab is gone, and its join tokens are of no use: not left in a
+    // report directory people share.
+    if !keep {
+        let _ = std::fs::remove_dir_all(&secrets);
+    }
     let setting = super::report::Setting {
         place: "on Docker".into(),
         scenario: &cfg.scenario,
@@ -1031,4 +1253,91 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
     let path = super::report::write(&cfg.out, &setting, &run)?;
     eprintln!("{}", super::report::summary(&run));
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(compose: &str) -> Options {
+        Options {
+            compose: Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(compose),
+            project: "t".into(),
+            alias: "web".into(),
+            client: "client".into(),
+            nginx: "nginx".into(),
+            image: "wayfinder:lab".into(),
+            keep: false,
+        }
+    }
+
+    fn derived(compose: &str) -> Derived {
+        let o = options(compose);
+        let text = std::fs::read_to_string(&o.compose).expect("compose file");
+        derive(&text, &o, &Scenario::default_scenario(), "/tmp/s").expect("derives")
+    }
+
+    fn service<'a>(doc: &'a Value, name: &str) -> &'a Value {
+        &doc["services"][name]
+    }
+
+    #[test]
+    fn the_classic_lab_is_meshed_with_plaintext_in_and_web4_under_a_profile() {
+        let d = derived("examples/classic-lab/compose.yaml");
+        assert!(!d.by_hand);
+        assert_eq!(d.instances, ["web1", "web2", "web3"]);
+        assert_eq!((d.service.as_str(), d.port, d.network.as_str()), ("web", 80, "default"));
+        assert_eq!(d.control, "wayfinder-control");
+        assert_eq!(d.pod("web2").members, ["web2-sidecar", "web2"]);
+        assert_eq!(d.mesh_front, None, "captured by the client's sidecar");
+        assert_eq!(d.unhealthy, ["web1", "web2", "web3", "web4"]);
+        let doc: Value = serde_yaml_ng::from_str(&d.text).expect("yaml");
+        for sidecar in ["web1-sidecar", "web4-sidecar"] {
+            let cmd = format!("{:?}", service(&doc, sidecar)["command"]);
+            assert!(cmd.contains("permissive"), "{sidecar}: {cmd}");
+        }
+        for added in ["web4", "web4-sidecar"] {
+            assert_eq!(
+                service(&doc, added)["profiles"][0].as_str(),
+                Some(ADDED_PROFILE),
+                "{added}"
+            );
+        }
+        assert_eq!(service(&doc, "web4")["hostname"].as_str(), None, "the sidecar has it");
+        assert_eq!(service(&doc, "web4-sidecar")["hostname"].as_str(), Some("web4"));
+        // nginx is left out of the mesh; web4 is not started by `up`.
+        assert!(doc["services"].get("nginx-sidecar").is_none());
+        assert!(d.started.contains(&"nginx".to_string()));
+        assert!(!d.started.iter().any(|s| s.starts_with("web4")));
+        assert!(d.secrets.is_empty());
+    }
+
+    #[test]
+    fn a_lab_meshed_by_hand_is_taken_as_it_is() {
+        let d = derived("deploy/compose.yaml");
+        assert!(d.by_hand);
+        assert_eq!(d.instances, ["web1", "web2", "web3"]);
+        assert_eq!((d.service.as_str(), d.port), ("web", 8080));
+        assert_eq!(d.control, "control");
+        assert_eq!(d.pod("web1").members, ["web1", "web1-proxy"]);
+        assert_eq!(d.pod("client").members, ["client", "client-proxy"]);
+        assert_eq!(d.pod("web4").members, ["web4", "web4-proxy"]);
+        assert_eq!(d.mesh_front.as_deref(), Some("127.0.0.1:15080"));
+        let names: Vec<&str> = d.secrets.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["WAYFINDER_CLIENT_TOKEN", "WAYFINDER_WEB_TOKEN"]);
+        assert!(d.secrets.iter().all(|(_, v)| v.len() == 32));
+        let doc: Value = serde_yaml_ng::from_str(&d.text).expect("yaml");
+        // web4 and its sidecar, renamed from web3's.
+        let cmd = format!("{:?}", service(&doc, "web4-proxy")["command"]);
+        assert!(cmd.contains("web-4") && !cmd.contains("web-3"), "{cmd}");
+        assert_eq!(
+            service(&doc, "web4-proxy")["network_mode"].as_str(),
+            Some("service:web4")
+        );
+        assert_eq!(service(&doc, "web4")["hostname"].as_str(), Some("web4"));
+        // nginx runs although the file keeps it under a profile.
+        assert!(service(&doc, "nginx").get("profiles").is_none());
+        assert!(d.started.contains(&"nginx".to_string()));
+        assert!(!d.started.contains(&"jaeger".to_string()));
+    }
 }

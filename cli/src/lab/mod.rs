@@ -35,7 +35,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 }
 
 /// One HTTP/1.1 request on its own connection (5 s at most).
-async fn http(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+pub(crate) async fn http(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
     let call = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(

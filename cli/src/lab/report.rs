@@ -158,7 +158,7 @@ pub fn summary(run: &Run) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "   {:<34} {:>6} failed of {:<6} p99 {:>7.1} ms{worst}",
+            "   {:<40} {:>6} failed of {:<6} p99 {:>7.1} ms{worst}",
             w.label(),
             t.failed,
             t.requests,

@@ -93,7 +93,7 @@ pub fn cdf(title: &str, curves: &[Curve<'_>]) -> String {
 /// ten), so axis ticks at quarters read well.
 fn nice(v: f64) -> f64 {
     let p = 10f64.powf(v.max(1e-9).log10().floor());
-    [1.0, 2.0, 4.0, 5.0, 10.0]
+    [1.0, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
         .iter()
         .map(|m| m * p)
         .find(|&c| c >= v)
@@ -164,16 +164,15 @@ pub fn series(
             y(yv) + 4.0
         );
     }
-    // Labels step down the plot so close events stay readable.
-    for (i, (mx, label)) in markers.iter().enumerate() {
+    // Labels run up their lines, so close events stay readable.
+    for (mx, label) in markers {
+        let (lx, ly) = (x(*mx) + 12.0, top + ph - 4.0);
         s += &format!(
-            r##"<line x1="{:.1}" y1="{top}" x2="{:.1}" y2="{:.1}" stroke="#999" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="#666" font-size="11">{label}</text>
+            r##"<line x1="{:.1}" y1="{top}" x2="{:.1}" y2="{:.1}" stroke="#999" stroke-dasharray="4 3"/><text x="{lx:.1}" y="{ly:.1}" fill="#666" font-size="11" transform="rotate(-90 {lx:.1} {ly:.1})">{label}</text>
 "##,
             x(*mx),
             x(*mx),
             top + ph,
-            x(*mx) + 3.0,
-            top + ph - 6.0 - 13.0 * (i % 6) as f64
         );
     }
     s += &format!(
@@ -210,8 +209,9 @@ mod tests {
         assert_eq!(nice(99.0), 100.0);
         assert_eq!(nice(37.0), 40.0);
         assert_eq!(nice(1.0), 1.0);
-        assert_eq!(nice(0.7), 1.0);
-        assert_eq!(nice(2100.0), 4000.0);
+        assert_eq!(nice(0.7), 0.8);
+        assert_eq!(nice(2100.0), 2500.0);
+        assert_eq!(nice(59.5), 60.0);
     }
 
     #[test]
