@@ -320,13 +320,12 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
     for added in sc.added() {
         let mut members = Vec::new();
         for from in &template {
-            let svc = services
-                .get(from.as_str())
-                .context("the last instance")?;
+            let svc = services.get(from.as_str()).context("the last instance")?;
             let name = from.replacen(&last, added, 1);
             let mut svc = renamed(svc, &last, added);
             // lab-app's and the sidecar's `web-3` become `web-4`.
-            if let (Some(a), Some(b)) = (last.strip_prefix(&o.alias), added.strip_prefix(&o.alias)) {
+            if let (Some(a), Some(b)) = (last.strip_prefix(&o.alias), added.strip_prefix(&o.alias))
+            {
                 let (dashed_a, dashed_b) = (format!("{}-{a}", o.alias), format!("{}-{b}", o.alias));
                 svc = renamed(&svc, &dashed_a, &dashed_b);
             }
@@ -335,7 +334,10 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
             };
             m.remove("container_name");
             m.remove("ports");
-            m.insert("profiles".into(), Value::Sequence(vec![ADDED_PROFILE.into()]));
+            m.insert(
+                "profiles".into(),
+                Value::Sequence(vec![ADDED_PROFILE.into()]),
+            );
             if name == added && label(m, LABEL_UNHEALTHY).is_some() {
                 unhealthy.push(added.to_string());
             }
@@ -378,10 +380,7 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
                 .collect();
             names.sort();
             names.dedup();
-            names
-                .into_iter()
-                .map(|n| (n, random_token()))
-                .collect()
+            names.into_iter().map(|n| (n, random_token())).collect()
         })
         .unwrap_or_default();
     let network_named = doc
@@ -780,7 +779,8 @@ impl DockerLab {
                         // Once the owner is ready (healthy, where it has a
                         // check), as compose's service_healthy waits.
                         let deadline = Instant::now() + Duration::from_secs(60);
-                        let health = "{{if .State.Health}}{{.State.Health.Status}}{{else}}healthy{{end}}";
+                        let health =
+                            "{{if .State.Health}}{{.State.Health.Status}}{{else}}healthy{{end}}";
                         while docker(&["inspect", "-f", health, first]).await? != "healthy" {
                             if Instant::now() > deadline {
                                 bail!("{owner} not healthy within 60 s");
@@ -1110,7 +1110,10 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
             // Published ports of the user's lab, moved off the ones it may
             // be using right now.
             ("LAB_NGINX_PORT".into(), super::free_port()?.to_string()),
-            ("WAYFINDER_CLIENT_PORT".into(), super::free_port()?.to_string()),
+            (
+                "WAYFINDER_CLIENT_PORT".into(),
+                super::free_port()?.to_string(),
+            ),
         ]
         .into_iter()
         .chain(derived.secrets.iter().cloned())
@@ -1261,7 +1264,9 @@ mod tests {
 
     fn options(compose: &str) -> Options {
         Options {
-            compose: Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(compose),
+            compose: Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(compose),
             project: "t".into(),
             alias: "web".into(),
             client: "client".into(),
@@ -1286,7 +1291,10 @@ mod tests {
         let d = derived("examples/classic-lab/compose.yaml");
         assert!(!d.by_hand);
         assert_eq!(d.instances, ["web1", "web2", "web3"]);
-        assert_eq!((d.service.as_str(), d.port, d.network.as_str()), ("web", 80, "default"));
+        assert_eq!(
+            (d.service.as_str(), d.port, d.network.as_str()),
+            ("web", 80, "default")
+        );
         assert_eq!(d.control, "wayfinder-control");
         assert_eq!(d.pod("web2").members, ["web2-sidecar", "web2"]);
         assert_eq!(d.mesh_front, None, "captured by the client's sidecar");
@@ -1303,8 +1311,15 @@ mod tests {
                 "{added}"
             );
         }
-        assert_eq!(service(&doc, "web4")["hostname"].as_str(), None, "the sidecar has it");
-        assert_eq!(service(&doc, "web4-sidecar")["hostname"].as_str(), Some("web4"));
+        assert_eq!(
+            service(&doc, "web4")["hostname"].as_str(),
+            None,
+            "the sidecar has it"
+        );
+        assert_eq!(
+            service(&doc, "web4-sidecar")["hostname"].as_str(),
+            Some("web4")
+        );
         // nginx is left out of the mesh; web4 is not started by `up`.
         assert!(doc["services"].get("nginx-sidecar").is_none());
         assert!(d.started.contains(&"nginx".to_string()));

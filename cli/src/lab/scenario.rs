@@ -474,7 +474,11 @@ mod tests {
                 (Duration::from_secs(45), "control plane down".to_string()),
             ]
         );
-        assert_eq!(s.events[0].lines, [8, 9, 10], "the 20% event's at, action, target");
+        assert_eq!(
+            s.events[0].lines,
+            [8, 9, 10],
+            "the 20% event's at, action, target"
+        );
         assert_eq!(s.timeout, Duration::from_secs(2));
         assert_eq!(s.added(), ["web4"]);
     }
