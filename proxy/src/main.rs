@@ -856,6 +856,16 @@ async fn run(
                 }
             }
         }
+        // An app beside a capturing sidecar (compose): its sockets say
+        // whether it is still there, and its calls go out through us until
+        // it is gone (or the deadline).
+        _ if args.capture => {
+            let own = nix::unistd::geteuid().as_raw();
+            if !wayfinder_proxy::lifecycle::neighbour::app_gone(own, deadline).await {
+                tracing::warn!("drain timeout; the app still has connections");
+            }
+            None
+        }
         // A neighbour's container stops it; the sidecar's exit is its own.
         _ => None,
     };

@@ -173,11 +173,12 @@ async fn docker_lab_the_classic_lab_is_meshed_by_inject_and_unmeshed_by_remove()
 
         // A rolling restart of web1..3 under load, retries off: each sidecar
         // (it owns the namespace) leaves the mesh and serves through its
-        // lame duck before it stops, then its app rejoins the new one.
+        // lame duck, keeps its app's outbound while the app is there (until
+        // Docker's 10 s), then its app rejoins the new one.
         let during = {
             let project = &project;
             std::thread::scope(|s| {
-                let calls = s.spawn(|| calls_from_client(project, 900, 20_000));
+                let calls = s.spawn(|| calls_from_client(project, 1500, 20_000));
                 // A thread of its own: this one drives the test's runtime.
                 let restarts = s.spawn(|| -> Result<()> {
                     let rt = tokio::runtime::Builder::new_current_thread()

@@ -204,3 +204,85 @@ async fn the_netns_lab_script_meshes_apps_that_call_services_by_name() -> Result
     assert!(!left.contains(&prefix), "namespaces left behind: {left}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_captured_sidecar_keeps_its_outbound_open_while_its_app_is_there_after_sigterm()
+-> Result<()> {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    bounded(async {
+        let mut lab = Lab::new("keep")?;
+        let data = tempfile::tempdir()?;
+        let _cp = Process::start_in(
+            &Lab::exec(&lab.hub),
+            "wf-control",
+            &[
+                "--grpc",
+                CP,
+                "--http",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data.path().to_string_lossy(),
+                "--insecure",
+            ],
+            "wf-control serving",
+        )?;
+        let url = format!("http://{CP}");
+        let _web1 = lab.web(1, &url, &[])?;
+        // The app shares the sidecar's network namespace, not its processes
+        // (as a compose service joined to its sidecar): a server of its own,
+        // run as root like most container apps.
+        let client = lab.node("client", 50)?;
+        let mut app = Process::start_in(
+            &Lab::exec(&client),
+            "lab-app",
+            &["--listen", "0.0.0.0:9000", "--name", "client"],
+            "listening on",
+        )?;
+        let mut sidecar = Process::start_in(
+            &Lab::exec(&client),
+            "wf-proxy",
+            &[
+                "--control-plane",
+                &url,
+                "--capture",
+                "--transparent",
+                "127.0.0.1:15001",
+                "--admin",
+                "127.0.0.1:15000",
+                "--drain-timeout",
+                "20s",
+            ],
+            "wf-proxy listening",
+        )?;
+        let target = format!("http://{}:8080/", Lab::ip(11));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while curl(&client, &target)?.0 != 200 {
+            if Instant::now() > deadline {
+                bail!("the app's calls never reached web-1");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        sidecar.signal("TERM")?;
+        sidecar.await_log("draining").await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Its app still there, the sidecar still carries its calls.
+        let (status, body) = curl(&client, &target)?;
+        assert_eq!(status, 200, "{body}\n{}", sidecar.log_text());
+        // The app goes; the sidecar follows at once, not after 20 s.
+        let gone = Instant::now();
+        app.kill();
+        let exit = sidecar.wait_exit(Duration::from_secs(10))?;
+        assert!(exit.success(), "{exit:?}: {}", sidecar.log_text());
+        assert!(
+            gone.elapsed() < Duration::from_secs(3),
+            "{:?}: {}",
+            gone.elapsed(),
+            sidecar.log_text()
+        );
+        Ok(())
+    })
+    .await
+}
