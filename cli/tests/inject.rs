@@ -167,6 +167,14 @@ fn bad_input_is_refused_naming_file_service_and_key() {
     let cases = [
         ("services: [a, b\n", "bad.yaml: "),
         (
+            "include: [other.yaml]\nservices:\n  web:\n    image: x\n",
+            "bad.yaml: include: services from other files",
+        ),
+        (
+            "services:\n  web:\n    image: x\nextensions: {}\n",
+            "bad.yaml: extensions: a top-level key inject does not know",
+        ),
+        (
             "name: not compose\n",
             "bad.yaml: services: not a compose file",
         ),

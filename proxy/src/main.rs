@@ -859,9 +859,12 @@ async fn run(
         // An app beside a capturing sidecar (compose): its sockets say
         // whether it is still there, and its calls go out through us until
         // it is gone (or the deadline).
-        _ if args.capture => {
+        // (Not when it is known to have ended: a job seen through its PID
+        // namespace.)
+        _ if args.capture && !app_went_first => {
             let own = nix::unistd::geteuid().as_raw();
-            if !wayfinder_proxy::lifecycle::neighbour::app_gone(own, deadline).await {
+            let admin = admin_addr.port();
+            if !wayfinder_proxy::lifecycle::neighbour::app_gone(own, admin, deadline).await {
                 tracing::warn!("drain timeout; the app still has connections");
             }
             None

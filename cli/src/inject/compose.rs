@@ -364,8 +364,24 @@ fn inject_original(text: &str, o: &Options) -> Result<Injected, InjectError> {
 
     let mut out = Mapping::new();
     for (k, v) in &doc {
-        if k.as_str() != Some("services") && k.as_str() != Some("volumes") {
-            out.insert(k.clone(), v.clone());
+        let key = k.as_str().unwrap_or_default();
+        match key {
+            "services" | "volumes" => {}
+            "version" | "name" | "networks" | "configs" | "secrets" => {
+                out.insert(k.clone(), v.clone());
+            }
+            _ if key.starts_with("x-") => {
+                out.insert(k.clone(), v.clone());
+            }
+            // Services from other files would stay unmeshed, unsaid.
+            "include" => {
+                return Err(err(
+                    o,
+                    key,
+                    "services from other files: merge them first (docker compose config)",
+                ));
+            }
+            _ => return Err(err(o, key, "a top-level key inject does not know")),
         }
     }
     let meshed_names: BTreeSet<String> = plans

@@ -91,6 +91,8 @@ pub struct Derived {
     pub secrets: Vec<(String, String)>,
     /// The file ran Wayfinder by hand.
     pub by_hand: bool,
+    /// The file has the client service (the mesh way needs it).
+    pub has_client: bool,
 }
 
 impl Derived {
@@ -250,11 +252,10 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         );
     }
     let network = network.unwrap_or_else(|| "default".into());
-    for want in [&o.client, &o.nginx] {
-        if !services.contains_key(want.as_str()) {
-            bail!("{file}: services.{want}: no such service (see --client and --nginx-service)");
-        }
-    }
+    // Each is needed by its way only (`--ways` leaves them out): checked
+    // against the ways in `run`.
+    let has_client = services.contains_key(o.client.as_str());
+    let has_nginx = services.contains_key(o.nginx.as_str());
     let control = services.iter().find_map(|(name, svc)| {
         let svc = svc.as_mapping()?;
         command_text(svc)
@@ -279,11 +280,13 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         .and_then(Value::as_mapping)
         .and_then(first_port)
         .unwrap_or(80);
-    let nginx_port = services
-        .get(o.nginx.as_str())
-        .and_then(Value::as_mapping)
-        .and_then(first_port)
-        .or(Some(80));
+    let nginx_port = has_nginx.then(|| {
+        services
+            .get(o.nginx.as_str())
+            .and_then(Value::as_mapping)
+            .and_then(first_port)
+            .unwrap_or(80)
+    });
     let mut unhealthy = Vec::new();
     for name in &instances {
         let Some(svc) = services
@@ -349,7 +352,7 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         }
     }
     if by_hand {
-        for i in instances.iter().chain([&o.client]) {
+        for i in instances.iter().chain(has_client.then_some(&o.client)) {
             let mut members = vec![i.clone()];
             members.extend(joins(services, i));
             pods.insert(i.clone(), Pod { members });
@@ -440,6 +443,7 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         mesh_front,
         secrets,
         by_hand,
+        has_client,
     })
 }
 
@@ -616,6 +620,8 @@ pub struct DockerLab {
     freezing: HashMap<String, (tokio::task::JoinHandle<()>, Duration)>,
     /// What the report should say about how events were done.
     notes: Vec<String>,
+    /// The run's join tokens, deleted with the lab.
+    secrets: PathBuf,
 }
 
 impl Drop for DockerLab {
@@ -641,6 +647,9 @@ impl Drop for DockerLab {
         let _ = self
             .sync_cmd(&["down", "-v", "--remove-orphans", "-t", "1"])
             .output();
+        // The lab is gone, and its join tokens are of no use: not left in
+        // a report directory people share.
+        let _ = std::fs::remove_dir_all(&self.secrets);
     }
 }
 
@@ -1080,6 +1089,19 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
     let secrets = out.join("lab.wayfinder");
     let derived = derive(&text, o, &cfg.scenario, &secrets.to_string_lossy())?;
     check(&cfg.scenario, &derived)?;
+    let file = o.compose.display();
+    if cfg.ways.contains(&Way::Mesh) && !derived.has_client {
+        bail!(
+            "{file}: services.{}: no such service: the mesh way calls from it (--client, or leave mesh out of --ways)",
+            o.client
+        );
+    }
+    if cfg.ways.contains(&Way::Nginx) && derived.nginx_port.is_none() {
+        bail!(
+            "{file}: services.{}: no such service: the nginx way calls it (--nginx-service, or leave nginx out of --ways)",
+            o.nginx
+        );
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let compose = compose_command()?;
     let image_ok = docker(&["image", "inspect", "-f", "{{.Id}}", &o.image]).await;
@@ -1127,6 +1149,7 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
         pending: Vec::new(),
         freezing: Default::default(),
         notes: Vec::new(),
+        secrets: secrets.clone(),
     };
     eprintln!(
         "== Docker lab {} from {}: {} under {:?}, {} and {} (derived file: {})",
@@ -1241,13 +1264,7 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
         o.nginx
     )];
     notes.append(&mut lab.notes);
-    let keep = lab.keep;
     drop(lab);
-    // The lab is gone, and its join tokens are of no use: not left in a
-    // report directory people share.
-    if !keep {
-        let _ = std::fs::remove_dir_all(&secrets);
-    }
     let setting = super::report::Setting {
         place: "on Docker".into(),
         scenario: &cfg.scenario,

@@ -308,8 +308,11 @@ impl Target {
                 .is_some_and(|(until, _)| until.is_none_or(|u| Instant::now() < u));
             if !fresh {
                 let (ips, valid) = self.lookup(name).await;
-                // A failed refresh leaves nothing to call: the client's
-                // requests fail until an answer comes.
+                // A failed lookup is not kept (clients keep answers, not
+                // failures): this request fails, the next one asks again.
+                if ips.is_empty() {
+                    return None;
+                }
                 let until = self.way.keep(valid).map(|k| Instant::now() + k);
                 *cache = Some((until, ips));
             }
@@ -376,27 +379,32 @@ pub async fn run(
         .pool_idle_timeout(Duration::from_secs(90))
         .build_http();
     let start = plan.start_instant();
-    let mut cold = Vec::new();
     let mut targets = Vec::new();
     for (way, aim) in ways {
-        let t = Arc::new(Target::new(way, aim)?);
-        // Warm-up: DNS-once resolves here, pools open, as in a client
-        // that has been running for a while.
-        let mut warm = false;
-        while Instant::now() + plan.timeout < start {
-            if let Some(addr) = t.pick().await
-                && get(&client, addr, &plan.host, plan.timeout).await.0
-            {
-                warm = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if !warm {
-            cold.push(way);
-        }
-        targets.push(t);
+        targets.push(Arc::new(Target::new(way, aim)?));
     }
+    // Warm-up, every way at once: DNS-once resolves here, pools open, as in
+    // a client that has been running for a while.
+    let warmups = targets.iter().map(|t| {
+        let (t, client, host, timeout) =
+            (t.clone(), client.clone(), plan.host.clone(), plan.timeout);
+        async move {
+            while Instant::now() + timeout < start {
+                if let Some(addr) = t.pick().await
+                    && get(&client, addr, &host, timeout).await.0
+                {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some(t.way)
+        }
+    });
+    let cold: Vec<Way> = futures::future::join_all(warmups)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let total = (plan.duration.as_secs_f64() * f64::from(plan.rate)).round() as usize;
     let interval = Duration::from_secs_f64(1.0 / f64::from(plan.rate.max(1)));
     let mut tasks = Vec::new();
