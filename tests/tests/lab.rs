@@ -615,6 +615,17 @@ async fn docker_lab_compare_runs_the_default_scenario_on_the_classic_lab() -> Re
         "containers left: {:?}",
         sweep.left()
     );
+    for kind in ["network", "volume"] {
+        let listed = std::process::Command::new("docker")
+            .args([kind, "ls", "-q", "--filter", &format!("name={}_", sweep.0)])
+            .output()?;
+        let left = String::from_utf8_lossy(&listed.stdout).trim().to_string();
+        assert!(left.is_empty(), "{kind}s left: {left}");
+    }
+    assert!(
+        !out.path().join("lab.wayfinder").exists(),
+        "the run's join tokens were left behind"
+    );
     // The default scenario on two cores, images aside, in under 3 minutes.
     assert!(took < Duration::from_secs(180), "took {took:?}: {stderr}");
     assert!(
