@@ -18,6 +18,16 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// `wf-proxy FLAGS run -- sh -c SCRIPT`: a shell app under a sidecar of
+/// `cp` with `flags` more.
+fn run_sh(cp: &ControlPlane, flags: &[&str], script: &str) -> Result<Process> {
+    let url = cp.url();
+    let mut args = vec!["--control-plane", &url, "--admin", "127.0.0.1:0"];
+    args.extend_from_slice(flags);
+    args.extend(["run", "--", "sh", "-c", script]);
+    Process::start("wf-proxy", &args, "wf-proxy listening")
+}
+
 #[tokio::test]
 async fn run_starts_the_app_once_ready_and_exits_with_its_code() -> Result<()> {
     bounded(async {
@@ -31,23 +41,7 @@ async fn run_starts_the_app_once_ready_and_exits_with_its_code() -> Result<()> {
             "code=$(curl -s -o /dev/null -w '%{{http_code}}' -H 'Host: web' http://{outbound}/); \
              echo \"app saw $code\" >&2; exit 3"
         );
-        let mut sidecar = Process::start(
-            "wf-proxy",
-            &[
-                "--control-plane",
-                &cp.url(),
-                "--admin",
-                "127.0.0.1:0",
-                "--outbound",
-                &outbound,
-                "run",
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ],
-            "wf-proxy listening",
-        )?;
+        let mut sidecar = run_sh(&cp, &["--outbound", &outbound], &script)?;
         let status = sidecar.wait_exit(Duration::from_secs(10))?;
         assert_eq!(status.code(), Some(3), "{}", sidecar.log_text());
         let log = sidecar.log_text();
@@ -68,21 +62,7 @@ async fn run_passes_reload_signals_to_the_app_as_they_come() -> Result<()> {
         let script = "trap 'echo app got HUP >&2' HUP; trap 'echo app got USR1 >&2' USR1; \
                       trap 'echo app got USR2 >&2; exit 4' USR2; \
                       echo app waiting >&2; while :; do sleep 0.05; done";
-        let mut sidecar = Process::start(
-            "wf-proxy",
-            &[
-                "--control-plane",
-                &cp.url(),
-                "--admin",
-                "127.0.0.1:0",
-                "run",
-                "--",
-                "sh",
-                "-c",
-                script,
-            ],
-            "wf-proxy listening",
-        )?;
+        let mut sidecar = run_sh(&cp, &[], script)?;
         sidecar.await_log("app waiting").await?;
         for signal in ["HUP", "USR1"] {
             sidecar.signal(signal)?;

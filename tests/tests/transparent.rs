@@ -12,6 +12,24 @@ use wayfinder_tests::{Process, bin, bounded};
 
 const CP: &str = "10.77.0.1:15010";
 
+/// wf-control in `lab`'s hub on [`CP`], plaintext, its data in `data`.
+fn control_plane(lab: &Lab, data: &std::path::Path) -> Result<Process> {
+    Process::start_in(
+        &Lab::exec(&lab.hub),
+        "wf-control",
+        &[
+            "--grpc",
+            CP,
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--insecure",
+        ],
+        "wf-control serving",
+    )
+}
+
 /// `curl` run by an app in `ns`: (status, body).
 fn curl(ns: &str, url: &str) -> Result<(u16, String)> {
     let out = std::process::Command::new("ip")
@@ -43,20 +61,7 @@ async fn calls_to_one_instance_ip_spread_over_the_service_and_others_pass_throug
         let mut lab = Lab::new("tp")?;
         let data = tempfile::tempdir()?;
         let hub = Lab::exec(&lab.hub);
-        let _cp = Process::start_in(
-            &hub,
-            "wf-control",
-            &[
-                "--grpc",
-                CP,
-                "--http",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data.path().to_string_lossy(),
-                "--insecure",
-            ],
-            "wf-control serving",
-        )?;
+        let _cp = control_plane(&lab, data.path())?;
         // Not in the mesh: a server the client reaches untouched.
         let _outside = Process::start_in(
             &hub,
@@ -215,20 +220,7 @@ async fn a_captured_sidecar_keeps_its_outbound_open_while_its_app_is_there_after
     bounded(async {
         let mut lab = Lab::new("keep")?;
         let data = tempfile::tempdir()?;
-        let _cp = Process::start_in(
-            &Lab::exec(&lab.hub),
-            "wf-control",
-            &[
-                "--grpc",
-                CP,
-                "--http",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data.path().to_string_lossy(),
-                "--insecure",
-            ],
-            "wf-control serving",
-        )?;
+        let _cp = control_plane(&lab, data.path())?;
         let url = format!("http://{CP}");
         let _web1 = lab.web(1, &url, &[])?;
         // The app shares the sidecar's network namespace, not its processes

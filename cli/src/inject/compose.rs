@@ -174,7 +174,8 @@ fn err(o: &Options, at: impl Into<String>, message: impl Into<String>) -> Inject
     }
 }
 
-fn parse(text: &str, o: &Options) -> Result<Mapping, InjectError> {
+/// The compose document (merge keys applied), or why it is not one.
+pub(crate) fn parse(text: &str, o: &Options) -> Result<Mapping, InjectError> {
     let mut doc: Value = serde_yaml_ng::from_str(text).map_err(|e| InjectError::Yaml {
         file: o.file.clone(),
         message: e.to_string(),
@@ -504,7 +505,7 @@ fn strings(v: &[String]) -> Value {
 
 /// A label's value, from the mapping or the `KEY=VALUE` list form; an
 /// unquoted `false` or `8080` counts as its text, as compose takes it.
-fn label(svc: &Mapping, key: &str) -> Option<String> {
+pub(crate) fn label(svc: &Mapping, key: &str) -> Option<String> {
     match svc.get("labels")? {
         Value::Mapping(m) => match m.get(key)? {
             Value::String(s) => Some(s.clone()),
@@ -599,7 +600,7 @@ fn plan(name: &str, svc: &Mapping, o: &Options) -> Result<Plan, InjectError> {
 /// The service's networks, each with its aliases (the compose name and
 /// container name included: they resolve to the sidecar once it owns the
 /// namespace).
-fn networks(
+pub(crate) fn networks(
     name: &str,
     svc: &Mapping,
     o: &Options,

@@ -29,8 +29,8 @@ pub fn tokens(dir: &Path, services: &BTreeSet<String>) -> Result<BTreeMap<String
     Ok(out)
 }
 
-/// 128 random bits, hex.
-fn fresh() -> String {
+/// A new join token: 128 random bits, hex.
+pub fn fresh() -> String {
     let mut b = [0u8; 16];
     rand::fill(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()

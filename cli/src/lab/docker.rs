@@ -122,39 +122,6 @@ fn labels_mut(svc: &mut Mapping) -> Result<&mut Mapping> {
         .context("labels is neither a mapping nor a list")
 }
 
-fn label<'a>(svc: &'a Mapping, key: &str) -> Option<&'a str> {
-    match svc.get("labels")? {
-        Value::Mapping(m) => m.get(key)?.as_str(),
-        Value::Sequence(s) => s
-            .iter()
-            .filter_map(Value::as_str)
-            .find_map(|i| i.strip_prefix(key)?.strip_prefix('=')),
-        _ => None,
-    }
-}
-
-/// The networks (and their aliases) a service is on.
-fn aliases(svc: &Mapping) -> Vec<(String, Vec<String>)> {
-    match svc.get("networks") {
-        Some(Value::Mapping(m)) => m
-            .iter()
-            .filter_map(|(k, v)| {
-                let aliases = v
-                    .get("aliases")
-                    .and_then(Value::as_sequence)
-                    .map(|s| {
-                        s.iter()
-                            .filter_map(|a| a.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Some((k.as_str()?.to_string(), aliases))
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// The first TCP port in `expose` (or a `ports` entry's container side).
 fn first_port(svc: &Mapping) -> Option<u16> {
     let container_side = |v: &Value| -> Option<u16> {
@@ -224,10 +191,7 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         Ok(original) => original,
         Err(_) => text.to_string(),
     };
-    let mut doc: Value =
-        serde_yaml_ng::from_str(&original).with_context(|| format!("{file}: not YAML"))?;
-    doc.apply_merge()
-        .with_context(|| format!("{file}: YAML merge keys"))?;
+    let mut doc = inject::compose::parse(&original, &opts)?;
     let services = doc
         .get_mut("services")
         .and_then(Value::as_mapping_mut)
@@ -238,7 +202,7 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         let (Some(name), Some(svc)) = (name.as_str(), svc.as_mapping()) else {
             continue;
         };
-        for (net, aliases) in aliases(svc) {
+        for (net, aliases) in inject::compose::networks(name, svc, &opts)? {
             if aliases.contains(&o.alias) {
                 instances.push(name.to_string());
                 network.get_or_insert(net);
@@ -295,7 +259,7 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         else {
             continue;
         };
-        if label(svc, LABEL_UNHEALTHY).is_some() {
+        if inject::compose::label(svc, LABEL_UNHEALTHY).is_some() {
             unhealthy.push(name.clone());
         }
         if !by_hand {
@@ -341,7 +305,7 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
                 "profiles".into(),
                 Value::Sequence(vec![ADDED_PROFILE.into()]),
             );
-            if name == added && label(m, LABEL_UNHEALTHY).is_some() {
+            if name == added && inject::compose::label(m, LABEL_UNHEALTHY).is_some() {
                 unhealthy.push(added.to_string());
             }
             services.insert(name.clone().into(), svc);
@@ -383,7 +347,10 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
                 .collect();
             names.sort();
             names.dedup();
-            names.into_iter().map(|n| (n, random_token())).collect()
+            names
+                .into_iter()
+                .map(|n| (n, inject::secrets::fresh()))
+                .collect()
         })
         .unwrap_or_default();
     let network_named = doc
@@ -402,7 +369,7 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
                         .map(|_| network.clone())
                 })
         });
-    let derived = inject::yaml11::to_string(&doc)
+    let derived = inject::yaml11::to_string(&Value::Mapping(doc))
         .with_context(|| format!("{file}: writing the derived file"))?;
     let (text, service, mesh_services) = if by_hand {
         (derived, o.alias.clone(), Default::default())
@@ -445,13 +412,6 @@ pub fn derive(text: &str, o: &Options, sc: &Scenario, secrets_dir: &str) -> Resu
         by_hand,
         has_client,
     })
-}
-
-/// A random join token for a lab's variables.
-fn random_token() -> String {
-    use rand::Rng;
-    let bytes: [u8; 16] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An instance's containers by compose service, the one owning the
@@ -1270,9 +1230,7 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
         scenario: &cfg.scenario,
         notes,
     };
-    let path = super::report::write(&cfg.out, &setting, &run)?;
-    eprintln!("{}", super::report::summary(&run));
-    Ok(path)
+    super::report::write(&cfg.out, &setting, &run)
 }
 
 #[cfg(test)]

@@ -288,44 +288,31 @@ impl Target {
 
     /// The address of the next request.
     async fn pick(&self) -> Option<SocketAddr> {
-        let Aim::Dns { name, port, .. } = &self.aim else {
-            let Aim::Front(a) = &self.aim else {
-                return None;
-            };
-            return Some(*a);
+        let (name, port) = match &self.aim {
+            Aim::Front(addr) => return Some(*addr),
+            Aim::Dns { name, port, .. } => (name, *port),
         };
-        let ips = if self.way == Way::DnsPerRequest {
-            return self
-                .lookup(name)
-                .await
-                .0
-                .first()
-                .map(|ip| SocketAddr::new(IpAddr::V4(*ip), *port));
-        } else {
-            let mut cache = self.cache.lock().await;
-            let fresh = cache
-                .as_ref()
-                .is_some_and(|(until, _)| until.is_none_or(|u| Instant::now() < u));
-            if !fresh {
-                let (ips, valid) = self.lookup(name).await;
-                // A failed lookup is not kept (clients keep answers, not
-                // failures): this request fails, the next one asks again.
-                if ips.is_empty() {
-                    return None;
-                }
-                let until = self.way.keep(valid).map(|k| Instant::now() + k);
-                *cache = Some((until, ips));
-            }
-            cache
-                .as_ref()
-                .map(|(_, ips)| ips.clone())
-                .unwrap_or_default()
-        };
-        if ips.is_empty() {
-            return None;
+        let at = |ip: &Ipv4Addr| SocketAddr::new(IpAddr::V4(*ip), port);
+        if self.way == Way::DnsPerRequest {
+            return self.lookup(name).await.0.first().map(at);
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % ips.len();
-        Some(SocketAddr::new(IpAddr::V4(ips[i]), *port))
+        let mut cache = self.cache.lock().await;
+        let fresh = cache
+            .as_ref()
+            .is_some_and(|(until, _)| until.is_none_or(|u| Instant::now() < u));
+        if !fresh {
+            let (ips, valid) = self.lookup(name).await;
+            // A failed lookup is not kept (clients keep answers, not
+            // failures): this request fails, the next one asks again.
+            if ips.is_empty() {
+                return None;
+            }
+            let until = self.way.keep(valid).map(|k| Instant::now() + k);
+            *cache = Some((until, ips));
+        }
+        let ips = &cache.as_ref()?.1;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % ips.len().max(1);
+        ips.get(i).map(at)
     }
 }
 

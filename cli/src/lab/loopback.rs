@@ -138,13 +138,6 @@ struct Control {
     client_token: String,
 }
 
-/// A random join token.
-fn token() -> String {
-    use rand::Rng;
-    let bytes: [u8; 16] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The loopback lab.
 pub struct Loopback {
     cfg: Config,
@@ -186,7 +179,10 @@ impl Loopback {
         let tmp = tempfile::tempdir()?;
         let mut procs = Procs::default();
         let data = tmp.path().join("control");
-        let (web_token, client_token) = (token(), token());
+        let (web_token, client_token) = (
+            crate::inject::secrets::fresh(),
+            crate::inject::secrets::fresh(),
+        );
         let tokens = tmp.path().join("join-tokens");
         {
             use std::io::Write;
@@ -616,7 +612,5 @@ pub async fn run(cfg: &Config) -> Result<PathBuf> {
         scenario: &cfg.scenario,
         notes,
     };
-    let path = super::report::write(&cfg.out, &setting, &run)?;
-    eprintln!("{}", super::report::summary(&run));
-    Ok(path)
+    super::report::write(&cfg.out, &setting, &run)
 }

@@ -146,7 +146,7 @@ pub fn markdown(setting: &Setting<'_>, run: &Run) -> String {
 }
 
 /// The few lines printed when the run ends.
-pub fn summary(run: &Run) -> String {
+fn summary(run: &Run) -> String {
     let mut s = String::new();
     for &w in &run.ways {
         let t = run.totals(w);
@@ -168,7 +168,8 @@ pub fn summary(run: &Run) -> String {
     s
 }
 
-/// Writes `report.md`, `failures.svg`, `p99.svg` and `latency.svg` into `out`.
+/// Writes `report.md`, `failures.svg`, `p99.svg` and `latency.svg` into
+/// `out`, and prints the summary.
 pub fn write(out: &Path, setting: &Setting<'_>, run: &Run) -> Result<PathBuf> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let labels: Vec<String> = run.fired.iter().map(|f| f.event.label()).collect();
@@ -231,5 +232,6 @@ pub fn write(out: &Path, setting: &Setting<'_>, run: &Run) -> Result<PathBuf> {
     let path = out.join("report.md");
     std::fs::write(&path, markdown(setting, run))
         .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("{}", summary(run));
     Ok(path)
 }
