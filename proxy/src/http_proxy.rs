@@ -21,13 +21,13 @@ use hyper_util::rt::TokioIo;
 
 use crate::balance::{EndpointStats, Kind};
 use crate::connector::{ConnectError, Connector, Limits};
-use crate::discovery::{Origin, Sources};
+use crate::discovery::Sources;
 use crate::identity::Identity;
 use crate::metrics::{LatencyLabels, ProxyMetrics};
 use crate::pool::{PoolBody, PoolError};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::Breakers;
-use crate::settings::{Defaults, Settings};
+use crate::settings::{Defaults, Origin, Settings};
 use crate::upstream::{Clients, Upstream, Upstreams};
 use crate::{authz, edge, telemetry};
 

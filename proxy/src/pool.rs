@@ -475,8 +475,8 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::connector::Limits;
-    use crate::discovery::Origin;
     use crate::resilience::breaker::Breakers;
+    use crate::settings::Origin;
     use crate::settings::{Defaults, Settings};
 
     const IDLE: Duration = Duration::from_secs(90);

@@ -7,8 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -19,14 +17,7 @@ use wayfinder_proto::v1::{
 
 use wayfinder_proto::backoff::backoff;
 
-/// How the app's health is checked.
-#[derive(Debug, Clone)]
-pub enum Check {
-    /// `GET path` must answer 2xx.
-    Http(String),
-    /// A TCP connect must succeed.
-    Tcp,
-}
+use crate::resilience::probe::{Check, probe};
 
 /// Checks the app every `interval` and publishes the result.
 pub async fn check_loop(
@@ -54,34 +45,6 @@ pub async fn check_loop(
             changed
         });
     }
-}
-
-/// One probe, of the app or of an upstream endpoint: a minimal HTTP/1.1 GET
-/// (no client pool: a probe must reflect a
-/// fresh connection) or a TCP connect.
-pub async fn probe(app: SocketAddr, check: &Check) -> bool {
-    let Ok(mut s) = TcpStream::connect(app).await else {
-        return false;
-    };
-    let Check::Http(path) = check else {
-        return true;
-    };
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {app}\r\nUser-Agent: wayfinder-health\r\nConnection: close\r\n\r\n"
-    );
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 16];
-    let mut n = 0;
-    while n < 12 {
-        match s.read(&mut buf[n..]).await {
-            Ok(0) | Err(_) => return false,
-            Ok(k) => n += k,
-        }
-    }
-    // "HTTP/1.1 2xx"
-    buf.starts_with(b"HTTP/1.") && buf[9] == b'2'
 }
 
 /// Keeps the instance registered for as long as the process lives; the

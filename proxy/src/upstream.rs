@@ -17,7 +17,7 @@ use wayfinder_proto::v1::{BalancerKind, DiscoveryMode, ServicePolicy};
 
 use crate::balance::{self, Balancer, EndpointStats, Kind};
 use crate::connector::{Connector, Limits, Tls};
-use crate::discovery::{Discovered, Origin, Update};
+use crate::discovery::{self, Discovered, Update};
 use crate::identity::{ALPN_H1, ALPN_H2, ALPN_TCP, Identity};
 use crate::metrics::{HealthLabels, ProxyMetrics, UpstreamLabels};
 use crate::pool::{Pool, Proto};
@@ -25,7 +25,7 @@ use crate::resilience::breaker::Breakers;
 use crate::resilience::budget::RetryBudget;
 use crate::resilience::retry::Outcome;
 use crate::resilience::{health_check, outlier};
-use crate::settings::{self, Defaults, Settings};
+use crate::settings::{self, Defaults, Origin, Settings};
 
 /// What requests use: the balancer over eligible endpoints and the settings
 /// resolved from the policy.
@@ -591,6 +591,33 @@ impl Upstream {
 #[derive(Default)]
 pub struct Upstreams {
     map: RwLock<HashMap<String, Arc<Upstream>>>,
+}
+
+impl discovery::Sink for Upstream {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn apply(&self, origin: Origin, update: Update) {
+        Upstream::apply(self, origin, update);
+    }
+    fn set_policy(&self, policy: Option<ServicePolicy>) {
+        Upstream::set_policy(self, policy);
+    }
+    async fn wait_origin(&self, origin: Origin) {
+        Upstream::wait_origin(self, origin).await;
+    }
+}
+
+impl health_check::Checked for Upstream {
+    fn health_check(&self) -> Option<settings::HealthCheck> {
+        self.active().settings.health_check.clone()
+    }
+    fn check_targets(&self) -> Vec<(String, SocketAddr)> {
+        Upstream::check_targets(self)
+    }
+    fn record_check(&self, id: &str, ok: bool, hc: &settings::HealthCheck) {
+        Upstream::record_check(self, id, ok, hc);
+    }
 }
 
 impl Upstreams {

@@ -11,8 +11,7 @@ use hickory_resolver::config::LookupIpStrategy;
 use wayfinder_proto::backoff::backoff;
 use wayfinder_proto::dial::LazyResolver;
 
-use super::{Discovered, Origin, Update};
-use crate::upstream::Upstream;
+use super::{Discovered, Origin, Sink, Update};
 
 /// Shortest wait between two resolutions, whatever the TTL says (a TTL of 0
 /// must not become a busy loop).
@@ -61,7 +60,7 @@ pub fn is_local(ip: IpAddr) -> bool {
 /// local answers are dropped unless `allow_local`.
 pub async fn run(
     resolver: Arc<LazyResolver>,
-    upstream: Arc<Upstream>,
+    upstream: Arc<impl Sink>,
     port: u16,
     allow_local: bool,
 ) {

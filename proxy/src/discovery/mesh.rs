@@ -15,8 +15,7 @@ use wayfinder_proto::v1::{
 
 use wayfinder_proto::backoff::backoff;
 
-use super::{Discovered, Origin, Update};
-use crate::upstream::Upstream;
+use super::{Discovered, Origin, Sink, Update};
 
 fn discovered(e: &Endpoint) -> Option<Discovered> {
     let i = e.instance.as_ref()?;
@@ -34,7 +33,7 @@ fn discovered(e: &Endpoint) -> Option<Discovered> {
 /// Watches `upstream`'s service forever.
 pub async fn run(
     channel: Channel,
-    upstream: Arc<Upstream>,
+    upstream: Arc<impl Sink>,
     node: String,
     identity: Option<Arc<crate::identity::Identity>>,
 ) {

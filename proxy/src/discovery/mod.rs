@@ -1,6 +1,7 @@
 //! Where endpoints come from. A source turns what it learns into
-//! [`Update`]s; [`crate::upstream::Upstream::apply`] is the one place they
-//! change the sidecar's view.
+//! [`Update`]s and hands them to a [`Sink`]; the upstream is the sink, and
+//! its `apply` the one place they change the sidecar's view. Sources know
+//! nothing of balancers (as pingora's `ServiceDiscovery`).
 
 pub mod dns;
 pub mod mesh;
@@ -11,7 +12,21 @@ use std::sync::Arc;
 
 use tonic::transport::Channel;
 
-use crate::upstream::Upstream;
+use wayfinder_proto::v1::ServicePolicy;
+
+use crate::settings::Origin;
+
+/// What discovery feeds: one service's view of its endpoints and policy.
+pub trait Sink: Send + Sync + 'static {
+    /// The service discovered.
+    fn name(&self) -> &str;
+    /// A change to the endpoints `origin` knows.
+    fn apply(&self, origin: Origin, update: Update);
+    /// The service's policy as the control plane last sent it.
+    fn set_policy(&self, policy: Option<ServicePolicy>);
+    /// Completes once the service's endpoints come from `origin`.
+    fn wait_origin(&self, origin: Origin) -> impl std::future::Future<Output = ()> + Send;
+}
 
 /// Where and how upstreams find their endpoints.
 pub struct Sources {
@@ -37,7 +52,7 @@ impl Sources {
     /// Starts discovery for a new upstream: the control-plane watch (it
     /// carries the policy) and DNS, which idles until the upstream's
     /// endpoints come from DNS.
-    pub fn start(&self, up: &Arc<Upstream>) {
+    pub fn start(&self, up: &Arc<impl Sink>) {
         tokio::spawn(mesh::run(
             self.control_plane.clone(),
             up.clone(),
@@ -55,26 +70,6 @@ impl Sources {
             port,
             self.dns_allow_local,
         ));
-    }
-}
-
-/// A discovery source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    /// The control plane's watch.
-    Mesh,
-    /// DNS A/AAAA records.
-    Dns,
-}
-
-impl Origin {
-    /// Position in per-origin arrays.
-    pub fn index(self) -> usize {
-        match self {
-            Origin::Mesh => 0,
-            Origin::Dns => 1,
-        }
     }
 }
 

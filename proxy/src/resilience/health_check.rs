@@ -4,12 +4,23 @@
 //! after `unhealthy_threshold` failed checks in a row and healthy again
 //! after `healthy_threshold` good ones.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::register::{Check, probe};
+use super::probe::{Check, probe};
 use crate::settings::HealthCheck;
-use crate::upstream::Upstream;
+
+/// What active checks drive: one service's endpoints (the upstream
+/// implements it; checks know nothing of its balancer).
+pub trait Checked: Send + Sync + 'static {
+    /// The checks its current settings ask for, if any.
+    fn health_check(&self) -> Option<HealthCheck>;
+    /// The endpoints to check: id and address.
+    fn check_targets(&self) -> Vec<(String, SocketAddr)>;
+    /// One check's result for endpoint `id`.
+    fn record_check(&self, id: &str, ok: bool, hc: &HealthCheck);
+}
 
 /// One endpoint's check history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,9 +72,9 @@ const OFF_POLL: Duration = Duration::from_secs(1);
 
 /// Checks `up`'s endpoints for as long as the sidecar runs, whenever its
 /// settings turn checks on.
-pub async fn run(up: Arc<Upstream>) {
+pub async fn run(up: Arc<impl Checked>) {
     loop {
-        let Some(hc) = up.active().settings.health_check.clone() else {
+        let Some(hc) = up.health_check() else {
             tokio::time::sleep(OFF_POLL).await;
             continue;
         };

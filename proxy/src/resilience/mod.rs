@@ -7,4 +7,5 @@ pub mod breaker;
 pub mod budget;
 pub mod health_check;
 pub mod outlier;
+pub mod probe;
 pub mod retry;
