@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
 
-use crate::http_proxy::Proxy;
+use crate::state::Proxy;
 
 /// What the admin handlers share.
 #[derive(Clone)]

@@ -39,7 +39,7 @@ const PROTECTED: [HeaderName; 5] = [
 ];
 
 /// Why a request is refused at the edge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Refusal {
     /// More than one Host header: the proxy and the app could each read another.
     DuplicateHost,
@@ -71,7 +71,7 @@ impl Refusal {
     }
 
     /// The `x-wayfinder-error` reason (also the metric and log label).
-    pub fn reason(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Refusal::DuplicateHost => "duplicate-host",
             Refusal::ConnectionNamesEndToEnd => "connection-names-end-to-end-header",
@@ -80,6 +80,29 @@ impl Refusal {
             Refusal::HostMismatch => "host-mismatch",
             Refusal::UnknownService => "unknown-service",
             Refusal::NoServiceInHost => "no-service-in-host",
+        }
+    }
+}
+
+/// Why a connection is refused before any request (counted in
+/// `wayfinder_proxy_inbound_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnRefusal {
+    /// Plaintext to a strict (mTLS-only) inbound.
+    Plaintext,
+    /// An mTLS handshake that failed, timed out or named no workload.
+    Handshake,
+    /// An opaque connection authorization denies.
+    Forbidden,
+}
+
+impl ConnRefusal {
+    /// The metric and log label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnRefusal::Plaintext => "plaintext",
+            ConnRefusal::Handshake => "handshake",
+            ConnRefusal::Forbidden => "forbidden",
         }
     }
 }

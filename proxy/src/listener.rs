@@ -17,12 +17,13 @@ use tokio::sync::watch;
 
 use crate::connector::Stream;
 use crate::detect::{Protocol, classify};
-use crate::http_proxy::Proxy;
-use crate::metrics::DirectionLabels;
-use crate::opaque::relay;
-use crate::outbound::outbound;
+use crate::edge::ConnRefusal;
+use crate::http::{inbound, outbound};
+use crate::metrics::{Direction, DirectionLabels, TimeoutKind};
+use crate::opaque::{connect_direct, passthrough, relay};
 use crate::resilience::breaker::Permit;
 use crate::settings::DEFAULT_HEADER_READ;
+use crate::state::Proxy;
 
 /// What a listener is for.
 #[derive(Clone, Debug)]
@@ -39,10 +40,10 @@ pub enum Role {
 }
 
 impl Role {
-    fn direction(&self) -> &'static str {
+    fn direction(&self) -> Direction {
         match self {
-            Role::Inbound => "inbound",
-            _ => "outbound",
+            Role::Inbound => Direction::Inbound,
+            _ => Direction::Outbound,
         }
     }
 }
@@ -251,7 +252,7 @@ async fn connection(
             }
             _ if proxy.local.strict => {
                 proxy.refuse(
-                    "plaintext",
+                    ConnRefusal::Plaintext,
                     peer,
                     "plaintext connection to a strict (mTLS-only) inbound",
                 );
@@ -360,26 +361,6 @@ async fn intercepted(stream: &TcpStream, proxy: &Proxy, window: Duration) -> Int
 /// How long the first intercepted connections wait for the catalog.
 const CATALOG_WAIT: Duration = Duration::from_secs(2);
 
-/// A connection no service policy governs (the app, an intercepted
-/// destination): bounded by the sidecar's connect timeout, and tuned.
-async fn connect_direct(addr: SocketAddr, proxy: &Proxy) -> std::io::Result<TcpStream> {
-    let s = tokio::time::timeout(proxy.connect_timeout(), TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    crate::liveness::tune(&s);
-    Ok(s)
-}
-
-/// Relays an intercepted connection to where the app meant it to go.
-async fn passthrough(stream: TcpStream, orig: SocketAddr, proxy: &Proxy) {
-    match connect_direct(orig, proxy).await {
-        Ok(server) => {
-            relay(stream, Box::new(server), &[], None, "outbound", proxy).await;
-        }
-        Err(e) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
-    }
-}
-
 /// An mTLS connection from another sidecar: HTTP/2 or opaque TCP by ALPN,
 /// the caller's identity taken from its certificate.
 async fn inbound_tls(
@@ -401,11 +382,15 @@ async fn inbound_tls(
         // inline in the connection's task.
         Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(e)) => {
-            proxy.refuse("handshake", peer, &format!("mTLS handshake failed: {e}"));
+            proxy.refuse(
+                ConnRefusal::Handshake,
+                peer,
+                &format!("mTLS handshake failed: {e}"),
+            );
             return;
         }
         Err(_) => {
-            proxy.refuse("handshake", peer, "mTLS handshake timed out");
+            proxy.refuse(ConnRefusal::Handshake, peer, "mTLS handshake timed out");
             return;
         }
     };
@@ -418,7 +403,7 @@ async fn inbound_tls(
     // workload identities may call a service.
     if !caller.as_deref().is_some_and(|id| id.contains("/svc/")) {
         proxy.refuse(
-            "handshake",
+            ConnRefusal::Handshake,
             peer,
             "the peer's certificate names no workload",
         );
@@ -427,14 +412,14 @@ async fn inbound_tls(
     if conn.alpn_protocol() == Some(crate::identity::ALPN_TCP) {
         if !Box::pin(proxy.authorized(caller.as_deref(), crate::authz::Ask::Tcp)).await {
             proxy.refuse(
-                "forbidden",
+                ConnRefusal::Forbidden,
                 peer,
                 "opaque connection denied by authorization policy",
             );
             return;
         }
         if let Some((server, slot)) = Box::pin(connect_target(&Role::Inbound, &proxy, peer)).await {
-            Box::pin(relay(tls, server, &[], slot, "inbound", &proxy)).await;
+            Box::pin(relay(tls, server, &[], slot, Direction::Inbound, &proxy)).await;
         }
         return;
     }
@@ -474,9 +459,9 @@ async fn serve_http<S>(
         // state is kilobytes; idle keep-alive connections should not pay it.
         let handle: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
             let resp = match r {
-                Role::Inbound => p.inbound(req, caller, peer).await,
-                Role::Upstream(name) => outbound(p, req, Some(name), peer).await,
-                Role::HostRouted | Role::Transparent => outbound(p, req, None, peer).await,
+                Role::Inbound => inbound::serve(p, req, caller, peer).await,
+                Role::Upstream(name) => outbound::serve(p, req, Some(name), peer).await,
+                Role::HostRouted | Role::Transparent => outbound::serve(p, req, None, peer).await,
             };
             Ok::<_, std::convert::Infallible>(resp)
         });
@@ -511,7 +496,7 @@ async fn serve_http<S>(
                 Role::Upstream(name) => name.to_string(),
                 _ => "-".to_string(),
             };
-            proxy.metrics.timeout(&upstream, "header_read");
+            proxy.metrics.timeout(&upstream, TimeoutKind::HeaderRead);
         }
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }

@@ -16,7 +16,6 @@ use wayfinder_proxy::admin;
 use wayfinder_proxy::balance::Kind;
 use wayfinder_proxy::control_plane::{self, Trust};
 use wayfinder_proxy::discovery::{Sources, dns};
-use wayfinder_proxy::http_proxy::{Local, Proxy};
 use wayfinder_proxy::lifecycle::app::{App, Ended};
 use wayfinder_proxy::listener::{Group, Listener, Role};
 use wayfinder_proxy::metrics::ProxyMetrics;
@@ -24,6 +23,7 @@ use wayfinder_proxy::register;
 use wayfinder_proxy::resilience::probe::Check;
 use wayfinder_proxy::settings::Defaults;
 use wayfinder_proxy::settings::Origin;
+use wayfinder_proxy::state::{Local, Proxy};
 use wayfinder_proxy::telemetry;
 
 /// Wayfinder sidecar proxy.

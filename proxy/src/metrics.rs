@@ -1,17 +1,77 @@
 //! The sidecar's Prometheus metrics: one struct, registered once, handed to
 //! the listener and the HTTP proxy that update it.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::{
     counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
 };
 use prometheus_client::registry::Registry;
 
+use crate::edge::{ConnRefusal, Refusal};
+use crate::resilience::breaker::Overflow;
+
+/// Makes enums label values: the text of their `as_str` (the values the
+/// metrics document; the derive would write the variant's name).
+macro_rules! label_value {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+                std::fmt::Write::write_str(e, self.as_str())
+            }
+        }
+    )*};
+}
+label_value!(Direction, TimeoutKind, Refusal, ConnRefusal, Overflow);
+
+/// Which side of the sidecar a request or connection is on.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    /// From another sidecar or client to the local app.
+    Inbound,
+    /// From the local app (or a client) to an upstream.
+    Outbound,
+}
+
+impl Direction {
+    /// `inbound` or `outbound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// Which timeout fired.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// Connecting to an endpoint.
+    Connect,
+    /// One attempt.
+    PerTry,
+    /// The whole request (the policy's, or the client's gRPC deadline).
+    Request,
+    /// A client's request headers (HTTP/1).
+    HeaderRead,
+}
+
+impl TimeoutKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutKind::Connect => "connect",
+            TimeoutKind::PerTry => "per_try",
+            TimeoutKind::Request => "request",
+            TimeoutKind::HeaderRead => "header_read",
+        }
+    }
+}
+
 /// Labels of a request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `inbound` or `outbound`.
-    pub direction: &'static str,
+    pub direction: Direction,
     /// Upstream service (or `app` inbound).
     pub upstream: String,
     /// `2xx`, `3xx`, `4xx`, `5xx`.
@@ -22,7 +82,7 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
     /// `inbound` or `outbound`.
-    pub direction: &'static str,
+    pub direction: Direction,
     /// Upstream service.
     pub upstream: String,
     /// Endpoint id.
@@ -33,14 +93,14 @@ pub struct LatencyLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     /// `inbound` or `outbound`.
-    pub direction: &'static str,
+    pub direction: Direction,
 }
 
 /// Labels of the TCP byte counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     /// `inbound` or `outbound`.
-    pub direction: &'static str,
+    pub direction: Direction,
     /// `from_client` or `to_client`.
     pub flow: &'static str,
 }
@@ -58,7 +118,7 @@ pub struct TimeoutLabels {
     /// Upstream service (`-` where none is known yet).
     pub upstream: String,
     /// `connect`, `per_try`, `request` or `header_read`.
-    pub kind: &'static str,
+    pub kind: TimeoutKind,
 }
 
 /// Labels of the circuit breaker counter.
@@ -67,14 +127,21 @@ pub struct OverflowLabels {
     /// Upstream service.
     pub upstream: String,
     /// `requests`, `pending`, `retries`.
-    pub limit: &'static str,
+    pub limit: Overflow,
 }
 
-/// Labels naming why something was refused.
+/// Labels naming why a connection was refused.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
+pub struct ConnRefusalLabels {
     /// `plaintext`, `handshake`, `forbidden`.
-    pub reason: &'static str,
+    pub reason: ConnRefusal,
+}
+
+/// Labels naming why a request was refused at the edge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// [`Refusal::reason`].
+    pub reason: Refusal,
 }
 
 /// Labels of health check transitions.
@@ -96,7 +163,7 @@ fn latency_histogram() -> Histogram {
 
 impl ProxyMetrics {
     /// Counts a timeout of `kind` for `upstream`.
-    pub fn timeout(&self, upstream: &str, kind: &'static str) {
+    pub fn timeout(&self, upstream: &str, kind: TimeoutKind) {
         self.timeouts
             .get_or_create(&TimeoutLabels {
                 upstream: upstream.to_string(),
@@ -136,11 +203,11 @@ pub struct ProxyMetrics {
     /// Spans exported and dropped.
     pub spans: crate::telemetry::ExportCounters,
     /// Inbound connections refused (mTLS, authorization).
-    pub refused: Family<ReasonLabels, Counter>,
+    pub refused: Family<ConnRefusalLabels, Counter>,
     /// HTTP requests denied by authorization.
     pub forbidden: Counter,
     /// Requests refused at the mesh's edge (`edge.rs`), by reason.
-    pub edge_refusals: Family<ReasonLabels, Counter>,
+    pub edge_refusals: Family<RefusalLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -276,7 +343,7 @@ impl RequestCounters {
     pub fn inc(
         &self,
         family: &Family<RequestLabels, Counter>,
-        direction: &'static str,
+        direction: Direction,
         upstream: &str,
         status: u16,
     ) {
@@ -305,12 +372,12 @@ mod request_counter_tests {
         let family: Family<RequestLabels, Counter> = Family::default();
         let counters = RequestCounters::default();
         for status in [200, 204, 200, 503, 404, 101] {
-            counters.inc(&family, "outbound", "web", status);
+            counters.inc(&family, Direction::Outbound, "web", status);
         }
         let get = |status: &'static str| {
             family
                 .get_or_create(&RequestLabels {
-                    direction: "outbound",
+                    direction: Direction::Outbound,
                     upstream: "web".into(),
                     status,
                 })

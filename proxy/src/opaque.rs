@@ -1,23 +1,19 @@
 //! Opaque TCP: connecting to one of a service's endpoints for a byte relay
-//! (over mTLS to its sidecars, which authorize it as TCP), the relay
-//! itself, and the CONNECT tunnels a service's policy may allow.
+//! (over mTLS to its sidecars, which authorize it as TCP), connections no
+//! service policy governs (the app, an intercepted destination), and the
+//! relay itself. CONNECT tunnels use it from `http/tunnel.rs`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::balance::PickContext;
 use crate::connector::Stream;
-use crate::edge::Refusal;
-use crate::http_proxy::{Body, DISCOVERY_WAIT, Proxy, reply};
-use crate::metrics::BytesLabels;
+use crate::metrics::{BytesLabels, Direction};
 use crate::resilience::breaker::Permit;
 use crate::resilience::retry::Outcome;
+use crate::state::{DISCOVERY_WAIT, Proxy};
 
 /// Connects to an endpoint of `service` for an opaque relay. A connect
 /// failure moves on to the next endpoint (nothing was sent yet), up to the
@@ -60,7 +56,7 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
     mut server: Box<dyn Stream>,
     greeting: &[u8],
     _slot: Option<Permit>,
-    direction: &'static str,
+    direction: Direction,
     proxy: &Proxy,
 ) {
     if !greeting.is_empty() && client.write_all(greeting).await.is_err() {
@@ -79,55 +75,30 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// An app's `CONNECT NAME:PORT`: when `service` (or the one NAME names)
-/// allows tunnels in its policy (`tunnels = true`), a 200 and then the
-/// bytes both ways to one of its endpoints, as opaque TCP; its sidecars
-/// authorize the tunnel as TCP (rules without methods or paths). Anything
-/// else is refused: 405 (no tunnels), 404 (an unknown name).
-pub async fn tunnel(
-    proxy: Arc<Proxy>,
-    mut req: Request<Incoming>,
-    service: Option<Arc<str>>,
-    client: SocketAddr,
-) -> Response<Body> {
-    let name: Arc<str> = match service {
-        Some(s) => s,
-        None => {
-            let host = req.uri().authority().map(|a| a.host().to_ascii_lowercase());
-            match host {
-                Some(h) if wayfinder_proto::validate::service_name(&h).is_ok() => {
-                    if !proxy.knows(&h).await {
-                        return proxy.refuse_request(Refusal::UnknownService, false, client);
-                    }
-                    Arc::from(h)
-                }
-                // An address, or no name: tunnels go to services only.
-                _ => return proxy.refuse_request(Refusal::Tunnel, false, client),
-            }
+/// A connection no service policy governs (the app, an intercepted
+/// destination): bounded by the sidecar's connect timeout, and tuned.
+pub async fn connect_direct(addr: SocketAddr, proxy: &Proxy) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(proxy.connect_timeout(), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    crate::liveness::tune(&s);
+    Ok(s)
+}
+
+/// Relays an intercepted connection to where the app meant it to go.
+pub async fn passthrough(stream: TcpStream, orig: SocketAddr, proxy: &Proxy) {
+    match connect_direct(orig, proxy).await {
+        Ok(server) => {
+            relay(
+                stream,
+                Box::new(server),
+                &[],
+                None,
+                Direction::Outbound,
+                proxy,
+            )
+            .await;
         }
-    };
-    let up = proxy.upstream(&name);
-    up.wait_ready(DISCOVERY_WAIT).await;
-    if !up.active().settings.tunnels {
-        return proxy.refuse_request(Refusal::Tunnel, false, client);
+        Err(e) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
     }
-    let (server, slot) = match connect(&proxy, &name).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::debug!(%client, service = %name, error = %e, "no endpoint for a tunnel");
-            return reply(false, StatusCode::BAD_GATEWAY, "connect-failed");
-        }
-    };
-    let upgraded = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match upgraded.await {
-            Ok(io) => relay(TokioIo::new(io), server, &[], slot, "outbound", &proxy).await,
-            Err(e) => tracing::debug!(%client, error = %e, "tunnel not established"),
-        }
-    });
-    Response::new(
-        http_body_util::Empty::new()
-            .map_err(|never| match never {})
-            .boxed(),
-    )
 }

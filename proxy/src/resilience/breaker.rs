@@ -61,7 +61,7 @@ impl Gate {
 }
 
 /// Why a connection could not be had.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum Overflow {
     /// Too many requests in flight.
     #[error("too many requests in flight")]
@@ -76,7 +76,7 @@ pub enum Overflow {
 
 impl Overflow {
     /// Metric label.
-    pub fn label(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Overflow::Requests => "requests",
             Overflow::Pending => "pending",

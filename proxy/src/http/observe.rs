@@ -1,0 +1,104 @@
+//! A request's end, as the sidecar records it: the span finished with its
+//! status, one access-log line, the request counters and, outbound, the
+//! dashboard's traffic counts; and requests refused at the edge.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use hyper::{Method, Response};
+
+use super::{ATTEMPTS_HEADER, Body, ERROR_HEADER, reply};
+use crate::edge::Refusal;
+use crate::metrics::{Direction, RefusalLabels, RequestCounters};
+use crate::state::Proxy;
+use crate::telemetry;
+use crate::traffic::EdgeCounts;
+
+/// What is recorded of one request when it ends.
+pub struct Observed<'a> {
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// The upstream it is counted under (`app` inbound).
+    pub upstream: &'a str,
+    /// That upstream's request counters.
+    pub counters: &'a RequestCounters,
+    /// The dashboard's counts for the upstream (outbound only).
+    pub traffic: Option<&'a EdgeCounts>,
+    /// The request's span.
+    pub span: &'a tracing::Span,
+    /// Its method.
+    pub method: &'a Method,
+    /// Its path.
+    pub path: &'a str,
+    /// When it started.
+    pub started: Instant,
+}
+
+/// Ends a request: its span, the access log line, the request counter
+/// and, outbound, the upstream's traffic counts for the dashboard.
+pub fn finish(proxy: &Proxy, o: &Observed<'_>, resp: Response<Body>) -> Response<Body> {
+    let status = resp.status();
+    // Only error answers carry a reason; successes skip the lookup.
+    let error = if status.is_client_error() || status.is_server_error() {
+        resp.headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+    } else {
+        None
+    };
+    let status = status.as_u16();
+    telemetry::finish(o.span, status, error);
+    if let Some(traffic) = o.traffic {
+        traffic.record(status, o.started.elapsed());
+    }
+    if proxy.local.access_log {
+        tracing::info!(
+            target: "wayfinder::access",
+            direction = o.direction.as_str(),
+            upstream = o.upstream,
+            method = o.method.as_str(),
+            path = o.path,
+            status,
+            error = error.unwrap_or("-"),
+            attempts = resp
+                .headers()
+                .get(ATTEMPTS_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
+            ms = o.started.elapsed().as_secs_f64() * 1e3,
+        );
+    }
+    count(proxy, o.direction, o.upstream, o.counters, resp)
+}
+
+/// Counts a finished request.
+pub fn count(
+    proxy: &Proxy,
+    direction: Direction,
+    upstream: &str,
+    counters: &RequestCounters,
+    resp: Response<Body>,
+) -> Response<Body> {
+    counters.inc(
+        &proxy.metrics.requests,
+        direction,
+        upstream,
+        resp.status().as_u16(),
+    );
+    resp
+}
+
+/// Refuses a request at the edge: counted by reason, logged once per
+/// kind with the client that sent it, answered with its status.
+pub fn refuse(proxy: &Proxy, r: Refusal, grpc: bool, peer: SocketAddr) -> Response<Body> {
+    proxy
+        .metrics
+        .edge_refusals
+        .get_or_create(&RefusalLabels { reason: r })
+        .inc();
+    let reason = r.as_str();
+    if proxy.first_time(reason) {
+        tracing::warn!(%peer, reason, "request refused (logged once per kind; see wayfinder_proxy_edge_refusals_total)");
+    }
+    reply(grpc, r.status(), reason)
+}

@@ -1,0 +1,615 @@
+//! Outbound: a client's request balanced over a service's endpoints.
+//! [`serve`] names the service and records the request's end; `route` is
+//! the retry loop, and each of its stages a function below it: admission,
+//! the deadline, the pick context, one try and how it ended, the retry
+//! gate (budget and breaker), the answer.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use tokio::time::Instant;
+
+use super::attempt::{self, Attempted, SendError, Target, until_retired};
+use super::head::{Head, into_body};
+use super::observe::{self, Observed};
+use super::{
+    ATTEMPTS_HEADER, Body, CONNECT_FAILED, ERROR_HEADER, is_grpc, is_upgrade, reply, tunnel,
+    upgrade,
+};
+use crate::balance::{EndpointStats, PickContext, Picks, hash_bytes};
+use crate::connector::ConnectError;
+use crate::edge::{self, Refusal};
+use crate::metrics::{Direction, OverflowLabels, TimeoutKind, UpstreamLabels};
+use crate::pool::{PoolBody, PoolError};
+use crate::replay::ReplayBody;
+use crate::resilience::breaker::{Overflow, Permit};
+use crate::resilience::retry::{self, Outcome};
+use crate::settings::Settings;
+use crate::state::{DISCOVERY_WAIT, Proxy};
+use crate::telemetry;
+use crate::upstream::{Active, HashKey, Upstream};
+
+/// Balances `req` over `service` (or the service its Host names).
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    service: Option<Arc<str>>,
+    client: SocketAddr,
+) -> Response<Body> {
+    if req.method() == hyper::Method::CONNECT {
+        return tunnel::serve(proxy, req, service, client).await;
+    }
+    let grpc = is_grpc(req.headers());
+    if let Err(r) = edge::check(&req) {
+        return observe::refuse(&proxy, r, grpc, client);
+    }
+    let name = match service {
+        Some(s) => s,
+        None => match service_named(&proxy, &req).await {
+            Ok(s) => s,
+            Err(r) => return observe::refuse(&proxy, r, grpc, client),
+        },
+    };
+    // The one clock read for the request: its deadline, its first try and
+    // its duration all start here.
+    let started = Instant::now();
+    // Clones share the request's buffers: nothing is copied per request.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let path = uri.path();
+    let span = telemetry::span(
+        telemetry::Kind::Client,
+        &name,
+        method.as_str(),
+        path,
+        req.headers(),
+    );
+    let up = proxy.upstream(&name);
+    let call = Call {
+        proxy: &proxy,
+        up: &up,
+        name: &name,
+        grpc,
+        client,
+        span: &span,
+    };
+    let resp = route(&call, req, started).await;
+    let observed = Observed {
+        direction: Direction::Outbound,
+        upstream: &name,
+        counters: &up.requests,
+        traffic: Some(up.traffic.get_or_init(|| proxy.traffic.edge(&name))),
+        span: &span,
+        method: &method,
+        path,
+        started: started.into_std(),
+    };
+    observe::finish(&proxy, &observed, resp)
+}
+
+/// The service a Host-routed request names, if the mesh knows it.
+async fn service_named(proxy: &Proxy, req: &Request<Incoming>) -> Result<Arc<str>, Refusal> {
+    match service_from_authority(req)? {
+        Some(s) if proxy.knows(&s).await => Ok(Arc::from(s)),
+        Some(_) => Err(Refusal::UnknownService),
+        None => Err(Refusal::NoServiceInHost),
+    }
+}
+
+/// The service a Host / `:authority` names: the host part, without port.
+pub fn service_from_authority(req: &Request<Incoming>) -> Result<Option<String>, Refusal> {
+    let from_uri = req.uri().authority().map(|a| a.host().to_ascii_lowercase());
+    let from_header = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| {
+            h.rsplit_once(':')
+                .map_or(h, |(host, _)| host)
+                .to_ascii_lowercase()
+        });
+    // An absolute URI (or `:authority`) naming one host and `Host` another:
+    // the proxy would route by one and the app read the other.
+    if let (Some(u), Some(h)) = (&from_uri, &from_header)
+        && u != h
+    {
+        return Err(Refusal::HostMismatch);
+    }
+    let Some(host) = from_uri.or(from_header) else {
+        return Ok(None);
+    };
+    Ok(wayfinder_proto::validate::service_name(&host)
+        .is_ok()
+        .then_some(host))
+}
+
+/// One outbound request, as every stage of the loop needs it.
+struct Call<'a> {
+    proxy: &'a Proxy,
+    up: &'a Arc<Upstream>,
+    /// The service.
+    name: &'a str,
+    /// A gRPC call: the proxy's own answers are gRPC statuses.
+    grpc: bool,
+    /// The client's address (the `client-ip` hash key).
+    client: SocketAddr,
+    /// The request's client span; the next hop's is its child.
+    span: &'a tracing::Span,
+}
+
+impl Call<'_> {
+    /// An answer of the proxy's own.
+    fn reply(&self, status: StatusCode, reason: &'static str) -> Response<Body> {
+        reply(self.grpc, status, reason)
+    }
+
+    /// Counts a request or retry a circuit breaker refused.
+    fn overflow(&self, limit: Overflow) {
+        self.proxy
+            .metrics
+            .overflows
+            .get_or_create(&OverflowLabels {
+                upstream: self.name.to_string(),
+                limit,
+            })
+            .inc();
+    }
+
+    /// The labels of the upstream's retry counters (built only on retries).
+    fn labels(&self) -> UpstreamLabels {
+        UpstreamLabels {
+            upstream: self.name.to_string(),
+        }
+    }
+}
+
+/// The retry loop: one try at a time on the balancer's next choice, until
+/// one answers, the policy or the budget says stop, or the deadline passes.
+async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Response<Body> {
+    let up = call.up;
+    let Some(started) = discovered(up, started).await else {
+        return call.reply(StatusCode::SERVICE_UNAVAILABLE, "discovery-pending");
+    };
+    let active = up.active();
+    let s = &active.settings;
+    let Some(_in_flight) = up.breakers.requests.try_acquire(s.breakers.max_requests) else {
+        call.overflow(Overflow::Requests);
+        return call.reply(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    };
+    let deadline = deadline(s, req.headers(), started);
+    let ctx = pick_context(&active.hash_key, req.headers(), call.client);
+    let mut choices = Choices::new(active.clone(), ctx);
+    let clients = up.clients();
+
+    if is_upgrade(&req) {
+        let Some(i) = choices.next() else {
+            return call.reply(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
+        };
+        return upgrade::forward(req, choices.endpoint(i), &clients).await;
+    }
+
+    let (parts, body) = req.into_parts();
+    let mut head = Head::new(parts);
+    telemetry::inject(call.span, &mut head.headers);
+    let keep = if s.retry.max_attempts > 1 {
+        s.retry.max_body
+    } else {
+        0
+    };
+    let body = ReplayBody::new(body, keep);
+    let keeper = body.keeper();
+    let mut body = Some(body);
+    up.budget.deposit();
+
+    let mut attempt = 0u32;
+    // Held from a retry's backoff to its end: the `max_active_retries` breaker.
+    let mut _retrying = None;
+    loop {
+        attempt += 1;
+        // Each try goes to another endpoint while there are untried ones.
+        let Some(i) = choices.next() else {
+            return call.reply(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
+        };
+        let ep = choices.endpoint(i);
+        let Some(this_body) = body.take() else {
+            return call.reply(StatusCode::BAD_GATEWAY, "body-not-replayable");
+        };
+        let t = Try {
+            ep,
+            started: if attempt == 1 {
+                started
+            } else {
+                Instant::now()
+            },
+            deadline,
+            movable: attempt < s.retry.max_attempts,
+        };
+        let to = Target {
+            ep,
+            clients: &clients,
+            to_sidecar: ep.meshed,
+            direction: Direction::Outbound,
+            upstream: call.name,
+        };
+        let dispatched = AtomicBool::new(false);
+        // An attempt is moved elsewhere at once when discovery retires its
+        // endpoint meanwhile, if it may be repeated (idempotent, or not yet
+        // handed to a connection), another endpoint is there to take it (a
+        // draining instance may still answer: better than nothing) and the
+        // budget pays.
+        let may_leave = || {
+            (retry::repeatable(&head.method, &s.retry) || !dispatched.load(Ordering::Relaxed))
+                && keeper.replayable()
+                && choices.another_than(up, ep)
+                && up
+                    .budget
+                    .withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec)
+        };
+        let waited = {
+            // Pinned here, so the (large) send future is not moved into
+            // the futures that wait on it, and dropped here.
+            let sent = std::pin::pin!(attempt::send(
+                &call.proxy.metrics,
+                &to,
+                &head,
+                this_body,
+                &dispatched
+            ));
+            try_once(&t, s, sent, may_leave).await
+        };
+        let ended = match waited {
+            Waited::Moved => {
+                tracing::debug!(service = call.name, endpoint = %ep.id, "attempt moved: its endpoint left");
+                call.proxy
+                    .metrics
+                    .retries
+                    .get_or_create(&call.labels())
+                    .inc();
+                body = keeper.replay();
+                choices.leave(ep.addr);
+                choices.renew(up);
+                continue;
+            }
+            Waited::TimedOut => timed_out(call, &t),
+            Waited::Done(result) => ended(call, &t, result, clients.mesh.is_some()),
+        };
+        let (outcome, answer) = match ended {
+            Ended::Tried(outcome, answer) => (outcome, answer),
+            Ended::Final(status, reason) => return call.reply(status, reason),
+        };
+        if matches!(outcome, Outcome::ConnectFailed | Outcome::Reset) {
+            // A failure costs the endpoint as much as the slowest answer we
+            // would wait for, so latency-aware balancers stop preferring a
+            // dead endpoint whose failures are instant (and so look fast).
+            let penalty = s.timeouts.per_try.unwrap_or(s.timeouts.connect);
+            ep.observe(penalty, std::time::Instant::now());
+        }
+        up.report(ep, outcome, s);
+
+        if outcome != Outcome::Success
+            && attempt < s.retry.max_attempts
+            && deadline.is_none_or(|d| Instant::now() < d)
+            && retry::retryable(outcome, &head.method, call.grpc, &s.retry)
+            && keeper.replayable()
+            && let Some(permit) = retry_gate(call, s)
+        {
+            _retrying = Some(permit);
+            body = keeper.replay();
+            call.proxy
+                .metrics
+                .retries
+                .get_or_create(&call.labels())
+                .inc();
+            drop(answer);
+            choices.leave(ep.addr);
+            let pause = pause(attempt, s, deadline);
+            if pause > Duration::ZERO {
+                tokio::time::sleep(pause).await;
+            }
+            choices.renew(up);
+            continue;
+        }
+        return respond(call, answer, attempt, ep);
+    }
+}
+
+/// When the request starts counting: at once when the service's endpoints
+/// are known; after the wait for its first discovery answer otherwise (the
+/// deadline and first try start then); `None` when that never came.
+async fn discovered(up: &Upstream, started: Instant) -> Option<Instant> {
+    if up.is_ready() {
+        Some(started)
+    } else if up.wait_ready(DISCOVERY_WAIT).await {
+        Some(Instant::now())
+    } else {
+        None
+    }
+}
+
+/// The request's deadline: the policy's request timeout, or the client's
+/// own gRPC deadline when that is sooner.
+fn deadline(s: &Settings, headers: &HeaderMap, started: Instant) -> Option<Instant> {
+    let grpc_deadline = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(retry::grpc_timeout);
+    match (s.timeouts.request, grpc_deadline) {
+        (Some(a), Some(b)) => Some(started + a.min(b)),
+        (a, b) => a.or(b).map(|d| started + d),
+    }
+}
+
+/// What the balancer hashes, when the policy names a key.
+fn pick_context(key: &HashKey, headers: &HeaderMap, client: SocketAddr) -> PickContext {
+    PickContext {
+        key: match key {
+            HashKey::None => None,
+            HashKey::Header(h) => headers.get(h.as_str()).map(|v| hash_bytes(v.as_bytes())),
+            HashKey::ClientIp => Some(match client.ip() {
+                IpAddr::V4(ip) => hash_bytes(&ip.octets()),
+                IpAddr::V6(ip) => hash_bytes(&ip.octets()),
+            }),
+        },
+    }
+}
+
+/// The endpoints tries pick from: the balancer's order over the request's
+/// snapshot, renewed on a retry when discovery changed it meanwhile.
+struct Choices {
+    from: Arc<Active>,
+    picks: Picks,
+    ctx: PickContext,
+    /// Endpoints tried so far (written only when a request is retried).
+    tried: Vec<SocketAddr>,
+}
+
+impl Choices {
+    fn new(from: Arc<Active>, ctx: PickContext) -> Self {
+        let picks = from.balancer.pick(&ctx);
+        Self {
+            from,
+            picks,
+            ctx,
+            tried: Vec::new(),
+        }
+    }
+
+    /// The next endpoint to try: the balancer's next choice not tried yet,
+    /// or, once every endpoint was tried, its first choice again.
+    fn next(&mut self) -> Option<usize> {
+        let eps = self.from.balancer.endpoints();
+        if let Some(i) = self.picks.find(|&i| !self.tried.contains(&eps[i].addr)) {
+            return Some(i);
+        }
+        self.picks = self.from.balancer.pick(&self.ctx);
+        self.picks.next()
+    }
+
+    /// Endpoint `i` of the current set.
+    fn endpoint(&self, i: usize) -> &Arc<EndpointStats> {
+        &self.from.balancer.endpoints()[i]
+    }
+
+    /// `addr` was tried: later tries go elsewhere while they can.
+    fn leave(&mut self, addr: SocketAddr) {
+        self.tried.push(addr);
+    }
+
+    /// Before a retry: picks from the upstream's current endpoints when
+    /// discovery changed them since (an endpoint that left is not tried again).
+    fn renew(&mut self, up: &Upstream) {
+        let now = up.active();
+        if !Arc::ptr_eq(&now, &self.from) {
+            self.from = now;
+            self.picks = self.from.balancer.pick(&self.ctx);
+        }
+    }
+
+    /// Whether the upstream now has an endpoint other than `ep` not tried yet.
+    fn another_than(&self, up: &Upstream, ep: &EndpointStats) -> bool {
+        up.active()
+            .balancer
+            .endpoints()
+            .iter()
+            .any(|e| e.addr != ep.addr && !self.tried.contains(&e.addr))
+    }
+}
+
+/// One try's endpoint and clock.
+struct Try<'a> {
+    ep: &'a EndpointStats,
+    started: Instant,
+    /// The whole request's deadline.
+    deadline: Option<Instant>,
+    /// Attempts are left: the try may move off an endpoint that leaves.
+    movable: bool,
+}
+
+/// How waiting for one try ended.
+#[allow(clippy::large_enum_variant)]
+enum Waited {
+    /// Its endpoint left discovery; the try was given up, to be repeated elsewhere.
+    Moved,
+    /// The per-try timeout (or the deadline) passed first.
+    TimedOut,
+    /// The try ended by itself.
+    Done(Result<Response<PoolBody>, SendError>),
+}
+
+/// Waits for one try under its time limit: the per-try timeout, or what
+/// is left of the deadline when that is sooner.
+async fn try_once<F>(
+    t: &Try<'_>,
+    s: &Settings,
+    sent: Pin<&mut F>,
+    may_leave: impl FnOnce() -> bool,
+) -> Waited
+where
+    F: Future<Output = Result<Response<PoolBody>, SendError>>,
+{
+    let left = t.deadline.map(|d| d.saturating_duration_since(t.started));
+    let limit = match (s.timeouts.per_try, left) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let attempted = until_retired(sent, t.ep, t.movable, may_leave);
+    let attempted = match limit {
+        Some(limit) => match tokio::time::timeout(limit, attempted).await {
+            Ok(a) => a,
+            Err(_) => return Waited::TimedOut,
+        },
+        None => attempted.await,
+    };
+    match attempted {
+        Attempted::Abandoned => Waited::Moved,
+        Attempted::Done(r) => Waited::Done(r),
+    }
+}
+
+/// How a try ended.
+// On the stack for one attempt; boxing the response would allocate per request.
+#[allow(clippy::large_enum_variant)]
+enum Ended {
+    /// An outcome for the retry decision, and the answer if it is the last.
+    Tried(Outcome, Answer),
+    /// Nothing a retry would change (a bad request, a full breaker).
+    Final(StatusCode, &'static str),
+}
+
+/// The answer a try would give the client: the endpoint's response, or
+/// one of the proxy's own.
+#[allow(clippy::large_enum_variant)]
+enum Answer {
+    Upstream(Response<PoolBody>),
+    Local(StatusCode, &'static str),
+}
+
+/// A try that timed out: it tells the balancer how slow the endpoint is.
+fn timed_out(call: &Call<'_>, t: &Try<'_>) -> Ended {
+    t.ep.observe(t.started.elapsed(), std::time::Instant::now());
+    let whole = t.deadline.is_some_and(|d| Instant::now() >= d);
+    let kind = if whole {
+        TimeoutKind::Request
+    } else {
+        TimeoutKind::PerTry
+    };
+    call.proxy.metrics.timeout(call.name, kind);
+    Ended::Tried(
+        Outcome::TimedOut,
+        Answer::Local(StatusCode::GATEWAY_TIMEOUT, "timeout"),
+    )
+}
+
+/// Classifies a try's result for the retry decision. `mtls`: the
+/// upstream's sidecars are reached over mTLS.
+fn ended(
+    call: &Call<'_>,
+    t: &Try<'_>,
+    result: Result<Response<PoolBody>, SendError>,
+    mtls: bool,
+) -> Ended {
+    match result {
+        Err(e) => {
+            let (status, reason) = e.reply();
+            let outcome = match &e {
+                SendError::BadRequest => return Ended::Final(status, reason),
+                SendError::Client(PoolError::Connect(ConnectError::Overflow(o))) => {
+                    call.overflow(*o);
+                    return Ended::Final(status, reason);
+                }
+                SendError::Client(PoolError::Connect(ConnectError::Timeout)) => {
+                    call.proxy.metrics.timeout(call.name, TimeoutKind::Connect);
+                    Outcome::ConnectFailed
+                }
+                SendError::Client(PoolError::Connect(_) | PoolError::Handshake(_)) => {
+                    Outcome::ConnectFailed
+                }
+                SendError::Client(PoolError::Http(_)) => Outcome::Reset,
+            };
+            Ended::Tried(outcome, Answer::Local(status, reason))
+        }
+        Ok(mut resp) => {
+            // Only sidecars speak for the mesh (a peer's inbound strips
+            // what its app says under that prefix): an endpoint without
+            // one has its `x-wayfinder-*` headers dropped.
+            if !t.ep.meshed {
+                edge::strip_mesh_headers(resp.headers_mut());
+            }
+            // A peer sidecar that could not reach its app: the request
+            // never reached an application, so it is safe to retry, even
+            // a POST. Believed only over mTLS, where no one but that
+            // sidecar can have said it.
+            let peer_connect_failed = resp.status() == StatusCode::BAD_GATEWAY
+                && t.ep.meshed
+                && mtls
+                && resp
+                    .headers()
+                    .get(ERROR_HEADER)
+                    .is_some_and(|v| v == CONNECT_FAILED);
+            let outcome = if peer_connect_failed {
+                Outcome::ConnectFailed
+            } else {
+                retry::classify(resp.status(), resp.headers())
+            };
+            Ended::Tried(outcome, Answer::Upstream(resp))
+        }
+    }
+}
+
+/// Whether a retry may go: the budget pays for it and the
+/// `max_active_retries` breaker has room (its permit is held until the
+/// retry ends). A refusal is counted.
+fn retry_gate(call: &Call<'_>, s: &Settings) -> Option<Permit> {
+    let up = call.up;
+    if !up
+        .budget
+        .withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec)
+    {
+        call.proxy
+            .metrics
+            .budget_exhausted
+            .get_or_create(&call.labels())
+            .inc();
+        return None;
+    }
+    let permit = up
+        .breakers
+        .retries
+        .try_acquire(s.breakers.max_active_retries);
+    if permit.is_none() {
+        call.overflow(Overflow::Retries);
+    }
+    permit
+}
+
+/// The backoff before retry number `attempt`, never past the deadline.
+fn pause(attempt: u32, s: &Settings, deadline: Option<Instant>) -> Duration {
+    let pause = retry::backoff(attempt, s.retry.backoff_base, s.retry.backoff_max);
+    match deadline {
+        Some(d) => pause.min(d.saturating_duration_since(Instant::now())),
+        None => pause,
+    }
+}
+
+/// The client's answer: the last try's, with the attempts it took (in a
+/// header and on the span).
+fn respond(call: &Call<'_>, answer: Answer, attempt: u32, ep: &EndpointStats) -> Response<Body> {
+    let mut resp = match answer {
+        Answer::Upstream(r) => into_body(r),
+        Answer::Local(status, reason) => call.reply(status, reason),
+    };
+    resp.headers_mut()
+        .insert(ATTEMPTS_HEADER, HeaderValue::from(attempt));
+    if !call.span.is_none() {
+        call.span.record("wayfinder.endpoint", &*ep.id);
+        call.span.record("wayfinder.attempts", attempt);
+        call.span.record("wayfinder.retries", attempt - 1);
+    }
+    resp
+}

@@ -1,0 +1,172 @@
+//! The sidecar's shared state: its upstreams, discovery sources, local app,
+//! identity and metrics, which every connection and request reads. The
+//! stages that act on it are in `http/` and `opaque.rs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::authz;
+use crate::balance::{EndpointStats, Kind};
+use crate::connector::{Connector, Limits};
+use crate::discovery::Sources;
+use crate::edge::ConnRefusal;
+use crate::identity::Identity;
+use crate::metrics::{ConnRefusalLabels, ProxyMetrics};
+use crate::resilience::breaker::Breakers;
+use crate::settings::{Defaults, Origin, Settings};
+use crate::upstream::{Clients, Upstream, Upstreams};
+
+/// How long a request waits for its service's first discovery answer.
+pub const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
+
+/// Shared state of the data path.
+pub struct Proxy {
+    /// Known upstreams.
+    pub upstreams: Upstreams,
+    sources: Sources,
+    default_kind: Kind,
+    defaults: Defaults,
+    /// The local app as an endpoint (its stats live as long as the sidecar).
+    pub(crate) app: Option<Arc<EndpointStats>>,
+    pub(crate) app_clients: Clients,
+    /// Inbound requests to the app by status class.
+    pub(crate) app_requests: crate::metrics::RequestCounters,
+    /// This sidecar's service (span names) and whether to log each request.
+    pub local: Local,
+    /// Traffic per upstream for the dashboard.
+    pub traffic: Arc<crate::traffic::Traffic>,
+    /// The workload identity, when the sidecar has one (mTLS between sidecars).
+    pub identity: Option<Arc<Identity>>,
+    /// TLS for the inbound side, built once from the identity.
+    pub tls_server: Option<Arc<rustls::ServerConfig>>,
+    /// Refusal kinds already logged (each is logged once, then only counted).
+    logged: std::sync::Mutex<std::collections::HashSet<&'static str>>,
+    /// The mesh's address table, for transparently intercepted connections
+    /// (kept current only when the sidecar has a `--transparent` listener).
+    pub catalog: Arc<crate::transparent::catalog::Catalog>,
+    /// Metrics.
+    pub metrics: ProxyMetrics,
+}
+
+/// What a sidecar knows about itself that requests need.
+#[derive(Debug, Clone, Default)]
+pub struct Local {
+    /// The service of the app it fronts (`client` for a client-only sidecar).
+    pub service: String,
+    /// Log one line per request.
+    pub access_log: bool,
+    /// With an identity: refuse plaintext on the inbound side.
+    pub strict: bool,
+    /// Deny inbound requests of services without an authorization policy.
+    pub default_deny: bool,
+}
+
+impl Proxy {
+    /// A data path using `sources` for discovery and `app` for inbound traffic.
+    pub fn new(
+        sources: Sources,
+        default_kind: Kind,
+        app: Option<SocketAddr>,
+        defaults: Defaults,
+        local: Local,
+        identity: Option<Arc<Identity>>,
+        metrics: ProxyMetrics,
+    ) -> Arc<Self> {
+        let app_limits = Arc::new(Limits::default());
+        app_limits.set(&Settings::resolve(None, Origin::Mesh, &defaults));
+        let app_clients = Clients::new(
+            Connector::new(Arc::new(Breakers::default()), app_limits),
+            crate::settings::DEFAULT_IDLE,
+            None,
+        );
+        Arc::new(Self {
+            upstreams: Upstreams::default(),
+            sources,
+            default_kind,
+            defaults,
+            app: app.map(|a| EndpointStats::new("app", a, 1)),
+            app_clients,
+            app_requests: Default::default(),
+            local,
+            traffic: Arc::default(),
+            tls_server: identity.as_ref().map(|i| i.server_config()),
+            identity,
+            logged: Default::default(),
+            catalog: Default::default(),
+            metrics,
+        })
+    }
+
+    /// The sidecar's connect timeout (`--connect-timeout`), for connections
+    /// no service policy governs (the app, intercepted pass-through).
+    pub fn connect_timeout(&self) -> Duration {
+        self.defaults.connect
+    }
+
+    /// The local app's address, if the sidecar fronts one.
+    pub fn app(&self) -> Option<SocketAddr> {
+        self.app.as_ref().map(|a| a.addr)
+    }
+
+    /// The upstream for `name`, starting its discovery on first use.
+    pub fn upstream(&self, name: &str) -> Arc<Upstream> {
+        self.upstreams.get_or_start(name, |name| {
+            let up = Upstream::new(
+                name,
+                self.default_kind,
+                self.sources.default_origin,
+                self.defaults,
+                self.metrics.clone(),
+                self.identity.clone(),
+            );
+            self.sources.start(&up);
+            tokio::spawn(crate::resilience::health_check::run(up.clone()));
+            up
+        })
+    }
+
+    /// Whether refusals of kind `reason` are seen for the first time (each
+    /// kind is logged once: a misbehaving peer must not flood the log).
+    pub(crate) fn first_time(&self, reason: &'static str) -> bool {
+        self.logged.lock().is_ok_and(|mut l| l.insert(reason))
+    }
+
+    /// Refuses a connection: counted, and logged the first time for each
+    /// kind (a misconfigured peer must not flood the log).
+    pub fn refuse(&self, reason: ConnRefusal, peer: SocketAddr, detail: &str) {
+        self.metrics
+            .refused
+            .get_or_create(&ConnRefusalLabels { reason })
+            .inc();
+        let reason = reason.as_str();
+        if self.first_time(reason) {
+            tracing::warn!(%peer, reason, detail, "inbound connection refused (logged once per kind; see wayfinder_proxy_inbound_refused_total)");
+        }
+    }
+
+    /// Whether a Host-routed request may create (or use) the upstream
+    /// `name`: one that exists already (an `--upstream` listener, or known
+    /// before), or one the control plane's catalog lists, whatever the
+    /// discovery source (with DNS, too, an unknown name would be an
+    /// upstream and a resolver task per Host a client cares to send).
+    /// Anything else creates no state (no upstream, no watch).
+    pub async fn knows(&self, name: &str) -> bool {
+        if self.upstreams.get(name).is_some() {
+            return true;
+        }
+        self.catalog.wait_loaded(DISCOVERY_WAIT).await;
+        self.catalog.table().knows(name)
+    }
+
+    /// Whether `caller` may make `ask` of this sidecar's service. Until the
+    /// service's own policy is known, nothing is allowed (fail closed).
+    pub async fn authorized(&self, caller: Option<&str>, ask: authz::Ask<'_>) -> bool {
+        let own = self.upstream(&self.local.service);
+        if !own.wait_ready(DISCOVERY_WAIT).await {
+            return false;
+        }
+        let policy = own.active().policy.as_ref().and_then(|p| p.authz.clone());
+        authz::allowed(policy.as_ref(), self.local.default_deny, caller, ask)
+    }
+}
