@@ -3,9 +3,14 @@
 //! HTTP is recognised by a method token and a space (or the HTTP/2 preface),
 //! mTLS from another sidecar by a TLS handshake record; anything else is
 //! opaque TCP. When a client sends nothing within the detection window, the
-//! listener connects to the target and lets whoever speaks first decide
-//! (`listener.rs`): server-speaks-first protocols (MySQL, SMTP, NATS) become
-//! opaque TCP and the port is remembered as such.
+//! listener connects to the target and [`race`] lets whoever speaks first
+//! decide: server-speaks-first protocols (MySQL, SMTP, NATS) become opaque
+//! TCP (and the listener remembers the port as such).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
 
 /// What a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +67,62 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
         }
     }
     (!undecided).then_some(Protocol::Opaque)
+}
+
+/// Peeks until the first bytes decide the protocol; `None` when the client
+/// sent nothing within `window`.
+pub async fn peek(stream: &TcpStream, window: Duration) -> Option<Protocol> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut buf = [0u8; 24];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Err(_)) | Ok(Ok(0)) => return Some(Protocol::Opaque),
+            Ok(Ok(n)) => match classify(&buf[..n]) {
+                Some(p) => return Some(p),
+                None if n == buf.len() || tokio::time::Instant::now() >= deadline => {
+                    return Some(Protocol::Opaque);
+                }
+                // A partial method token: wait briefly for the rest.
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            },
+        }
+    }
+}
+
+/// Who spoke first on a connection whose client was silent through the
+/// detection window, once its target is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Race {
+    /// The client: what it speaks ([`Protocol::Opaque`] when it did not
+    /// finish an HTTP start within another window). A client that was
+    /// merely slow still gets HTTP, so one slow client never turns a port
+    /// opaque.
+    Client(Protocol),
+    /// The server: its greeting's first `n` bytes are in the buffer.
+    Server(usize),
+    /// The server closed or failed before anyone spoke.
+    Closed,
+}
+
+/// Waits for the first word on `stream` (the client) or `server`, reading
+/// a server's greeting into `greeting`.
+pub async fn race(
+    stream: &TcpStream,
+    server: &mut (impl AsyncRead + Unpin + ?Sized),
+    greeting: &mut [u8],
+    window: Duration,
+) -> Race {
+    let first = tokio::select! {
+        biased;
+        _ = stream.readable() => None,
+        r = server.read(greeting) => Some(r),
+    };
+    match first {
+        None => Race::Client(peek(stream, window).await.unwrap_or(Protocol::Opaque)),
+        Some(Ok(n)) if n > 0 => Race::Server(n),
+        Some(_) => Race::Closed,
+    }
 }
 
 #[cfg(test)]

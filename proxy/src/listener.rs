@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::connector::Stream;
-use crate::detect::{Protocol, classify};
+use crate::detect::{Protocol, Race, peek, race};
 use crate::edge::ConnRefusal;
 use crate::http::{inbound, outbound};
 use crate::metrics::{Direction, DirectionLabels, TimeoutKind};
@@ -179,27 +178,6 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Peeks until the first bytes decide the protocol; `None` when the client
-/// sent nothing within `window`.
-async fn detect(stream: &TcpStream, window: Duration) -> Option<Protocol> {
-    let deadline = tokio::time::Instant::now() + window;
-    let mut buf = [0u8; 24];
-    loop {
-        match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Err(_)) | Ok(Ok(0)) => return Some(Protocol::Opaque),
-            Ok(Ok(n)) => match classify(&buf[..n]) {
-                Some(p) => return Some(p),
-                None if n == buf.len() || tokio::time::Instant::now() >= deadline => {
-                    return Some(Protocol::Opaque);
-                }
-                // A partial method token: wait briefly for the rest.
-                None => tokio::time::sleep(Duration::from_millis(1)).await,
-            },
-        }
-    }
-}
-
 /// One accepted connection: detection, then HTTP or an opaque relay. What
 /// only some connections reach (interception, mTLS, relays) is boxed where
 /// it starts, so every connection's task stays small.
@@ -234,7 +212,7 @@ async fn connection(
     let proto = if remembered || silent {
         None
     } else {
-        detect(&stream, window).await
+        peek(&stream, window).await
     };
     proxy
         .metrics
@@ -273,7 +251,7 @@ async fn connection(
         // Host routing needs HTTP: a silent client just gets longer to speak.
         None if matches!(role, Role::HostRouted) => {
             if let Some(p @ (Protocol::Http1 | Protocol::Http2)) =
-                detect(&stream, DEFAULT_HEADER_READ).await
+                peek(&stream, DEFAULT_HEADER_READ).await
             {
                 serve_http(stream, p, peer, role, proxy, None, shutdown).await;
             }
@@ -288,21 +266,15 @@ async fn connection(
                 return;
             };
             let mut greeting = vec![0u8; 4096];
-            let first = tokio::select! {
-                biased;
-                _ = stream.readable() => None,
-                r = server.read(&mut greeting) => Some(r),
-            };
-            match first {
-                None => {
-                    let proto = detect(&stream, window).await;
-                    if let Some(p @ (Protocol::Http1 | Protocol::Http2)) = proto {
-                        drop((server, slot));
-                        return serve_http(stream, p, peer, role, proxy, None, shutdown).await;
-                    }
+            match race(&stream, &mut server, &mut greeting, window).await {
+                Race::Client(p @ (Protocol::Http1 | Protocol::Http2)) => {
+                    drop((server, slot));
+                    serve_http(stream, p, peer, role, proxy, None, shutdown).await;
+                }
+                Race::Client(_) => {
                     Box::pin(relay(stream, server, &[], slot, role.direction(), &proxy)).await;
                 }
-                Some(Ok(n)) if n > 0 => {
+                Race::Server(n) => {
                     if !transparent {
                         server_first.store(true, Ordering::Relaxed);
                     }
@@ -316,8 +288,7 @@ async fn connection(
                     ))
                     .await;
                 }
-                // The target closed or failed before anyone spoke.
-                Some(_) => {}
+                Race::Closed => {}
             }
         }
     }
