@@ -23,23 +23,9 @@ pub use p2c::{LeastRequest, PeakEwma};
 pub use round_robin::RoundRobin;
 pub use weighted::SmoothWeighted;
 
-/// Balancer algorithms, as named by the policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Kind {
-    /// Round robin.
-    RoundRobin,
-    /// Smooth weighted round robin.
-    WeightedRoundRobin,
-    /// Least request, power of two choices.
-    LeastRequest,
-    /// Peak-EWMA, power of two choices (default, as Linkerd).
-    #[default]
-    PeakEwma,
-    /// Ketama ring.
-    RingHash,
-    /// Maglev table.
-    Maglev,
-}
+/// Balancer algorithms: the policy's own enum (also `--balancer`'s values),
+/// named `Kind` here beside the [`Balancer`] trait its values build.
+pub use wayfinder_proto::policy::Balancer as Kind;
 
 /// Live load of one endpoint, shared by every balancer built over it.
 #[derive(Debug)]
@@ -129,16 +115,15 @@ impl EndpointStats {
 
     /// Records one observed latency, peak-sensitively: a sample slower than
     /// the (decayed) estimate replaces it at once, faster ones pull it down
-    /// over [`EWMA_DECAY`]. The first sample replaces the default outright:
-    /// blended in, it left a 1 ms endpoint looking like ~30 ms for tens of
-    /// seconds, and two equal endpoints measured a moment apart fed back
-    /// on each other until one starved.
+    /// over [`EWMA_DECAY`]. The first sample blends with the default, as
+    /// Linkerd's: the shared prior keeps one early spike from steering
+    /// sequential traffic away from an endpoint for seconds.
     pub fn observe(&self, rtt: Duration, now: Instant) {
         let mut e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
         let rtt = rtt.as_nanos() as f64;
         let w = decay(now.saturating_duration_since(e.at));
         let decayed = e.cost_ns * w;
-        e.cost_ns = if rtt > decayed || !e.measured {
+        e.cost_ns = if rtt > decayed {
             rtt
         } else {
             decayed + rtt * (1.0 - w)
@@ -293,7 +278,11 @@ pub(crate) mod testing {
 
     /// `n` endpoints with the given weights.
     pub fn endpoints(weights: &[u32]) -> Vec<Arc<EndpointStats>> {
-        weights
+        // One creation instant for all: the default estimate decays from
+        // it, and endpoints made a preempted moment apart would start
+        // unequal (on a loaded machine that skew alone starved one).
+        let created = Instant::now();
+        let eps: Vec<_> = weights
             .iter()
             .enumerate()
             .map(|(i, &w)| {
@@ -303,7 +292,11 @@ pub(crate) mod testing {
                     w,
                 )
             })
-            .collect()
+            .collect();
+        for ep in &eps {
+            ep.ewma.lock().unwrap_or_else(|p| p.into_inner()).at = created;
+        }
+        eps
     }
 
     /// How often each endpoint is the first choice over `n` picks.

@@ -141,22 +141,6 @@ mod tests {
         assert!((700..=1300).contains(&c[2]), "{c:?}");
     }
 
-    #[test]
-    fn a_new_endpoint_measured_once_competes_on_its_measurement() {
-        let eps = endpoints(&[1, 1, 1]);
-        let now = Instant::now();
-        eps[0].observe(Duration::from_millis(1), now);
-        eps[1].observe(Duration::from_millis(1), now);
-        // Its first answer is as fast as theirs: from now on it is their equal.
-        eps[2].observe(Duration::from_millis(1), now);
-        let b = PeakEwma::new(eps);
-        let c = (0..3000).fold(vec![0; 3], |mut c, _| {
-            c[b.pick_at(now).next().unwrap_or(0)] += 1;
-            c
-        });
-        assert!(c.iter().all(|&n| (800..=1200).contains(&n)), "{c:?}");
-    }
-
     proptest::proptest! {
         #[test]
         fn the_first_choice_is_never_the_strictly_costliest(
