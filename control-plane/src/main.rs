@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use wayfinder_proto::server::LogFormat;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -18,7 +19,9 @@ use wayfinder_control::grpc::{
     TRANSPORT_LIMIT, admin::AdminService, discovery, registry::RegistryService,
 };
 use wayfinder_control::registry::{LeaseConfig, Registry, RegistryMetrics};
-use wayfinder_control::store::{Backend, Embedded, FileStore, Persister, Store, etcd::Etcd};
+use wayfinder_control::store::{
+    Backend, Embedded, FileStore, Persister, Store, StoreSpec, etcd::Etcd,
+};
 use wayfinder_control::{http, policy_file::PolicyWatcher};
 use wayfinder_proto::policy::parse_duration;
 use wayfinder_proto::shared::discovery_server::DiscoveryServer;
@@ -43,7 +46,7 @@ struct Args {
     /// Where the registry is kept: "embedded" (files in DATA_DIR), or
     /// etcd://HOST:PORT[,HOST:PORT...] shared by several replicas.
     #[arg(long, env = "WAYFINDER_STORE", default_value = "embedded")]
-    store: String,
+    store: StoreSpec,
     /// Key prefix in etcd; replicas of one mesh share it.
     #[arg(long, env = "WAYFINDER_ETCD_PREFIX", default_value = wayfinder_control::store::etcd::DEFAULT_PREFIX)]
     etcd_prefix: String,
@@ -57,8 +60,8 @@ struct Args {
     #[arg(long, env = "WAYFINDER_LEASE_GRACE", default_value = "20s", value_parser = parse_duration)]
     lease_grace: Duration,
     /// Log format.
-    #[arg(long, env = "WAYFINDER_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
-    log_format: String,
+    #[arg(long, env = "WAYFINDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     /// Trust domain of workload identities (spiffe://DOMAIN/svc/NAME).
     #[arg(
         long,
@@ -169,7 +172,7 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     // One crypto provider for every TLS user in the process (rustls, tonic).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    if let Err(e) = wayfinder_proto::server::init_logs(&args.log_format, Vec::new()) {
+    if let Err(e) = wayfinder_proto::server::init_logs(args.log_format, Vec::new()) {
         eprintln!("wf-control: {e}");
         return std::process::ExitCode::FAILURE;
     }
@@ -360,10 +363,10 @@ async fn open_store(
     ca: &Ca,
     prom: &mut PromRegistry,
 ) -> Result<(Arc<Registry>, Arc<dyn Backend>, Option<Arc<Persister>>)> {
-    if args.store != "embedded" {
+    if let StoreSpec::Etcd(members) = &args.store {
         let registry = Registry::mirror(leases, metrics);
         let etcd = Etcd::start(
-            &args.store,
+            members.clone(),
             &args.etcd_prefix,
             registry.clone(),
             leases,

@@ -9,11 +9,20 @@ use prometheus_client::registry::Registry;
 pub type ExtraLayer =
     Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
 
+/// How the servers write their logs (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Logs to stderr, filtered by `WAYFINDER_LOG` (default `info`), human or
 /// JSON; colours only on a terminal. `extra` layers keep their own filters,
 /// so exported spans do not depend on the log level. A filter that does not
 /// parse is an error naming the variable.
-pub fn init_logs(format: &str, extra: Vec<ExtraLayer>) -> Result<(), String> {
+pub fn init_logs(format: LogFormat, extra: Vec<ExtraLayer>) -> Result<(), String> {
     use tracing_subscriber::prelude::*;
     let filter = match std::env::var("WAYFINDER_LOG") {
         Ok(v) => log_filter(&v).map_err(|e| format!("WAYFINDER_LOG={v:?}: {e}"))?,
@@ -22,7 +31,7 @@ pub fn init_logs(format: &str, extra: Vec<ExtraLayer>) -> Result<(), String> {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let fmt: ExtraLayer = if format == "json" {
+    let fmt: ExtraLayer = if format == LogFormat::Json {
         fmt.json().with_filter(filter).boxed()
     } else {
         fmt.with_filter(filter).boxed()

@@ -105,7 +105,13 @@ async fn endpoints(State(s): State<AdminState>) -> Json<serde_json::Value> {
                 serde_json::json!({
                     "discovery": u.origin(),
                     "ready": u.is_ready(),
-                    "policy": u.active().policy,
+                    // As the policy file names things ("balancer":
+                    // "peak-ewma"), not as the wire numbers them.
+                    "policy": u.active().policy.as_ref().and_then(|p| {
+                        wayfinder_proto::policy::ServicePolicy::from_proto(p)
+                            .ok()
+                            .map(|(_, p)| p)
+                    }),
                     "endpoints": u.view(),
                 }),
             )

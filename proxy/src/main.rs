@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use wayfinder_proto::policy::AuthzDefault;
+use wayfinder_proto::server::LogFormat;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -70,8 +72,8 @@ struct Args {
     upstreams: Vec<UpstreamFlag>,
     /// Where upstream endpoints come from unless a service's policy says: the
     /// control plane's watch ("mesh") or the service name's A/AAAA records ("dns").
-    #[arg(long, env = "WAYFINDER_DISCOVERY", default_value = "mesh", value_parser = ["mesh", "dns"])]
-    discovery: String,
+    #[arg(long, env = "WAYFINDER_DISCOVERY", value_enum, default_value_t = Origin::Mesh)]
+    discovery: Origin,
     /// DNS server for DNS discovery (IP:PORT); default: the system's resolv.conf.
     #[arg(long, env = "WAYFINDER_DNS_SERVER")]
     dns_server: Option<SocketAddr>,
@@ -84,11 +86,11 @@ struct Args {
     #[arg(long, env = "WAYFINDER_DNS_PORT", default_value_t = 80)]
     dns_port: u16,
     /// Balancer when the service's policy names none.
-    #[arg(long, env = "WAYFINDER_BALANCER", default_value = "peak-ewma", value_parser = balancer)]
+    #[arg(long, env = "WAYFINDER_BALANCER", value_enum, default_value_t = Kind::PeakEwma)]
     balancer: Kind,
     /// App health check: "tcp" (connect) or an HTTP path such as /healthz.
-    #[arg(long, env = "WAYFINDER_HEALTH_CHECK", default_value = "tcp")]
-    health_check: String,
+    #[arg(long, env = "WAYFINDER_HEALTH_CHECK", default_value = "tcp", value_parser = health_check)]
+    health_check: Check,
     /// Interval between health checks.
     #[arg(long, env = "WAYFINDER_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     health_interval: Duration,
@@ -116,8 +118,8 @@ struct Args {
     #[arg(long, env = "WAYFINDER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Log format.
-    #[arg(long, env = "WAYFINDER_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
-    log_format: String,
+    #[arg(long, env = "WAYFINDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     /// Threads serving traffic (1: a single-threaded runtime).
     #[arg(long, env = "WAYFINDER_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
@@ -133,11 +135,11 @@ struct Args {
     join_token: Option<String>,
     /// With an identity, whether the inbound side also takes plaintext
     /// ("permissive", for migration) or only mTLS ("strict").
-    #[arg(long, env = "WAYFINDER_INBOUND_MODE", default_value = "strict", value_parser = ["strict", "permissive"])]
-    inbound_mode: String,
+    #[arg(long, env = "WAYFINDER_INBOUND_MODE", value_enum, default_value_t = InboundMode::Strict)]
+    inbound_mode: InboundMode,
     /// Inbound requests to a service without an authorization policy: allow or deny.
-    #[arg(long, env = "WAYFINDER_DEFAULT_AUTHZ", default_value = "allow", value_parser = ["allow", "deny"])]
-    default_authz: String,
+    #[arg(long, env = "WAYFINDER_DEFAULT_AUTHZ", value_enum, default_value_t = AuthzDefault::Allow)]
+    default_authz: AuthzDefault,
     /// Roots (PEM) to verify an https:// control plane with (wf-control's CA_DIR/bundle.crt).
     #[arg(long, env = "WAYFINDER_CA_BUNDLE")]
     ca_bundle: Option<std::path::PathBuf>,
@@ -439,16 +441,24 @@ fn upstream(s: &str) -> Result<UpstreamFlag, String> {
     })
 }
 
-fn balancer(s: &str) -> Result<Kind, String> {
-    Ok(match s {
-        "round-robin" => Kind::RoundRobin,
-        "weighted-round-robin" => Kind::WeightedRoundRobin,
-        "least-request" => Kind::LeastRequest,
-        "peak-ewma" => Kind::PeakEwma,
-        "ring-hash" => Kind::RingHash,
-        "maglev" => Kind::Maglev,
-        _ => return Err(format!("unknown balancer {s:?}")),
-    })
+/// What the inbound side takes once the sidecar has an identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum InboundMode {
+    /// Only mTLS from other sidecars.
+    Strict,
+    /// mTLS and plaintext (for migration).
+    Permissive,
+}
+
+/// `--health-check`: "tcp" or an HTTP path.
+fn health_check(s: &str) -> Result<Check, String> {
+    match s {
+        "tcp" => Ok(Check::Tcp),
+        p if p.starts_with('/') => Ok(Check::Http(p.to_string())),
+        other => Err(format!(
+            "{other:?}: use \"tcp\" or an HTTP path starting with '/'"
+        )),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -531,7 +541,7 @@ async fn start(args: Args, app: Option<Vec<String>>) -> std::process::ExitCode {
             }
         }
     }
-    if let Err(e) = wayfinder_proto::server::init_logs(&args.log_format, layers) {
+    if let Err(e) = wayfinder_proto::server::init_logs(args.log_format, layers) {
         eprintln!("wf-proxy: {e}");
         return std::process::ExitCode::FAILURE;
     }
@@ -564,11 +574,7 @@ async fn run(
     if args.app.is_some() && args.service.is_none() {
         bail!("--app needs --service: the app is registered as an instance of it");
     }
-    let check = match args.health_check.as_str() {
-        "tcp" => Check::Tcp,
-        p if p.starts_with('/') => Check::Http(p.to_string()),
-        other => bail!("--health-check {other:?}: use \"tcp\" or an HTTP path starting with '/'"),
-    };
+    let check = args.health_check.clone();
     let trust = match (&args.ca_bundle, &args.ca_pin) {
         (Some(path), _) => Trust::Bundle(read_bundle(path).await?),
         (None, Some(pin)) => Trust::Pin(*pin),
@@ -580,11 +586,7 @@ async fn run(
     // presents it, which is how an https control plane knows the caller.
     let bootstrap = control_plane::channel(&args.control_plane, trust.clone(), None)?;
 
-    let default_origin = if args.discovery == "dns" {
-        Origin::Dns
-    } else {
-        Origin::Mesh
-    };
+    let default_origin = args.discovery;
     let dns = Arc::new(dns::resolver(args.dns_server));
     if default_origin == Origin::Dns {
         // Every service needs it at once: a missing one is a start-up error.
@@ -643,8 +645,8 @@ async fn run(
         Local {
             service: local_service.clone(),
             access_log: args.access_log,
-            strict: args.inbound_mode == "strict",
-            default_deny: args.default_authz == "deny",
+            strict: args.inbound_mode == InboundMode::Strict,
+            default_deny: args.default_authz == AuthzDefault::Deny,
         },
         identity.clone(),
         metrics,
@@ -723,7 +725,7 @@ async fn run(
         "control_plane": args.control_plane, "service": args.service, "instance": node,
         "app": args.app, "inbound": inbound, "outbound": outbound, "admin": admin_addr,
         "transparent": transparent,
-        "upstreams": bound, "discovery": args.discovery, "health_check": args.health_check,
+        "upstreams": bound, "discovery": args.discovery, "health_check": args.health_check.to_string(),
         "health_interval_ms": args.health_interval.as_millis() as u64,
         "detect_timeout_ms": args.detect_timeout.as_millis() as u64,
         "connect_timeout_ms": args.connect_timeout.as_millis() as u64,

@@ -11,25 +11,9 @@ use std::time::Duration;
 use wayfinder_proto::policy::RetryOn;
 use wayfinder_proto::v1::ServicePolicy;
 
-/// A discovery source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    /// The control plane's watch.
-    Mesh,
-    /// DNS A/AAAA records.
-    Dns,
-}
-
-impl Origin {
-    /// Position in per-origin arrays.
-    pub fn index(self) -> usize {
-        match self {
-            Origin::Mesh => 0,
-            Origin::Dns => 1,
-        }
-    }
-}
+/// Where a service's endpoints come from: the policy's `discovery` enum
+/// (also `--discovery`'s values), by the name the data path uses.
+pub use wayfinder_proto::policy::Discovery as Origin;
 
 /// Sidecar-wide defaults (flags), for fields a policy leaves out.
 #[derive(Debug, Clone, Copy)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use wayfinder_proto::v1::{BalancerKind, DiscoveryMode, ServicePolicy};
+use wayfinder_proto::v1::ServicePolicy;
 
 use crate::balance::{self, Balancer, EndpointStats, Kind};
 use crate::connector::{Connector, Limits, Tls};
@@ -115,7 +115,7 @@ struct Set {
 }
 
 struct Inner {
-    /// By [`Origin::index`]: each source's view is kept, so switching the
+    /// By `Origin as usize`: each source's view is kept, so switching the
     /// source (the policy's `discovery`) needs no re-discovery.
     sets: [Set; 2],
     policy: Option<ServicePolicy>,
@@ -220,23 +220,15 @@ fn mesh_connectors(
 }
 
 fn origin_of(policy: Option<&ServicePolicy>, default: Origin) -> Origin {
-    match policy.and_then(|p| DiscoveryMode::try_from(p.discovery).ok()) {
-        Some(DiscoveryMode::Mesh) => Origin::Mesh,
-        Some(DiscoveryMode::Dns) => Origin::Dns,
-        _ => default,
-    }
+    policy
+        .and_then(|p| Origin::from_wire(p.discovery))
+        .unwrap_or(default)
 }
 
 fn kind_of(policy: Option<&ServicePolicy>, default: Kind) -> Kind {
-    match policy.and_then(|p| BalancerKind::try_from(p.balancer).ok()) {
-        Some(BalancerKind::RoundRobin) => Kind::RoundRobin,
-        Some(BalancerKind::WeightedRoundRobin) => Kind::WeightedRoundRobin,
-        Some(BalancerKind::LeastRequest) => Kind::LeastRequest,
-        Some(BalancerKind::PeakEwma) => Kind::PeakEwma,
-        Some(BalancerKind::RingHash) => Kind::RingHash,
-        Some(BalancerKind::Maglev) => Kind::Maglev,
-        _ => default,
-    }
+    policy
+        .and_then(|p| Kind::from_wire(p.balancer))
+        .unwrap_or(default)
 }
 
 impl Upstream {
@@ -355,7 +347,7 @@ impl Upstream {
     /// Applies one change from `origin`: the only place endpoints change.
     pub fn apply(&self, origin: Origin, update: Update) {
         let mut inner = self.lock();
-        let set = &mut inner.sets[origin.index()];
+        let set = &mut inner.sets[origin as usize];
         let mut leaving = Vec::new();
         match update {
             Update::Reset(all) => {
@@ -399,7 +391,7 @@ impl Upstream {
         if leaving.is_empty() {
             return;
         }
-        let set = &inner.sets[self.origin().index()];
+        let set = &inner.sets[self.origin() as usize];
         let clients = self.clients();
         for ep in leaving {
             ep.retire();
@@ -448,7 +440,7 @@ impl Upstream {
     fn try_eject(self: &Arc<Self>, ep: &Arc<EndpointStats>, time: Duration, percent: u32) {
         let inner = self.lock();
         let now = Instant::now();
-        let set = &inner.sets[self.origin().index()];
+        let set = &inner.sets[self.origin() as usize];
         let Some(k) = set.endpoints.values().find(|k| Arc::ptr_eq(&k.stats, ep)) else {
             return;
         };
@@ -484,7 +476,7 @@ impl Upstream {
     /// Endpoints to check actively: the ones of the source in use.
     pub fn check_targets(&self) -> Vec<(String, SocketAddr)> {
         let inner = self.lock();
-        inner.sets[self.origin().index()]
+        inner.sets[self.origin() as usize]
             .endpoints
             .values()
             .map(|k| (k.found.id.clone(), k.found.addr))
@@ -494,7 +486,7 @@ impl Upstream {
     /// Records one active check of endpoint `id`.
     pub fn record_check(&self, id: &str, ok: bool, hc: &settings::HealthCheck) {
         let mut inner = self.lock();
-        let origin = self.origin().index();
+        let origin = self.origin() as usize;
         let Some(k) = inner.sets[origin].endpoints.get_mut(id) else {
             return;
         };
@@ -516,7 +508,7 @@ impl Upstream {
     /// Rebuilds what requests use from the current origin's endpoints.
     fn rebuild(&self, inner: &Inner) {
         let origin = self.origin();
-        let set = &inner.sets[origin.index()];
+        let set = &inner.sets[origin as usize];
         let policy = inner.policy.clone();
         let settings = Settings::resolve(policy.as_ref(), origin, &self.defaults);
         let checked = settings.health_check.is_some();
@@ -569,7 +561,7 @@ impl Upstream {
     pub fn view(&self) -> Vec<EndpointView> {
         let inner = self.lock();
         let now = Instant::now();
-        inner.sets[self.origin().index()]
+        inner.sets[self.origin() as usize]
             .endpoints
             .values()
             .map(|k| EndpointView {
@@ -657,6 +649,7 @@ impl Upstreams {
 mod tests {
     use super::*;
     use crate::balance::PickContext;
+    use wayfinder_proto::v1::{BalancerKind, DiscoveryMode};
 
     fn d(id: &str, port: u16, healthy: bool) -> Discovered {
         Discovered {

@@ -53,7 +53,7 @@ const READ_LIMIT: usize = 256 << 20;
 #[derive(Debug, Error)]
 pub enum EtcdError {
     /// `--store` is not `etcd://HOST:PORT[,HOST:PORT...]`.
-    #[error("--store {0:?}: expected \"embedded\" or etcd://HOST:PORT[,HOST:PORT...]")]
+    #[error("{0:?}: expected \"embedded\" or etcd://HOST:PORT[,HOST:PORT...]")]
     BadSpec(String),
     /// No member answered.
     #[error("etcd at {endpoints} is unreachable: {message}")]
@@ -65,11 +65,6 @@ pub enum EtcdError {
     },
 }
 
-/// The members of `etcd://HOST:PORT[,HOST:PORT...]`, as URLs.
-pub fn parse_spec(spec: &str) -> Result<Vec<String>, EtcdError> {
-    Ok(urls(&parse_members(spec)?))
-}
-
 fn urls(members: &[(String, u16)]) -> Vec<String> {
     members
         .iter()
@@ -78,7 +73,7 @@ fn urls(members: &[(String, u16)]) -> Vec<String> {
 }
 
 /// The members of `etcd://HOST:PORT[,HOST:PORT...]`.
-fn parse_members(spec: &str) -> Result<Vec<(String, u16)>, EtcdError> {
+pub(super) fn parse_members(spec: &str) -> Result<Vec<(String, u16)>, EtcdError> {
     let bad = || EtcdError::BadSpec(spec.to_string());
     let list = spec.strip_prefix("etcd://").ok_or_else(bad)?;
     let members: Vec<(String, u16)> = list
@@ -212,13 +207,12 @@ impl Etcd {
     /// reads the prefix into `registry` (a [`Registry::mirror`]) and starts
     /// following it. Fails when etcd does not answer within a few seconds.
     pub async fn start(
-        spec: &str,
+        targets: Vec<(String, u16)>,
         prefix: &str,
         registry: Arc<Registry>,
         leases: LeaseConfig,
         own_roots: Vec<Vec<u8>>,
     ) -> Result<Arc<Self>, EtcdError> {
-        let targets = parse_members(spec)?;
         let members = urls(&targets);
         let unreachable = |message: String| EtcdError::Unreachable {
             endpoints: members.join(","),
@@ -799,11 +793,11 @@ mod tests {
     #[test]
     fn specs_parse_into_member_urls_or_are_refused() {
         assert_eq!(
-            parse_spec("etcd://127.0.0.1:2379,10.0.0.2:2379").expect("valid"),
+            urls(&parse_members("etcd://127.0.0.1:2379,10.0.0.2:2379").expect("valid")),
             vec!["http://127.0.0.1:2379", "http://10.0.0.2:2379"]
         );
         assert_eq!(
-            parse_spec("etcd://etcd:2379").expect("valid"),
+            urls(&parse_members("etcd://etcd:2379").expect("valid")),
             vec!["http://etcd:2379"]
         );
         for bad in [
@@ -813,7 +807,11 @@ mod tests {
             "etcd://h:99999",
             "etcd://h:1/x",
         ] {
-            assert!(parse_spec(bad).is_err(), "{bad} refused");
+            assert!(parse_members(bad).is_err(), "{bad} refused");
+            assert!(
+                bad.parse::<super::super::StoreSpec>().is_err(),
+                "{bad} refused"
+            );
         }
     }
 

@@ -22,6 +22,27 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use wayfinder_proto::v1::{Health, Instance, ServicePolicy};
 
+/// Where the registry is kept (`--store`), parsed once at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// Files in the data directory, for one wf-control (`embedded`).
+    Embedded,
+    /// An etcd cluster shared by replicas (`etcd://HOST:PORT[,HOST:PORT...]`):
+    /// its members.
+    Etcd(Vec<(String, u16)>),
+}
+
+impl std::str::FromStr for StoreSpec {
+    type Err = etcd::EtcdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "embedded" => Ok(StoreSpec::Embedded),
+            _ => etcd::parse_members(s).map(StoreSpec::Etcd),
+        }
+    }
+}
+
 /// One change, as appended to the log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]

@@ -67,6 +67,7 @@ pub struct Authz {
 
 /// The fate of a request no rule allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthzDefault {
     /// Let it through.
@@ -92,6 +93,7 @@ pub struct AuthzRule {
 
 /// Discovery source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Discovery {
     /// The control plane's watch.
@@ -101,7 +103,8 @@ pub enum Discovery {
 }
 
 /// Balancer algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Balancer {
     /// Round robin.
@@ -110,7 +113,8 @@ pub enum Balancer {
     WeightedRoundRobin,
     /// Least request, power of two choices.
     LeastRequest,
-    /// Peak-EWMA, power of two choices.
+    /// Peak-EWMA, power of two choices (the default, as Linkerd's).
+    #[default]
     PeakEwma,
     /// Consistent hashing on a ring.
     RingHash,

@@ -115,28 +115,67 @@ fn n<const A: u32, const B: u32>(
         .map_err(|m| refused(field, m))
 }
 
-fn discovery(mode: i32) -> Result<Option<Discovery>, PolicyError> {
-    use v1::DiscoveryMode as Dm;
-    match Dm::try_from(mode) {
-        Ok(Dm::Unspecified) => Ok(None),
-        Ok(Dm::Mesh) => Ok(Some(Discovery::Mesh)),
-        Ok(Dm::Dns) => Ok(Some(Discovery::Dns)),
-        Err(_) => Err(refused("discovery", format!("unknown mode {mode}"))),
+/// The one mapping of discovery sources to the wire's.
+const DISCOVERIES: [(Discovery, v1::DiscoveryMode); 2] = [
+    (Discovery::Mesh, v1::DiscoveryMode::Mesh),
+    (Discovery::Dns, v1::DiscoveryMode::Dns),
+];
+
+/// The one mapping of balancers to the wire's.
+const BALANCERS: [(Balancer, v1::BalancerKind); 6] = [
+    (Balancer::RoundRobin, v1::BalancerKind::RoundRobin),
+    (
+        Balancer::WeightedRoundRobin,
+        v1::BalancerKind::WeightedRoundRobin,
+    ),
+    (Balancer::LeastRequest, v1::BalancerKind::LeastRequest),
+    (Balancer::PeakEwma, v1::BalancerKind::PeakEwma),
+    (Balancer::RingHash, v1::BalancerKind::RingHash),
+    (Balancer::Maglev, v1::BalancerKind::Maglev),
+];
+
+/// The policy value a wire value names, by `table`: `Ok(None)` when the
+/// wire leaves it unspecified (0), `Err` for a value this build does not know.
+fn from_wire<P: Copy, W: Copy + Into<i32>>(table: &[(P, W)], v: i32) -> Result<Option<P>, ()> {
+    if v == 0 {
+        return Ok(None);
+    }
+    table
+        .iter()
+        .find(|(_, w)| (*w).into() == v)
+        .map(|(p, _)| Some(*p))
+        .ok_or(())
+}
+
+/// The wire value of `p` by `table` (unspecified if it were missing).
+fn to_wire<P: Copy + PartialEq, W: Copy + Default>(table: &[(P, W)], p: P) -> W {
+    table
+        .iter()
+        .find(|(q, _)| *q == p)
+        .map_or_else(W::default, |(_, w)| *w)
+}
+
+impl Discovery {
+    /// The source a wire `DiscoveryMode` names, if it names one this build knows.
+    pub fn from_wire(mode: i32) -> Option<Self> {
+        from_wire(&DISCOVERIES, mode).ok().flatten()
     }
 }
 
-fn balancer(kind: i32) -> Result<Option<Balancer>, PolicyError> {
-    use v1::BalancerKind as Bk;
-    match Bk::try_from(kind) {
-        Ok(Bk::Unspecified) => Ok(None),
-        Ok(Bk::RoundRobin) => Ok(Some(Balancer::RoundRobin)),
-        Ok(Bk::WeightedRoundRobin) => Ok(Some(Balancer::WeightedRoundRobin)),
-        Ok(Bk::LeastRequest) => Ok(Some(Balancer::LeastRequest)),
-        Ok(Bk::PeakEwma) => Ok(Some(Balancer::PeakEwma)),
-        Ok(Bk::RingHash) => Ok(Some(Balancer::RingHash)),
-        Ok(Bk::Maglev) => Ok(Some(Balancer::Maglev)),
-        Err(_) => Err(refused("balancer", format!("unknown balancer {kind}"))),
+impl Balancer {
+    /// The balancer a wire `BalancerKind` names, if it names one this build knows.
+    pub fn from_wire(kind: i32) -> Option<Self> {
+        from_wire(&BALANCERS, kind).ok().flatten()
     }
+}
+
+fn discovery(mode: i32) -> Result<Option<Discovery>, PolicyError> {
+    from_wire(&DISCOVERIES, mode).map_err(|()| refused("discovery", format!("unknown mode {mode}")))
+}
+
+fn balancer(kind: i32) -> Result<Option<Balancer>, PolicyError> {
+    from_wire(&BALANCERS, kind)
+        .map_err(|()| refused("balancer", format!("unknown balancer {kind}")))
 }
 
 /// The hash key: the header if one is named, else the client IP for hash balancers.
@@ -289,23 +328,13 @@ fn authz_rule(field: &str, r: &v1::AuthzRule) -> Result<AuthzRule, PolicyError> 
 
 impl From<Discovery> for v1::DiscoveryMode {
     fn from(d: Discovery) -> Self {
-        match d {
-            Discovery::Mesh => Self::Mesh,
-            Discovery::Dns => Self::Dns,
-        }
+        to_wire(&DISCOVERIES, d)
     }
 }
 
 impl From<Balancer> for v1::BalancerKind {
     fn from(b: Balancer) -> Self {
-        match b {
-            Balancer::RoundRobin => Self::RoundRobin,
-            Balancer::WeightedRoundRobin => Self::WeightedRoundRobin,
-            Balancer::LeastRequest => Self::LeastRequest,
-            Balancer::PeakEwma => Self::PeakEwma,
-            Balancer::RingHash => Self::RingHash,
-            Balancer::Maglev => Self::Maglev,
-        }
+        to_wire(&BALANCERS, b)
     }
 }
 
@@ -411,6 +440,24 @@ impl From<&HealthCheck> for v1::HealthCheck {
 mod tests {
     use super::*;
     use crate::policy::MAX_MILLIS;
+
+    #[test]
+    fn the_wire_mappings_cover_every_wire_value_both_ways() {
+        for v in 0..32 {
+            let known = v1::BalancerKind::try_from(v).is_ok();
+            assert_eq!(from_wire(&BALANCERS, v).is_ok(), known, "balancer {v}");
+            let known = v1::DiscoveryMode::try_from(v).is_ok();
+            assert_eq!(from_wire(&DISCOVERIES, v).is_ok(), known, "discovery {v}");
+        }
+        for (p, w) in BALANCERS {
+            assert_eq!(v1::BalancerKind::from(p), w);
+            assert_eq!(Balancer::from_wire(w as i32), Some(p));
+        }
+        for (p, w) in DISCOVERIES {
+            assert_eq!(v1::DiscoveryMode::from(p), w);
+            assert_eq!(Discovery::from_wire(w as i32), Some(p));
+        }
+    }
 
     const GOOD: &str = r#"
 [services.web]

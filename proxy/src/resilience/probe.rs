@@ -15,6 +15,16 @@ pub enum Check {
     Tcp,
 }
 
+impl std::fmt::Display for Check {
+    /// As `--health-check` takes it: `tcp` or the path.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Check::Http(path) => f.write_str(path),
+            Check::Tcp => f.write_str("tcp"),
+        }
+    }
+}
+
 /// One probe, of the app or of an upstream endpoint: a minimal HTTP/1.1 GET
 /// (no client pool: a probe must reflect a
 /// fresh connection) or a TCP connect.
