@@ -2,7 +2,6 @@
 //! push, per-service policy, durable state, and the gRPC and HTTP servers.
 
 pub mod ca;
-pub mod dashboard;
 pub mod grpc;
 pub mod http;
 pub mod policy_file;

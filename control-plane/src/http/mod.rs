@@ -14,6 +14,8 @@ use wayfinder_proto::view::EndpointView;
 
 use crate::registry::Registry;
 
+pub mod dashboard;
+
 /// What the HTTP handlers share.
 #[derive(Clone)]
 pub struct HttpState {
@@ -32,7 +34,7 @@ pub struct HttpState {
 /// and the dashboard (`/`, `/v1/dashboard`, `/v1/dashboard/events`).
 pub fn router(state: HttpState) -> Router {
     Router::new()
-        .merge(crate::dashboard::router())
+        .merge(dashboard::router())
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))

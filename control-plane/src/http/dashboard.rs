@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::IntervalStream;
 
-use crate::http::{HttpState, ServiceView, view};
+use super::{HttpState, ServiceView, view};
 use crate::traffic::{EdgeView, WINDOW};
 
 /// How often the page gets a new snapshot.
