@@ -222,7 +222,6 @@ async fn nginx(args: &Args, dir: &Path) -> Result<Setup> {
     })
 }
 
-/// One target's run: load, a kill at half-way, the report.
 /// What one target did: the samples, the run's duration, where the kill
 /// happened (in finished requests) and the configuration used.
 struct Outcome {
@@ -232,6 +231,7 @@ struct Outcome {
     config: String,
 }
 
+/// One target's run: load, a kill at half-way, the report.
 async fn run(name: &str, mut setup: Setup, args: &Args) -> Result<Outcome> {
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();

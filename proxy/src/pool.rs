@@ -11,8 +11,8 @@
 //!
 //! Why not hyper-util's legacy client: per request it hashed its pool key
 //! (scheme and authority, one byte at a time) three times and spawned a task
-//! to wait for the connection to become idle again, 8% of the proxy's
-//! instructions in the callgrind profile (`bench/README.md`). Here the key is
+//! to wait for the connection to become idle again (the profile is in
+//! `bench/README.md`). Here the key is
 //! a `SocketAddr`, and a connection is handed back from the response body
 //! that just ended. A request that a reused connection gives back unsent (the
 //! endpoint closed it while idle) goes to another connection.
@@ -60,8 +60,7 @@ pub enum PoolError {
 
 /// Each endpoint's connections. Looked up twice per request (checkout and
 /// return); the keys are endpoint addresses from discovery, so a fast hasher
-/// (seeded per process) instead of SipHash: 32,195 -> 31,689 instructions
-/// per request.
+/// (seeded per process) instead of SipHash (measured in `bench/README.md`).
 type Slots = HashMap<SocketAddr, Slot, foldhash::fast::RandomState>;
 
 /// Connections to the endpoints of one connector, in one protocol.

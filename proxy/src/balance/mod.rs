@@ -43,7 +43,7 @@ pub struct EndpointStats {
     /// Passive outlier detection state.
     pub outlier: Mutex<crate::resilience::outlier::State>,
     /// `addr` as a URI authority, built once: formatting and parsing it
-    /// per request was a tenth of the proxy's own instructions.
+    /// per request showed in the profile (`bench/README.md`).
     pub authority: Option<hyper::http::uri::Authority>,
     /// This endpoint's latency histogram, looked up once: the metric family
     /// lookup hashed and allocated its labels on every request.

@@ -34,7 +34,7 @@ use crate::resilience::retry::{self, Outcome};
 use crate::settings::Settings;
 use crate::state::{DISCOVERY_WAIT, Proxy};
 use crate::telemetry;
-use crate::upstream::{Active, HashKey, Upstream};
+use crate::upstream::{Active, Clients, HashKey, Upstream};
 
 /// Balances `req` over `service` (or the service its Host names).
 pub async fn serve(
@@ -167,6 +167,15 @@ impl Call<'_> {
             upstream: self.name.to_string(),
         }
     }
+
+    /// Counts a retry (or a try moved off a leaving endpoint).
+    fn count_retry(&self) {
+        self.proxy
+            .metrics
+            .retries
+            .get_or_create(&self.labels())
+            .inc();
+    }
 }
 
 /// The retry loop: one try at a time on the balancer's next choice, until
@@ -186,24 +195,21 @@ async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Res
     let ctx = pick_context(&active.hash_key, req.headers(), call.client);
     let mut choices = Choices::new(active.clone(), ctx);
     let clients = up.clients();
-
     if is_upgrade(&req) {
         let Some(i) = choices.next() else {
             return call.reply(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
         };
         return upgrade::forward(req, choices.endpoint(i), &clients).await;
     }
-
-    let (parts, body) = req.into_parts();
-    let mut head = Head::new(parts);
-    telemetry::inject(call.span, &mut head.headers);
-    let keep = if s.retry.max_attempts > 1 {
-        s.retry.max_body
-    } else {
-        0
+    let (head, body) = outgoing(call, s, req);
+    let o = Outgoing {
+        call,
+        s,
+        clients: &clients,
+        head: &head,
+        keeper: &body.keeper(),
+        deadline,
     };
-    let body = ReplayBody::new(body, keep);
-    let keeper = body.keeper();
     let mut body = Some(body);
     up.budget.deposit();
 
@@ -227,85 +233,31 @@ async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Res
             } else {
                 Instant::now()
             },
-            deadline,
             movable: attempt < s.retry.max_attempts,
         };
-        let to = Target {
-            ep,
-            clients: &clients,
-            to_sidecar: ep.meshed,
-            direction: Direction::Outbound,
-            upstream: call.name,
-        };
-        let dispatched = AtomicBool::new(false);
-        // An attempt is moved elsewhere at once when discovery retires its
-        // endpoint meanwhile, if it may be repeated (idempotent, or not yet
-        // handed to a connection), another endpoint is there to take it (a
-        // draining instance may still answer: better than nothing) and the
-        // budget pays.
-        let may_leave = || {
-            (retry::repeatable(&head.method, &s.retry) || !dispatched.load(Ordering::Relaxed))
-                && keeper.replayable()
-                && choices.another_than(up, ep)
-                && up
-                    .budget
-                    .withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec)
-        };
-        let waited = {
-            // Pinned here, so the (large) send future is not moved into
-            // the futures that wait on it, and dropped here.
-            let sent = std::pin::pin!(attempt::send(
-                &call.proxy.metrics,
-                &to,
-                &head,
-                this_body,
-                &dispatched
-            ));
-            try_once(&t, s, sent, may_leave).await
-        };
-        let ended = match waited {
+        let ended = match try_endpoint(&o, &t, this_body, &choices).await {
             Waited::Moved => {
                 tracing::debug!(service = call.name, endpoint = %ep.id, "attempt moved: its endpoint left");
-                call.proxy
-                    .metrics
-                    .retries
-                    .get_or_create(&call.labels())
-                    .inc();
-                body = keeper.replay();
+                call.count_retry();
+                body = o.keeper.replay();
                 choices.leave(ep.addr);
                 choices.renew(up);
                 continue;
             }
-            Waited::TimedOut => timed_out(call, &t),
-            Waited::Done(result) => ended(call, &t, result, clients.mesh.is_some()),
+            Waited::TimedOut => timed_out(&o, &t),
+            Waited::Done(result) => ended(&o, &t, result),
         };
         let (outcome, answer) = match ended {
             Ended::Tried(outcome, answer) => (outcome, answer),
             Ended::Final(status, reason) => return call.reply(status, reason),
         };
-        if matches!(outcome, Outcome::ConnectFailed | Outcome::Reset) {
-            // A failure costs the endpoint as much as the slowest answer we
-            // would wait for, so latency-aware balancers stop preferring a
-            // dead endpoint whose failures are instant (and so look fast).
-            let penalty = s.timeouts.per_try.unwrap_or(s.timeouts.connect);
-            ep.observe(penalty, std::time::Instant::now());
-        }
-        up.report(ep, outcome, s);
-
-        if outcome != Outcome::Success
-            && attempt < s.retry.max_attempts
-            && deadline.is_none_or(|d| Instant::now() < d)
-            && retry::retryable(outcome, &head.method, call.grpc, &s.retry)
-            && keeper.replayable()
+        record(&o, ep, outcome);
+        if retry_wanted(&o, outcome, attempt)
             && let Some(permit) = retry_gate(call, s)
         {
             _retrying = Some(permit);
-            body = keeper.replay();
-            call.proxy
-                .metrics
-                .retries
-                .get_or_create(&call.labels())
-                .inc();
+            call.count_retry();
+            body = o.keeper.replay();
             drop(answer);
             choices.leave(ep.addr);
             let pause = pause(attempt, s, deadline);
@@ -317,6 +269,101 @@ async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Res
         }
         return respond(call, answer, attempt, ep);
     }
+}
+
+/// What every try of one request shares.
+struct Outgoing<'a> {
+    call: &'a Call<'a>,
+    /// The upstream's settings as of the request's start.
+    s: &'a Settings,
+    clients: &'a Clients,
+    /// The request line and headers each try sends.
+    head: &'a Head,
+    /// Replays the body for another try, while it can.
+    keeper: &'a ReplayBody,
+    /// The whole request's deadline.
+    deadline: Option<Instant>,
+}
+
+/// The request as tries send it: its head (the next hop's span a child of
+/// this request's) and its body, kept for replay when retries are on.
+fn outgoing(call: &Call<'_>, s: &Settings, req: Request<Incoming>) -> (Head, ReplayBody) {
+    let (parts, body) = req.into_parts();
+    let mut head = Head::new(parts);
+    telemetry::inject(call.span, &mut head.headers);
+    let keep = if s.retry.max_attempts > 1 {
+        s.retry.max_body
+    } else {
+        0
+    };
+    (head, ReplayBody::new(body, keep))
+}
+
+/// One try on `t.ep`: sent, and waited for under its time limit.
+async fn try_endpoint(
+    o: &Outgoing<'_>,
+    t: &Try<'_>,
+    body: ReplayBody,
+    choices: &Choices,
+) -> Waited {
+    let (call, s) = (o.call, o.s);
+    let to = Target {
+        ep: t.ep,
+        clients: o.clients,
+        to_sidecar: t.ep.meshed,
+        direction: Direction::Outbound,
+        upstream: call.name,
+    };
+    let dispatched = AtomicBool::new(false);
+    // An attempt is moved elsewhere at once when discovery retires its
+    // endpoint meanwhile, if it may be repeated (idempotent, or not yet
+    // handed to a connection), another endpoint is there to take it (a
+    // draining instance may still answer: better than nothing) and the
+    // budget pays.
+    let may_leave = || {
+        (retry::repeatable(&o.head.method, &s.retry) || !dispatched.load(Ordering::Relaxed))
+            && o.keeper.replayable()
+            && choices.another_than(call.up, t.ep)
+            && call
+                .up
+                .budget
+                .withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec)
+    };
+    // Pinned here, so the (large) send future is not moved into the
+    // futures that wait on it.
+    let sent = std::pin::pin!(attempt::send(
+        &call.proxy.metrics,
+        &to,
+        o.head,
+        body,
+        &dispatched
+    ));
+    try_once(o, t, sent, may_leave).await
+}
+
+/// After a try: a failure costs the endpoint as much as the slowest answer
+/// we would wait for, so latency-aware balancers stop preferring a dead
+/// endpoint whose failures are instant (and so look fast); outlier
+/// detection hears every outcome.
+fn record(o: &Outgoing<'_>, ep: &Arc<EndpointStats>, outcome: Outcome) {
+    let s = o.s;
+    if matches!(outcome, Outcome::ConnectFailed | Outcome::Reset) {
+        let penalty = s.timeouts.per_try.unwrap_or(s.timeouts.connect);
+        ep.observe(penalty, std::time::Instant::now());
+    }
+    o.call.up.report(ep, outcome, s);
+}
+
+/// Whether the policy wants another try after `outcome` on try `attempt`:
+/// tries and time are left, the outcome and method are retryable, and the
+/// body can be sent again.
+fn retry_wanted(o: &Outgoing<'_>, outcome: Outcome, attempt: u32) -> bool {
+    let s = o.s;
+    outcome != Outcome::Success
+        && attempt < s.retry.max_attempts
+        && o.deadline.is_none_or(|d| Instant::now() < d)
+        && retry::retryable(outcome, &o.head.method, o.call.grpc, &s.retry)
+        && o.keeper.replayable()
 }
 
 /// When the request starts counting: at once when the service's endpoints
@@ -423,10 +470,8 @@ impl Choices {
 
 /// One try's endpoint and clock.
 struct Try<'a> {
-    ep: &'a EndpointStats,
+    ep: &'a Arc<EndpointStats>,
     started: Instant,
-    /// The whole request's deadline.
-    deadline: Option<Instant>,
     /// Attempts are left: the try may move off an endpoint that leaves.
     movable: bool,
 }
@@ -445,16 +490,16 @@ enum Waited {
 /// Waits for one try under its time limit: the per-try timeout, or what
 /// is left of the deadline when that is sooner.
 async fn try_once<F>(
+    o: &Outgoing<'_>,
     t: &Try<'_>,
-    s: &Settings,
     sent: Pin<&mut F>,
     may_leave: impl FnOnce() -> bool,
 ) -> Waited
 where
     F: Future<Output = Result<Response<PoolBody>, SendError>>,
 {
-    let left = t.deadline.map(|d| d.saturating_duration_since(t.started));
-    let limit = match (s.timeouts.per_try, left) {
+    let left = o.deadline.map(|d| d.saturating_duration_since(t.started));
+    let limit = match (o.s.timeouts.per_try, left) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
@@ -491,9 +536,10 @@ enum Answer {
 }
 
 /// A try that timed out: it tells the balancer how slow the endpoint is.
-fn timed_out(call: &Call<'_>, t: &Try<'_>) -> Ended {
+fn timed_out(o: &Outgoing<'_>, t: &Try<'_>) -> Ended {
+    let call = o.call;
     t.ep.observe(t.started.elapsed(), std::time::Instant::now());
-    let whole = t.deadline.is_some_and(|d| Instant::now() >= d);
+    let whole = o.deadline.is_some_and(|d| Instant::now() >= d);
     let kind = if whole {
         TimeoutKind::Request
     } else {
@@ -506,14 +552,11 @@ fn timed_out(call: &Call<'_>, t: &Try<'_>) -> Ended {
     )
 }
 
-/// Classifies a try's result for the retry decision. `mtls`: the
-/// upstream's sidecars are reached over mTLS.
-fn ended(
-    call: &Call<'_>,
-    t: &Try<'_>,
-    result: Result<Response<PoolBody>, SendError>,
-    mtls: bool,
-) -> Ended {
+/// Classifies a try's result for the retry decision.
+fn ended(o: &Outgoing<'_>, t: &Try<'_>, result: Result<Response<PoolBody>, SendError>) -> Ended {
+    let call = o.call;
+    // The upstream's sidecars are reached over mTLS.
+    let mtls = o.clients.mesh.is_some();
     match result {
         Err(e) => {
             let (status, reason) = e.reply();
