@@ -19,6 +19,8 @@ pub mod load;
 pub mod mesh;
 pub mod netns;
 pub mod otlp;
+pub mod scenario;
+pub use scenario::{Running, Scenario, apply_policy};
 use tonic::transport::Channel;
 
 /// Upper bound for any single end-to-end test.

@@ -302,12 +302,7 @@ async fn static_endpoints_policy_and_live_leases_survive_a_restart() -> Result<(
         st.meshed = false;
         register(&cp, st, true, 0).await?;
         let (lease, _) = register(&cp, inst("web", "web-1", 9001), false, 0).await?;
-        let dir = tempfile::tempdir()?;
-        let file = dir.path().join("policy.toml");
-        std::fs::write(&file, "[services.pg]\nbalancer = \"round-robin\"\n")?;
-        let (ok, _, err) =
-            wayfinder_tests::wfctl(&cp, &["policy", "apply", &file.to_string_lossy()])?;
-        assert!(ok, "{err}");
+        wayfinder_tests::apply_policy(&cp, "[services.pg]\nbalancer = \"round-robin\"\n")?;
 
         // SIGKILL: only what was acknowledged as durable may survive, and must.
         cp.restart()?;

@@ -20,7 +20,7 @@ use wayfinder_proto::v1::{
 };
 use wayfinder_tests::load::{self, Spec};
 use wayfinder_tests::mesh::{client_at, lab_app, sidecar_at};
-use wayfinder_tests::{ControlPlane, Process, bounded, metric, wfctl};
+use wayfinder_tests::{ControlPlane, Process, apply_policy, bounded, metric, wfctl};
 
 const WEB_TOKEN: &str = "web-token-0123456789";
 const CLIENT_TOKEN: &str = "client-token-0123456789";
@@ -400,16 +400,7 @@ async fn wfctl_is_the_operator_with_the_credential_wf_control_wrote() -> Result<
         let (ok, out, err) = wfctl(&m.cp, &["services"])?;
         assert!(ok, "{err}");
         assert!(out.contains("web"), "{out}");
-        let policy = tempfile::NamedTempFile::new()?;
-        std::fs::write(
-            policy.path(),
-            "[services.web]\nbalancer = \"round-robin\"\n",
-        )?;
-        let (ok, _, err) = wfctl(
-            &m.cp,
-            &["policy", "apply", &policy.path().to_string_lossy()],
-        )?;
-        assert!(ok, "{err}");
+        apply_policy(&m.cp, "[services.web]\nbalancer = \"round-robin\"\n")?;
 
         // Without the credential: a clear error, nothing changed.
         let out = std::process::Command::new(wayfinder_tests::bin("wfctl"))

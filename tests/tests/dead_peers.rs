@@ -10,28 +10,21 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use wayfinder_tests::load::{self, Report, Spec};
-use wayfinder_tests::mesh::{Instance, admin_get, client, lab_app, sidecar, wait_serving};
+use wayfinder_tests::mesh::{admin_get, client, lab_app, sidecar, wait_serving};
 use wayfinder_tests::netns::{Lab, run, unavailable};
-use wayfinder_tests::{ControlPlane, Process, bounded, metric, wfctl};
+use wayfinder_tests::{ControlPlane, Process, Running, Scenario, apply_policy, bounded, metric};
 
-/// Three `web` instances whose sidecars check their app by TCP connect
-/// only: a frozen app still accepts connections, so the control plane keeps
-/// it serving and only the caller's own view (timeouts, ejection) can help.
-async fn tcp_checked_lab(cp: &ControlPlane) -> Result<Vec<Instance>> {
-    let lab: Vec<_> = (1..=3)
-        .map(|i| {
-            let name = format!("web-{i}");
-            let (app, app_addr) = lab_app(&name)?;
-            let sidecar = sidecar(cp, "web", &name, app_addr, "tcp")?;
-            Ok(Instance {
-                app,
-                app_addr,
-                sidecar,
-            })
-        })
-        .collect::<Result<_>>()?;
-    wait_serving(cp, "web", 3).await?;
-    Ok(lab)
+/// wf-control with `cp_args` and three `web` instances whose sidecars check
+/// their app by TCP connect only: a frozen app still accepts connections, so
+/// the control plane keeps it serving and only the caller's own view
+/// (timeouts, ejection) can help.
+async fn tcp_checked_lab(cp_args: &[&str]) -> Result<Running> {
+    Scenario::new()
+        .control_plane_args(cp_args)
+        .instances("web", 3)
+        .health_check("tcp")
+        .start()
+        .await
 }
 
 /// Runs `total` GETs from five clients at once, calling `act` once `at`
@@ -59,21 +52,11 @@ fn slowest(r: &Report) -> Duration {
         .unwrap_or_default()
 }
 
-fn apply(cp: &ControlPlane, toml: &str) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("policy.toml");
-    std::fs::write(&path, toml)?;
-    let (ok, _, err) = wfctl(cp, &["policy", "apply", &path.to_string_lossy()])?;
-    anyhow::ensure!(ok, "policy apply failed: {err}");
-    Ok(())
-}
-
 #[tokio::test]
 async fn a_frozen_instance_is_cut_off_by_the_per_try_timeout_and_ejected() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let lab = tcp_checked_lab(&cp).await?;
-        apply(&cp, "[services.web.timeouts]\nper_try = \"300ms\"\n")?;
+        let Running { cp, instances: lab } = tcp_checked_lab(&[]).await?;
+        apply_policy(&cp, "[services.web.timeouts]\nper_try = \"300ms\"\n")?;
         // Round robin keeps giving web-2 its turn until it is ejected
         // (peak-EWMA stops picking it after one slow try anyway).
         let (client, web, _) = client(&cp, &["--balancer", "round-robin"])?;
@@ -118,8 +101,7 @@ async fn a_frozen_instance_is_cut_off_by_the_per_try_timeout_and_ejected() -> Re
 #[tokio::test]
 async fn with_no_policy_a_frozen_instance_costs_at_most_the_request_timeout() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let lab = tcp_checked_lab(&cp).await?;
+        let Running { cp, instances: lab } = tcp_checked_lab(&[]).await?;
         // The default is 15 s (the Docker lab test waits for it); here 2 s
         // stands in for it to keep the test short.
         // Round robin, so web-2 keeps its turn until ejected.
@@ -274,8 +256,7 @@ async fn an_idle_pooled_connection_to_a_frozen_sidecar_is_closed() -> Result<()>
     bounded(async {
         // Leases outlive the test: the control plane must not be what
         // notices the frozen sidecar.
-        let cp = ControlPlane::start(&["--lease-ttl", "120s"])?;
-        let lab = tcp_checked_lab(&cp).await?;
+        let Running { cp, instances: lab } = tcp_checked_lab(&["--lease-ttl", "120s"]).await?;
         let (_client, web, _) = client(&cp, &["--balancer", "round-robin"])?;
         let report = load::run(Spec::get(web, "web"), 3, 90, Arc::default()).await;
         assert!(report.failed().is_empty(), "{:?}", report.failed());
@@ -316,8 +297,10 @@ async fn an_idle_pooled_connection_to_a_frozen_sidecar_is_closed() -> Result<()>
 #[tokio::test]
 async fn three_equal_instances_share_300_calls_one_after_another() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let _lab = tcp_checked_lab(&cp).await?;
+        let Running {
+            cp,
+            instances: _lab,
+        } = tcp_checked_lab(&[]).await?;
         // The default balancer, peak-EWMA.
         let (_client, web, _) = client(&cp, &[])?;
         let report = load::run(Spec::get(web, "web"), 1, 300, Arc::default()).await;

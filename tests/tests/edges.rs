@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wayfinder_tests::mesh::{admin_get, client, lab_app, sidecar_with, wait_serving};
-use wayfinder_tests::{ControlPlane, Process, bounded, http_request, metric, wfctl};
+use wayfinder_tests::mesh::{admin_get, client, lab_app};
+use wayfinder_tests::{ControlPlane, Process, Running, Scenario, bounded, http_request, metric};
 
 const TOKEN: &str = "edges-test-token";
 
@@ -34,30 +34,21 @@ struct Mesh {
 /// wf-control with `policy`, web-1 (lab-app and sidecar) and a client
 /// sidecar, all certified with the join token.
 async fn mesh(policy: &str) -> Result<Mesh> {
-    let cp = ControlPlane::start(&["--join-token", TOKEN])?;
+    let mut scenario = Scenario::new()
+        .control_plane_args(&["--join-token", TOKEN])
+        .instances("web", 1)
+        .sidecar_args(&["--join-token", TOKEN]);
     if !policy.is_empty() {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("p.toml");
-        std::fs::write(&path, policy)?;
-        let (ok, _, err) = wfctl(&cp, &["policy", "apply", &path.to_string_lossy()])?;
-        anyhow::ensure!(ok, "{err}");
+        scenario = scenario.policy(policy);
     }
-    let (app_proc, app) = lab_app("web-1")?;
-    let web = sidecar_with(
-        &cp,
-        "web",
-        "web-1",
-        app,
-        "/healthz",
-        &["--join-token", TOKEN],
-    )?;
-    wait_serving(&cp, "web", 1).await?;
+    let Running { cp, mut instances } = scenario.start().await?;
+    let web1 = instances.remove(0);
     let (caller, via, outbound) = client(&cp, &["--join-token", TOKEN])?;
     Ok(Mesh {
         _cp: cp,
-        _app: app_proc,
-        app,
-        web,
+        _app: web1.app,
+        app: web1.app_addr,
+        web: web1.sidecar,
         caller,
         via,
         outbound,

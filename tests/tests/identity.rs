@@ -14,7 +14,7 @@ use wayfinder_proto::v1::{
     registry_client::RegistryClient,
 };
 use wayfinder_tests::mesh::{admin_get, client, lab_app, sidecar_with, wait_serving};
-use wayfinder_tests::{ControlPlane, Process, bounded, http_request, metric, wfctl};
+use wayfinder_tests::{ControlPlane, Process, apply_policy, bounded, http_request, metric};
 
 const TOKEN: &str = "lab-token-0123456789";
 
@@ -200,14 +200,10 @@ async fn a_client_refuses_a_server_that_is_not_the_service_it_meant() -> Result<
 async fn authorization_by_caller_method_and_path_for_http_grpc_and_tcp() -> Result<()> {
     bounded(async {
         let cp = ControlPlane::start(&["--join-token", TOKEN])?;
-        let dir = tempfile::tempdir()?;
-        let policy = dir.path().join("p.toml");
-        std::fs::write(
-            &policy,
+        apply_policy(
+            &cp,
             "[services.web.authz]\ndefault = \"deny\"\n[[services.web.authz.allow]]\nfrom = [\"client\"]\nmethods = [\"GET\"]\npaths = [\"/public/\"]\n",
         )?;
-        let (ok, _, err) = wfctl(&cp, &["policy", "apply", &policy.to_string_lossy()])?;
-        assert!(ok, "{err}");
         let (_app, web) = web(&cp, &[])?;
         wait_serving(&cp, "web", 1).await?;
         let (_caller, via, _) = client(&cp, &["--join-token", TOKEN])?;

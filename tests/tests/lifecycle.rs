@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
-use wayfinder_tests::mesh::{client, instance, wait_serving};
-use wayfinder_tests::{ControlPlane, Process, bounded, http_request, wfctl};
+use wayfinder_tests::mesh::{client, wait_serving};
+use wayfinder_tests::{
+    ControlPlane, Process, Running, Scenario, apply_policy, bounded, http_request,
+};
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -31,9 +33,10 @@ fn run_sh(cp: &ControlPlane, flags: &[&str], script: &str) -> Result<Process> {
 #[tokio::test]
 async fn run_starts_the_app_once_ready_and_exits_with_its_code() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let _web = instance(&cp, "web-1")?;
-        wait_serving(&cp, "web", 1).await?;
+        let Running {
+            cp,
+            instances: _web,
+        } = Scenario::new().instances("web", 1).start().await?;
         // The app calls web through its sidecar at its very first instant,
         // then exits 3.
         let outbound = format!("127.0.0.1:{}", free_port()?);
@@ -151,11 +154,7 @@ async fn after_sigterm_the_inbound_answers_through_the_lame_duck_then_closes() -
 async fn a_rolling_restart_with_retries_off_fails_no_request() -> Result<()> {
     bounded(async {
         let cp = ControlPlane::start(&[])?;
-        let dir = tempfile::tempdir()?;
-        let policy = dir.path().join("p.toml");
-        std::fs::write(&policy, "[services.web.retries]\nmax_attempts = 1\n")?;
-        let (ok, _, err) = wfctl(&cp, &["policy", "apply", &policy.to_string_lossy()])?;
-        anyhow::ensure!(ok, "{err}");
+        apply_policy(&cp, "[services.web.retries]\nmax_attempts = 1\n")?;
         let ports = [free_port()?, free_port()?, free_port()?];
         let mut webs = Vec::new();
         for (i, port) in (1..=3).zip(ports) {

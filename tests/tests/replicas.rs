@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use wayfinder_tests::etcd::{self, Etcd};
 use wayfinder_tests::mesh::{client_at, instance_of, lab_app, sidecar_at, wait_serving};
 use wayfinder_tests::netns::{self, Lab};
-use wayfinder_tests::{ControlPlane, bin, http_get, metric, wfctl};
+use wayfinder_tests::{ControlPlane, apply_policy, bin, http_get, metric, wfctl};
 
 const POLICY: &str = "[services.web]\nbalancer = \"least-request\"\n";
 const TOKEN: &str = "replica-token-0123456789";
@@ -138,11 +138,7 @@ async fn sidecars_fail_over_between_replicas_and_the_mesh_survives_a_full_restar
         let s2 = sidecar_at(&ba, "web", "web-2", addr2, "/healthz", &id)?;
         wait_serving(&a, "web", 2).await?;
         wait_serving(&b, "web", 2).await?;
-        let dir = tempfile::tempdir()?;
-        let file = dir.path().join("policy.toml");
-        std::fs::write(&file, POLICY)?;
-        let (ok, _, err) = wfctl(&a, &["policy", "apply", &file.to_string_lossy()])?;
-        assert!(ok, "policy applied through A: {err}");
+        apply_policy(&a, POLICY).context("policy applied through A")?;
         assert_eq!(
             balancer(&b, "web")?.as_deref(),
             Some("least-request"),

@@ -10,16 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wayfinder_tests::load::{self, Spec};
-use wayfinder_tests::mesh::{Instance, admin_get, client, instance, wait_serving};
-use wayfinder_tests::{ControlPlane, Process, bounded, http_request, metric, wfctl};
-
-fn apply(cp: &ControlPlane, dir: &tempfile::TempDir, toml: &str) -> Result<()> {
-    let path = dir.path().join("policy.toml");
-    std::fs::write(&path, toml)?;
-    let (ok, _, err) = wfctl(cp, &["policy", "apply", &path.to_string_lossy()])?;
-    anyhow::ensure!(ok, "policy apply failed: {err}");
-    Ok(())
-}
+use wayfinder_tests::mesh::{admin_get, client};
+use wayfinder_tests::{
+    ControlPlane, Process, Running, Scenario, apply_policy, bounded, http_request, metric,
+};
 
 async fn fault(app: SocketAddr, query: &str) -> Result<()> {
     let (status, _, body) = http_request(app, "POST", &format!("/fault{query}"), "lab", "").await?;
@@ -36,14 +30,6 @@ async fn served(app: SocketAddr) -> Result<u64> {
         .context("json body")?;
     let v: serde_json::Value = serde_json::from_str(json)?;
     v["served"].as_u64().context("served count")
-}
-
-async fn lab(cp: &ControlPlane, n: usize) -> Result<Vec<Instance>> {
-    let lab: Vec<_> = (1..=n)
-        .map(|i| instance(cp, &format!("web-{i}")))
-        .collect::<Result<_>>()?;
-    wait_serving(cp, "web", n).await?;
-    Ok(lab)
 }
 
 async fn metric_of(p: &Process, name: &str) -> Result<f64> {
@@ -70,8 +56,10 @@ async fn wait_endpoints(p: &Process, what: &str, pred: impl Fn(&str) -> bool) ->
 async fn killing_a_backend_midway_fails_no_request() -> Result<()> {
     bounded(async {
         // No policy at all: the defaults retry what never reached an app.
-        let cp = ControlPlane::start(&[])?;
-        let mut lab = lab(&cp, 3).await?;
+        let Running {
+            cp,
+            instances: mut lab,
+        } = Scenario::new().instances("web", 3).start().await?;
         let (client, web, _) = client(&cp, &[])?;
         let done = Arc::new(AtomicUsize::new(0));
         let run = tokio::spawn(load::run(Spec::get(web, "web"), 16, 5000, done.clone()));
@@ -110,8 +98,7 @@ async fn killing_a_backend_midway_fails_no_request() -> Result<()> {
 #[tokio::test]
 async fn a_backend_failing_30_percent_is_hidden_by_retries() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let lab = lab(&cp, 3).await?;
+        let Running { cp, instances: lab } = Scenario::new().instances("web", 3).start().await?;
         fault(lab[0].app_addr, "?fail=0.3").await?;
         let (client, web, _) = client(&cp, &[])?;
         let report = load::run(Spec::get(web, "web"), 16, 5000, Arc::default()).await;
@@ -144,14 +131,17 @@ async fn a_backend_failing_30_percent_is_hidden_by_retries() -> Result<()> {
 #[tokio::test]
 async fn post_is_retried_only_when_the_policy_allows_and_policy_changes_apply_live() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let dir = tempfile::tempdir()?;
         // Outlier detection off: the failing instance must keep its turn.
         let policy = "[services.web]\nbalancer = \"round-robin\"\n[services.web.outlier]\nenabled = false\n";
-        apply(&cp, &dir, policy)?;
-        let lab = lab(&cp, 2).await?;
+        let Running { cp, instances: lab } =
+            Scenario::new().policy(policy).instances("web", 2).start().await?;
         fault(lab[0].app_addr, "?fail=1").await?;
-        let (_client, web, _) = client(&cp, &[])?;
+        let (client, web, _) = client(&cp, &[])?;
+        // The admin side shows the policy as the file names it.
+        wait_endpoints(&client, "web's policy", |e| {
+            e.contains("\"balancer\":\"round-robin\"") && e.contains("\"enabled\":false")
+        })
+        .await?;
 
         let body = "x".repeat(1000);
         let (mut refused, mut ok) = (0, 0);
@@ -177,9 +167,8 @@ async fn post_is_retried_only_when_the_policy_allows_and_policy_changes_apply_li
         }
 
         // The policy allows retrying POSTs: the very next requests see it.
-        apply(
+        apply_policy(
             &cp,
-            &dir,
             &format!("{policy}[services.web.retries]\nnon_idempotent = true\n"),
         )?;
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -207,14 +196,11 @@ async fn post_is_retried_only_when_the_policy_allows_and_policy_changes_apply_li
 #[tokio::test]
 async fn a_slow_instance_is_routed_around_by_per_try_timeouts_and_ewma() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let dir = tempfile::tempdir()?;
-        apply(
-            &cp,
-            &dir,
-            "[services.web]\nbalancer = \"peak-ewma\"\n[services.web.timeouts]\nper_try = \"200ms\"\n",
-        )?;
-        let lab = lab(&cp, 3).await?;
+        let Running { cp, instances: lab } = Scenario::new()
+            .policy("[services.web]\nbalancer = \"peak-ewma\"\n[services.web.timeouts]\nper_try = \"200ms\"\n")
+            .instances("web", 3)
+            .start()
+            .await?;
         fault(lab[2].app_addr, "?delay_ms=3000").await?;
         let (client, web, _) = client(&cp, &[])?;
         let before = served(lab[2].app_addr).await?;
@@ -236,14 +222,11 @@ async fn a_slow_instance_is_routed_around_by_per_try_timeouts_and_ewma() -> Resu
 #[tokio::test]
 async fn when_every_backend_fails_the_budget_bounds_the_retries() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let dir = tempfile::tempdir()?;
-        apply(
-            &cp,
-            &dir,
-            "[services.web.retries]\nmax_attempts = 5\nretry_on = [\"gateway-error\"]\nbudget_ratio = 0.2\nbudget_min_per_sec = 5\nbackoff_base = \"1ms\"\nbackoff_max = \"2ms\"\n",
-        )?;
-        let lab = lab(&cp, 3).await?;
+        let Running { cp, instances: lab } = Scenario::new()
+            .policy("[services.web.retries]\nmax_attempts = 5\nretry_on = [\"gateway-error\"]\nbudget_ratio = 0.2\nbudget_min_per_sec = 5\nbackoff_base = \"1ms\"\nbackoff_max = \"2ms\"\n")
+            .instances("web", 3)
+            .start()
+            .await?;
         for i in &lab {
             fault(i.app_addr, "?fail=1").await?;
         }
@@ -274,14 +257,11 @@ async fn when_every_backend_fails_the_budget_bounds_the_retries() -> Result<()> 
 #[tokio::test]
 async fn consecutive_errors_eject_an_endpoint_that_returns_after_its_time() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let dir = tempfile::tempdir()?;
-        apply(
-            &cp,
-            &dir,
-            "[services.web]\nbalancer = \"round-robin\"\n[services.web.retries]\nmax_attempts = 1\n[services.web.outlier]\nconsecutive_gateway_errors = 3\nbase_ejection = \"2s\"\n",
-        )?;
-        let lab = lab(&cp, 3).await?;
+        let Running { cp, instances: lab } = Scenario::new()
+            .policy("[services.web]\nbalancer = \"round-robin\"\n[services.web.retries]\nmax_attempts = 1\n[services.web.outlier]\nconsecutive_gateway_errors = 3\nbase_ejection = \"2s\"\n")
+            .instances("web", 3)
+            .start()
+            .await?;
         fault(lab[0].app_addr, "?fail=1").await?;
         let (client, web, _) = client(&cp, &[])?;
         let ejections = "wayfinder_proxy_ejections_total{upstream=\"web\"}";
@@ -318,14 +298,11 @@ async fn consecutive_errors_eject_an_endpoint_that_returns_after_its_time() -> R
 #[tokio::test]
 async fn breaker_overflow_answers_503_at_once() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let dir = tempfile::tempdir()?;
-        apply(
-            &cp,
-            &dir,
-            "[services.web.circuit_breaker]\nmax_requests = 2\n",
-        )?;
-        let lab = lab(&cp, 1).await?;
+        let Running { cp, instances: lab } = Scenario::new()
+            .policy("[services.web.circuit_breaker]\nmax_requests = 2\n")
+            .instances("web", 1)
+            .start()
+            .await?;
         fault(lab[0].app_addr, "?delay_ms=1000").await?;
         let (client, web, _) = client(&cp, &[])?;
         // Wait for discovery and the policy before the slow requests.
@@ -364,18 +341,15 @@ async fn breaker_overflow_answers_503_at_once() -> Result<()> {
 #[tokio::test]
 async fn timeouts_answer_504_and_honour_grpc_deadlines_and_cut_slow_headers() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let dir = tempfile::tempdir()?;
-        apply(
-            &cp,
-            &dir,
-            "[services.web.timeouts]\nrequest = \"1s\"\nheader_read = \"300ms\"\n[services.web.retries]\nmax_attempts = 1\n",
-        )?;
-        let lab = lab(&cp, 1).await?;
+        let Running { cp, instances: lab } = Scenario::new()
+            .policy("[services.web.timeouts]\nrequest = \"1s\"\nheader_read = \"300ms\"\n[services.web.retries]\nmax_attempts = 1\n")
+            .instances("web", 1)
+            .start()
+            .await?;
         fault(lab[0].app_addr, "?delay_ms=5000").await?;
         let (client, web, _) = client(&cp, &[])?;
         wait_endpoints(&client, "web and its policy", |e| {
-            e.contains("web-1") && e.contains("\"request_ms\":1000")
+            e.contains("web-1") && e.contains("\"request\":\"1s\"")
         })
         .await?;
 
@@ -448,10 +422,8 @@ async fn dns_endpoints_are_health_checked_actively() -> Result<()> {
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .insert("web".into(), (1..=3).map(|i| std::net::Ipv4Addr::new(127, 0, 0, 20 + i)).collect());
         let cp = ControlPlane::start(&[])?;
-        let dir = tempfile::tempdir()?;
-        apply(
+        apply_policy(
             &cp,
-            &dir,
             "[services.web]\nbalancer = \"round-robin\"\n[services.web.health_check]\nhttp_path = \"/healthz\"\ninterval = \"100ms\"\nunhealthy_threshold = 2\nhealthy_threshold = 2\n",
         )?;
         let (url, server) = (cp.url(), dns.addr.to_string());

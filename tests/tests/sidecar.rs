@@ -10,7 +10,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use wayfinder_tests::mesh::{
     admin_get, client, instance, instance_of, lab_app, sidecar, sidecar_with, wait_serving,
 };
-use wayfinder_tests::{ControlPlane, Process, bounded, http_request, metric, wfctl};
+use wayfinder_tests::{
+    ControlPlane, Process, Running, Scenario, apply_policy, bounded, http_request, metric, wfctl,
+};
 
 async fn spread(addr: SocketAddr, host: &str, n: usize) -> Result<HashMap<String, usize>> {
     let mut seen = HashMap::new();
@@ -25,14 +27,11 @@ async fn spread(addr: SocketAddr, host: &str, n: usize) -> Result<HashMap<String
 #[tokio::test]
 async fn requests_are_balanced_over_every_instance_through_two_sidecars() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let dir = tempfile::tempdir()?;
-        let policy = dir.path().join("p.toml");
-        std::fs::write(&policy, "[services.web]\nbalancer = \"round-robin\"\n")?;
-        let (ok, _, err) = wfctl(&cp, &["policy", "apply", &policy.to_string_lossy()])?;
-        assert!(ok, "{err}");
-        let lab: Vec<_> = (1..=3).map(|i| instance(&cp, &format!("web-{i}"))).collect::<Result<_>>()?;
-        wait_serving(&cp, "web", 3).await?;
+        let Running { cp, instances: lab } = Scenario::new()
+            .policy("[services.web]\nbalancer = \"round-robin\"\n")
+            .instances("web", 3)
+            .start()
+            .await?;
         let (client, web, outbound) = client(&cp, &[])?;
 
         // Round robin over three healthy instances: exactly a third each.
@@ -81,11 +80,10 @@ async fn requests_are_balanced_over_every_instance_through_two_sidecars() -> Res
 #[tokio::test]
 async fn an_unhealthy_app_leaves_rotation_and_sigterm_deregisters() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let mut lab: Vec<_> = (1..=3)
-            .map(|i| instance(&cp, &format!("web-{i}")))
-            .collect::<Result<_>>()?;
-        wait_serving(&cp, "web", 3).await?;
+        let Running {
+            cp,
+            instances: mut lab,
+        } = Scenario::new().instances("web", 3).start().await?;
         let (_client, web, _) = client(&cp, &[])?;
 
         // The app's own health check fails: its sidecar reports it, the
@@ -247,11 +245,7 @@ async fn proxy_errors_say_why() -> Result<()> {
         );
 
         // A service the control plane knows (by its policy) with no endpoint.
-        let dir = tempfile::tempdir()?;
-        let policy = dir.path().join("p.toml");
-        std::fs::write(&policy, "[services.empty]\nbalancer = \"round-robin\"\n")?;
-        let (ok, _, err) = wfctl(&cp, &["policy", "apply", &policy.to_string_lossy()])?;
-        assert!(ok, "{err}");
+        apply_policy(&cp, "[services.empty]\nbalancer = \"round-robin\"\n")?;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let head = loop {
             let (status, head, _) = http_request(outbound, "GET", "/", "empty", "").await?;
@@ -373,11 +367,14 @@ async fn protocols_through_two_sidecars(mtls: bool) -> Result<()> {
 #[tokio::test]
 async fn sidecars_keep_last_known_endpoints_while_the_control_plane_is_down() -> Result<()> {
     bounded(async {
-        let mut cp = ControlPlane::start(&["--lease-ttl", "2s"])?;
-        let lab: Vec<_> = (1..=2)
-            .map(|i| instance(&cp, &format!("web-{i}")))
-            .collect::<Result<_>>()?;
-        wait_serving(&cp, "web", 2).await?;
+        let Running {
+            mut cp,
+            instances: lab,
+        } = Scenario::new()
+            .control_plane_args(&["--lease-ttl", "2s"])
+            .instances("web", 2)
+            .start()
+            .await?;
         let (client, web, _) = client(&cp, &[])?;
         assert_eq!(spread(web, "web", 10).await?.values().sum::<usize>(), 10);
 
@@ -587,14 +584,10 @@ async fn dns_discovery_uses_every_record_and_follows_changes() -> Result<()> {
         assert!(eps.contains("\"discovery\":\"dns\""), "{eps}");
 
         // A mesh sidecar switches to DNS when the service's policy says so.
-        let dir = tempfile::tempdir()?;
-        let policy = dir.path().join("p.toml");
-        std::fs::write(
-            &policy,
+        apply_policy(
+            &cp,
             "[services.web]\ndiscovery = \"dns\"\nbalancer = \"round-robin\"\n",
         )?;
-        let (ok, _, err) = wfctl(&cp, &["policy", "apply", &policy.to_string_lossy()])?;
-        assert!(ok, "{err}");
         let meshed = Process::start(
             "wf-proxy",
             &[
@@ -633,9 +626,8 @@ async fn dns_discovery_uses_every_record_and_follows_changes() -> Result<()> {
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let mut web = instance(&cp, "web-1")?;
-        wait_serving(&cp, "web", 1).await?;
+        let Running { cp, mut instances } = Scenario::new().instances("web", 1).start().await?;
+        let mut web = instances.remove(0);
         let (_client, addr, _) = client(&cp, &[])?;
         assert_eq!(spread(addr, "web", 1).await?.get("web-1"), Some(&1));
 

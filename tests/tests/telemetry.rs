@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use wayfinder_tests::mesh::{admin_get, wait_serving};
 use wayfinder_tests::otlp::{Collector, Span};
-use wayfinder_tests::{ControlPlane, Process, bounded, http_request, metric};
+use wayfinder_tests::{ControlPlane, Process, Running, Scenario, bounded, http_request, metric};
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -259,11 +259,7 @@ async fn spans_for_an_absent_collector_are_dropped_counted_and_cost_no_request()
 #[tokio::test]
 async fn request_metrics_are_exact() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let lab: Vec<_> = (1..=3)
-            .map(|i| wayfinder_tests::mesh::instance(&cp, &format!("web-{i}")))
-            .collect::<Result<_>>()?;
-        wait_serving(&cp, "web", 3).await?;
+        let Running { cp, instances: lab } = Scenario::new().instances("web", 3).start().await?;
         let (client, web, _) = wayfinder_tests::mesh::client(&cp, &[])?;
         for i in 0..37 {
             let (status, _, _) = http_request(web, "GET", &format!("/m/{i}"), "web", "").await?;
@@ -325,11 +321,10 @@ async fn first_snapshot(addr: SocketAddr, path: &str) -> Result<serde_json::Valu
 #[tokio::test]
 async fn the_dashboard_shows_instances_and_live_traffic() -> Result<()> {
     bounded(async {
-        let cp = ControlPlane::start(&[])?;
-        let _lab: Vec<_> = (1..=3)
-            .map(|i| wayfinder_tests::mesh::instance(&cp, &format!("web-{i}")))
-            .collect::<Result<_>>()?;
-        wait_serving(&cp, "web", 3).await?;
+        let Running {
+            cp,
+            instances: _lab,
+        } = Scenario::new().instances("web", 3).start().await?;
         let (_client, web, _) = wayfinder_tests::mesh::client(&cp, &[])?;
         for _ in 0..30 {
             let (status, _, _) = http_request(web, "GET", "/", "web", "").await?;
