@@ -93,6 +93,16 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     wayfinder_proto::server::metrics_response(&s.metrics)
 }
 
+/// A service's policy as the policy file names things (`"balancer":
+/// "peak-ewma"`), not as the wire numbers them; the wire form if it does
+/// not convert (the control plane validated it, so it should).
+fn policy_view(p: &wayfinder_proto::v1::ServicePolicy) -> serde_json::Value {
+    match wayfinder_proto::policy::ServicePolicy::from_proto(p) {
+        Ok((_, policy)) => serde_json::json!(policy),
+        Err(_) => serde_json::json!(p),
+    }
+}
+
 async fn endpoints(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let map: serde_json::Map<String, serde_json::Value> = s
         .proxy
@@ -105,13 +115,7 @@ async fn endpoints(State(s): State<AdminState>) -> Json<serde_json::Value> {
                 serde_json::json!({
                     "discovery": u.origin(),
                     "ready": u.is_ready(),
-                    // As the policy file names things ("balancer":
-                    // "peak-ewma"), not as the wire numbers them.
-                    "policy": u.active().policy.as_ref().and_then(|p| {
-                        wayfinder_proto::policy::ServicePolicy::from_proto(p)
-                            .ok()
-                            .map(|(_, p)| p)
-                    }),
+                    "policy": u.active().policy.as_ref().map(policy_view),
                     "endpoints": u.view(),
                 }),
             )

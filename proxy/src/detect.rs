@@ -5,12 +5,15 @@
 //! opaque TCP. When a client sends nothing within the detection window, the
 //! listener connects to the target and [`race`] lets whoever speaks first
 //! decide: server-speaks-first protocols (MySQL, SMTP, NATS) become opaque
-//! TCP (and the listener remembers the port as such).
+//! TCP, and a [`Detector`] remembers the port as such.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
+
+use crate::metrics::ProxyMetrics;
 
 /// What a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +90,57 @@ pub async fn peek(stream: &TcpStream, window: Duration) -> Option<Protocol> {
                 None => tokio::time::sleep(Duration::from_millis(1)).await,
             },
         }
+    }
+}
+
+/// A listener's detection: its window, and what its port is known to carry.
+pub struct Detector {
+    /// How long a client may stay silent before the target may speak first.
+    pub window: Duration,
+    /// Set once a server spoke first here: this port carries a
+    /// server-speaks-first protocol, so later connections skip the wait.
+    server_first: AtomicBool,
+}
+
+impl Detector {
+    /// Detection with `window` on a new listener.
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            server_first: AtomicBool::new(false),
+        }
+    }
+
+    /// What `stream` speaks, from its first bytes; `None` when its client
+    /// stays silent (then [`race`] decides), at once when it was seen
+    /// `silent` already or, for a port with `one_target`, when the port is
+    /// known to carry a server-first protocol. Timed and counted.
+    pub async fn first_bytes(
+        &self,
+        stream: &TcpStream,
+        one_target: bool,
+        silent: bool,
+        metrics: &ProxyMetrics,
+    ) -> Option<Protocol> {
+        let remembered = one_target && self.server_first.load(Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let proto = if remembered || silent {
+            None
+        } else {
+            peek(stream, self.window).await
+        };
+        metrics
+            .detect_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if proto.is_none() && !remembered {
+            metrics.detect_timeouts.inc();
+        }
+        proto
+    }
+
+    /// A server spoke first on this port: later connections skip the window.
+    pub fn server_spoke_first(&self) {
+        self.server_first.store(true, Ordering::Relaxed);
     }
 }
 

@@ -1,12 +1,14 @@
-//! Accept loops: detect each connection's protocol, then serve it as HTTP
-//! (hyper, HTTP/1.1 and HTTP/2 on one port) or relay it as opaque TCP.
+//! Accept loops and dispatch: each connection's protocol comes from
+//! `detect.rs`; it is then served as HTTP (hyper, HTTP/1.1 and HTTP/2 on one
+//! port, handing requests to `http/`), accepted as mTLS from another
+//! sidecar, or relayed as opaque TCP (`opaque.rs`).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -14,13 +16,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::connector::Stream;
-use crate::detect::{Protocol, Race, peek, race};
+use crate::detect::{Detector, Protocol, Race, peek, race};
 use crate::edge::ConnRefusal;
 use crate::http::{inbound, outbound};
 use crate::metrics::{Direction, DirectionLabels, TimeoutKind};
-use crate::opaque::{connect_direct, passthrough, relay};
-use crate::resilience::breaker::Permit;
+use crate::opaque::{Server, connect_direct, passthrough, relay};
 use crate::settings::DEFAULT_HEADER_READ;
 use crate::state::Proxy;
 
@@ -120,9 +120,7 @@ pub struct Listener {
 /// Accepts until `shutdown` turns true; in-flight connections are asked to
 /// finish (HTTP: graceful shutdown) and counted in `open`.
 async fn serve(l: Listener, proxy: Arc<Proxy>, open: Arc<Open>, shutdown: watch::Receiver<bool>) {
-    // Set once a client here sent nothing within the window: this port
-    // carries a server-speaks-first protocol, so skip the wait from now on.
-    let server_first = Arc::new(AtomicBool::new(false));
+    let detector = Arc::new(Detector::new(l.detect_timeout));
     let mut stop = shutdown.clone();
     loop {
         let accepted = tokio::select! {
@@ -141,13 +139,12 @@ async fn serve(l: Listener, proxy: Arc<Proxy>, open: Arc<Open>, shutdown: watch:
         crate::liveness::tune_accepted(&stream);
         open.0.fetch_add(1, Ordering::Relaxed);
         let guard = OpenGuard(open.clone());
-        let (proxy, role, shutdown, server_first) = (
+        let (proxy, role, shutdown, detector) = (
             proxy.clone(),
             l.role.clone(),
             shutdown.clone(),
-            server_first.clone(),
+            detector.clone(),
         );
-        let window = l.detect_timeout;
         tokio::spawn(async move {
             let _guard = guard;
             let gauge = proxy
@@ -158,16 +155,7 @@ async fn serve(l: Listener, proxy: Arc<Proxy>, open: Arc<Open>, shutdown: watch:
                 })
                 .clone();
             gauge.inc();
-            connection(
-                stream,
-                peer,
-                role,
-                proxy.clone(),
-                window,
-                server_first,
-                shutdown,
-            )
-            .await;
+            connection(stream, peer, role, proxy.clone(), detector, shutdown).await;
             gauge.dec();
         });
     }
@@ -186,10 +174,10 @@ async fn connection(
     peer: SocketAddr,
     role: Role,
     proxy: Arc<Proxy>,
-    window: Duration,
-    server_first: Arc<AtomicBool>,
+    detector: Arc<Detector>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let window = detector.window;
     // An intercepted connection first finds its service; the bytes peeked
     // for its Host also tell whether the client is silent, and then the
     // detection window is not waited twice.
@@ -204,23 +192,12 @@ async fn connection(
         },
         r => (r, false),
     };
-    // On a port known to carry a server-first protocol, skip the window.
-    // Intercepted connections go to many destinations: nothing to remember.
-    let remembered =
-        !transparent && !matches!(role, Role::HostRouted) && server_first.load(Ordering::Relaxed);
-    let started = Instant::now();
-    let proto = if remembered || silent {
-        None
-    } else {
-        peek(&stream, window).await
-    };
-    proxy
-        .metrics
-        .detect_seconds
-        .observe(started.elapsed().as_secs_f64());
-    if proto.is_none() && !remembered {
-        proxy.metrics.detect_timeouts.inc();
-    }
+    // Intercepted connections go to many destinations, Host-routed ones
+    // to many services: what their port carries is nothing to remember.
+    let one_target = !transparent && !matches!(role, Role::HostRouted);
+    let proto = detector
+        .first_bytes(&stream, one_target, silent, &proxy.metrics)
+        .await;
     // With an identity, the inbound side takes mTLS from other sidecars;
     // plaintext only in permissive mode.
     if matches!(role, Role::Inbound) && proxy.identity.is_some() {
@@ -244,8 +221,8 @@ async fn connection(
             serve_http(stream, p, peer, role, proxy, None, shutdown).await
         }
         Some(Protocol::Opaque | Protocol::Tls) => {
-            if let Some((server, slot)) = Box::pin(connect_target(&role, &proxy, peer)).await {
-                Box::pin(relay(stream, server, &[], slot, role.direction(), &proxy)).await;
+            if let Some(server) = Box::pin(connect_target(&role, &proxy, peer)).await {
+                Box::pin(relay(stream, server, &[], role.direction(), &proxy)).await;
             }
         }
         // Host routing needs HTTP: a silent client just gets longer to speak.
@@ -261,28 +238,26 @@ async fn connection(
         // port is remembered as server-first; a client that was merely slow
         // still gets HTTP, so one slow client never turns a port opaque.
         None => {
-            let Some((mut server, slot)) = Box::pin(connect_target(&role, &proxy, peer)).await
-            else {
+            let Some(mut server) = Box::pin(connect_target(&role, &proxy, peer)).await else {
                 return;
             };
             let mut greeting = vec![0u8; 4096];
-            match race(&stream, &mut server, &mut greeting, window).await {
+            match race(&stream, &mut server.stream, &mut greeting, window).await {
                 Race::Client(p @ (Protocol::Http1 | Protocol::Http2)) => {
-                    drop((server, slot));
+                    drop(server);
                     serve_http(stream, p, peer, role, proxy, None, shutdown).await;
                 }
                 Race::Client(_) => {
-                    Box::pin(relay(stream, server, &[], slot, role.direction(), &proxy)).await;
+                    Box::pin(relay(stream, server, &[], role.direction(), &proxy)).await;
                 }
                 Race::Server(n) => {
                     if !transparent {
-                        server_first.store(true, Ordering::Relaxed);
+                        detector.server_spoke_first();
                     }
                     Box::pin(relay(
                         stream,
                         server,
                         &greeting[..n],
-                        slot,
                         role.direction(),
                         &proxy,
                     ))
@@ -389,8 +364,8 @@ async fn inbound_tls(
             );
             return;
         }
-        if let Some((server, slot)) = Box::pin(connect_target(&Role::Inbound, &proxy, peer)).await {
-            Box::pin(relay(tls, server, &[], slot, Direction::Inbound, &proxy)).await;
+        if let Some(server) = Box::pin(connect_target(&Role::Inbound, &proxy, peer)).await {
+            Box::pin(relay(tls, server, &[], Direction::Inbound, &proxy)).await;
         }
         return;
     }
@@ -494,16 +469,15 @@ where
 
 /// Connects to the role's target for an opaque relay: the app inbound, an
 /// endpoint of the service outbound (see [`crate::opaque::connect`]).
-async fn connect_target(
-    role: &Role,
-    proxy: &Arc<Proxy>,
-    peer: SocketAddr,
-) -> Option<(Box<dyn Stream>, Option<Permit>)> {
+async fn connect_target(role: &Role, proxy: &Arc<Proxy>, peer: SocketAddr) -> Option<Server> {
     let target = match role {
         Role::Inbound => match proxy.app() {
             Some(app) => connect_direct(app, proxy)
                 .await
-                .map(|s| (Box::new(s) as Box<dyn Stream>, None))
+                .map(|s| Server {
+                    stream: Box::new(s),
+                    slot: None,
+                })
                 .map_err(|e| format!("{app}: {e}")),
             None => Err("no app".to_string()),
         },
@@ -523,10 +497,10 @@ async fn connect_target(
 mod tests {
     use super::*;
 
-    /// The size of what a 7-argument async fn returns, without calling it.
-    fn future_size<F, A, B, C, D, E, G, H, Fut>(_: F) -> usize
+    /// The size of what a 6-argument async fn returns, without calling it.
+    fn future_size<F, A, B, C, D, E, G, Fut>(_: F) -> usize
     where
-        F: FnOnce(A, B, C, D, E, G, H) -> Fut,
+        F: FnOnce(A, B, C, D, E, G) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }

@@ -140,7 +140,7 @@ pub struct ConnRefusalLabels {
 /// Labels naming why a request was refused at the edge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
-    /// [`Refusal::reason`].
+    /// [`Refusal::as_str`].
     pub reason: Refusal,
 }
 

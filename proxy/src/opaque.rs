@@ -15,14 +15,20 @@ use crate::resilience::breaker::Permit;
 use crate::resilience::retry::Outcome;
 use crate::state::{DISCOVERY_WAIT, Proxy};
 
+/// The server side of a relay: its connection and, to a service's
+/// endpoint, the `max_connections` slot it holds for as long as it is open.
+pub struct Server {
+    /// The connection.
+    pub stream: Box<dyn Stream>,
+    /// The circuit breaker's slot (none for the app or a passthrough).
+    pub slot: Option<Permit>,
+}
+
 /// Connects to an endpoint of `service` for an opaque relay. A connect
 /// failure moves on to the next endpoint (nothing was sent yet), up to the
 /// retry policy's attempts; the relay holds a `max_connections` slot.
 /// Meshed endpoints are reached over mTLS when the sidecar has an identity.
-pub async fn connect(
-    proxy: &Proxy,
-    service: &str,
-) -> Result<(Box<dyn Stream>, Option<Permit>), String> {
+pub async fn connect(proxy: &Proxy, service: &str) -> Result<Server, String> {
     let up = proxy.upstream(service);
     up.wait_ready(DISCOVERY_WAIT).await;
     let active = up.active();
@@ -37,7 +43,10 @@ pub async fn connect(
         match connector.connect(ep.addr).await {
             Ok(conn) => {
                 let (stream, slot) = conn.into_parts();
-                result = Ok((stream, Some(slot)));
+                result = Ok(Server {
+                    stream,
+                    slot: Some(slot),
+                });
                 break;
             }
             Err(e) => {
@@ -53,12 +62,15 @@ pub async fn connect(
 /// server already said. Counted as `direction` (`inbound`, `outbound`).
 pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
     mut client: C,
-    mut server: Box<dyn Stream>,
+    server: Server,
     greeting: &[u8],
-    _slot: Option<Permit>,
     direction: Direction,
     proxy: &Proxy,
 ) {
+    let Server {
+        stream: mut server,
+        slot: _slot,
+    } = server;
     if !greeting.is_empty() && client.write_all(greeting).await.is_err() {
         return;
     }
@@ -89,15 +101,11 @@ pub async fn connect_direct(addr: SocketAddr, proxy: &Proxy) -> std::io::Result<
 pub async fn passthrough(stream: TcpStream, orig: SocketAddr, proxy: &Proxy) {
     match connect_direct(orig, proxy).await {
         Ok(server) => {
-            relay(
-                stream,
-                Box::new(server),
-                &[],
-                None,
-                Direction::Outbound,
-                proxy,
-            )
-            .await;
+            let server = Server {
+                stream: Box::new(server),
+                slot: None,
+            };
+            relay(stream, server, &[], Direction::Outbound, proxy).await;
         }
         Err(e) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
     }

@@ -386,7 +386,7 @@ impl Upstream {
 
     /// Stops using endpoints discovery says are not serving or gone: their
     /// pooled connections close, and attempts in flight on them that may
-    /// be repeated go elsewhere (`outbound.rs`).
+    /// be repeated go elsewhere (`http/outbound.rs`).
     fn retire(&self, inner: &Inner, leaving: &[Arc<EndpointStats>]) {
         if leaving.is_empty() {
             return;

@@ -121,6 +121,7 @@ pub async fn send(
 }
 
 /// How waiting for an attempt's response ended.
+// Holds a response for one try, on the stack: boxing it would allocate per request.
 #[allow(clippy::large_enum_variant)]
 pub enum Attempted {
     /// The attempt ended by itself.

@@ -187,8 +187,7 @@ async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Res
     };
     let active = up.active();
     let s = &active.settings;
-    let Some(_in_flight) = up.breakers.requests.try_acquire(s.breakers.max_requests) else {
-        call.overflow(Overflow::Requests);
+    let Some(_in_flight) = admit(call, s) else {
         return call.reply(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
     };
     let deadline = deadline(s, req.headers(), started);
@@ -236,39 +235,52 @@ async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Res
             movable: attempt < s.retry.max_attempts,
         };
         let ended = match try_endpoint(&o, &t, this_body, &choices).await {
-            Waited::Moved => {
+            Waited::Moved => None,
+            Waited::TimedOut => Some(timed_out(&o, &t)),
+            Waited::Done(result) => Some(ended(&o, &t, result)),
+        };
+        // Another try follows at once when this one moved off a leaving
+        // endpoint, after a backoff when the policy retries what it got.
+        let pause = match ended {
+            None => {
                 tracing::debug!(service = call.name, endpoint = %ep.id, "attempt moved: its endpoint left");
-                call.count_retry();
-                body = o.keeper.replay();
-                choices.leave(ep.addr);
-                choices.renew(up);
-                continue;
+                Duration::ZERO
             }
-            Waited::TimedOut => timed_out(&o, &t),
-            Waited::Done(result) => ended(&o, &t, result),
-        };
-        let (outcome, answer) = match ended {
-            Ended::Tried(outcome, answer) => (outcome, answer),
-            Ended::Final(status, reason) => return call.reply(status, reason),
-        };
-        record(&o, ep, outcome);
-        if retry_wanted(&o, outcome, attempt)
-            && let Some(permit) = retry_gate(call, s)
-        {
-            _retrying = Some(permit);
-            call.count_retry();
-            body = o.keeper.replay();
-            drop(answer);
-            choices.leave(ep.addr);
-            let pause = pause(attempt, s, deadline);
-            if pause > Duration::ZERO {
-                tokio::time::sleep(pause).await;
+            Some(Ended::Final(status, reason)) => return call.reply(status, reason),
+            Some(Ended::Tried(outcome, answer)) => {
+                record(&o, ep, outcome);
+                let Some(permit) = retry_wanted(&o, outcome, attempt)
+                    .then(|| retry_gate(call, s))
+                    .flatten()
+                else {
+                    return respond(call, answer, attempt, ep);
+                };
+                _retrying = Some(permit);
+                pause(attempt, s, deadline)
             }
-            choices.renew(up);
-            continue;
+        };
+        call.count_retry();
+        body = o.keeper.replay();
+        choices.leave(ep.addr);
+        if pause > Duration::ZERO {
+            tokio::time::sleep(pause).await;
         }
-        return respond(call, answer, attempt, ep);
+        choices.renew(up);
     }
+}
+
+/// Admission: a slot under the `max_requests` breaker, held until the
+/// request ends (a refusal is counted).
+fn admit(call: &Call<'_>, s: &Settings) -> Option<Permit> {
+    let permit = call
+        .up
+        .breakers
+        .requests
+        .try_acquire(s.breakers.max_requests);
+    if permit.is_none() {
+        call.overflow(Overflow::Requests);
+    }
+    permit
 }
 
 /// What every try of one request shares.
@@ -477,6 +489,7 @@ struct Try<'a> {
 }
 
 /// How waiting for one try ended.
+// Holds a response for one try, on the stack: boxing it would allocate per request.
 #[allow(clippy::large_enum_variant)]
 enum Waited {
     /// Its endpoint left discovery; the try was given up, to be repeated elsewhere.
@@ -518,7 +531,7 @@ where
 }
 
 /// How a try ended.
-// On the stack for one attempt; boxing the response would allocate per request.
+// Holds a response for one try, on the stack: boxing it would allocate per request.
 #[allow(clippy::large_enum_variant)]
 enum Ended {
     /// An outcome for the retry decision, and the answer if it is the last.
@@ -529,6 +542,7 @@ enum Ended {
 
 /// The answer a try would give the client: the endpoint's response, or
 /// one of the proxy's own.
+// Holds a response for one try, on the stack: boxing it would allocate per request.
 #[allow(clippy::large_enum_variant)]
 enum Answer {
     Upstream(Response<PoolBody>),

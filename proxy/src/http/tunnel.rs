@@ -48,7 +48,7 @@ pub async fn serve(
     if !up.active().settings.tunnels {
         return refuse(&proxy, Refusal::Tunnel, false, client);
     }
-    let (server, slot) = match connect(&proxy, &name).await {
+    let server = match connect(&proxy, &name).await {
         Ok(t) => t,
         Err(e) => {
             tracing::debug!(%client, service = %name, error = %e, "no endpoint for a tunnel");
@@ -58,17 +58,7 @@ pub async fn serve(
     let upgraded = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match upgraded.await {
-            Ok(io) => {
-                relay(
-                    TokioIo::new(io),
-                    server,
-                    &[],
-                    slot,
-                    Direction::Outbound,
-                    &proxy,
-                )
-                .await
-            }
+            Ok(io) => relay(TokioIo::new(io), server, &[], Direction::Outbound, &proxy).await,
             Err(e) => tracing::debug!(%client, error = %e, "tunnel not established"),
         }
     });

@@ -1,7 +1,7 @@
 //! What keeps a failing endpoint from becoming a failing request: retry
 //! decisions and their budget, passive outlier ejection, circuit breakers
 //! and active health checks. Timeouts are enforced where requests are sent
-//! (`outbound.rs`, `connector.rs`); the values come from [`crate::settings`].
+//! (`http/outbound.rs`, `connector.rs`); the values come from [`crate::settings`].
 
 pub mod breaker;
 pub mod budget;
