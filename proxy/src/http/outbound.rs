@@ -4,9 +4,7 @@
 //! the deadline, the pick context, one try and how it ended, the retry
 //! gate (budget and breaker), the answer.
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -311,7 +309,8 @@ fn outgoing(call: &Call<'_>, s: &Settings, req: Request<Incoming>) -> (Head, Rep
     (head, ReplayBody::new(body, keep))
 }
 
-/// One try on `t.ep`: sent, and waited for under its time limit.
+/// One try on `t.ep`: sent, and waited for under its time limit (the
+/// per-try timeout, or what is left of the deadline when that is sooner).
 async fn try_endpoint(
     o: &Outgoing<'_>,
     t: &Try<'_>,
@@ -350,7 +349,23 @@ async fn try_endpoint(
         body,
         &dispatched
     ));
-    try_once(o, t, sent, may_leave).await
+    let left = o.deadline.map(|d| d.saturating_duration_since(t.started));
+    let limit = match (s.timeouts.per_try, left) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let attempted = until_retired(sent, t.ep, t.movable, may_leave);
+    let attempted = match limit {
+        Some(limit) => match tokio::time::timeout(limit, attempted).await {
+            Ok(a) => a,
+            Err(_) => return Waited::TimedOut,
+        },
+        None => attempted.await,
+    };
+    match attempted {
+        Attempted::Abandoned => Waited::Moved,
+        Attempted::Done(r) => Waited::Done(r),
+    }
 }
 
 /// After a try: a failure costs the endpoint as much as the slowest answer
@@ -498,36 +513,6 @@ enum Waited {
     TimedOut,
     /// The try ended by itself.
     Done(Result<Response<PoolBody>, SendError>),
-}
-
-/// Waits for one try under its time limit: the per-try timeout, or what
-/// is left of the deadline when that is sooner.
-async fn try_once<F>(
-    o: &Outgoing<'_>,
-    t: &Try<'_>,
-    sent: Pin<&mut F>,
-    may_leave: impl FnOnce() -> bool,
-) -> Waited
-where
-    F: Future<Output = Result<Response<PoolBody>, SendError>>,
-{
-    let left = o.deadline.map(|d| d.saturating_duration_since(t.started));
-    let limit = match (o.s.timeouts.per_try, left) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let attempted = until_retired(sent, t.ep, t.movable, may_leave);
-    let attempted = match limit {
-        Some(limit) => match tokio::time::timeout(limit, attempted).await {
-            Ok(a) => a,
-            Err(_) => return Waited::TimedOut,
-        },
-        None => attempted.await,
-    };
-    match attempted {
-        Attempted::Abandoned => Waited::Moved,
-        Attempted::Done(r) => Waited::Done(r),
-    }
 }
 
 /// How a try ended.
