@@ -372,6 +372,25 @@ pub struct Process {
 }
 
 impl Process {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// CPU time (user and system) the process has used so far.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let pid = self.pid().context("not running")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces): state is
+        // field 3, utime and stime fields 14 and 15, in clock ticks.
+        let rest = stat.rsplit_once(')').context("stat format")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+            + fields.get(12).context("stime")?.parse::<u64>()?;
+        let hz = clock_ticks();
+        Ok(Duration::from_secs_f64(ticks as f64 / hz))
+    }
+
     /// Starts `name` with `args` and waits for `ready` in its log.
     pub fn start(name: &str, args: &[&str], ready: &str) -> Result<Self> {
         Self::start_in(&[], name, args, ready)
@@ -590,3 +609,19 @@ pub async fn http_request_within(
 
 /// The lab's DNS server (answers service names like Docker's embedded DNS).
 pub use wayfinder_cli::lab::dns::DnsServer;
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`), 100 if unknown.
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|hz| *hz > 0.0)
+        .unwrap_or(100.0)
+}

@@ -410,3 +410,56 @@ async fn a_service_whose_policy_allows_tunnels_takes_connect() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn any_http_method_is_proxied_and_half_sent_methods_cost_no_cpu() -> Result<()> {
+    bounded(async {
+        let m = mesh("").await?;
+        // Methods outside the detector's own list (WebDAV, QUERY, lowercase)
+        // are HTTP: the proxy answers with its attempts header, where an
+        // opaque relay would hand back only the app's bytes.
+        for method in ["PROPFIND", "QUERY", "purge"] {
+            let head = raw_head(
+                m.via,
+                format!("{method} /x HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+            assert!(head.starts_with("HTTP/1.1 "), "{method}: {head}");
+            assert!(
+                head.contains("x-wayfinder-attempts: 1"),
+                "{method} went as HTTP: {head}"
+            );
+        }
+
+        // Clients that send one byte of a method and wait are waited for
+        // on the socket, not by polling it: a long window, 300 of them.
+        let (slow, via, _) = client(&m._cp, &["--join-token", TOKEN, "--detect-timeout", "20s"])?;
+        let mut waiting = Vec::new();
+        for _ in 0..300 {
+            let mut s = tokio::net::TcpStream::connect(via).await?;
+            s.write_all(b"G").await?;
+            waiting.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = slow.cpu_time()?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let spent = slow.cpu_time()? - before;
+        assert!(
+            spent < Duration::from_millis(300),
+            "300 half-sent methods cost {spent:?} of CPU in 2 s"
+        );
+        // The rest of a method wakes its connection at once.
+        let mut last = waiting.pop().context("a client")?;
+        last.write_all(b"ET /x HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), last.read_to_end(&mut answer))
+            .await
+            .context("the finished request is answered")??;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        Ok(())
+    })
+    .await
+}
