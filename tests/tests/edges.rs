@@ -463,3 +463,39 @@ async fn any_http_method_is_proxied_and_half_sent_methods_cost_no_cpu() -> Resul
     })
     .await
 }
+
+#[tokio::test]
+async fn a_name_nobody_serves_is_asked_for_less_and_less_often() -> Result<()> {
+    bounded(async {
+        let dns = wayfinder_tests::DnsServer::start("127.0.0.1:0".parse()?, 1).await?;
+        let cp = ControlPlane::start(&[])?;
+        let (url, server) = (cp.url(), dns.addr.to_string());
+        let _sidecar = Process::start(
+            "wf-proxy",
+            &[
+                "--control-plane",
+                &url,
+                "--admin",
+                "127.0.0.1:0",
+                "--discovery",
+                "dns",
+                "--dns-server",
+                &server,
+                "--upstream",
+                "ghost:80=127.0.0.1:0",
+            ],
+            "wf-proxy listening",
+        )?;
+        // NXDOMAIN at 0 s, then waits of 1, 2 and 4 s: four lookups in the
+        // first 6.5 s where a fixed second between them made seven.
+        tokio::time::sleep(Duration::from_millis(6500)).await;
+        let asked = dns.asked("ghost");
+        // Each lookup asks for A and AAAA.
+        assert!(
+            (4..=10).contains(&asked),
+            "{asked} queries for a name that does not exist in 6.5 s"
+        );
+        Ok(())
+    })
+    .await
+}

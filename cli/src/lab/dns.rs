@@ -21,6 +21,8 @@ pub struct DnsServer {
     pub addr: SocketAddr,
     /// The table; edit it to change the answers (names lowercase, no dot).
     pub records: Records,
+    /// Queries asked so far (any type), by name (lowercase, no dot).
+    pub asked: Arc<Mutex<HashMap<String, usize>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,6 +35,8 @@ impl DnsServer {
         let addr = sock.local_addr()?;
         let records: Records = Arc::default();
         let table = records.clone();
+        let asked: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let count = asked.clone();
         let turn = AtomicUsize::new(0);
         let task = tokio::spawn(async move {
             let mut buf = [0u8; 1500];
@@ -41,6 +45,9 @@ impl DnsServer {
                     continue;
                 };
                 let rotate = turn.fetch_add(1, Ordering::Relaxed);
+                if let (Some(name), Ok(mut c)) = (question(&buf[..n]), count.lock()) {
+                    *c.entry(name).or_default() += 1;
+                }
                 if let Some(reply) = answer(&buf[..n], &table, ttl, rotate) {
                     let _ = sock.send_to(&reply, peer).await;
                 }
@@ -49,7 +56,15 @@ impl DnsServer {
         Ok(Self {
             addr,
             records,
+            asked,
             task,
+        })
+    }
+
+    /// How many queries (any type) for `name` came so far.
+    pub fn asked(&self, name: &str) -> usize {
+        self.asked.lock().map_or(0, |a| {
+            a.get(&name.to_ascii_lowercase()).copied().unwrap_or(0)
         })
     }
 
@@ -69,6 +84,13 @@ impl Drop for DnsServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The name (lowercase, no dot) a query packet asks for.
+fn question(packet: &[u8]) -> Option<String> {
+    let query = Message::from_vec(packet).ok()?;
+    let name = query.queries.first()?.name().to_lowercase().to_ascii();
+    Some(name.trim_end_matches('.').to_string())
 }
 
 /// The reply to one query packet, or `None` for what is not a query.

@@ -19,6 +19,11 @@ pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// Longest wait: Docker answers with a TTL of 600 s, but a lab kills
 /// containers much more often than that.
 pub const MAX_REFRESH: Duration = Duration::from_secs(30);
+/// Longest wait after answers that a name does not exist (or has no
+/// records): they back off from [`MIN_REFRESH`], doubling, to this, so a
+/// name nobody serves is not asked for every second forever, and one that
+/// appears is found within it.
+pub const NEGATIVE_MAX_REFRESH: Duration = Duration::from_secs(8);
 
 /// The discovery resolver: `server` (like nginx's `resolver`) or the
 /// system's configured servers, asked for A and AAAA records. Built when a
@@ -65,6 +70,8 @@ pub async fn run(
     allow_local: bool,
 ) {
     let mut attempt = 0u32;
+    // Negative answers in a row.
+    let mut negative = 0u32;
     let mut warned = false;
     loop {
         upstream.wait_origin(Origin::Dns).await;
@@ -83,6 +90,7 @@ pub async fn run(
         let wait = match resolver.lookup_ip(upstream.name()).await {
             Ok(answer) => {
                 attempt = 0;
+                negative = 0;
                 let local = answer.iter().filter(|ip| is_local(*ip)).count();
                 if local > 0 && !allow_local && !warned {
                     warned = true;
@@ -124,7 +132,8 @@ pub async fn run(
             }
             Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
                 upstream.apply(Origin::Dns, Update::NoEndpoints);
-                MIN_REFRESH
+                negative = negative.saturating_add(1);
+                negative_wait(negative)
             }
             Err(e) => {
                 // A resolver that is away keeps the last answer in use.
@@ -137,9 +146,23 @@ pub async fn run(
     }
 }
 
+/// The wait after the `n`th negative answer in a row (n >= 1).
+fn negative_wait(n: u32) -> Duration {
+    MIN_REFRESH
+        .saturating_mul(1 << n.saturating_sub(1).min(16))
+        .min(NEGATIVE_MAX_REFRESH)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn negative_answers_back_off_to_a_cap() {
+        let waits: Vec<u64> = (1..=7).map(|n| negative_wait(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 8, 8, 8]);
+        assert_eq!(negative_wait(u32::MAX), NEGATIVE_MAX_REFRESH);
+    }
 
     #[test]
     fn local_and_metadata_addresses_are_recognised() {
