@@ -268,6 +268,7 @@ async fn run(args: Args) -> Result<()> {
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     let traffic = Arc::new(wayfinder_control::traffic::Traffic::default());
+    traffic.register(&mut prom);
     let http_app = http::router(http::HttpState {
         registry: registry.clone(),
         backend: backend.clone(),

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::time::Instant;
 use wayfinder_proto::latency::{self, BUCKETS};
@@ -13,7 +14,15 @@ use wayfinder_proto::v1::TrafficReport;
 
 /// The span of traffic the dashboard shows.
 pub const WINDOW: Duration = Duration::from_secs(10);
+/// Reports for one edge within this long of each other are merged into one
+/// sample, so an edge holds at most `WINDOW / SLOT + 1` samples however
+/// many sidecars report it.
+const SLOT: Duration = Duration::from_secs(1);
+/// Most edges kept at once; reports of further edges are dropped (and
+/// counted) until old ones age out.
+pub const MAX_EDGES: usize = 10_000;
 
+#[derive(Clone, Copy)]
 struct Sample {
     at: Instant,
     requests: u64,
@@ -21,10 +30,48 @@ struct Sample {
     buckets: [u64; BUCKETS],
 }
 
-/// Reports by edge, newest last.
+impl Sample {
+    /// Adds `other`'s counts; sums saturate (a report may say anything
+    /// its validation allows).
+    fn merge(&mut self, other: &Sample) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
+        for (b, n) in self.buckets.iter_mut().zip(other.buckets) {
+            *b = b.saturating_add(n);
+        }
+    }
+}
+
+/// Reports by edge, newest last; samples older than [`WINDOW`] are dropped
+/// as reports come in, whether or not anyone reads them.
 #[derive(Default)]
 pub struct Traffic {
-    edges: Mutex<BTreeMap<(String, String), VecDeque<Sample>>>,
+    inner: Mutex<Inner>,
+    /// Edges not kept because [`MAX_EDGES`] were.
+    dropped: Counter,
+}
+
+#[derive(Default)]
+struct Inner {
+    edges: BTreeMap<(String, String), VecDeque<Sample>>,
+    /// When every edge was last pruned.
+    pruned: Option<Instant>,
+}
+
+impl Inner {
+    /// Drops samples older than the window, and edges left without any.
+    fn prune(&mut self, now: Instant) {
+        self.edges.retain(|_, samples| {
+            while samples
+                .front()
+                .is_some_and(|s| now.saturating_duration_since(s.at) > WINDOW)
+            {
+                samples.pop_front();
+            }
+            !samples.is_empty()
+        });
+        self.pruned = Some(now);
+    }
 }
 
 /// One edge as the dashboard shows it.
@@ -45,52 +92,68 @@ pub struct EdgeView {
 }
 
 impl Traffic {
+    /// Registers the count of edges dropped at the cap.
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register(
+            "wayfinder_control_traffic_edges_dropped",
+            "Traffic report edges not kept because the most edges (10,000) were",
+            self.dropped.clone(),
+        );
+    }
+
     /// Adds a (validated) report.
     pub fn record(&self, report: &TrafficReport) {
         let now = Instant::now();
-        let mut edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner
+            .pruned
+            .is_none_or(|at| now.saturating_duration_since(at) >= SLOT)
+        {
+            inner.prune(now);
+        }
         for e in &report.edges {
             let mut buckets = [0u64; BUCKETS];
             for (b, n) in buckets.iter_mut().zip(&e.latency_buckets) {
                 *b = *n;
             }
-            edges
-                .entry((report.service.clone(), e.callee.clone()))
-                .or_default()
-                .push_back(Sample {
-                    at: now,
-                    requests: e.requests,
-                    errors: e.errors,
-                    buckets,
-                });
+            let sample = Sample {
+                at: now,
+                requests: e.requests,
+                errors: e.errors,
+                buckets,
+            };
+            let key = (report.service.clone(), e.callee.clone());
+            if !inner.edges.contains_key(&key) && inner.edges.len() >= MAX_EDGES {
+                self.dropped.inc();
+                continue;
+            }
+            let samples = inner.edges.entry(key).or_default();
+            match samples.back_mut() {
+                Some(last) if now.saturating_duration_since(last.at) < SLOT => last.merge(&sample),
+                _ => samples.push_back(sample),
+            }
         }
     }
 
-    /// Every edge with traffic in the last [`WINDOW`]; older samples are dropped.
+    /// Every edge with traffic in the last [`WINDOW`].
     pub fn edges(&self) -> Vec<EdgeView> {
         let now = Instant::now();
-        let mut edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
-        edges.retain(|_, samples| {
-            while samples
-                .front()
-                .is_some_and(|s| now.saturating_duration_since(s.at) > WINDOW)
-            {
-                samples.pop_front();
-            }
-            !samples.is_empty()
-        });
-        edges
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.prune(now);
+        inner
+            .edges
             .iter()
             .map(|((caller, callee), samples)| {
-                let mut buckets = [0u64; BUCKETS];
-                let (mut requests, mut errors) = (0, 0);
+                let mut total = Sample {
+                    at: now,
+                    requests: 0,
+                    errors: 0,
+                    buckets: [0; BUCKETS],
+                };
                 for s in samples {
-                    requests += s.requests;
-                    errors += s.errors;
-                    for (b, n) in buckets.iter_mut().zip(s.buckets) {
-                        *b += n;
-                    }
+                    total.merge(s);
                 }
+                let requests = total.requests;
                 EdgeView {
                     caller: caller.clone(),
                     callee: callee.clone(),
@@ -99,12 +162,19 @@ impl Traffic {
                     error_rate: if requests == 0 {
                         0.0
                     } else {
-                        errors as f64 / requests as f64
+                        total.errors as f64 / requests as f64
                     },
-                    p99_ms: latency::quantile(&buckets, 0.99),
+                    p99_ms: latency::quantile(&total.buckets, 0.99),
                 }
             })
             .collect()
+    }
+
+    /// Samples held, over every edge (memory is bounded by this).
+    #[cfg(test)]
+    fn samples(&self) -> usize {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.edges.values().map(VecDeque::len).sum()
     }
 }
 
@@ -147,5 +217,38 @@ mod tests {
         assert!(e[1].p99_ms.is_some_and(|p| p > 64.0 && p <= 128.0));
         tokio::time::advance(WINDOW + Duration::from_secs(1)).await;
         assert!(t.edges().is_empty(), "old traffic is forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_stays_bounded_when_nobody_reads_and_sums_saturate() {
+        let t = Traffic::default();
+        // 50 sidecars report the same edge every 2 s for a minute, and
+        // nobody looks at the dashboard.
+        for _ in 0..30 {
+            for _ in 0..50 {
+                t.record(&report("client", "web", 10, 0, 1));
+            }
+            tokio::time::advance(Duration::from_secs(2)).await;
+        }
+        let bound = (WINDOW.as_secs() / SLOT.as_secs() + 1) as usize;
+        assert!(t.samples() <= bound, "{} samples held", t.samples());
+        t.record(&report("client", "web", u64::MAX, 0, 1));
+        t.record(&report("client", "web", u64::MAX, 0, 1));
+        let e = t.edges();
+        assert_eq!(e[0].requests, u64::MAX, "saturates, never wraps");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn edges_beyond_the_cap_are_dropped_and_counted() {
+        let t = Traffic::default();
+        for i in 0..MAX_EDGES + 5 {
+            t.record(&report(&format!("c{i}"), "web", 1, 0, 1));
+        }
+        assert_eq!(t.edges().len(), MAX_EDGES);
+        assert_eq!(t.dropped.get(), 5);
+        // Once the old ones age out, new edges are kept again.
+        tokio::time::advance(WINDOW + SLOT * 2).await;
+        t.record(&report("late", "web", 1, 0, 1));
+        assert_eq!(t.edges().len(), 1);
     }
 }
