@@ -7,6 +7,7 @@
 //! decide: server-speaks-first protocols (MySQL, SMTP, NATS) become opaque
 //! TCP, and a [`Detector`] remembers the port as such.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -198,16 +199,25 @@ pub struct Detector {
     /// Until when (milliseconds after `born`, 0: not) this port counts as
     /// carrying a server-speaks-first protocol, so connections skip the wait.
     server_first_until: AtomicU64,
+    /// Races running (each holds an endpoint connection for a silent client).
+    races: Arc<tokio::sync::Semaphore>,
 }
 
 impl Detector {
-    /// Detection with `window` on a new listener.
-    pub fn new(window: Duration) -> Self {
+    /// Detection with `window` on a new listener, at most `races` silent
+    /// clients racing an endpoint at once.
+    pub fn new(window: Duration, races: usize) -> Self {
         Self {
             window,
             born: tokio::time::Instant::now(),
             server_first_until: AtomicU64::new(0),
+            races: Arc::new(tokio::sync::Semaphore::new(races)),
         }
+    }
+
+    /// A place in the races, if one is free; held until the race is decided.
+    pub fn try_race(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.races.clone().try_acquire_owned().ok()
     }
 
     fn now_ms(&self) -> u64 {
@@ -390,7 +400,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_server_first_port_is_remembered_for_a_while_then_detected_again() {
-        let d = Detector::new(Duration::from_millis(30));
+        let d = Detector::new(Duration::from_millis(30), 1);
         assert!(!d.server_first());
         d.server_spoke_first();
         assert!(d.server_first());

@@ -115,12 +115,14 @@ pub struct Listener {
     pub role: Role,
     /// How long to wait for a client's first bytes.
     pub detect_timeout: Duration,
+    /// Silent clients that may race an endpoint at once (see [`Detector`]).
+    pub silent_races: usize,
 }
 
 /// Accepts until `shutdown` turns true; in-flight connections are asked to
 /// finish (HTTP: graceful shutdown) and counted in `open`.
 async fn serve(l: Listener, proxy: Arc<Proxy>, open: Arc<Open>, shutdown: watch::Receiver<bool>) {
-    let detector = Arc::new(Detector::new(l.detect_timeout));
+    let detector = Arc::new(Detector::new(l.detect_timeout, l.silent_races));
     let mut stop = shutdown.clone();
     loop {
         let accepted = tokio::select! {
@@ -238,11 +240,31 @@ async fn connection(
         // port is remembered as server-first; a client that was merely slow
         // still gets HTTP, so one slow client never turns a port opaque.
         None => {
+            // Each race holds an endpoint connection: only so many at once,
+            // or silent sockets would each cost one. Beyond that a silent
+            // client waits, without one, for its own first bytes.
+            let Some(racing) = detector.try_race() else {
+                proxy.metrics.silent_races_capped.inc();
+                let proto = peek(&stream, DEFAULT_HEADER_READ).await;
+                return match proto {
+                    Some(p @ (Protocol::Http1 | Protocol::Http2)) => {
+                        serve_http(stream, p, peer, role, proxy, None, shutdown).await
+                    }
+                    Some(_) => {
+                        if let Some(server) = Box::pin(connect_target(&role, &proxy, peer)).await {
+                            Box::pin(relay(stream, server, &[], role.direction(), &proxy)).await;
+                        }
+                    }
+                    None => {}
+                };
+            };
             let Some(mut server) = Box::pin(connect_target(&role, &proxy, peer)).await else {
                 return;
             };
             let mut greeting = vec![0u8; 4096];
-            match race(&stream, &mut server.stream, &mut greeting, window).await {
+            let first = race(&stream, &mut server.stream, &mut greeting, window).await;
+            drop(racing);
+            match first {
                 Race::Client(p @ (Protocol::Http1 | Protocol::Http2)) => {
                     drop(server);
                     serve_http(stream, p, peer, role, proxy, None, shutdown).await;

@@ -97,6 +97,11 @@ struct Args {
     /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
     #[arg(long, env = "WAYFINDER_DETECT_TIMEOUT", default_value = "30ms", value_parser = parse_duration)]
     detect_timeout: Duration,
+    /// Clients silent through the detection window that may each have an
+    /// endpoint dialed for them at once, per listener (to let a server speak
+    /// first); others wait for their own first bytes without one.
+    #[arg(long, env = "WAYFINDER_MAX_SILENT_RACES", default_value_t = 128)]
+    max_silent_races: usize,
     /// Connect timeout to endpoints.
     #[arg(long, env = "WAYFINDER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -667,6 +672,7 @@ async fn run(
             socket: l,
             role: Role::Inbound,
             detect_timeout: args.detect_timeout,
+            silent_races: args.max_silent_races,
         });
         Some(addr)
     } else {
@@ -681,6 +687,7 @@ async fn run(
             socket: l,
             role: Role::Upstream(name.as_str().into()),
             detect_timeout: args.detect_timeout,
+            silent_races: args.max_silent_races,
         });
     }
     let outbound = match args.outbound {
@@ -691,6 +698,7 @@ async fn run(
                 socket: l,
                 role: Role::HostRouted,
                 detect_timeout: args.detect_timeout,
+                silent_races: args.max_silent_races,
             });
             Some(addr)
         }
@@ -704,6 +712,7 @@ async fn run(
                 socket: l,
                 role: Role::Transparent,
                 detect_timeout: args.detect_timeout,
+                silent_races: args.max_silent_races,
             });
             Some(addr)
         }
@@ -728,6 +737,7 @@ async fn run(
         "upstreams": bound, "discovery": args.discovery, "health_check": args.health_check.to_string(),
         "health_interval_ms": args.health_interval.as_millis() as u64,
         "detect_timeout_ms": args.detect_timeout.as_millis() as u64,
+        "max_silent_races": args.max_silent_races,
         "connect_timeout_ms": args.connect_timeout.as_millis() as u64,
         "request_timeout_ms": args.request_timeout.as_millis() as u64,
         "drain_timeout_ms": args.drain_timeout.as_millis() as u64,

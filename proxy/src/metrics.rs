@@ -188,6 +188,8 @@ pub struct ProxyMetrics {
     pub detect_seconds: Histogram,
     /// Connections whose client sent nothing within the detection window.
     pub detect_timeouts: Counter,
+    /// Silent clients left to speak first because every race was taken.
+    pub silent_races_capped: Counter,
     /// Retries sent, by upstream.
     pub retries: Family<UpstreamLabels, Counter>,
     /// Retries refused because the retry budget was spent.
@@ -222,6 +224,7 @@ impl ProxyMetrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.00001, 2.0, 16),
             ),
             detect_timeouts: Counter::default(),
+            silent_races_capped: Counter::default(),
             retries: Family::default(),
             budget_exhausted: Family::default(),
             timeouts: Family::default(),
@@ -262,6 +265,11 @@ impl ProxyMetrics {
             "wayfinder_proxy_detect_timeouts",
             "Connections that sent nothing within the detection window (relayed as TCP)",
             m.detect_timeouts.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_silent_races_capped",
+            "Silent clients not given an endpoint connection because --max-silent-races were racing",
+            m.silent_races_capped.clone(),
         );
         reg.register(
             "wayfinder_proxy_retries",

@@ -499,3 +499,60 @@ async fn a_name_nobody_serves_is_asked_for_less_and_less_often() -> Result<()> {
     })
     .await
 }
+
+/// Open file descriptors of `p`.
+fn descriptors(p: &Process) -> Result<usize> {
+    let pid = p.pid().context("running")?;
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+#[tokio::test]
+async fn silent_sockets_are_not_amplified_into_endpoint_connections() -> Result<()> {
+    bounded(async {
+        let m = mesh("").await?;
+        let (sidecar, via, _) = client(
+            &m._cp,
+            &[
+                "--join-token",
+                TOKEN,
+                "--detect-timeout",
+                "20ms",
+                "--max-silent-races",
+                "8",
+            ],
+        )?;
+        // One call, so the client's own connections to web-1 exist before counting.
+        let (status, _, _) = http_request(via, "GET", "/", "web", "").await?;
+        assert_eq!(status, 200);
+        let before = descriptors(&sidecar)?;
+        let mut silent = Vec::new();
+        for _ in 0..200 {
+            silent.push(tokio::net::TcpStream::connect(via).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let grown = descriptors(&sidecar)? - before;
+        // One descriptor per accepted socket, and at most 8 endpoint
+        // connections racing for them (each dial was one more before).
+        assert!(
+            grown <= 200 + 8 + 4,
+            "200 silent sockets cost {grown} descriptors"
+        );
+        let (_, metrics) = admin_get(&sidecar, "/metrics").await?;
+        let capped = metric(&metrics, "wayfinder_proxy_silent_races_capped_total").unwrap_or(0.0);
+        assert!(
+            capped >= 190.0,
+            "{capped} silent clients left to speak first"
+        );
+        // A silent client beyond the cap that speaks HTTP is still served.
+        let mut last = silent.pop().context("a socket")?;
+        last.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), last.read_to_end(&mut answer))
+            .await
+            .context("answered")??;
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+        Ok(())
+    })
+    .await
+}
