@@ -21,6 +21,9 @@ struct Shared {
     size: usize,
     limit: usize,
     overflowed: bool,
+    /// Reading the client's body failed (malformed, or cut off): the
+    /// client's fault, not the endpoint's.
+    client_failed: bool,
     trailers: Option<HeaderMap>,
     ended: bool,
     /// The view that may read the source; older views are abandoned.
@@ -59,6 +62,7 @@ impl ReplayBody {
                 size: 0,
                 limit,
                 overflowed: false,
+                client_failed: false,
                 trailers: None,
                 ended,
                 generation: 0,
@@ -84,6 +88,12 @@ impl ReplayBody {
     /// Whether everything read so far was kept, so a retry could replay it.
     pub fn replayable(&self) -> bool {
         self.shared.lock().is_ok_and(|s| !s.overflowed)
+    }
+
+    /// Whether reading the client's body failed: then the request, not the
+    /// endpoint, is at fault, and it cannot be sent again.
+    pub fn client_failed(&self) -> bool {
+        self.shared.lock().is_ok_and(|s| s.client_failed)
     }
 
     /// A fresh view for another attempt, if everything read so far was kept.
@@ -141,7 +151,11 @@ impl Body for ReplayBody {
                 s.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Err(e))) => {
+                s.client_failed = true;
+                s.overflowed = true;
+                Poll::Ready(Some(Err(e)))
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = match frame.into_data() {
                     Ok(data) => {

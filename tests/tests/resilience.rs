@@ -461,3 +461,53 @@ async fn dns_endpoints_are_health_checked_actively() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn requests_at_fault_are_answered_4xx_and_held_against_no_endpoint() -> Result<()> {
+    bounded(async {
+        let Running { cp, instances: _lab } = Scenario::new().instances("web", 3).start().await?;
+        let (client, web, _) = client(&cp, &[])?;
+        let (status, _, _) = http_request(web, "GET", "/", "web", "").await?;
+        assert_eq!(status, 200);
+        // Headers larger than a sidecar's HTTP/2 server takes: the
+        // client's fault, answered at once, never tried on an endpoint.
+        let big = "x".repeat(20 * 1024);
+        for _ in 0..6 {
+            let mut s = tokio::net::TcpStream::connect(web).await?;
+            s.write_all(format!("GET / HTTP/1.1\r\nHost: web\r\nx-big: {big}\r\nConnection: close\r\n\r\n").as_bytes())
+                .await?;
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+                .await
+                .context("answered")??;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+            assert!(answer.contains("x-wayfinder-error: request-header-too-large"), "{answer}");
+        }
+        // A malformed chunked body: the client's fault too.
+        for _ in 0..6 {
+            let mut s = tokio::net::TcpStream::connect(web).await?;
+            s.write_all(b"POST /orders HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot a chunk\r\n\r\n")
+                .await?;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(!answer.contains(" 502 "), "not the endpoint's failure: {answer}");
+        }
+        // No endpoint was ejected or retried for it: every instance serves.
+        let (_, eps) = admin_get(&client, "/endpoints").await?;
+        assert!(!eps.contains("\"ejected\":true"), "{eps}");
+        assert_eq!(metric_of(&client, "wayfinder_proxy_retries_total{upstream=\"web\"}").await?, 0.0);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let (status, _, body) = http_request(web, "GET", "/", "web", "").await?;
+            assert_eq!(status, 200, "{body}");
+            if let Some(i) = ["web-1", "web-2", "web-3"].iter().find(|i| body.contains(**i)) {
+                seen.insert(*i);
+            }
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        Ok(())
+    })
+    .await
+}

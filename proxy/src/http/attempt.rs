@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use hyper::{Response, StatusCode};
 
 use super::CONNECT_FAILED;
-use super::head::Head;
+use super::head::{Head, MAX_HEADER_LIST};
 use crate::balance::EndpointStats;
 use crate::connector::ConnectError;
 use crate::metrics::{Direction, LatencyLabels, ProxyMetrics};
@@ -22,6 +22,8 @@ use crate::upstream::Clients;
 pub enum SendError {
     /// The request could not be built (a bad URI).
     BadRequest,
+    /// Its headers exceed what an HTTP/2 peer takes ([`MAX_HEADER_LIST`]).
+    HeadersTooLarge,
     /// No response: connect error, breaker, reset.
     Client(PoolError),
 }
@@ -31,6 +33,10 @@ impl SendError {
     pub fn reply(&self) -> (StatusCode, &'static str) {
         match self {
             SendError::BadRequest => (StatusCode::BAD_REQUEST, "bad-uri"),
+            SendError::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request-header-too-large",
+            ),
             SendError::Client(e) => match e {
                 PoolError::Connect(ConnectError::Overflow(_)) => {
                     (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
@@ -76,6 +82,11 @@ pub async fn send(
     let (req, use_h2) = head
         .request(body, ep, to.to_sidecar)
         .map_err(|_| SendError::BadRequest)?;
+    // A peer would refuse the stream (a reset that looks like the
+    // endpoint's failure): the client's request is at fault, and says so.
+    if use_h2 && head.list_size() > MAX_HEADER_LIST {
+        return Err(SendError::HeadersTooLarge);
+    }
     let guard = ep.start();
     let pool = match &to.clients.mesh {
         Some(mesh) if use_h2 && to.to_sidecar => mesh,

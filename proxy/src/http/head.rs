@@ -130,7 +130,24 @@ pub struct Head {
     pub headers: HeaderMap,
 }
 
+/// The largest header list (RFC 9113 §6.5.2: names, values and 32 bytes
+/// per field) a sidecar's HTTP/2 server takes, hyper's default, and what
+/// the proxy checks before sending a request over HTTP/2.
+pub const MAX_HEADER_LIST: usize = 16 * 1024;
+
 impl Head {
+    /// The request's header list size as HTTP/2 counts it, pseudo-headers
+    /// included (the authority at most an endpoint's address).
+    pub fn list_size(&self) -> usize {
+        let fields: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        let pseudo = self.method.as_str().len() + self.uri.path().len() + 64 + 4 * 32;
+        fields + pseudo + self.uri.query().map_or(0, str::len)
+    }
+
     /// The head of `parts`, hop-by-hop headers and the mesh's own
     /// (`x-wayfinder-*`, which only sidecars may send) removed.
     pub fn new(parts: hyper::http::request::Parts) -> Self {

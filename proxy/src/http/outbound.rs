@@ -554,13 +554,21 @@ fn timed_out(o: &Outgoing<'_>, t: &Try<'_>) -> Ended {
 /// Classifies a try's result for the retry decision.
 fn ended(o: &Outgoing<'_>, t: &Try<'_>, result: Result<Response<PoolBody>, SendError>) -> Ended {
     let call = o.call;
+    // The client's body broke (malformed chunking, cut off): whatever the
+    // endpoint did with it, the request is at fault; no retry, and
+    // nothing held against the endpoint.
+    if result.is_err() && o.keeper.client_failed() {
+        return Ended::Final(StatusCode::BAD_REQUEST, "bad-request-body");
+    }
     // The upstream's sidecars are reached over mTLS.
     let mtls = o.clients.mesh.is_some();
     match result {
         Err(e) => {
             let (status, reason) = e.reply();
             let outcome = match &e {
-                SendError::BadRequest => return Ended::Final(status, reason),
+                SendError::BadRequest | SendError::HeadersTooLarge => {
+                    return Ended::Final(status, reason);
+                }
                 SendError::Client(PoolError::Connect(ConnectError::Overflow(o))) => {
                     call.overflow(*o);
                     return Ended::Final(status, reason);
