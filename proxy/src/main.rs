@@ -97,6 +97,10 @@ struct Args {
     /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
     #[arg(long, env = "WAYFINDER_DETECT_TIMEOUT", default_value = "30ms", value_parser = parse_duration)]
     detect_timeout: Duration,
+    /// How long an admin client may take to send a request's headers (and
+    /// an admin connection may sit idle).
+    #[arg(long, env = "WAYFINDER_ADMIN_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    admin_header_timeout: Duration,
     /// Clients silent through the detection window that may each have an
     /// endpoint dialed for them at once, per listener (to let a server speak
     /// first); others wait for their own first bytes without one.
@@ -749,12 +753,11 @@ async fn run(
         config: Arc::new(config),
         shutdown: shutdown.clone(),
     });
-    tokio::spawn(async move {
-        let app = admin_app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(admin_listener, app).await {
-            tracing::error!(error = %e, "admin server failed");
-        }
-    });
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin_app,
+        args.admin_header_timeout,
+    ));
 
     // Inbound closes after the lame duck; outbound stays open until the
     // app no longer needs it.

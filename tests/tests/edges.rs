@@ -556,3 +556,45 @@ async fn silent_sockets_are_not_amplified_into_endpoint_connections() -> Result<
     })
     .await
 }
+
+#[tokio::test]
+async fn the_admin_port_closes_slow_and_idle_clients() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let (sidecar, _, _) = client(&cp, &["--admin-header-timeout", "500ms"])?;
+        let admin = sidecar.addr("admin=")?;
+        // Half a request line, then nothing (slowloris), and an idle
+        // keep-alive connection after one request.
+        let mut slow = tokio::net::TcpStream::connect(admin).await?;
+        slow.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n").await?;
+        let mut idle = tokio::net::TcpStream::connect(admin).await?;
+        idle.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await?;
+        let started = std::time::Instant::now();
+        for (what, s) in [("slow", &mut slow), ("idle", &mut idle)] {
+            let mut buf = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+                .await
+                .with_context(|| format!("the {what} connection is closed"))??;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        // More silent connections than the cap: each is closed after the
+        // header timeout, so a real request still gets through soon.
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            held.push(tokio::net::TcpStream::connect(admin).await?);
+        }
+        let (status, _) =
+            tokio::time::timeout(Duration::from_secs(4), admin_get(&sidecar, "/live"))
+                .await
+                .context("/live answered beside 100 silent connections")??;
+        assert_eq!(status, 200);
+        drop(held);
+        Ok(())
+    })
+    .await
+}
