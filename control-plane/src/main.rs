@@ -59,6 +59,10 @@ struct Args {
     /// How long an expired instance stays, as not serving, before removal.
     #[arg(long, env = "WAYFINDER_LEASE_GRACE", default_value = "20s", value_parser = parse_duration)]
     lease_grace: Duration,
+    /// Most service entries kept at once (registered, with a policy, or only
+    /// watched); watches naming more unknown services are refused.
+    #[arg(long, env = "WAYFINDER_MAX_SERVICES", default_value_t = wayfinder_control::registry::MAX_SERVICES)]
+    max_services: usize,
     /// Log format.
     #[arg(long, env = "WAYFINDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -207,6 +211,7 @@ async fn run(args: Args) -> Result<()> {
             .context("setting up the certificate authority")?,
     );
     let (registry, backend, persister) = open_store(&args, leases, metrics, &ca, &mut prom).await?;
+    registry.limit_services(args.max_services);
     if let Some(out) = &args.bundle_out {
         // Whole or not at all: a sidecar may be waiting to read it.
         let tmp = out.with_extension("tmp");

@@ -695,3 +695,32 @@ async fn lease_ids_cannot_be_guessed_from_one_another() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn watches_of_names_nobody_serves_are_bounded_and_free_up_when_closed() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&["--max-services", "50"])?;
+        let names: Vec<String> = (0..40).map(|i| format!("ghost-{i}")).collect();
+        let first: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 0)).collect();
+        let held = watch(&cp, &first).await?;
+        // 40 entries held; 20 more unknown names would pass the most.
+        let more: Vec<String> = (40..60).map(|i| format!("ghost-{i}")).collect();
+        let more: Vec<(&str, u64)> = more.iter().map(|n| (n.as_str(), 0)).collect();
+        let err = watch(&cp, &more).await.expect_err("refused");
+        let status = err
+            .downcast_ref::<tonic::Status>()
+            .context("a gRPC status")?;
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+        // Names it knows cost nothing.
+        let _again = watch(&cp, &first[..10]).await?;
+        // Closed watches give their room back (garbage is collected every 10 s).
+        drop((held, _again));
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while watch(&cp, &more).await.is_err() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "room never came back");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    })
+    .await
+}

@@ -44,6 +44,7 @@ pub struct WatchMetrics {
     pushes: Counter,
     snapshots: Family<ReasonLabel, Counter>,
     latency: Histogram,
+    refused: Counter,
 }
 
 impl WatchMetrics {
@@ -53,6 +54,7 @@ impl WatchMetrics {
             watchers: Gauge::default(),
             pushes: Counter::default(),
             snapshots: Family::default(),
+            refused: Counter::default(),
             latency: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 0.0001, 2.0, 18,
             )),
@@ -61,6 +63,11 @@ impl WatchMetrics {
             "wayfinder_control_watchers",
             "Open watch streams",
             m.watchers.clone(),
+        );
+        reg.register(
+            "wayfinder_control_watches_refused",
+            "Watch streams refused because the registry holds its most service entries (--max-services)",
+            m.refused.clone(),
         );
         reg.register(
             "wayfinder_control_pushes",
@@ -136,6 +143,12 @@ impl discovery_server::Discovery for DiscoveryService {
         for s in &req.services {
             validate::service_name(&s.name).map_err(invalid)?;
             wanted.insert(s.name.clone(), s.last_version);
+        }
+        if !self.registry.may_watch(wanted.keys().map(String::as_str)) {
+            self.metrics.refused.inc();
+            return Err(Status::resource_exhausted(
+                "too many services known or watched; watch fewer names nobody serves",
+            ));
         }
 
         let mut initial = Vec::new();

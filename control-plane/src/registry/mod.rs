@@ -40,6 +40,10 @@ mod watch;
 pub use leases::random_lease_id;
 pub use metrics::RegistryMetrics;
 
+/// Default of the most service entries kept at once (see
+/// [`Registry::may_watch`]); each holds a broadcast queue of
+/// [`BROADCAST_CAPACITY`] and a delta log, tens of KiB.
+pub const MAX_SERVICES: usize = 10_000;
 /// Deltas kept per service so a reconnecting watcher can resume.
 pub const DELTA_LOG_LEN: usize = 256;
 /// Updates buffered per service broadcast before a slow watcher lags and is
@@ -200,6 +204,10 @@ pub struct Registry {
     /// [`Registry::apply`] with the store's revisions as versions, leases
     /// expire in the store, and nothing is queued for a local store.
     mirror: bool,
+    /// Most service entries (registered, with a policy, or only watched)
+    /// kept at once: watching a name creates an entry, so watches of names
+    /// nobody serves are refused beyond it.
+    max_services: std::sync::atomic::AtomicUsize,
 }
 
 /// Result of a successful registration.
@@ -291,6 +299,7 @@ impl Registry {
             trust_bundle: Default::default(),
             changed: tokio::sync::watch::channel(0).0,
             mirror,
+            max_services: std::sync::atomic::AtomicUsize::new(MAX_SERVICES),
         });
         reg.update_gauges(&reg.lock());
         reg

@@ -22,6 +22,24 @@ impl Service {
 }
 
 impl Registry {
+    /// Sets the most service entries kept at once (`--max-services`).
+    pub fn limit_services(&self, max: usize) {
+        self.max_services
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether watching `names` keeps the registry within its most service
+    /// entries (names it knows cost nothing). Checked before a watch
+    /// subscribes, so concurrent watches may overshoot by one request's names.
+    pub fn may_watch<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> bool {
+        let st = self.lock();
+        let new = names
+            .into_iter()
+            .filter(|n| !st.services.contains_key(*n))
+            .count();
+        st.services.len() + new <= self.max_services.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Starts watching `name` from `last_version` (0 = snapshot). Creates an
     /// empty entry for a service that does not exist yet, so its first
     /// registration reaches the watcher as a delta.
@@ -87,6 +105,26 @@ mod tests {
 
     use crate::registry::test_support::{decode, delta, inst, registry};
     use crate::registry::{BROADCAST_CAPACITY, DELTA_LOG_LEN, LeaseConfig};
+
+    #[tokio::test]
+    async fn watches_of_unknown_names_stop_at_the_most_services_and_free_up() {
+        let reg = registry(LeaseConfig::default());
+        reg.limit_services(3);
+        reg.register(inst("web", "web-1", 80), true, None, Health::Serving)
+            .expect("registers");
+        let a = reg.subscribe("ghost-a", 0);
+        assert!(
+            reg.may_watch(["web", "ghost-b"]),
+            "known names cost nothing"
+        );
+        let b = reg.subscribe("ghost-b", 0);
+        assert!(!reg.may_watch(["ghost-c"]), "a fourth entry is refused");
+        assert!(reg.may_watch(["web", "ghost-a"]));
+        // Once nobody watches them, the entries go and the room comes back.
+        drop((a, b));
+        reg.collect_garbage();
+        assert!(reg.may_watch(["ghost-c", "ghost-d"]));
+    }
 
     #[tokio::test]
     async fn deltas_arrive_in_order_and_resume_uses_the_log() {
