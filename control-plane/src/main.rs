@@ -59,6 +59,10 @@ struct Args {
     /// How long an expired instance stays, as not serving, before removal.
     #[arg(long, env = "WAYFINDER_LEASE_GRACE", default_value = "20s", value_parser = parse_duration)]
     lease_grace: Duration,
+    /// How long an HTTP client (dashboard, metrics) may take to send a
+    /// request's headers, and an HTTP connection may sit idle.
+    #[arg(long, env = "WAYFINDER_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    http_header_timeout: Duration,
     /// Most service entries kept at once (registered, with a policy, or only
     /// watched); watches naming more unknown services are refused.
     #[arg(long, env = "WAYFINDER_MAX_SERVICES", default_value_t = wayfinder_control::registry::MAX_SERVICES)]
@@ -282,14 +286,15 @@ async fn run(args: Args) -> Result<()> {
     });
     let shutdown = shutdown_signal();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut http_stop = stop_rx.clone();
-    let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, http_app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let http_task = tokio::spawn(wayfinder_proto::server::serve_http(
+        http_listener,
+        http_app,
+        wayfinder_proto::server::HttpBounds {
+            max_connections: 256,
+            header_read: args.http_header_timeout,
+        },
+        stop_rx.clone(),
+    ));
 
     // Tests and scripts pass port 0 and read the bound addresses from this line.
     let pin = {

@@ -1,5 +1,6 @@
-//! What every Wayfinder server binary sets up the same way: logs and the
-//! Prometheus `/metrics` answer.
+//! What every Wayfinder server binary sets up the same way: logs, the
+//! Prometheus `/metrics` answer, and a bounded HTTP/1 server for the
+//! admin and dashboard ports.
 
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -65,6 +66,85 @@ pub fn metrics_response(registry: &Registry) -> Response {
         )
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Bounds of an HTTP port a hostile client might hold.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpBounds {
+    /// Connections served at once; more wait in the accept queue.
+    pub max_connections: usize,
+    /// Time for each request's headers; hyper's timer also runs while a
+    /// keep-alive connection waits for its next request, so an idle or
+    /// slowloris connection is closed after it.
+    pub header_read: std::time::Duration,
+}
+
+/// Resolves once `stop` turns true (without holding the watch's lock);
+/// never, if its sender is gone without saying so.
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Serves `app` over HTTP/1 on `listener` within `bounds` until `stop`
+/// turns true (then open connections finish what they have in flight).
+/// Handlers can read the client's address as `ConnectInfo<SocketAddr>`.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    bounds: HttpBounds,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(bounds.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            () = stopped(&mut stop) => return,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => tokio::select! {
+                    () = stopped(&mut stop) => return,
+                    a = listener.accept() => a.map(|a| (a, slot)),
+                },
+                Err(_) => return,
+            },
+        };
+        let ((stream, peer), slot) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (app, mut stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    let mut app = app.clone();
+                    async move { tower_service::Service::call(&mut app, req).await }
+                },
+            );
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(bounds.header_read)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            }
+        });
     }
 }
 

@@ -3,18 +3,13 @@
 //! only: a job's last step, or an orchestrator ending the sidecar).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::state::Proxy;
 
@@ -33,44 +28,6 @@ pub struct AdminState {
 
 /// Admin connections served at once; more wait in the accept queue.
 pub const MAX_CONNECTIONS: usize = 64;
-
-/// Serves `app` on the admin port: HTTP/1, at most [`MAX_CONNECTIONS`] at
-/// once, each request's headers within `header_read` (hyper's timer also
-/// runs while a keep-alive connection waits for its next request, so an
-/// idle or slowloris connection is closed after it).
-pub async fn serve(listener: TcpListener, app: Router, header_read: Duration) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let app = app.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            // `POST /shutdown` is taken from loopback only: it reads the peer.
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                let mut app = app.clone();
-                async move { tower_service::Service::call(&mut app, req).await }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "admin connection ended");
-            }
-        });
-    }
-}
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {

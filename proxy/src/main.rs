@@ -753,10 +753,17 @@ async fn run(
         config: Arc::new(config),
         shutdown: shutdown.clone(),
     });
-    tokio::spawn(admin::serve(
+    // The admin port stays up until the process ends (a dropped sender
+    // never stops it).
+    let (_, admin_stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(wayfinder_proto::server::serve_http(
         admin_listener,
         admin_app,
-        args.admin_header_timeout,
+        wayfinder_proto::server::HttpBounds {
+            max_connections: admin::MAX_CONNECTIONS,
+            header_read: args.admin_header_timeout,
+        },
+        admin_stopped,
     ));
 
     // Inbound closes after the lame duck; outbound stays open until the
