@@ -625,3 +625,30 @@ fn clock_ticks() -> f64 {
         .filter(|hz| *hz > 0.0)
         .unwrap_or(100.0)
 }
+
+/// Writes `bytes` on `s` and reads the answer up to the close (5 s at most).
+pub async fn finish_and_read(s: &mut tokio::net::TcpStream, bytes: &[u8]) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(bytes).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .context("no answer and close within 5 s")??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// How long an HTTP server at `addr` takes to close a slowloris client
+/// (half a request, then nothing) and an idle keep-alive one (a request
+/// answered, then nothing); an error if either stays open 5 s.
+pub async fn slow_and_idle_closed(addr: SocketAddr) -> Result<Duration> {
+    let mut slow = tokio::net::TcpStream::connect(addr).await?;
+    let mut idle = tokio::net::TcpStream::connect(addr).await?;
+    let started = Instant::now();
+    let (slow, idle) = tokio::join!(
+        finish_and_read(&mut slow, b"GET / HTTP/1.1\r\nHost: x\r\n"),
+        finish_and_read(&mut idle, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+    );
+    slow.context("the slowloris connection is closed")?;
+    idle.context("the idle connection is closed")?;
+    Ok(started.elapsed())
+}

@@ -729,24 +729,8 @@ async fn watches_of_names_nobody_serves_are_bounded_and_free_up_when_closed() ->
 async fn the_http_port_closes_slow_and_idle_clients_and_keeps_serving() -> Result<()> {
     bounded(async {
         let cp = ControlPlane::start(&["--http-header-timeout", "500ms"])?;
-        let mut slow = tokio::net::TcpStream::connect(cp.http).await?;
-        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-            .await?;
-        let mut idle = tokio::net::TcpStream::connect(cp.http).await?;
-        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await?;
-        let started = std::time::Instant::now();
-        for (what, s) in [("slow", &mut slow), ("idle", &mut idle)] {
-            let mut buf = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-                .await
-                .with_context(|| format!("the {what} connection is closed"))??;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "{:?}",
-            started.elapsed()
-        );
+        let took = wayfinder_tests::slow_and_idle_closed(cp.http).await?;
+        assert!(took < Duration::from_secs(3), "{took:?}");
         let (status, body) = wayfinder_tests::http_get(cp.http, "/healthz").await?;
         assert_eq!((status, body.trim()), (200, "ok"));
         Ok(())

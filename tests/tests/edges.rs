@@ -11,7 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wayfinder_tests::mesh::{admin_get, client, lab_app};
-use wayfinder_tests::{ControlPlane, Process, Running, Scenario, bounded, http_request, metric};
+use wayfinder_tests::{
+    ControlPlane, Process, Running, Scenario, bounded, finish_and_read, http_request, metric,
+    slow_and_idle_closed,
+};
 
 const TOKEN: &str = "edges-test-token";
 
@@ -451,13 +454,11 @@ async fn any_http_method_is_proxied_and_half_sent_methods_cost_no_cpu() -> Resul
         );
         // The rest of a method wakes its connection at once.
         let mut last = waiting.pop().context("a client")?;
-        last.write_all(b"ET /x HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), last.read_to_end(&mut answer))
-            .await
-            .context("the finished request is answered")??;
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = finish_and_read(
+            &mut last,
+            b"ET /x HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         Ok(())
     })
@@ -545,13 +546,12 @@ async fn silent_sockets_are_not_amplified_into_endpoint_connections() -> Result<
         );
         // A silent client beyond the cap that speaks HTTP is still served.
         let mut last = silent.pop().context("a socket")?;
-        last.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), last.read_to_end(&mut answer))
-            .await
-            .context("answered")??;
-        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+        let answer = finish_and_read(
+            &mut last,
+            b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         Ok(())
     })
     .await
@@ -563,25 +563,8 @@ async fn the_admin_port_closes_slow_and_idle_clients() -> Result<()> {
         let cp = ControlPlane::start(&[])?;
         let (sidecar, _, _) = client(&cp, &["--admin-header-timeout", "500ms"])?;
         let admin = sidecar.addr("admin=")?;
-        // Half a request line, then nothing (slowloris), and an idle
-        // keep-alive connection after one request.
-        let mut slow = tokio::net::TcpStream::connect(admin).await?;
-        slow.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n").await?;
-        let mut idle = tokio::net::TcpStream::connect(admin).await?;
-        idle.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await?;
-        let started = std::time::Instant::now();
-        for (what, s) in [("slow", &mut slow), ("idle", &mut idle)] {
-            let mut buf = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-                .await
-                .with_context(|| format!("the {what} connection is closed"))??;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "{:?}",
-            started.elapsed()
-        );
+        let took = slow_and_idle_closed(admin).await?;
+        assert!(took < Duration::from_secs(3), "{took:?}");
         // More silent connections than the cap: each is closed after the
         // header timeout, so a real request still gets through soon.
         let mut held = Vec::new();
