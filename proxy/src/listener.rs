@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures::future::Either;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -117,14 +118,37 @@ pub struct Listener {
     pub detect_timeout: Duration,
     /// Silent clients that may race an endpoint at once (see [`Detector`]).
     pub silent_races: usize,
+    /// Connections served at once; more wait in the accept queue.
+    pub max_connections: usize,
 }
 
 /// Accepts until `shutdown` turns true; in-flight connections are asked to
 /// finish (HTTP: graceful shutdown) and counted in `open`.
 async fn serve(l: Listener, proxy: Arc<Proxy>, open: Arc<Open>, shutdown: watch::Receiver<bool>) {
     let detector = Arc::new(Detector::new(l.detect_timeout, l.silent_races));
+    let slots = Arc::new(tokio::sync::Semaphore::new(l.max_connections));
     let mut stop = shutdown.clone();
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Full: new clients wait in the kernel's accept queue.
+                proxy
+                    .metrics
+                    .listener_full
+                    .get_or_create(&DirectionLabels {
+                        direction: l.role.direction(),
+                    })
+                    .inc();
+                tokio::select! {
+                    s = slots.clone().acquire_owned() => match s {
+                        Ok(slot) => slot,
+                        Err(_) => return,
+                    },
+                    () = stopped(&mut stop) => return,
+                }
+            }
+        };
         let accepted = tokio::select! {
             a = l.socket.accept() => a,
             () = stopped(&mut stop) => return,
@@ -149,6 +173,7 @@ async fn serve(l: Listener, proxy: Arc<Proxy>, open: Arc<Open>, shutdown: watch:
         );
         tokio::spawn(async move {
             let _guard = guard;
+            let _slot = slot;
             let gauge = proxy
                 .metrics
                 .connections
@@ -420,12 +445,18 @@ async fn serve_http<S>(
 {
     let p = proxy.clone();
     let r = role.clone();
+    // HTTP/2 connections are closed once idle; HTTP/1's header-read timeout
+    // already covers a keep-alive connection waiting for its next request.
+    let activity = (proto == Protocol::Http2).then(|| Arc::new(Activity::new()));
+    let a = activity.clone();
     let svc = service_fn(move |req| {
         let (p, r, caller) = (p.clone(), r.clone(), caller.clone());
+        let busy = a.as_ref().map(|a| a.start());
         // Boxed per request: hyper's HTTP/1 server keeps a slot the size of
         // this future for the connection's whole life, and the retry loop's
         // state is kilobytes; idle keep-alive connections should not pay it.
         let handle: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+            let _busy = busy;
             let resp = match r {
                 Role::Inbound => inbound::serve(p, req, caller, peer).await,
                 Role::Upstream(name) => outbound::serve(p, req, Some(name), peer).await,
@@ -442,7 +473,11 @@ async fn serve_http<S>(
             .serve_connection(io, svc);
         // On the heap, so a task holds only the protocol it speaks.
         let mut conn = Box::pin(conn);
-        until_shutdown(conn.as_mut(), |c| c.graceful_shutdown(), shutdown).await
+        let idle = match &activity {
+            Some(a) => Either::Left(a.idle_for(proxy.h2_idle_timeout())),
+            None => Either::Right(std::future::pending()),
+        };
+        until_shutdown(conn.as_mut(), |c| c.graceful_shutdown(), shutdown, idle).await
     } else {
         // A listener for one service takes that service's header read
         // timeout (as of this connection); others the default.
@@ -456,7 +491,13 @@ async fn serve_http<S>(
             .serve_connection(io, svc)
             .with_upgrades();
         let mut conn = Box::pin(conn);
-        until_shutdown(conn.as_mut(), |c| c.graceful_shutdown(), shutdown).await
+        until_shutdown(
+            conn.as_mut(),
+            |c| c.graceful_shutdown(),
+            shutdown,
+            std::future::pending(),
+        )
+        .await
     };
     if let Err(e) = ended {
         if e.is_timeout() {
@@ -476,6 +517,7 @@ async fn until_shutdown<F>(
     mut conn: Pin<&mut F>,
     graceful: fn(Pin<&mut F>),
     mut shutdown: watch::Receiver<bool>,
+    idle: impl Future<Output = ()>,
 ) -> hyper::Result<()>
 where
     F: Future<Output = hyper::Result<()>>,
@@ -485,6 +527,63 @@ where
         () = stopped(&mut shutdown) => {
             graceful(conn.as_mut());
             conn.await
+        }
+        () = idle => {
+            graceful(conn.as_mut());
+            conn.await
+        }
+    }
+}
+
+/// Requests in flight on one HTTP/2 connection, and when the last one
+/// ended: the connection is asked to close (GOAWAY; streams still open
+/// finish) once it has been idle for the idle timeout.
+struct Activity {
+    born: tokio::time::Instant,
+    in_flight: AtomicUsize,
+    /// When the last request ended, in milliseconds after `born`.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A request in flight; dropping it ends the request.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_ms.store(ms, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            born: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn start(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request has been in flight for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
+                limit
+            } else {
+                match (last + limit).checked_duration_since(tokio::time::Instant::now()) {
+                    None => return,
+                    Some(left) if left.is_zero() => return,
+                    Some(left) => left,
+                }
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 }

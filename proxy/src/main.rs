@@ -97,6 +97,11 @@ struct Args {
     /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
     #[arg(long, env = "WAYFINDER_DETECT_TIMEOUT", default_value = "30ms", value_parser = parse_duration)]
     detect_timeout: Duration,
+    /// How long a client's HTTP/2 connection may sit with no request in
+    /// flight before the sidecar closes it (GOAWAY; HTTP/1's idle
+    /// connections end at the header-read timeout).
+    #[arg(long, env = "WAYFINDER_HTTP2_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    http2_idle_timeout: Duration,
     /// How long an admin client may take to send a request's headers (and
     /// an admin connection may sit idle).
     #[arg(long, env = "WAYFINDER_ADMIN_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -106,6 +111,10 @@ struct Args {
     /// first); others wait for their own first bytes without one.
     #[arg(long, env = "WAYFINDER_MAX_SILENT_RACES", default_value_t = 128)]
     max_silent_races: usize,
+    /// Connections each listener serves at once; more wait in the kernel's
+    /// accept queue.
+    #[arg(long, env = "WAYFINDER_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
     /// Connect timeout to endpoints.
     #[arg(long, env = "WAYFINDER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -650,6 +659,7 @@ async fn run(
         Defaults {
             connect: args.connect_timeout,
             request: (!args.request_timeout.is_zero()).then_some(args.request_timeout),
+            h2_idle: args.http2_idle_timeout,
         },
         Local {
             service: local_service.clone(),
@@ -677,6 +687,7 @@ async fn run(
             role: Role::Inbound,
             detect_timeout: args.detect_timeout,
             silent_races: args.max_silent_races,
+            max_connections: args.max_connections,
         });
         Some(addr)
     } else {
@@ -692,6 +703,7 @@ async fn run(
             role: Role::Upstream(name.as_str().into()),
             detect_timeout: args.detect_timeout,
             silent_races: args.max_silent_races,
+            max_connections: args.max_connections,
         });
     }
     let outbound = match args.outbound {
@@ -703,6 +715,7 @@ async fn run(
                 role: Role::HostRouted,
                 detect_timeout: args.detect_timeout,
                 silent_races: args.max_silent_races,
+                max_connections: args.max_connections,
             });
             Some(addr)
         }
@@ -717,6 +730,7 @@ async fn run(
                 role: Role::Transparent,
                 detect_timeout: args.detect_timeout,
                 silent_races: args.max_silent_races,
+                max_connections: args.max_connections,
             });
             Some(addr)
         }
@@ -742,6 +756,7 @@ async fn run(
         "health_interval_ms": args.health_interval.as_millis() as u64,
         "detect_timeout_ms": args.detect_timeout.as_millis() as u64,
         "max_silent_races": args.max_silent_races,
+        "max_connections": args.max_connections,
         "connect_timeout_ms": args.connect_timeout.as_millis() as u64,
         "request_timeout_ms": args.request_timeout.as_millis() as u64,
         "drain_timeout_ms": args.drain_timeout.as_millis() as u64,

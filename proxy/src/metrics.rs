@@ -190,6 +190,8 @@ pub struct ProxyMetrics {
     pub detect_timeouts: Counter,
     /// Silent clients left to speak first because every race was taken.
     pub silent_races_capped: Counter,
+    /// Times a listener was full (`--max-connections`) and stopped accepting.
+    pub listener_full: Family<DirectionLabels, Counter>,
     /// Retries sent, by upstream.
     pub retries: Family<UpstreamLabels, Counter>,
     /// Retries refused because the retry budget was spent.
@@ -225,6 +227,7 @@ impl ProxyMetrics {
             ),
             detect_timeouts: Counter::default(),
             silent_races_capped: Counter::default(),
+            listener_full: Family::default(),
             retries: Family::default(),
             budget_exhausted: Family::default(),
             timeouts: Family::default(),
@@ -265,6 +268,11 @@ impl ProxyMetrics {
             "wayfinder_proxy_detect_timeouts",
             "Connections that sent nothing within the detection window (relayed as TCP)",
             m.detect_timeouts.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_listener_full",
+            "Times a listener held --max-connections and stopped accepting until one closed",
+            m.listener_full.clone(),
         );
         reg.register(
             "wayfinder_proxy_silent_races_capped",

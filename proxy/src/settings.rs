@@ -23,7 +23,15 @@ pub struct Defaults {
     /// Request timeout (with retries, up to the response headers); `None`:
     /// unbounded.
     pub request: Option<Duration>,
+    /// How long a client's HTTP/2 connection may sit with no request in
+    /// flight before the sidecar closes it (GOAWAY).
+    pub h2_idle: Duration,
 }
+
+/// Default HTTP/2 idle timeout (Envoy's HTTP connection manager closes idle
+/// connections after an hour; a sidecar fronting many short-lived callers
+/// keeps less).
+pub const DEFAULT_H2_IDLE: Duration = Duration::from_secs(300);
 
 /// Default request timeout: no call waits forever on an endpoint that
 /// accepted it and never answers (Envoy's route timeout is 15 s too).
@@ -34,6 +42,7 @@ impl Default for Defaults {
         Self {
             connect: Duration::from_secs(1),
             request: Some(DEFAULT_REQUEST),
+            h2_idle: DEFAULT_H2_IDLE,
         }
     }
 }

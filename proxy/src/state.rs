@@ -98,6 +98,11 @@ impl Proxy {
         })
     }
 
+    /// How long a client's HTTP/2 connection may sit idle (`--http2-idle-timeout`).
+    pub fn h2_idle_timeout(&self) -> Duration {
+        self.defaults.h2_idle
+    }
+
     /// The sidecar's connect timeout (`--connect-timeout`), for connections
     /// no service policy governs (the app, intercepted pass-through).
     pub fn connect_timeout(&self) -> Duration {

@@ -581,3 +581,72 @@ async fn the_admin_port_closes_slow_and_idle_clients() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed() -> Result<()> {
+    bounded(async {
+        let Running {
+            cp,
+            instances: _web,
+        } = Scenario::new().instances("web", 1).start().await?;
+        let (_sidecar, via, _) = client(&cp, &["--http2-idle-timeout", "500ms"])?;
+        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(via).await?);
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+        let driver = tokio::spawn(conn);
+        let req =
+            hyper::Request::get("http://web/").body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+        // No request for longer than the idle timeout: the sidecar says
+        // GOAWAY and the connection ends.
+        tokio::time::timeout(Duration::from_secs(3), driver)
+            .await
+            .context("the idle HTTP/2 connection is closed within 3 s")???;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_full_listener_holds_new_clients_until_one_leaves() -> Result<()> {
+    bounded(async {
+        let Running { cp, instances: _web } = Scenario::new().instances("web", 1).start().await?;
+        let (sidecar, via, _) = client(&cp, &["--max-connections", "3"])?;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut s = tokio::net::TcpStream::connect(via).await?;
+            // A served request keeps each connection open (keep-alive).
+            s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await?;
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .context("served")??;
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            held.push(s);
+        }
+        // A fourth client waits in the accept queue, unanswered...
+        let mut fourth = tokio::net::TcpStream::connect(via).await?;
+        fourth
+            .write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        let early = tokio::time::timeout(Duration::from_millis(500), fourth.read_to_end(&mut buf)).await;
+        assert!(early.is_err(), "served past the cap: {}", String::from_utf8_lossy(&buf));
+        // ...until one of the three leaves.
+        drop(held.pop());
+        tokio::time::timeout(Duration::from_secs(5), fourth.read_to_end(&mut buf))
+            .await
+            .context("served once a slot is free")??;
+        assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+        let (_, metrics) = admin_get(&sidecar, "/metrics").await?;
+        assert!(
+            metric(&metrics, "wayfinder_proxy_listener_full_total{direction=\"outbound\"}")
+                .is_some_and(|n| n >= 1.0),
+            "the full listener is counted"
+        );
+        Ok(())
+    })
+    .await
+}
