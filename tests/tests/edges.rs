@@ -612,7 +612,10 @@ async fn an_idle_http2_connection_is_closed() -> Result<()> {
 #[tokio::test]
 async fn a_full_listener_holds_new_clients_until_one_leaves() -> Result<()> {
     bounded(async {
-        let Running { cp, instances: _web } = Scenario::new().instances("web", 1).start().await?;
+        let Running {
+            cp,
+            instances: _web,
+        } = Scenario::new().instances("web", 1).start().await?;
         let (sidecar, via, _) = client(&cp, &["--max-connections", "3"])?;
         let mut held = Vec::new();
         for _ in 0..3 {
@@ -632,8 +635,13 @@ async fn a_full_listener_holds_new_clients_until_one_leaves() -> Result<()> {
             .write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
             .await?;
         let mut buf = Vec::new();
-        let early = tokio::time::timeout(Duration::from_millis(500), fourth.read_to_end(&mut buf)).await;
-        assert!(early.is_err(), "served past the cap: {}", String::from_utf8_lossy(&buf));
+        let early =
+            tokio::time::timeout(Duration::from_millis(500), fourth.read_to_end(&mut buf)).await;
+        assert!(
+            early.is_err(),
+            "served past the cap: {}",
+            String::from_utf8_lossy(&buf)
+        );
         // ...until one of the three leaves.
         drop(held.pop());
         tokio::time::timeout(Duration::from_secs(5), fourth.read_to_end(&mut buf))
@@ -642,8 +650,11 @@ async fn a_full_listener_holds_new_clients_until_one_leaves() -> Result<()> {
         assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
         let (_, metrics) = admin_get(&sidecar, "/metrics").await?;
         assert!(
-            metric(&metrics, "wayfinder_proxy_listener_full_total{direction=\"outbound\"}")
-                .is_some_and(|n| n >= 1.0),
+            metric(
+                &metrics,
+                "wayfinder_proxy_listener_full_total{direction=\"outbound\"}"
+            )
+            .is_some_and(|n| n >= 1.0),
             "the full listener is counted"
         );
         Ok(())
