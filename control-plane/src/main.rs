@@ -59,6 +59,14 @@ struct Args {
     /// How long an expired instance stays, as not serving, before removal.
     #[arg(long, env = "WAYFINDER_LEASE_GRACE", default_value = "20s", value_parser = parse_duration)]
     lease_grace: Duration,
+    /// Streams (watches, keep-alives, calls) one gRPC connection may have
+    /// open at once; a sidecar uses one per upstream plus a few.
+    #[arg(
+        long,
+        env = "WAYFINDER_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1024
+    )]
+    max_streams_per_connection: u32,
     /// How long an HTTP client (dashboard, metrics) may take to send a
     /// request's headers, and an HTTP connection may sit idle.
     #[arg(long, env = "WAYFINDER_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -307,6 +315,8 @@ async fn run(args: Args) -> Result<()> {
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // One caller's connection cannot open streams (watches) without end.
+        .max_concurrent_streams(Some(args.max_streams_per_connection))
         .add_service(
             RegistryServer::new(RegistryService::new(
                 backend.clone(),

@@ -737,3 +737,41 @@ async fn the_http_port_closes_slow_and_idle_clients_and_keeps_serving() -> Resul
     })
     .await
 }
+
+#[tokio::test]
+async fn one_connection_cannot_open_streams_without_end() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&["--max-streams-per-connection", "4"])?;
+        let channel = cp.channel().await?;
+        let req = || WatchRequest {
+            services: vec![ServiceWatch {
+                name: "web".into(),
+                last_version: 0,
+            }],
+            node: "test".into(),
+            ..Default::default()
+        };
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            let mut s = DiscoveryClient::new(channel.clone())
+                .watch(req())
+                .await?
+                .into_inner();
+            next(&mut s).await?;
+            open.push(s);
+        }
+        // A fifth stream on the same connection waits for one to end.
+        let mut fifth = DiscoveryClient::new(channel.clone());
+        let mut pending = Box::pin(fifth.watch(req()));
+        let early = tokio::time::timeout(Duration::from_millis(500), pending.as_mut()).await;
+        assert!(early.is_err(), "a fifth stream opened past the most");
+        drop(open.pop());
+        let mut s = tokio::time::timeout(Duration::from_secs(5), pending)
+            .await
+            .context("the fifth stream opens once one ends")??
+            .into_inner();
+        next(&mut s).await?;
+        Ok(())
+    })
+    .await
+}
