@@ -243,21 +243,34 @@ async fn connection(
             _ => {}
         }
     }
+    // A silent client races its target (below), except where no race may
+    // run: Host routing needs HTTP, and each race holds an endpoint
+    // connection, so only so many run at once (or silent sockets would
+    // each cost one). There the client just gets longer to speak, with
+    // nothing dialed for it.
+    let mut racing = None;
+    let proto = match proto {
+        None if matches!(role, Role::HostRouted) => peek(&stream, DEFAULT_HEADER_READ).await,
+        None => match detector.try_race() {
+            Some(slot) => {
+                racing = Some(slot);
+                None
+            }
+            None => {
+                proxy.metrics.silent_races_capped.inc();
+                peek(&stream, DEFAULT_HEADER_READ).await
+            }
+        },
+        p => p,
+    };
     match proto {
         Some(p @ (Protocol::Http1 | Protocol::Http2)) => {
             serve_http(stream, p, peer, role, proxy, None, shutdown).await
         }
+        // Host routing has no target for opaque bytes: `connect_target` says so.
         Some(Protocol::Opaque | Protocol::Tls) => {
             if let Some(server) = Box::pin(connect_target(&role, &proxy, peer)).await {
                 Box::pin(relay(stream, server, &[], role.direction(), &proxy)).await;
-            }
-        }
-        // Host routing needs HTTP: a silent client just gets longer to speak.
-        None if matches!(role, Role::HostRouted) => {
-            if let Some(p @ (Protocol::Http1 | Protocol::Http2)) =
-                peek(&stream, DEFAULT_HEADER_READ).await
-            {
-                serve_http(stream, p, peer, role, proxy, None, shutdown).await;
             }
         }
         // The client said nothing yet: connect, and let whoever speaks first
@@ -265,23 +278,9 @@ async fn connection(
         // port is remembered as server-first; a client that was merely slow
         // still gets HTTP, so one slow client never turns a port opaque.
         None => {
-            // Each race holds an endpoint connection: only so many at once,
-            // or silent sockets would each cost one. Beyond that a silent
-            // client waits, without one, for its own first bytes.
-            let Some(racing) = detector.try_race() else {
-                proxy.metrics.silent_races_capped.inc();
-                let proto = peek(&stream, DEFAULT_HEADER_READ).await;
-                return match proto {
-                    Some(p @ (Protocol::Http1 | Protocol::Http2)) => {
-                        serve_http(stream, p, peer, role, proxy, None, shutdown).await
-                    }
-                    Some(_) => {
-                        if let Some(server) = Box::pin(connect_target(&role, &proxy, peer)).await {
-                            Box::pin(relay(stream, server, &[], role.direction(), &proxy)).await;
-                        }
-                    }
-                    None => {}
-                };
+            // Still silent after the longer wait: nothing to serve.
+            let Some(racing) = racing else {
+                return;
             };
             let Some(mut server) = Box::pin(connect_target(&role, &proxy, peer)).await else {
                 return;
