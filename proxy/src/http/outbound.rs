@@ -27,7 +27,7 @@ use crate::edge::{self, Refusal};
 use crate::metrics::{Direction, OverflowLabels, TimeoutKind, UpstreamLabels};
 use crate::pool::{PoolBody, PoolError};
 use crate::replay::ReplayBody;
-use crate::resilience::breaker::{Overflow, Permit};
+use crate::resilience::breaker::{Gate, Overflow, Permit};
 use crate::resilience::retry::{self, Outcome};
 use crate::settings::Settings;
 use crate::state::{DISCOVERY_WAIT, Proxy};
@@ -145,6 +145,16 @@ impl Call<'_> {
     /// An answer of the proxy's own.
     fn reply(&self, status: StatusCode, reason: &'static str) -> Response<Body> {
         reply(self.grpc, status, reason)
+    }
+
+    /// A slot under breaker `gate` (`limit` at once); a refusal is counted
+    /// as `kind`.
+    fn slot(&self, gate: &Arc<Gate>, limit: Option<u32>, kind: Overflow) -> Option<Permit> {
+        let permit = gate.try_acquire(limit);
+        if permit.is_none() {
+            self.overflow(kind);
+        }
+        permit
     }
 
     /// Counts a request or retry a circuit breaker refused.
@@ -268,17 +278,13 @@ async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Res
 }
 
 /// Admission: a slot under the `max_requests` breaker, held until the
-/// request ends (a refusal is counted).
+/// request ends.
 fn admit(call: &Call<'_>, s: &Settings) -> Option<Permit> {
-    let permit = call
-        .up
-        .breakers
-        .requests
-        .try_acquire(s.breakers.max_requests);
-    if permit.is_none() {
-        call.overflow(Overflow::Requests);
-    }
-    permit
+    call.slot(
+        &call.up.breakers.requests,
+        s.breakers.max_requests,
+        Overflow::Requests,
+    )
 }
 
 /// What every try of one request shares.
@@ -628,14 +634,11 @@ fn retry_gate(call: &Call<'_>, s: &Settings) -> Option<Permit> {
             .inc();
         return None;
     }
-    let permit = up
-        .breakers
-        .retries
-        .try_acquire(s.breakers.max_active_retries);
-    if permit.is_none() {
-        call.overflow(Overflow::Retries);
-    }
-    permit
+    call.slot(
+        &up.breakers.retries,
+        s.breakers.max_active_retries,
+        Overflow::Retries,
+    )
 }
 
 /// The backoff before retry number `attempt`, never past the deadline.
