@@ -14,6 +14,8 @@ use hickory_proto::rr::{RData, Record, RecordType, rdata::A};
 
 /// Name → addresses.
 pub type Records = Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>>;
+/// Name → queries asked for it.
+pub type Asked = Arc<Mutex<HashMap<String, usize>>>;
 
 /// A running server; stops on drop.
 pub struct DnsServer {
@@ -22,7 +24,7 @@ pub struct DnsServer {
     /// The table; edit it to change the answers (names lowercase, no dot).
     pub records: Records,
     /// Queries asked so far (any type), by name (lowercase, no dot).
-    pub asked: Arc<Mutex<HashMap<String, usize>>>,
+    pub asked: Asked,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -35,7 +37,7 @@ impl DnsServer {
         let addr = sock.local_addr()?;
         let records: Records = Arc::default();
         let table = records.clone();
-        let asked: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let asked: Asked = Arc::default();
         let count = asked.clone();
         let turn = AtomicUsize::new(0);
         let task = tokio::spawn(async move {
@@ -45,10 +47,7 @@ impl DnsServer {
                     continue;
                 };
                 let rotate = turn.fetch_add(1, Ordering::Relaxed);
-                if let (Some(name), Ok(mut c)) = (question(&buf[..n]), count.lock()) {
-                    *c.entry(name).or_default() += 1;
-                }
-                if let Some(reply) = answer(&buf[..n], &table, ttl, rotate) {
+                if let Some(reply) = answer(&buf[..n], &table, &count, ttl, rotate) {
                     let _ = sock.send_to(&reply, peer).await;
                 }
             }
@@ -86,16 +85,32 @@ impl Drop for DnsServer {
     }
 }
 
-/// The name (lowercase, no dot) a query packet asks for.
-fn question(packet: &[u8]) -> Option<String> {
-    let query = Message::from_vec(packet).ok()?;
-    let name = query.queries.first()?.name().to_lowercase().to_ascii();
-    Some(name.trim_end_matches('.').to_string())
+/// A name as the table keys it: lowercase, no trailing dot.
+fn name_of(name: &hickory_proto::rr::Name) -> String {
+    name.to_lowercase()
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_string()
 }
 
-/// The reply to one query packet, or `None` for what is not a query.
-fn answer(packet: &[u8], table: &Records, ttl: u32, rotate: usize) -> Option<Vec<u8>> {
+/// Counts one packet's question and answers it; `None` for what is not a
+/// query.
+fn answer(
+    packet: &[u8],
+    table: &Records,
+    asked: &Asked,
+    ttl: u32,
+    rotate: usize,
+) -> Option<Vec<u8>> {
     let query = Message::from_vec(packet).ok()?;
+    if let (Some(q), Ok(mut c)) = (query.queries.first(), asked.lock()) {
+        *c.entry(name_of(q.name())).or_default() += 1;
+    }
+    reply(&query, table, ttl, rotate)
+}
+
+/// The reply to `query`, or `None` for what is not a query.
+fn reply(query: &Message, table: &Records, ttl: u32, rotate: usize) -> Option<Vec<u8>> {
     if query.metadata.message_type != MessageType::Query {
         return None;
     }
@@ -111,9 +126,7 @@ fn answer(packet: &[u8], table: &Records, ttl: u32, rotate: usize) -> Option<Vec
         reply.metadata.response_code = ResponseCode::NotImp;
         return reply.to_vec().ok();
     }
-    let name = q.name().to_lowercase().to_ascii();
-    let key = name.trim_end_matches('.');
-    let ips = table.lock().ok()?.get(key).cloned();
+    let ips = table.lock().ok()?.get(&name_of(q.name())).cloned();
     match ips {
         None => reply.metadata.response_code = ResponseCode::NXDomain,
         Some(mut ips) if q.query_type() == RecordType::A => {
@@ -139,7 +152,8 @@ mod tests {
         let mut q = Message::query();
         q.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
         let bytes = q.to_vec().expect("encode");
-        let reply = answer(&bytes, table, 5, rotate).expect("a reply");
+        let query = Message::from_vec(&bytes).expect("decode");
+        let reply = reply(&query, table, 5, rotate).expect("a reply");
         Message::from_vec(&reply).expect("decode")
     }
 
@@ -174,6 +188,6 @@ mod tests {
         assert!(aaaa.answers.is_empty());
         let nx = ask(&table, "db.", RecordType::A, 0);
         assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
-        assert!(answer(b"garbage", &table, 5, 0).is_none());
+        assert!(answer(b"garbage", &table, &Asked::default(), 5, 0).is_none());
     }
 }
