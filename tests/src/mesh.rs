@@ -91,8 +91,20 @@ pub fn sidecar_at(
 
 /// A `web` instance: lab-app plus sidecar checking `/healthz`.
 pub fn instance(cp: &ControlPlane, name: &str) -> Result<Instance> {
+    instance_with(cp, "web", name, "/healthz", &[])
+}
+
+/// An instance `name` of `service`: lab-app plus a sidecar with `check`
+/// and `extra` flags.
+pub fn instance_with(
+    cp: &ControlPlane,
+    service: &str,
+    name: &str,
+    check: &str,
+    extra: &[&str],
+) -> Result<Instance> {
     let (app, app_addr) = lab_app(name)?;
-    let sidecar = sidecar(cp, "web", name, app_addr, "/healthz")?;
+    let sidecar = sidecar_with(cp, service, name, app_addr, check, extra)?;
     Ok(Instance {
         app,
         app_addr,

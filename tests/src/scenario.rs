@@ -16,7 +16,7 @@
 
 use anyhow::Result;
 
-use crate::mesh::{Instance, lab_app, sidecar_with, wait_serving};
+use crate::mesh::{Instance, instance_with, wait_serving};
 use crate::{ControlPlane, wfctl};
 
 /// What to start; [`Scenario::start`] starts it.
@@ -85,17 +85,12 @@ impl Scenario {
         }
         let check = self.health_check.as_deref().unwrap_or("/healthz");
         let extra: Vec<&str> = self.sidecar_args.iter().map(String::as_str).collect();
-        let mut instances = Vec::with_capacity(self.instances);
-        for i in 1..=self.instances {
-            let name = format!("{}-{i}", self.service);
-            let (app, app_addr) = lab_app(&name)?;
-            let sidecar = sidecar_with(&cp, &self.service, &name, app_addr, check, &extra)?;
-            instances.push(Instance {
-                app,
-                app_addr,
-                sidecar,
-            });
-        }
+        let instances = (1..=self.instances)
+            .map(|i| {
+                let name = format!("{}-{i}", self.service);
+                instance_with(&cp, &self.service, &name, check, &extra)
+            })
+            .collect::<Result<Vec<_>>>()?;
         if self.instances > 0 {
             wait_serving(&cp, &self.service, self.instances).await?;
         }
