@@ -58,6 +58,9 @@ pub enum Refusal {
     /// Host routing with no service name in the Host (none, or an address:
     /// a Host never makes the sidecar dial an address of the client's choosing).
     NoServiceInHost,
+    /// A new upstream would pass `--max-upstreams` (none is idle enough to
+    /// have been evicted).
+    TooManyUpstreams,
 }
 
 impl Refusal {
@@ -66,6 +69,7 @@ impl Refusal {
         match self {
             Refusal::Tunnel => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::UnknownService => StatusCode::NOT_FOUND,
+            Refusal::TooManyUpstreams => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -80,6 +84,7 @@ impl Refusal {
             Refusal::HostMismatch => "host-mismatch",
             Refusal::UnknownService => "unknown-service",
             Refusal::NoServiceInHost => "no-service-in-host",
+            Refusal::TooManyUpstreams => "upstream-limit",
         }
     }
 }

@@ -481,7 +481,14 @@ async fn serve_http<S>(
         // A listener for one service takes that service's header read
         // timeout (as of this connection); others the default.
         let header_read = match &role {
-            Role::Upstream(name) => proxy.upstream(name).active().settings.timeouts.header_read,
+            Role::Upstream(name) => {
+                proxy
+                    .pinned_upstream(name)
+                    .active()
+                    .settings
+                    .timeouts
+                    .header_read
+            }
             _ => DEFAULT_HEADER_READ,
         };
         let conn = http1::Builder::new()

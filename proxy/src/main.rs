@@ -102,6 +102,15 @@ struct Args {
     /// connections end at the header-read timeout).
     #[arg(long, env = "WAYFINDER_HTTP2_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     http2_idle_timeout: Duration,
+    /// Upstream services held at once besides the listeners' and the local
+    /// one: each is a discovery watch, pools and metric series. A request
+    /// that would start one more is answered 503 `upstream-limit`.
+    #[arg(long, env = "WAYFINDER_MAX_UPSTREAMS", default_value_t = wayfinder_proxy::settings::DEFAULT_MAX_UPSTREAMS)]
+    max_upstreams: usize,
+    /// How long an upstream (Host-routed or intercepted) may go unused
+    /// before it is evicted: its watch closes, its metric series go.
+    #[arg(long, env = "WAYFINDER_UPSTREAM_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    upstream_idle_timeout: Duration,
     /// How long an admin client may take to send a request's headers (and
     /// an admin connection may sit idle).
     #[arg(long, env = "WAYFINDER_ADMIN_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -660,6 +669,8 @@ async fn run(
             connect: args.connect_timeout,
             request: (!args.request_timeout.is_zero()).then_some(args.request_timeout),
             h2_idle: args.http2_idle_timeout,
+            max_upstreams: args.max_upstreams,
+            upstream_idle: args.upstream_idle_timeout,
         },
         Local {
             service: local_service.clone(),
@@ -674,7 +685,7 @@ async fn run(
     if args.app.is_some() {
         // The service's own policy (authorization) must be known before
         // inbound requests are let through.
-        proxy.upstream(&local_service);
+        proxy.pinned_upstream(&local_service);
     }
 
     // Bind everything first: a taken port is a start-up error, not a surprise later.
@@ -697,7 +708,7 @@ async fn run(
     for UpstreamFlag { name, listen, .. } in &args.upstreams {
         let l = bind(*listen, &format!("upstream {name}")).await?;
         bound.push(format!("{name}={}", l.local_addr()?));
-        proxy.upstream(name);
+        proxy.pinned_upstream(name);
         listeners.push(Listener {
             socket: l,
             role: Role::Upstream(name.as_str().into()),
@@ -793,6 +804,7 @@ async fn run(
     }
 
     tokio::spawn(wayfinder_proxy::memory::trim_when_idle());
+    tokio::spawn(proxy.clone().evict_idle_upstreams());
     tokio::spawn(wayfinder_proxy::traffic::report_loop(
         proxy.traffic.clone(),
         channel.clone(),

@@ -56,6 +56,14 @@ pub enum TimeoutKind {
 }
 
 impl TimeoutKind {
+    /// Every kind (to remove a service's series).
+    pub const ALL: [TimeoutKind; 4] = [
+        TimeoutKind::Connect,
+        TimeoutKind::PerTry,
+        TimeoutKind::Request,
+        TimeoutKind::HeaderRead,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -162,6 +170,52 @@ fn latency_histogram() -> Histogram {
 }
 
 impl ProxyMetrics {
+    /// Removes endpoint `id`'s latency series of upstream `upstream`.
+    pub fn forget_endpoint(&self, upstream: &str, id: String) {
+        self.latency.remove(&LatencyLabels {
+            direction: Direction::Outbound,
+            upstream: upstream.to_string(),
+            endpoint: id,
+        });
+    }
+
+    /// Removes every series of an evicted upstream, so that label sets
+    /// stay bounded by the upstreams held (`--max-upstreams`).
+    pub fn forget_upstream(&self, upstream: &str, endpoints: Vec<String>) {
+        for id in endpoints {
+            self.forget_endpoint(upstream, id);
+        }
+        let name = || upstream.to_string();
+        for status in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+            self.requests.remove(&RequestLabels {
+                direction: Direction::Outbound,
+                upstream: name(),
+                status,
+            });
+        }
+        for family in [&self.retries, &self.budget_exhausted, &self.ejections] {
+            family.remove(&UpstreamLabels { upstream: name() });
+        }
+        for kind in TimeoutKind::ALL {
+            self.timeouts.remove(&TimeoutLabels {
+                upstream: name(),
+                kind,
+            });
+        }
+        for limit in Overflow::ALL {
+            self.overflows.remove(&OverflowLabels {
+                upstream: name(),
+                limit,
+            });
+        }
+        for to in ["healthy", "unhealthy"] {
+            self.health_transitions.remove(&HealthLabels {
+                upstream: name(),
+                to,
+            });
+        }
+    }
+
     /// Counts a timeout of `kind` for `upstream`.
     pub fn timeout(&self, upstream: &str, kind: TimeoutKind) {
         self.timeouts
@@ -212,6 +266,10 @@ pub struct ProxyMetrics {
     pub forbidden: Counter,
     /// Requests refused at the mesh's edge (`edge.rs`), by reason.
     pub edge_refusals: Family<RefusalLabels, Counter>,
+    /// Upstreams held (each with a discovery watch and metric series).
+    pub upstreams: Gauge,
+    /// Upstreams evicted after `--upstream-idle-timeout` unused.
+    pub upstreams_evicted: Counter,
 }
 
 impl ProxyMetrics {
@@ -238,6 +296,8 @@ impl ProxyMetrics {
             refused: Family::default(),
             forbidden: Counter::default(),
             edge_refusals: Family::default(),
+            upstreams: Gauge::default(),
+            upstreams_evicted: Counter::default(),
         };
         reg.register(
             "wayfinder_proxy_requests",
@@ -318,6 +378,16 @@ impl ProxyMetrics {
             "wayfinder_proxy_edge_refusals",
             "Requests refused at the mesh's edge: duplicate Host, Connection naming an end-to-end header, CONNECT, ambiguous path",
             m.edge_refusals.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_upstreams",
+            "Upstream services held, each with a discovery watch and its metric series (at most --max-upstreams besides the pinned ones)",
+            m.upstreams.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_upstreams_evicted",
+            "Upstreams evicted after --upstream-idle-timeout without use: their watch closed, their series removed",
+            m.upstreams_evicted.clone(),
         );
         reg.register(
             "wayfinder_proxy_forbidden",

@@ -29,7 +29,7 @@ pub struct Server {
 /// retry policy's attempts; the relay holds a `max_connections` slot.
 /// Meshed endpoints are reached over mTLS when the sidecar has an identity.
 pub async fn connect(proxy: &Proxy, service: &str) -> Result<Server, String> {
-    let up = proxy.upstream(service);
+    let up = proxy.upstream(service).map_err(|e| e.to_string())?;
     up.wait_ready(DISCOVERY_WAIT).await;
     let active = up.active();
     let tries = active.settings.retry.max_attempts as usize;

@@ -26,7 +26,20 @@ pub struct Defaults {
     /// How long a client's HTTP/2 connection may sit with no request in
     /// flight before the sidecar closes it (GOAWAY).
     pub h2_idle: Duration,
+    /// Upstreams held at once, besides the pinned ones (`--max-upstreams`).
+    pub max_upstreams: usize,
+    /// How long an upstream may go unused before it is evicted.
+    pub upstream_idle: Duration,
 }
+
+/// Default cap on upstreams: far more services than one app calls, far
+/// fewer than a client sending made-up Hosts could make it hold.
+pub const DEFAULT_MAX_UPSTREAMS: usize = 1_000;
+
+/// Default idle period before an unused upstream is evicted (Linkerd
+/// evicts unused discovery after a short idle period too; a few minutes
+/// keeps the pools and latency estimates of services called now and then).
+pub const DEFAULT_UPSTREAM_IDLE: Duration = Duration::from_secs(300);
 
 /// Default HTTP/2 idle timeout (Envoy's HTTP connection manager closes idle
 /// connections after an hour; a sidecar fronting many short-lived callers
@@ -43,6 +56,8 @@ impl Default for Defaults {
             connect: Duration::from_secs(1),
             request: Some(DEFAULT_REQUEST),
             h2_idle: DEFAULT_H2_IDLE,
+            max_upstreams: DEFAULT_MAX_UPSTREAMS,
+            upstream_idle: DEFAULT_UPSTREAM_IDLE,
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::identity::Identity;
 use crate::metrics::{ConnRefusalLabels, ProxyMetrics};
 use crate::resilience::breaker::Breakers;
 use crate::settings::{Defaults, Origin, Settings};
-use crate::upstream::{Clients, Upstream, Upstreams};
+use crate::upstream::{Clients, Full, Upstream, Upstreams};
 
 /// How long a request waits for its service's first discovery answer.
 pub const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
@@ -81,7 +81,7 @@ impl Proxy {
             None,
         );
         Arc::new(Self {
-            upstreams: Upstreams::default(),
+            upstreams: Upstreams::new(defaults.max_upstreams),
             sources,
             default_kind,
             defaults,
@@ -114,21 +114,66 @@ impl Proxy {
         self.app.as_ref().map(|a| a.addr)
     }
 
-    /// The upstream for `name`, starting its discovery on first use.
-    pub fn upstream(&self, name: &str) -> Arc<Upstream> {
-        self.upstreams.get_or_start(name, |name| {
-            let up = Upstream::new(
-                name,
-                self.default_kind,
-                self.sources.default_origin,
-                self.defaults,
-                self.metrics.clone(),
-                self.identity.clone(),
-            );
-            self.sources.start(&up);
-            tokio::spawn(crate::resilience::health_check::run(up.clone()));
-            up
-        })
+    /// The upstream for `name`, starting its discovery on first use;
+    /// `Full` when the sidecar holds `--max-upstreams` already.
+    pub fn upstream(&self, name: &str) -> Result<Arc<Upstream>, Full> {
+        self.upstreams
+            .get_or_start(name, false, |name| self.start_upstream(name))
+    }
+
+    /// The upstream for `name`, never evicted nor refused: a listener's
+    /// or the local service's, started with the sidecar.
+    pub fn pinned_upstream(&self, name: &str) -> Arc<Upstream> {
+        match self
+            .upstreams
+            .get_or_start(name, true, |name| self.start_upstream(name))
+        {
+            Ok(up) => up,
+            // Pinned upstreams pass the cap; should it ever refuse, the
+            // upstream works all the same, only outside the map.
+            Err(Full) => self.start_upstream(name),
+        }
+    }
+
+    fn start_upstream(&self, name: &str) -> Arc<Upstream> {
+        let up = Upstream::new(
+            name,
+            self.default_kind,
+            self.sources.default_origin,
+            self.defaults,
+            self.metrics.clone(),
+            self.identity.clone(),
+        );
+        self.sources.start(&up);
+        tokio::spawn(crate::discovery::until_closed(
+            up.clone(),
+            crate::resilience::health_check::run(up.clone()),
+        ));
+        self.metrics.upstreams.inc();
+        up
+    }
+
+    /// Evicts the upstreams unused for `--upstream-idle-timeout`, every
+    /// quarter of it, for as long as the sidecar runs: their watches close
+    /// and their metric series and traffic counts go.
+    pub async fn evict_idle_upstreams(self: Arc<Self>) {
+        let idle = self.defaults.upstream_idle;
+        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for up in self.upstreams.sweep(tokio::time::Instant::now(), idle) {
+                self.traffic.forget(up.name());
+                self.metrics.forget_upstream(up.name(), up.endpoint_ids());
+                self.metrics.upstreams.dec();
+                self.metrics.upstreams_evicted.inc();
+                tracing::info!(
+                    service = up.name(),
+                    ?idle,
+                    "upstream evicted: unused, its watch closed"
+                );
+            }
+        }
     }
 
     /// Whether refusals of kind `reason` are seen for the first time (each
@@ -167,7 +212,7 @@ impl Proxy {
     /// Whether `caller` may make `ask` of this sidecar's service. Until the
     /// service's own policy is known, nothing is allowed (fail closed).
     pub async fn authorized(&self, caller: Option<&str>, ask: authz::Ask<'_>) -> bool {
-        let own = self.upstream(&self.local.service);
+        let own = self.pinned_upstream(&self.local.service);
         if !own.wait_ready(DISCOVERY_WAIT).await {
             return false;
         }

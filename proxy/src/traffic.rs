@@ -59,6 +59,14 @@ impl Traffic {
             .clone()
     }
 
+    /// Drops the counts of an evicted upstream.
+    pub fn forget(&self, callee: &str) {
+        self.edges
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(callee);
+    }
+
     /// Takes the counts since the last call; edges without traffic are left out.
     pub fn take(&self) -> Vec<EdgeTraffic> {
         let edges = self.edges.read().map(|m| m.clone()).unwrap_or_default();

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -143,6 +144,12 @@ pub struct Upstream {
     pub requests: crate::metrics::RequestCounters,
     /// Its counts for the dashboard's traffic report, once it has traffic.
     pub traffic: std::sync::OnceLock<crate::traffic::EdgeCounts>,
+    /// Set by every use; the idle sweep ([`Upstreams::sweep`]) clears it.
+    used: AtomicBool,
+    /// Started for a listener or the local service: never evicted.
+    pinned: AtomicBool,
+    /// Set when evicted: its discovery and health checks stop.
+    closed: watch::Sender<bool>,
 }
 
 /// An endpoint as `/endpoints` shows it.
@@ -274,7 +281,43 @@ impl Upstream {
             identity,
             requests: Default::default(),
             traffic: Default::default(),
+            used: AtomicBool::new(true),
+            pinned: AtomicBool::new(false),
+            closed: watch::channel(false).0,
         })
+    }
+
+    /// Marks the upstream used (it is not idle). A load first, so that
+    /// requests do not all write one shared cache line.
+    fn touch(&self) {
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a request is in flight to it.
+    fn busy(&self) -> bool {
+        self.breakers.requests.current() > 0 || self.breakers.retries.current() > 0
+    }
+
+    /// Completes once the upstream is evicted; its tasks end with it.
+    pub async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Every endpoint id it knows, from any source (their metric series go
+    /// when it is evicted).
+    pub(crate) fn endpoint_ids(&self) -> Vec<String> {
+        let inner = self.lock();
+        let mut ids: Vec<_> = inner
+            .sets
+            .iter()
+            .flat_map(|s| s.endpoints.keys().cloned())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     /// Where the endpoints in use come from.
@@ -349,6 +392,8 @@ impl Upstream {
         let mut inner = self.lock();
         let set = &mut inner.sets[origin as usize];
         let mut leaving = Vec::new();
+        // Ids this source no longer lists at all (not merely unhealthy).
+        let mut gone = Vec::new();
         match update {
             Update::Reset(all) => {
                 let mut old = std::mem::take(&mut set.endpoints);
@@ -356,7 +401,10 @@ impl Upstream {
                     let k = known(old.remove(&d.id), d, &mut leaving);
                     set.endpoints.insert(k.found.id.clone(), k);
                 }
-                leaving.extend(old.into_values().map(|k| k.stats));
+                for (id, k) in old {
+                    gone.push(id);
+                    leaving.push(k.stats);
+                }
             }
             Update::Add(eps) => {
                 for d in eps {
@@ -366,18 +414,27 @@ impl Upstream {
             }
             Update::Remove(ids) => {
                 for id in ids {
-                    leaving.extend(set.endpoints.remove(&id).map(|k| k.stats));
+                    if let Some(k) = set.endpoints.remove(&id) {
+                        gone.push(id);
+                        leaving.push(k.stats);
+                    }
                 }
             }
             Update::NoEndpoints => {
-                leaving.extend(
-                    std::mem::take(&mut set.endpoints)
-                        .into_values()
-                        .map(|k| k.stats),
-                );
+                for (id, k) in std::mem::take(&mut set.endpoints) {
+                    gone.push(id);
+                    leaving.push(k.stats);
+                }
             }
         }
         set.answered = true;
+        // An endpoint's latency series goes with it: instances that come
+        // and go under new ids must not grow the metrics without bound.
+        for id in gone {
+            if !inner.sets.iter().any(|s| s.endpoints.contains_key(&id)) {
+                self.metrics.forget_endpoint(&self.name, id);
+            }
+        }
         if origin == self.origin() {
             self.rebuild(&inner);
             self.retire(&inner, &leaving);
@@ -579,11 +636,19 @@ impl Upstream {
     }
 }
 
-/// Every upstream the sidecar knows, started on first use.
-#[derive(Default)]
+/// Every upstream the sidecar knows, started on first use, at most `max`
+/// of them; unused ones are evicted by [`Upstreams::sweep`].
 pub struct Upstreams {
     map: RwLock<HashMap<String, Arc<Upstream>>>,
+    max: usize,
+    /// When the sweep last saw each evictable upstream in use.
+    seen: Mutex<HashMap<String, Instant>>,
 }
+
+/// The sidecar holds `--max-upstreams` upstreams and none is idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the sidecar already holds --max-upstreams upstreams")]
+pub struct Full;
 
 impl discovery::Sink for Upstream {
     fn name(&self) -> &str {
@@ -597,6 +662,9 @@ impl discovery::Sink for Upstream {
     }
     async fn wait_origin(&self, origin: Origin) {
         Upstream::wait_origin(self, origin).await;
+    }
+    async fn closed(&self) {
+        Upstream::closed(self).await;
     }
 }
 
@@ -613,24 +681,102 @@ impl health_check::Checked for Upstream {
 }
 
 impl Upstreams {
+    /// An empty set holding at most `max` upstreams (pinned ones aside).
+    pub fn new(max: usize) -> Self {
+        Self {
+            map: RwLock::default(),
+            max,
+            seen: Mutex::default(),
+        }
+    }
+
     /// The upstream named `name`, if started.
     pub fn get(&self, name: &str) -> Option<Arc<Upstream>> {
         self.map.read().ok()?.get(name).cloned()
     }
 
-    /// The upstream named `name`, created with `start` when new.
+    /// The upstream named `name`, created with `start` when new; `Full`
+    /// when that would pass the cap. A `pinned` upstream (a listener's, the
+    /// local service's) ignores the cap and is never evicted.
     pub fn get_or_start(
         &self,
         name: &str,
+        pinned: bool,
         start: impl FnOnce(&str) -> Arc<Upstream>,
-    ) -> Arc<Upstream> {
-        if let Some(u) = self.get(name) {
-            return u;
+    ) -> Result<Arc<Upstream>, Full> {
+        let up = match self.get(name) {
+            Some(u) => u,
+            None => {
+                let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+                match map.get(name) {
+                    Some(u) => u.clone(),
+                    None if !pinned && self.evictable(&map) >= self.max => return Err(Full),
+                    None => map
+                        .entry(name.to_string())
+                        .or_insert_with(|| start(name))
+                        .clone(),
+                }
+            }
+        };
+        if pinned {
+            up.pinned.store(true, Ordering::Relaxed);
         }
+        up.touch();
+        Ok(up)
+    }
+
+    fn evictable(&self, map: &HashMap<String, Arc<Upstream>>) -> usize {
+        map.values()
+            .filter(|u| !u.pinned.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// How many upstreams are held.
+    pub fn len(&self) -> usize {
+        self.map.read().map(|m| m.len()).unwrap_or_default()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Evicts the upstreams not used, and with nothing in flight, for
+    /// `idle` as of `now`; returns them, closed (their discovery watches and
+    /// health checks end). Called every fraction of `idle`, so an upstream
+    /// goes between `idle` and a little more after its last use. A request
+    /// that took one just before it went keeps it until it ends.
+    pub fn sweep(&self, now: Instant, idle: Duration) -> Vec<Arc<Upstream>> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let quiet: Vec<String> = self
+            .all()
+            .into_iter()
+            .filter(|u| !u.pinned.load(Ordering::Relaxed))
+            .filter_map(|u| {
+                let last = seen.entry(u.name.clone()).or_insert(now);
+                if u.used.swap(false, Ordering::Relaxed) || u.busy() {
+                    *last = now;
+                }
+                (now.saturating_duration_since(*last) >= idle).then(|| u.name.clone())
+            })
+            .collect();
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        map.entry(name.to_string())
-            .or_insert_with(|| start(name))
-            .clone()
+        let mut evicted = Vec::new();
+        for name in quiet {
+            // Taken again between the scan and the lock: it stays.
+            if map
+                .get(&name)
+                .is_some_and(|u| u.used.load(Ordering::Relaxed))
+            {
+                continue;
+            }
+            if let Some(up) = map.remove(&name) {
+                up.closed.send_replace(true);
+                evicted.push(up);
+            }
+        }
+        seen.retain(|name, _| map.contains_key(name));
+        evicted
     }
 
     /// All upstreams, sorted by name.
@@ -893,5 +1039,62 @@ mod tests {
         let mut again = std::pin::pin!(a.leaving());
         u.apply(Origin::Mesh, Update::Add(vec![d("b", 2, false)]));
         assert!(again.as_mut().now_or_never().is_none());
+    }
+
+    fn named(name: &str) -> Arc<Upstream> {
+        let metrics = ProxyMetrics::register(&mut prometheus_client::registry::Registry::default());
+        Upstream::new(
+            name,
+            Kind::RoundRobin,
+            Origin::Mesh,
+            Defaults::default(),
+            metrics,
+            None,
+        )
+    }
+
+    #[test]
+    fn upstreams_are_capped_and_unused_ones_evicted_but_never_pinned_or_busy_ones() {
+        let ups = Upstreams::new(2);
+        let idle = Duration::from_secs(10);
+        let at = |s: u64| Instant::now() + Duration::from_secs(s);
+        let t0 = at(0);
+        let own = ups.get_or_start("own", true, named).expect("pinned");
+        let a = ups.get_or_start("a", false, named).expect("a fits");
+        let b = ups.get_or_start("b", false, named).expect("b fits");
+        // The pinned one does not count against the cap.
+        assert_eq!(ups.get_or_start("c", false, named).err(), Some(Full));
+        assert_eq!(ups.len(), 3);
+
+        assert!(ups.sweep(t0, idle).is_empty(), "just used");
+        // `a` is used again; `b` has a request in flight.
+        let t6 = t0 + Duration::from_secs(6);
+        ups.get_or_start("a", false, named).expect("known");
+        let in_flight = b.breakers.requests.try_acquire(None).expect("slot");
+        assert!(ups.sweep(t6, idle).is_empty());
+        let t11 = t0 + Duration::from_secs(11);
+        assert!(ups.sweep(t11, idle).is_empty(), "a used at 6, b busy");
+        drop(in_flight);
+        let t17 = t0 + Duration::from_secs(17);
+        let gone: Vec<_> = ups
+            .sweep(t17, idle)
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
+        assert_eq!(gone, ["a"], "unused since 6");
+        assert!(*a.closed.borrow(), "its discovery stops");
+        let gone: Vec<_> = ups
+            .sweep(t17 + idle, idle)
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
+        assert_eq!(gone, ["b"], "unused since its request ended at 11");
+        assert!(ups.sweep(at(3600), idle).is_empty(), "own is pinned");
+        assert!(!*own.closed.borrow());
+        assert_eq!(ups.len(), 1);
+        // Room again: a new name starts, and an evicted one starts afresh.
+        let a2 = ups.get_or_start("a", false, named).expect("room");
+        assert!(!Arc::ptr_eq(&a, &a2));
+        ups.get_or_start("c", false, named).expect("room");
     }
 }

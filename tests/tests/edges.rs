@@ -661,3 +661,118 @@ async fn a_full_listener_holds_new_clients_until_one_leaves() -> Result<()> {
     })
     .await
 }
+
+/// A value of `name` in `p`'s metrics (0 when absent).
+async fn sidecar_metric(p: &Process, name: &str) -> Result<f64> {
+    let (_, text) = admin_get(p, "/metrics").await?;
+    Ok(metric(&text, name).unwrap_or(0.0))
+}
+
+#[tokio::test]
+async fn hosts_past_the_upstream_cap_are_refused_and_unused_upstreams_are_evicted() -> Result<()> {
+    use wayfinder_proto::v1::registry_client::RegistryClient;
+    use wayfinder_proto::v1::{Health, Instance, RegisterRequest};
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let (_app, app) = lab_app("any")?;
+        // 40 services in the catalog, each one static endpoint on the app.
+        let mut reg = RegistryClient::new(cp.channel().await?);
+        for i in 0..40 {
+            reg.register(RegisterRequest {
+                instance: Some(Instance {
+                    service: format!("svc-{i}"),
+                    instance_id: format!("svc-{i}-1"),
+                    address: app.ip().to_string(),
+                    port: app.port().into(),
+                    ..Default::default()
+                }),
+                static_endpoint: true,
+                initial_health: Health::Serving as i32,
+                ..Default::default()
+            })
+            .await?;
+        }
+        let (sidecar, _, outbound) = client(
+            &cp,
+            &["--max-upstreams", "30", "--upstream-idle-timeout", "2s"],
+        )?;
+        // The sidecar's own watches (its listener's service, the catalog),
+        // once they are open.
+        let watchers_before = loop {
+            let w = cp_metric(&cp, "wayfinder_control_watchers").await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if w >= 1.0 && w == cp_metric(&cp, "wayfinder_control_watchers").await? {
+                break w;
+            }
+        };
+        for i in 0..30 {
+            let (status, _, _) =
+                http_request(outbound, "GET", "/", &format!("svc-{i}"), "").await?;
+            assert_eq!(status, 200, "svc-{i}");
+        }
+        // The 31st Host would be one more upstream than the cap.
+        let head = raw_head(
+            outbound,
+            b"GET / HTTP/1.1\r\nHost: svc-30\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+        assert!(head.contains("x-wayfinder-error: upstream-limit"), "{head}");
+        // 30 Host-routed upstreams and the pinned `web` listener's.
+        assert_eq!(
+            sidecar_metric(&sidecar, "wayfinder_proxy_upstreams").await?,
+            31.0
+        );
+        assert_eq!(
+            cp_metric(&cp, "wayfinder_control_watchers").await? - watchers_before,
+            30.0
+        );
+        let (_, text) = admin_get(&sidecar, "/metrics").await?;
+        assert!(text.contains("upstream=\"svc-7\""), "series while in use");
+
+        // Unused for the idle timeout: evicted, their watches closed on
+        // wf-control, their series gone; the listener's upstream stays.
+        let evicted = async {
+            loop {
+                if sidecar_metric(&sidecar, "wayfinder_proxy_upstreams").await? == 1.0 {
+                    return anyhow::Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(8), evicted)
+            .await
+            .context("upstreams not evicted within 8 s of an idle timeout of 2 s")??;
+        assert_eq!(
+            sidecar_metric(&sidecar, "wayfinder_proxy_upstreams_evicted_total").await?,
+            30.0
+        );
+        let (_, text) = admin_get(&sidecar, "/metrics").await?;
+        assert!(
+            !text.contains("upstream=\"svc-7\""),
+            "series of an evicted upstream"
+        );
+        let closed = async {
+            while cp_metric(&cp, "wayfinder_control_watchers").await? != watchers_before {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(Duration::from_secs(3), closed)
+            .await
+            .context("the evicted upstreams' watches stayed open on wf-control")??;
+        // Room again, for a new name and for an evicted one.
+        for host in ["svc-30", "svc-0"] {
+            let (status, _, _) = http_request(outbound, "GET", "/", host, "").await?;
+            assert_eq!(status, 200, "{host}");
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// A value of `name` in wf-control's metrics.
+async fn cp_metric(cp: &ControlPlane, name: &str) -> Result<f64> {
+    let (_, text) = cp.get("/metrics").await?;
+    metric(&text, name).with_context(|| format!("no {name} in wf-control's metrics"))
+}

@@ -91,8 +91,8 @@ pub async fn run(
             Ok(answer) => {
                 attempt = 0;
                 negative = 0;
-                let local = answer.iter().filter(|ip| is_local(*ip)).count();
-                if local > 0 && !allow_local && !warned {
+                let (eps, local) = endpoints(answer.iter(), port, allow_local);
+                if local > 0 && !warned {
                     warned = true;
                     tracing::warn!(
                         service = upstream.name(),
@@ -100,23 +100,6 @@ pub async fn run(
                         "DNS answer names loopback or link-local addresses: not used (--dns-allow-local allows them)"
                     );
                 }
-                let mut eps: Vec<_> = answer
-                    .iter()
-                    .filter(|ip| allow_local || !is_local(*ip))
-                    .map(|ip| {
-                        let addr = SocketAddr::new(ip, port);
-                        Discovered {
-                            id: addr.to_string(),
-                            addr,
-                            weight: 100,
-                            meshed: false,
-                            healthy: true,
-                        }
-                    })
-                    .collect();
-                // Servers rotate or shuffle their answers (Docker's does):
-                // the same set must be the same update.
-                eps.sort_by_key(|e| e.addr);
                 upstream.apply(
                     Origin::Dns,
                     if eps.is_empty() {
@@ -146,6 +129,38 @@ pub async fn run(
     }
 }
 
+/// The endpoints an answer's addresses make on `port`, sorted by address,
+/// and how many local addresses ([`is_local`]) were left out (none when
+/// `allow_local`).
+pub fn endpoints(
+    answer: impl Iterator<Item = IpAddr>,
+    port: u16,
+    allow_local: bool,
+) -> (Vec<Discovered>, usize) {
+    let mut local = 0;
+    let mut eps: Vec<_> = answer
+        .filter(|ip| {
+            let dropped = !allow_local && is_local(*ip);
+            local += usize::from(dropped);
+            !dropped
+        })
+        .map(|ip| {
+            let addr = SocketAddr::new(ip, port);
+            Discovered {
+                id: addr.to_string(),
+                addr,
+                weight: 100,
+                meshed: false,
+                healthy: true,
+            }
+        })
+        .collect();
+    // Servers rotate or shuffle their answers (Docker's does): the same set
+    // must be the same update.
+    eps.sort_by_key(|e| e.addr);
+    (eps, local)
+}
+
 /// The wait after the `n`th negative answer in a row (n >= 1).
 fn negative_wait(n: u32) -> Duration {
     MIN_REFRESH
@@ -162,6 +177,18 @@ mod tests {
         let waits: Vec<u64> = (1..=7).map(|n| negative_wait(n).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 8, 8, 8]);
         assert_eq!(negative_wait(u32::MAX), NEGATIVE_MAX_REFRESH);
+    }
+
+    #[test]
+    fn answers_become_sorted_endpoints_without_local_addresses() {
+        let ips = ["10.0.0.9", "127.0.0.1", "10.0.0.2", "169.254.169.254"]
+            .map(|ip| ip.parse::<IpAddr>().expect("ip"));
+        let (eps, local) = endpoints(ips.into_iter(), 80, false);
+        let addrs: Vec<String> = eps.iter().map(|e| e.id.clone()).collect();
+        assert_eq!(addrs, ["10.0.0.2:80", "10.0.0.9:80"]);
+        assert_eq!(local, 2);
+        let (eps, local) = endpoints(ips.into_iter(), 80, true);
+        assert_eq!((eps.len(), local), (4, 0), "--dns-allow-local keeps them");
     }
 
     #[test]

@@ -26,6 +26,17 @@ pub trait Sink: Send + Sync + 'static {
     fn set_policy(&self, policy: Option<ServicePolicy>);
     /// Completes once the service's endpoints come from `origin`.
     fn wait_origin(&self, origin: Origin) -> impl std::future::Future<Output = ()> + Send;
+    /// Completes once the service is no longer wanted (evicted): its
+    /// sources stop, and the control plane's watch closes.
+    fn closed(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// Runs `source` for `sink` until it ends or the sink is closed.
+pub async fn until_closed(sink: Arc<impl Sink>, source: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = sink.closed() => {}
+        () = source => {}
+    }
 }
 
 /// Where and how upstreams find their endpoints.
@@ -53,22 +64,23 @@ impl Sources {
     /// carries the policy) and DNS, which idles until the upstream's
     /// endpoints come from DNS.
     pub fn start(&self, up: &Arc<impl Sink>) {
-        tokio::spawn(mesh::run(
-            self.control_plane.clone(),
+        tokio::spawn(until_closed(
             up.clone(),
-            self.node.clone(),
-            self.identity.clone(),
+            mesh::run(
+                self.control_plane.clone(),
+                up.clone(),
+                self.node.clone(),
+                self.identity.clone(),
+            ),
         ));
         let port = self
             .dns_ports
             .get(up.name())
             .copied()
             .unwrap_or(self.default_dns_port);
-        tokio::spawn(dns::run(
-            self.dns.clone(),
+        tokio::spawn(until_closed(
             up.clone(),
-            port,
-            self.dns_allow_local,
+            dns::run(self.dns.clone(), up.clone(), port, self.dns_allow_local),
         ));
     }
 }

@@ -60,7 +60,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// `uri` with its path replaced (its query kept).
-pub(crate) fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+pub fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
@@ -165,7 +165,7 @@ impl Head {
     /// The request for one attempt on `ep`: HTTP/2 to sidecars (marking an
     /// HTTP/1 request so the far side restores it) and to HTTP/2 clients'
     /// endpoints, HTTP/1.1 otherwise.
-    pub(crate) fn request(
+    pub fn request(
         &self,
         body: ReplayBody,
         ep: &EndpointStats,

@@ -32,7 +32,7 @@ use crate::resilience::retry::{self, Outcome};
 use crate::settings::Settings;
 use crate::state::{DISCOVERY_WAIT, Proxy};
 use crate::telemetry;
-use crate::upstream::{Active, Clients, HashKey, Upstream};
+use crate::upstream::{Active, Clients, Full, HashKey, Upstream};
 
 /// Balances `req` over `service` (or the service its Host names).
 pub async fn serve(
@@ -68,7 +68,10 @@ pub async fn serve(
         path,
         req.headers(),
     );
-    let up = proxy.upstream(&name);
+    let up = match proxy.upstream(&name) {
+        Ok(up) => up,
+        Err(Full) => return observe::refuse(&proxy, Refusal::TooManyUpstreams, grpc, client),
+    };
     let call = Call {
         proxy: &proxy,
         up: &up,
@@ -101,7 +104,7 @@ async fn service_named(proxy: &Proxy, req: &Request<Incoming>) -> Result<Arc<str
 }
 
 /// The service a Host / `:authority` names: the host part, without port.
-pub fn service_from_authority(req: &Request<Incoming>) -> Result<Option<String>, Refusal> {
+pub fn service_from_authority<B>(req: &Request<B>) -> Result<Option<String>, Refusal> {
     let from_uri = req.uri().authority().map(|a| a.host().to_ascii_lowercase());
     let from_header = req
         .headers()

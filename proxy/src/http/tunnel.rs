@@ -43,7 +43,9 @@ pub async fn serve(
             }
         }
     };
-    let up = proxy.upstream(&name);
+    let Ok(up) = proxy.upstream(&name) else {
+        return refuse(&proxy, Refusal::TooManyUpstreams, false, client);
+    };
     up.wait_ready(DISCOVERY_WAIT).await;
     if !up.active().settings.tunnels {
         return refuse(&proxy, Refusal::Tunnel, false, client);

@@ -75,6 +75,9 @@ pub enum Overflow {
 }
 
 impl Overflow {
+    /// Every limit (to remove a service's series).
+    pub const ALL: [Overflow; 3] = [Overflow::Requests, Overflow::Pending, Overflow::Retries];
+
     /// Metric label.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -90,22 +90,32 @@ pub async fn peek_host(stream: &TcpStream, window: Duration) -> Peeked {
             return Peeked::NoHost;
         }
         seen = true;
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..n]) {
-            Ok(httparse::Status::Complete(_)) => {
-                return host_of(req.headers).map_or(Peeked::NoHost, Peeked::Host);
-            }
-            // Not HTTP/1 after all, or too many headers: no Host to go by.
-            Err(_) => return Peeked::NoHost,
-            Ok(httparse::Status::Partial) if n == buf.len() => return Peeked::NoHost,
-            Ok(httparse::Status::Partial) => {
+        match host_in(&buf[..n]) {
+            Some(peeked) => return peeked,
+            None if n == buf.len() => return Peeked::NoHost,
+            None => {
                 if tokio::time::Instant::now() >= deadline {
                     return Peeked::NoHost;
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
+    }
+}
+
+/// What the first bytes of a connection say of its Host: [`Peeked::Host`]
+/// or [`Peeked::NoHost`] once they hold a whole HTTP/1 request head (or
+/// are not one), `None` while the head is incomplete.
+pub fn host_in(first: &[u8]) -> Option<Peeked> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(first) {
+        Ok(httparse::Status::Complete(_)) => {
+            Some(host_of(req.headers).map_or(Peeked::NoHost, Peeked::Host))
+        }
+        // Not HTTP/1 after all, or too many headers: no Host to go by.
+        Err(_) => Some(Peeked::NoHost),
+        Ok(httparse::Status::Partial) => None,
     }
 }
 
