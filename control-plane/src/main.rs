@@ -16,7 +16,7 @@ use wayfinder_control::grpc::identity::{IdentityService, JoinToken};
 use wayfinder_control::grpc::telemetry::TelemetryService;
 use wayfinder_control::grpc::transport::{Tls, incoming};
 use wayfinder_control::grpc::{
-    TRANSPORT_LIMIT, admin::AdminService, discovery, registry::RegistryService,
+    TRANSPORT_LIMIT, admin::AdminService, discovery, registry::RegistryService, serve,
 };
 use wayfinder_control::registry::{LeaseConfig, Registry, RegistryMetrics};
 use wayfinder_control::store::{
@@ -67,6 +67,17 @@ struct Args {
         default_value_t = 1024
     )]
     max_streams_per_connection: u32,
+    /// gRPC connections served at once; more wait in the kernel's accept
+    /// queue (a sidecar holds one).
+    #[arg(long, env = "WAYFINDER_MAX_GRPC_CONNECTIONS", default_value_t = 10_000)]
+    max_grpc_connections: usize,
+    /// How long a gRPC connection may go without a call in flight (a watch
+    /// is in flight while it streams) before it is sent GOAWAY.
+    #[arg(long, env = "WAYFINDER_GRPC_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    grpc_idle_timeout: Duration,
+    /// How long a new gRPC connection may take to start its first call.
+    #[arg(long, env = "WAYFINDER_GRPC_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    grpc_header_timeout: Duration,
     /// How long an HTTP client (dashboard, metrics) may take to send a
     /// request's headers, and an HTTP connection may sit idle.
     #[arg(long, env = "WAYFINDER_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -268,6 +279,7 @@ async fn run(args: Args) -> Result<()> {
         ))
     };
     let watch_metrics = discovery::WatchMetrics::register(&mut prom);
+    let conn_metrics = serve::ConnMetrics::register(&mut prom);
 
     // Bind both ports before serving so a taken port is a clear start-up error.
     let grpc = TcpListener::bind(args.grpc)
@@ -311,53 +323,62 @@ async fn run(args: Args) -> Result<()> {
         format!("sha256:{hex}")
     };
     tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = !args.insecure, ca = %ca_dir.display(), ca_pin = %pin, "wf-control serving");
-    let mut grpc_stop = stop_rx;
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        // One caller's connection cannot open streams (watches) without end.
-        .max_concurrent_streams(Some(args.max_streams_per_connection))
-        .add_service(
-            RegistryServer::new(RegistryService::new(
-                backend.clone(),
-                registry.clone(),
-                guard.clone(),
-            ))
+    let grpc_stop = stop_rx;
+    let routes = tonic::service::Routes::new(
+        RegistryServer::new(RegistryService::new(
+            backend.clone(),
+            registry.clone(),
+            guard.clone(),
+        ))
+        .max_decoding_message_size(TRANSPORT_LIMIT),
+    )
+    .add_service(
+        DiscoveryServer::new(discovery::DiscoveryService::new(
+            registry.clone(),
+            watch_metrics,
+            guard.clone(),
+        ))
+        .max_decoding_message_size(TRANSPORT_LIMIT),
+    )
+    .add_service(
+        AdminServer::new(AdminService::new(
+            registry.clone(),
+            backend.clone(),
+            guard.clone(),
+        ))
+        .max_decoding_message_size(TRANSPORT_LIMIT),
+    )
+    .add_service(
+        TelemetryServer::new(TelemetryService::new(traffic, guard.clone()))
             .max_decoding_message_size(TRANSPORT_LIMIT),
+    )
+    .add_service(IdentityServer::new(identity).max_decoding_message_size(TRANSPORT_LIMIT))
+    .add_service(
+        wayfinder_proto::v1::catalog_server::CatalogServer::new(
+            wayfinder_control::grpc::catalog::CatalogService::new(registry.clone(), guard),
         )
-        .add_service(
-            DiscoveryServer::new(discovery::DiscoveryService::new(
-                registry.clone(),
-                watch_metrics,
-                guard.clone(),
-            ))
-            .max_decoding_message_size(TRANSPORT_LIMIT),
-        )
-        .add_service(
-            AdminServer::new(AdminService::new(
-                registry.clone(),
-                backend.clone(),
-                guard.clone(),
-            ))
-            .max_decoding_message_size(TRANSPORT_LIMIT),
-        )
-        .add_service(
-            TelemetryServer::new(TelemetryService::new(traffic, guard.clone()))
-                .max_decoding_message_size(TRANSPORT_LIMIT),
-        )
-        .add_service(IdentityServer::new(identity).max_decoding_message_size(TRANSPORT_LIMIT))
-        .add_service(
-            wayfinder_proto::v1::catalog_server::CatalogServer::new(
-                wayfinder_control::grpc::catalog::CatalogService::new(registry.clone(), guard),
-            )
-            .max_decoding_message_size(TRANSPORT_LIMIT),
-        )
-        .serve_with_incoming_shutdown(incoming(grpc, tls), async move {
-            let _ = grpc_stop.wait_for(|s| *s).await;
-        });
+        .max_decoding_message_size(TRANSPORT_LIMIT),
+    );
+    let server = serve::serve(
+        routes,
+        incoming(
+            grpc,
+            tls,
+            args.max_grpc_connections,
+            conn_metrics.full.clone(),
+        ),
+        serve::GrpcBounds {
+            // One caller's connection cannot open streams (watches) without end.
+            max_streams: args.max_streams_per_connection,
+            idle: args.grpc_idle_timeout,
+            first_request: args.grpc_header_timeout,
+        },
+        conn_metrics,
+        grpc_stop,
+    );
     tokio::pin!(server);
     tokio::select! {
-        r = &mut server => r.context("gRPC server failed")?,
+        () = &mut server => anyhow::bail!("the gRPC server stopped"),
         () = shutdown => {
             tracing::info!("shutting down");
             let _ = stop_tx.send(true);

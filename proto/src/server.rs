@@ -82,7 +82,7 @@ pub struct HttpBounds {
 
 /// Resolves once `stop` turns true (without holding the watch's lock);
 /// never, if its sender is gone without saying so.
-async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     if stop.wait_for(|s| *s).await.is_err() {
         std::future::pending::<()>().await;
     }
@@ -148,10 +148,167 @@ pub async fn serve_http(
     }
 }
 
+/// Requests in flight on one HTTP/2 connection, and when the last one
+/// ended: the connection is asked to close (GOAWAY; streams still open
+/// finish) once idle for the idle timeout, or when it has not started a
+/// request within the first-request timeout (a client that connects and
+/// never asks).
+#[derive(Debug)]
+pub struct Activity {
+    born: tokio::time::Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// When the last request ended, in milliseconds after `born`;
+    /// [`Activity::NONE_YET`] until one has.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A request in flight; dropping it ends the request.
+#[derive(Debug)]
+pub struct Busy(std::sync::Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let ms = u64::try_from(self.0.born.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .min(u64::MAX - 1);
+        self.0.last_ms.store(ms, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Activity {
+    const NONE_YET: u64 = u64::MAX;
+
+    /// A connection accepted now.
+    pub fn new() -> Self {
+        Self {
+            born: tokio::time::Instant::now(),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            last_ms: std::sync::atomic::AtomicU64::new(Self::NONE_YET),
+        }
+    }
+
+    /// Whether the connection ever started a request. One that never did
+    /// is dropped when found idle, not sent GOAWAY: hyper's graceful close
+    /// waits for a handshake such a client may never finish.
+    pub fn asked(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.last_ms.load(Ordering::Relaxed) != Self::NONE_YET
+            || self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Marks a request started; it ends when the guard is dropped.
+    pub fn start(self: &std::sync::Arc<Self>) -> Busy {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request has been in flight for `idle`, or, when
+    /// none has started yet, `first` after the connection was accepted.
+    pub async fn idle_for(&self, idle: std::time::Duration, first: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let last = self.last_ms.load(Ordering::Relaxed);
+            let (since, limit) = if last == Self::NONE_YET {
+                (self.born, first)
+            } else {
+                (self.born + std::time::Duration::from_millis(last), idle)
+            };
+            let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
+                idle
+            } else {
+                match (since + limit).checked_duration_since(tokio::time::Instant::now()) {
+                    None => return,
+                    Some(left) if left.is_zero() => return,
+                    Some(left) => left,
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// How long a connection sent GOAWAY for being idle may take to finish a
+/// request that crossed the GOAWAY, before it is dropped.
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A response body that keeps its request counted in flight until it
+/// ends: a server-streaming call (a watch) is busy for as long as it
+/// streams, not only until its headers.
+#[derive(Debug)]
+pub struct Tracked<B> {
+    body: B,
+    _busy: Busy,
+}
+
+impl<B> Tracked<B> {
+    /// `body`, counted in flight until dropped.
+    pub fn new(body: B, busy: Busy) -> Self {
+        Self { body, _busy: busy }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::log_filter;
+    use super::{Activity, log_filter};
+    use std::sync::Arc;
+    use std::time::Duration;
     use tracing::Level;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_after_its_last_request_or_silent_after_the_first_limit() {
+        let (idle, first) = (Duration::from_secs(60), Duration::from_secs(10));
+        let start = tokio::time::Instant::now();
+        // Never asks: closed at the first-request limit.
+        Activity::new().idle_for(idle, first).await;
+        assert_eq!(start.elapsed(), first);
+
+        let a = Arc::new(Activity::new());
+        let busy = a.start();
+        let ends = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                a.idle_for(idle, first).await;
+                tokio::time::Instant::now()
+            })
+        };
+        // A request in flight for 100 s (a stream) keeps it open...
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let ended_at = tokio::time::Instant::now();
+        drop(busy);
+        // ...and it closes `idle` after the request ended.
+        let closed = ends.await.expect("task");
+        assert!(closed >= ended_at + idle, "{:?}", closed - start);
+        assert!(closed <= ended_at + idle + idle, "{:?}", closed - start);
+    }
 
     #[test]
     fn log_filters_parse_levels_and_targets() {

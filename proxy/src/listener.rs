@@ -24,6 +24,7 @@ use crate::metrics::{Direction, DirectionLabels, TimeoutKind};
 use crate::opaque::{Server, connect_direct, passthrough, relay};
 use crate::settings::DEFAULT_HEADER_READ;
 use crate::state::Proxy;
+use wayfinder_proto::server::{Activity, CLOSE_GRACE};
 
 /// What a listener is for.
 #[derive(Clone, Debug)]
@@ -473,10 +474,20 @@ async fn serve_http<S>(
         // On the heap, so a task holds only the protocol it speaks.
         let mut conn = Box::pin(conn);
         let idle = match &activity {
-            Some(a) => Either::Left(a.idle_for(proxy.h2_idle_timeout())),
+            Some(a) => Either::Left(a.idle_for(
+                proxy.h2_idle_timeout(),
+                DEFAULT_HEADER_READ.min(proxy.h2_idle_timeout()),
+            )),
             None => Either::Right(std::future::pending()),
         };
-        until_shutdown(conn.as_mut(), |c| c.graceful_shutdown(), shutdown, idle).await
+        until_shutdown(
+            conn.as_mut(),
+            |c| c.graceful_shutdown(),
+            shutdown,
+            idle,
+            activity.clone(),
+        )
+        .await
     } else {
         // A listener for one service takes that service's header read
         // timeout (as of this connection); others the default.
@@ -502,6 +513,7 @@ async fn serve_http<S>(
             |c| c.graceful_shutdown(),
             shutdown,
             std::future::pending(),
+            None,
         )
         .await
     };
@@ -524,6 +536,7 @@ async fn until_shutdown<F>(
     graceful: fn(Pin<&mut F>),
     mut shutdown: watch::Receiver<bool>,
     idle: impl Future<Output = ()>,
+    activity: Option<Arc<Activity>>,
 ) -> hyper::Result<()>
 where
     F: Future<Output = hyper::Result<()>>,
@@ -535,61 +548,11 @@ where
             conn.await
         }
         () = idle => {
+            if !activity.is_some_and(|a| a.asked()) {
+                return Ok(());
+            }
             graceful(conn.as_mut());
-            conn.await
-        }
-    }
-}
-
-/// Requests in flight on one HTTP/2 connection, and when the last one
-/// ended: the connection is asked to close (GOAWAY; streams still open
-/// finish) once it has been idle for the idle timeout.
-struct Activity {
-    born: tokio::time::Instant,
-    in_flight: AtomicUsize,
-    /// When the last request ended, in milliseconds after `born`.
-    last_ms: std::sync::atomic::AtomicU64,
-}
-
-/// A request in flight; dropping it ends the request.
-struct Busy(Arc<Activity>);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let ms = u64::try_from(self.0.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.0.last_ms.store(ms, Ordering::Relaxed);
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            born: tokio::time::Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            last_ms: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn start(self: &Arc<Self>) -> Busy {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Busy(self.clone())
-    }
-
-    /// Resolves once no request has been in flight for `limit`.
-    async fn idle_for(&self, limit: Duration) {
-        loop {
-            let last = self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
-                limit
-            } else {
-                match (last + limit).checked_duration_since(tokio::time::Instant::now()) {
-                    None => return,
-                    Some(left) if left.is_zero() => return,
-                    Some(left) => left,
-                }
-            };
-            tokio::time::sleep(wait).await;
+            tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
         }
     }
 }

@@ -776,3 +776,89 @@ async fn cp_metric(cp: &ControlPlane, name: &str) -> Result<f64> {
     let (_, text) = cp.get("/metrics").await?;
     metric(&text, name).with_context(|| format!("no {name} in wf-control's metrics"))
 }
+
+#[tokio::test]
+async fn grpc_connections_are_capped_and_silent_or_idle_ones_closed_but_watches_kept() -> Result<()> {
+    use wayfinder_proto::v1::discovery_client::DiscoveryClient;
+    use wayfinder_proto::v1::registry_client::RegistryClient;
+    use wayfinder_proto::v1::{
+        Health, Instance, RegisterRequest, ServiceWatch, WatchRequest, watch_event,
+    };
+    bounded(async {
+        let cp = ControlPlane::start(&[
+            "--max-grpc-connections",
+            "3",
+            "--grpc-header-timeout",
+            "1s",
+            "--grpc-idle-timeout",
+            "1s",
+        ])?;
+        let grpc: SocketAddr = cp.url().trim_start_matches("http://").parse()?;
+        // A watch: in flight as long as it streams, so its connection stays.
+        let mut watch = DiscoveryClient::new(cp.channel().await?)
+            .watch(WatchRequest {
+                services: vec![ServiceWatch {
+                    name: "db".into(),
+                    last_version: 0,
+                }],
+                node: "edges".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        watch.message().await?.context("first snapshot")?;
+        // Two silent sockets fill the port (the watch holds the third slot).
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            silent.push(tokio::net::TcpStream::connect(grpc).await?);
+        }
+        // A call now waits in the accept queue until the silent sockets
+        // are closed at the first-request timeout.
+        let started = std::time::Instant::now();
+        let mut reg = RegistryClient::new(cp.channel().await?);
+        reg.register(RegisterRequest {
+            instance: Some(Instance {
+                service: "db".into(),
+                instance_id: "db-1".into(),
+                address: "127.0.0.1".into(),
+                port: 5432,
+                ..Default::default()
+            }),
+            static_endpoint: true,
+            initial_health: Health::Serving as i32,
+            ..Default::default()
+        })
+        .await?;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(700),
+            "a call got through a full port in {waited:?}"
+        );
+        for mut s in silent {
+            // The server's SETTINGS, its GOAWAY, then the end.
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
+                .await
+                .context("a silent connection was left open")?;
+        }
+        assert!(cp_metric(&cp, "wayfinder_control_grpc_listener_full_total").await? >= 1.0);
+        // The registration's connection idles out; the watch's does not:
+        // the change still reaches it well after the idle timeout.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(cp_metric(&cp, "wayfinder_control_grpc_idle_closed_total").await? >= 3.0);
+        let event = tokio::time::timeout(Duration::from_secs(3), watch.message())
+            .await
+            .context("the watch went quiet")??
+            .context("the watch ended")?;
+        let added = match event.kind {
+            Some(watch_event::Kind::Delta(d)) => d.added.len(),
+            Some(watch_event::Kind::Snapshot(s)) => s.endpoints.len(),
+            None => 0,
+        };
+        assert_eq!(added, 1, "db-1 reached the watch");
+        // The watch's connection is all that is left.
+        assert_eq!(cp_metric(&cp, "wayfinder_control_grpc_connections").await?, 1.0);
+        Ok(())
+    })
+    .await
+}

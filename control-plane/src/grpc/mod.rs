@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod discovery;
 pub mod identity;
 pub mod registry;
+pub mod serve;
 pub mod telemetry;
 pub mod transport;
 

@@ -19,7 +19,6 @@ use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
-use tonic::transport::server::Connected;
 
 use super::auth::{Caller, Peer};
 use crate::registry::Registry;
@@ -30,22 +29,17 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// once (a flood of slow handshakes must not pile up tasks).
 pub const MAX_HANDSHAKES: usize = 256;
 
-/// One accepted connection.
+/// One accepted connection, holding its slot under the connection cap.
 pub struct Conn {
     io: Io,
-    peer: Peer,
+    /// Who is calling, put in every request's extensions.
+    pub peer: Peer,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 enum Io {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl Connected for Conn {
-    type ConnectInfo = Peer;
-    fn connect_info(&self) -> Peer {
-        self.peer.clone()
-    }
 }
 
 impl AsyncRead for Conn {
@@ -175,7 +169,12 @@ impl Tls {
         Ok(cfg)
     }
 
-    async fn handshake(&self, tcp: TcpStream, addr: SocketAddr) -> io::Result<Conn> {
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> io::Result<Conn> {
         let cfg = self.config().map_err(io::Error::other)?;
         let tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
@@ -196,6 +195,7 @@ impl Tls {
                 addr: Some(addr),
                 caller: Arc::new(caller),
             },
+            _slot: slot,
         })
     }
 }
@@ -206,15 +206,30 @@ static HANDSHAKE_LOG: super::auth::LogLimit = super::auth::LogLimit::new();
 
 /// The connections of `listener`: TLS handshakes done (each in its own
 /// task, so a slow client holds up no other), or plaintext callers marked
-/// [`Caller::Unchecked`] when `tls` is `None` (`--insecure`).
+/// [`Caller::Unchecked`] when `tls` is `None` (`--insecure`). At most
+/// `max_connections` are open at once: then accepting stops (clients wait
+/// in the kernel's queue) and `full` counts it.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
+    max_connections: usize,
+    full: prometheus_client::metrics::counter::Counter,
+) -> tokio::sync::mpsc::Receiver<Conn> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     tokio::spawn(async move {
         loop {
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(s) => s,
+                Err(_) => {
+                    full.inc();
+                    match slots.clone().acquire_owned().await {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    }
+                }
+            };
             let (tcp, addr) = match listener.accept().await {
                 Ok(a) => a,
                 Err(e) => {
@@ -232,8 +247,9 @@ pub fn incoming(
                         addr: Some(addr),
                         caller: Arc::new(Caller::Unchecked),
                     },
+                    _slot: slot,
                 };
-                if tx.send(Ok(conn)).await.is_err() {
+                if tx.send(conn).await.is_err() {
                     return;
                 }
                 continue;
@@ -246,11 +262,11 @@ pub fn incoming(
             };
             let tx = tx.clone();
             tokio::spawn(async move {
-                let handshake = tls.handshake(tcp, addr).await;
+                let handshake = tls.handshake(tcp, addr, slot).await;
                 drop(permit);
                 match handshake {
                     Ok(conn) => {
-                        let _ = tx.send(Ok(conn)).await;
+                        let _ = tx.send(conn).await;
                     }
                     Err(e) if HANDSHAKE_LOG.allow() => {
                         tracing::warn!(peer = %addr, error = %e, "gRPC TLS handshake failed; connection refused");
@@ -260,5 +276,5 @@ pub fn incoming(
             });
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    rx
 }
