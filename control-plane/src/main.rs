@@ -298,6 +298,7 @@ async fn run(args: Args) -> Result<()> {
     let http_addr = http_listener.local_addr()?;
     let traffic = Arc::new(wayfinder_control::traffic::Traffic::default());
     traffic.register(&mut prom);
+    tokio::spawn(traffic.clone().prune_on_a_timer());
     let http_app = http::router(http::HttpState {
         registry: registry.clone(),
         backend: backend.clone(),

@@ -21,6 +21,10 @@ const SLOT: Duration = Duration::from_secs(1);
 /// Most edges kept at once; reports of further edges are dropped (and
 /// counted) until old ones age out.
 pub const MAX_EDGES: usize = 10_000;
+/// Most edges kept from one caller service: a sidecar holds at most 1,000
+/// upstreams by default (`--max-upstreams`), and one reporter must not
+/// take every slot of [`MAX_EDGES`] from the others.
+pub const MAX_EDGES_PER_CALLER: usize = 1_000;
 
 #[derive(Clone, Copy)]
 struct Sample {
@@ -96,7 +100,7 @@ impl Traffic {
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "wayfinder_control_traffic_edges_dropped",
-            "Traffic report edges not kept because the most edges (10,000) were",
+            "Traffic report edges not kept because the most edges (10,000 in all, 1,000 per caller service) were",
             self.dropped.clone(),
         );
     }
@@ -111,6 +115,12 @@ impl Traffic {
         {
             inner.prune(now);
         }
+        let caller = report.service.as_str();
+        let mut callers_edges = inner
+            .edges
+            .range((caller.to_string(), String::new())..)
+            .take_while(|((c, _), _)| c == caller)
+            .count();
         for e in &report.edges {
             let mut buckets = [0u64; BUCKETS];
             for (b, n) in buckets.iter_mut().zip(&e.latency_buckets) {
@@ -123,15 +133,29 @@ impl Traffic {
                 buckets,
             };
             let key = (report.service.clone(), e.callee.clone());
-            if !inner.edges.contains_key(&key) && inner.edges.len() >= MAX_EDGES {
-                self.dropped.inc();
-                continue;
+            if !inner.edges.contains_key(&key) {
+                if inner.edges.len() >= MAX_EDGES || callers_edges >= MAX_EDGES_PER_CALLER {
+                    self.dropped.inc();
+                    continue;
+                }
+                callers_edges += 1;
             }
             let samples = inner.edges.entry(key).or_default();
             match samples.back_mut() {
                 Some(last) if now.saturating_duration_since(last.at) < SLOT => last.merge(&sample),
                 _ => samples.push_back(sample),
             }
+        }
+    }
+
+    /// Prunes every [`SLOT`], so that samples age out even when no report
+    /// comes in and nobody reads the dashboard.
+    pub async fn prune_on_a_timer(self: std::sync::Arc<Self>) {
+        let mut tick = tokio::time::interval(SLOT);
+        loop {
+            tick.tick().await;
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            inner.prune(Instant::now());
         }
     }
 
@@ -250,5 +274,24 @@ mod tests {
         tokio::time::advance(WINDOW + SLOT * 2).await;
         t.record(&report("late", "web", 1, 0, 1));
         assert_eq!(t.edges().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_caller_keeps_at_most_its_share_of_edges_and_a_timer_ages_them_out() {
+        let t = std::sync::Arc::new(Traffic::default());
+        tokio::spawn(t.clone().prune_on_a_timer());
+        for i in 0..MAX_EDGES_PER_CALLER + 7 {
+            t.record(&report("greedy", &format!("s{i}"), 1, 0, 1));
+        }
+        t.record(&report("client", "web", 1, 0, 1));
+        assert_eq!(
+            t.edges().len(),
+            MAX_EDGES_PER_CALLER + 1,
+            "the other caller still counts"
+        );
+        assert_eq!(t.dropped.get(), 7);
+        // Nobody reports or reads: the timer alone empties it.
+        tokio::time::sleep(WINDOW + SLOT * 2).await;
+        assert_eq!(t.samples(), 0);
     }
 }
