@@ -40,6 +40,10 @@ pub struct EndpointStats {
     pub meshed: bool,
     in_flight: AtomicU32,
     ewma: Mutex<Ewma>,
+    /// Comparisons peak-EWMA's two choices lost in a row (see [`PROBE_AFTER`]).
+    passed_over: AtomicU32,
+    /// Picked as a probe: the next latency observed replaces the estimate.
+    probing: std::sync::atomic::AtomicBool,
     /// Passive outlier detection state.
     pub outlier: Mutex<crate::resilience::outlier::State>,
     /// `addr` as a URI authority, built once: formatting and parsing it
@@ -67,6 +71,13 @@ struct Ewma {
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// Decay time constant of the peak-EWMA estimate.
 pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Comparisons an endpoint may lose in a row before peak-EWMA picks it
+/// anyway, as a probe whose latency replaces its estimate. One latency
+/// spike (a GC pause, a busy core) otherwise kept an endpoint out of
+/// sequential traffic until its estimate decayed, tens of seconds after
+/// the spike was over; a truly slow endpoint costs about one call in
+/// 1.5 × this many (with three endpoints; fewer with more).
+pub const PROBE_AFTER: u32 = 40;
 
 impl EndpointStats {
     /// Stats for a new endpoint.
@@ -87,6 +98,8 @@ impl EndpointStats {
             weight: weight.max(1),
             meshed,
             in_flight: AtomicU32::new(0),
+            passed_over: AtomicU32::new(0),
+            probing: std::sync::atomic::AtomicBool::new(false),
             ewma: Mutex::new(Ewma {
                 cost_ns: DEFAULT_RTT.as_nanos() as f64,
                 at: Instant::now(),
@@ -119,17 +132,36 @@ impl EndpointStats {
     /// Linkerd's: the shared prior keeps one early spike from steering
     /// sequential traffic away from an endpoint for seconds.
     pub fn observe(&self, rtt: Duration, now: Instant) {
+        let probe = self.probing.swap(false, Ordering::Relaxed);
         let mut e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
         let rtt = rtt.as_nanos() as f64;
         let w = decay(now.saturating_duration_since(e.at));
         let decayed = e.cost_ns * w;
-        e.cost_ns = if rtt > decayed {
+        e.cost_ns = if rtt > decayed || probe {
             rtt
         } else {
             decayed + rtt * (1.0 - w)
         };
         e.at = now;
         e.measured = true;
+    }
+
+    /// Counts a lost comparison; true when it was the [`PROBE_AFTER`]th in
+    /// a row, and the endpoint is to be picked as a probe instead.
+    pub(crate) fn passed_over(&self) -> bool {
+        if self.passed_over.fetch_add(1, Ordering::Relaxed) + 1 < PROBE_AFTER {
+            return false;
+        }
+        self.passed_over.store(0, Ordering::Relaxed);
+        self.probing.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// Counts a won comparison (a load first: most picks change nothing).
+    pub(crate) fn chosen(&self) {
+        if self.passed_over.load(Ordering::Relaxed) != 0 {
+            self.passed_over.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Completes when discovery retires the endpoint after this call (a

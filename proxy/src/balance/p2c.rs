@@ -9,8 +9,13 @@ use std::time::Instant;
 
 use super::{Balancer, EndpointStats, PickContext, Picks};
 
-/// `cost(i, rival)`: endpoint `i`'s cost when compared with `rival`.
-fn two_choices(n: usize, cost: impl Fn(usize, usize) -> f64) -> Picks {
+/// `cost(i, rival)`: endpoint `i`'s cost when compared with `rival`;
+/// `decide(winner, loser)` may overrule the comparison (a probe).
+fn two_choices(
+    n: usize,
+    cost: impl Fn(usize, usize) -> f64,
+    decide: impl Fn(usize, usize) -> usize,
+) -> Picks {
     match n {
         0 => Picks::new(0, 0),
         1 => Picks::new(0, 1),
@@ -21,12 +26,12 @@ fn two_choices(n: usize, cost: impl Fn(usize, usize) -> f64) -> Picks {
                 b += 1;
             }
             let (ca, cb) = (cost(a, b), cost(b, a));
-            let first = if ca < cb || (ca == cb && rand::random::<bool>()) {
-                a
+            let (winner, loser) = if ca < cb || (ca == cb && rand::random::<bool>()) {
+                (a, b)
             } else {
-                b
+                (b, a)
             };
-            Picks::new(first, n)
+            Picks::new(decide(winner, loser), n)
         }
     }
 }
@@ -46,9 +51,11 @@ impl LeastRequest {
 impl Balancer for LeastRequest {
     fn pick(&self, _: &PickContext) -> Picks {
         let eps = &self.endpoints;
-        two_choices(eps.len(), |i, _| {
-            (f64::from(eps[i].in_flight()) + 1.0) / f64::from(eps[i].weight)
-        })
+        two_choices(
+            eps.len(),
+            |i, _| (f64::from(eps[i].in_flight()) + 1.0) / f64::from(eps[i].weight),
+            |winner, _| winner,
+        )
     }
     fn endpoints(&self) -> &[Arc<EndpointStats>] {
         &self.endpoints
@@ -75,13 +82,26 @@ impl PeakEwma {
     /// ~30 s beside rivals answering in a millisecond, until it decayed.
     pub(crate) fn pick_at(&self, now: Instant) -> Picks {
         let eps = &self.endpoints;
-        two_choices(eps.len(), |i, rival| {
-            let rtt = eps[i]
-                .estimate_ns(now)
-                .or_else(|| eps[rival].estimate_ns(now))
-                .unwrap_or(super::DEFAULT_RTT.as_nanos() as f64);
-            rtt * (f64::from(eps[i].in_flight()) + 1.0) / f64::from(eps[i].weight)
-        })
+        two_choices(
+            eps.len(),
+            |i, rival| {
+                let rtt = eps[i]
+                    .estimate_ns(now)
+                    .or_else(|| eps[rival].estimate_ns(now))
+                    .unwrap_or(super::DEFAULT_RTT.as_nanos() as f64);
+                rtt * (f64::from(eps[i].in_flight()) + 1.0) / f64::from(eps[i].weight)
+            },
+            // An estimate is only refreshed by picking its endpoint: one
+            // that keeps losing is re-measured now and then (`PROBE_AFTER`).
+            |winner, loser| {
+                if eps[loser].passed_over() {
+                    loser
+                } else {
+                    eps[winner].chosen();
+                    winner
+                }
+            },
+        )
     }
 }
 
@@ -125,7 +145,38 @@ mod tests {
         eps[2].observe(Duration::from_millis(5), now);
         let b = PeakEwma::new(eps);
         let c = counts(&b, 3000, |_| None);
-        assert_eq!(c[0], 0, "the slow endpoint never beats a fast one: {c:?}");
+        // It loses every comparison; only probes reach it, about one pick
+        // in 1.5 × PROBE_AFTER.
+        let probes = 3000 / (super::super::PROBE_AFTER as usize * 3 / 2);
+        assert!(c[0] <= probes + probes / 2, "{c:?}");
+        assert!(c[0] >= probes / 2, "it is re-measured now and then: {c:?}");
+    }
+
+    #[test]
+    fn one_spike_keeps_an_endpoint_out_only_until_its_probe() {
+        let eps = endpoints(&[1, 1, 1]);
+        let b = PeakEwma::new(eps.clone());
+        let mut now = Instant::now();
+        for e in &eps {
+            e.observe(Duration::from_millis(2), now);
+        }
+        // One 300 ms answer from endpoint 0, then everyone answers in 2 ms.
+        eps[0].observe(Duration::from_millis(300), now);
+        let mut first_again = None;
+        for call in 0..300 {
+            let i = b.pick_at(now).next().expect("endpoints");
+            now += Duration::from_millis(2);
+            eps[i].observe(Duration::from_millis(2), now);
+            if i == 0 && first_again.is_none() {
+                first_again = Some(call);
+            }
+        }
+        let back = first_again.expect("picked again within 300 calls");
+        // Without probes it stayed out for EWMA_DECAY * ln(150) = 50 s
+        // of simulated time, far beyond these 300 calls (0.6 s).
+        assert!(back <= 100, "first picked again at call {back}");
+        let c = counts(&b, 3000, |_| None);
+        assert!(c[0] >= 600, "back in rotation after its probe: {c:?}");
     }
 
     #[test]
