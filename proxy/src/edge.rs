@@ -228,9 +228,15 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Refusal> {
                 }
                 i += 3;
             }
-            b => {
-                decoded.push(char::from(b));
-                i += 1;
+            _ => {
+                // Up to the next escape, as it is: a run may hold multi-byte
+                // characters, which are text, not one character per byte.
+                let end = bytes[i..]
+                    .iter()
+                    .position(|&b| b == b'%' || b == b'\\')
+                    .map_or(bytes.len(), |n| i + n);
+                decoded.push_str(&path[i..end]);
+                i = end;
             }
         }
     }
@@ -321,6 +327,27 @@ mod tests {
         }
         // Path parameters on ordinary segments are the app's business.
         assert_eq!(norm("/public/a;v=1/b").as_deref(), Ok("/public/a;v=1/b"));
+    }
+
+    #[test]
+    fn characters_beyond_ascii_are_kept_as_they_are() {
+        // Found by fuzz/fuzz_targets/authz_path.rs
+        // (fuzz/regressions/authz_path/): each byte of a multi-byte
+        // character was pushed as a character of its own, so `é` reached
+        // authorization and the app as `Ã©`, and again as `Ã\u{83}Â©`.
+        assert_eq!(
+            norm("/a/.wel\u{ed}knOwn/x/b/."),
+            Ok("/a/.wel\u{ed}knOwn/x/b/".into())
+        );
+        assert_eq!(norm("/caf\u{e9}/./x%41"), Ok("/caf\u{e9}/xA".into()));
+        assert_eq!(
+            norm("//\u{1f600}/%2e%2E/\u{1f600}"),
+            Ok("/\u{1f600}".into())
+        );
+        let uri: hyper::Uri = "/caf\u{e9}//men\u{fc}"
+            .parse()
+            .expect("http takes UTF-8 paths");
+        assert_eq!(norm(uri.path()), Ok("/caf\u{e9}/men\u{fc}".into()));
     }
 
     #[test]

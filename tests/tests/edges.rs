@@ -778,7 +778,8 @@ async fn cp_metric(cp: &ControlPlane, name: &str) -> Result<f64> {
 }
 
 #[tokio::test]
-async fn grpc_connections_are_capped_and_silent_or_idle_ones_closed_but_watches_kept() -> Result<()> {
+async fn grpc_connections_are_capped_and_silent_or_idle_ones_closed_but_watches_kept() -> Result<()>
+{
     use wayfinder_proto::v1::discovery_client::DiscoveryClient;
     use wayfinder_proto::v1::registry_client::RegistryClient;
     use wayfinder_proto::v1::{
@@ -857,7 +858,10 @@ async fn grpc_connections_are_capped_and_silent_or_idle_ones_closed_but_watches_
         };
         assert_eq!(added, 1, "db-1 reached the watch");
         // The watch's connection is all that is left.
-        assert_eq!(cp_metric(&cp, "wayfinder_control_grpc_connections").await?, 1.0);
+        assert_eq!(
+            cp_metric(&cp, "wayfinder_control_grpc_connections").await?,
+            1.0
+        );
         Ok(())
     })
     .await

@@ -172,7 +172,8 @@ fn holds<T>(
     Err(guard.refuse(req, rpc, "not_holder", status))
 }
 
-fn health(v: i32) -> Result<Health, Status> {
+/// The health a request names, or `InvalidArgument` for an unknown value.
+pub fn health(v: i32) -> Result<Health, Status> {
     Health::try_from(v)
         .map_err(|_| Status::invalid_argument(format!("health {v} is not a known value")))
 }

@@ -27,7 +27,8 @@ impl TelemetryService {
     }
 }
 
-fn check(r: &TrafficReport) -> Result<(), Status> {
+/// Refuses a report with an invalid service, node or edge.
+pub fn check(r: &TrafficReport) -> Result<(), Status> {
     wayfinder_proto::validate::service_name(&r.service)
         .map_err(|e| invalid(format!("service: {e}")))?;
     if r.node.is_empty() || r.node.len() > 253 {

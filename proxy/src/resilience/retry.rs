@@ -122,21 +122,24 @@ pub fn backoff(retry: u32, base: Duration, max: Duration) -> Duration {
 /// Parses gRPC's `grpc-timeout` header: up to 8 digits and a unit
 /// (`H`, `M`, `S`, `m`, `u`, `n`).
 pub fn grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
+    // Bytes, not characters: the unit is one ASCII byte, and a value
+    // ending in a multi-byte character is no timeout (nor a reason to
+    // split a `str` inside that character).
+    let (&unit, digits) = v.as_bytes().split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let (digits, unit) = v.split_at(v.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
+    // At most 8 digits: no overflow.
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
     Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
         _ => return None,
     })
 }
@@ -205,6 +208,20 @@ mod tests {
         assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(grpc_timeout("5u"), Some(Duration::from_micros(5)));
         for bad in ["", "m", "100", "123456789m", "1x", "-1S", "1.5S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            grpc_timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+    }
+
+    #[test]
+    fn a_timeout_ending_in_a_multi_byte_character_is_refused_not_a_panic() {
+        // Found by fuzz/fuzz_targets/grpc_timeout.rs
+        // (fuzz/regressions/grpc_timeout/): the parser split the value one
+        // byte before its end, inside the last character.
+        for bad in ["u'\u{8}ц", "1ц", "é", "12345678€"] {
             assert_eq!(grpc_timeout(bad), None, "{bad:?}");
         }
     }
