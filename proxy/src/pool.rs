@@ -433,7 +433,21 @@ impl Body for PoolBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        // Empty DATA frames are skipped (see `replay.rs`: relayed, each is an
+        // empty non-final frame the next peer counts as abuse).
+        let polled = loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f)))
+                    if f.data_ref().is_some_and(Bytes::is_empty) && !this.inner.is_end_stream() =>
+                {
+                    continue;
+                }
+                Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(Bytes::is_empty) => {
+                    break Poll::Ready(None);
+                }
+                other => break other,
+            }
+        };
         match &polled {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),

@@ -145,7 +145,18 @@ impl Body for ReplayBody {
             s.ended = true;
             return Poll::Ready(None);
         };
-        match Pin::new(source).poll_frame(cx) {
+        // Empty DATA frames are skipped: forwarded, each became an empty
+        // non-final frame on the next hop, and h2 (as Envoy) sends GOAWAY
+        // ENHANCE_YOUR_CALM once a connection has carried 100 of them: a
+        // gRPC client ends each call with one, so the pooled connection
+        // died every ~100 calls, failing the POSTs in flight on it.
+        let polled = loop {
+            match Pin::new(&mut *source).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(Bytes::is_empty) => continue,
+                other => break other,
+            }
+        };
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 s.ended = true;

@@ -175,3 +175,45 @@ async fn a_grpcio_server_behind_its_sidecar_answers_grpcio_through_the_mesh() ->
     .await
     .context("grpcio server through the mesh")
 }
+
+#[tokio::test]
+async fn three_hundred_grpc_calls_in_a_row_all_pass_over_one_pooled_connection() -> Result<()> {
+    use wayfinder_proto::lab::v1::{SayRequest, echo_client::EchoClient};
+    bounded(async {
+        let (_app, app) = lab_app("web-1")?;
+        let (_cp, web, caller, via) = mesh(app, "web-1").await?;
+        // tonic ends each call's request with an empty DATA frame. Relayed
+        // as an empty non-final frame, h2 on the next hop counted it as
+        // abuse and sent GOAWAY (ENHANCE_YOUR_CALM) after 100, which
+        // failed the calls in flight: gRPC calls are POSTs, not retried.
+        let channel = tonic::transport::Channel::from_shared(format!("http://{via}"))?
+            .connect()
+            .await?;
+        let mut echo = EchoClient::new(channel);
+        for i in 0..300 {
+            let reply = echo
+                .say(SayRequest {
+                    message: format!("call {i}"),
+                })
+                .await
+                .with_context(|| format!("call {i}"))?
+                .into_inner();
+            assert_eq!(
+                (reply.message, reply.instance.as_str()),
+                (format!("call {i}"), "web-1")
+            );
+        }
+        // Every call went over the sidecars' one pooled connection.
+        for (name, sidecar) in [("caller", &caller), ("web", &web)] {
+            let (_, metrics) = wayfinder_tests::mesh::admin_get(sidecar, "/metrics").await?;
+            let failed = wayfinder_tests::metric(
+                &metrics,
+                "wayfinder_proxy_requests_total{direction=\"outbound\",upstream=\"web\",status=\"5xx\"}",
+            )
+            .unwrap_or(0.0);
+            assert_eq!(failed, 0.0, "{name}");
+        }
+        Ok(())
+    })
+    .await
+}
