@@ -611,7 +611,7 @@ pub async fn http_request_within(
 pub use wayfinder_cli::lab::dns::DnsServer;
 
 /// The kernel's clock ticks per second (`getconf CLK_TCK`), 100 if unknown.
-fn clock_ticks() -> f64 {
+pub fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()

@@ -200,6 +200,20 @@ pub enum RetryOn {
 }
 
 impl RetryOn {
+    /// The condition an answer with gRPC status `code` matches, if any.
+    pub fn for_grpc_status(code: u32) -> Option<RetryOn> {
+        Some(match code {
+            1 => RetryOn::GrpcCancelled,
+            4 => RetryOn::GrpcDeadlineExceeded,
+            8 => RetryOn::GrpcResourceExhausted,
+            13 => RetryOn::GrpcInternal,
+            14 => RetryOn::GrpcUnavailable,
+            _ => return None,
+        })
+    }
+}
+
+impl RetryOn {
     /// Every condition, in declaration order.
     pub const ALL: [RetryOn; 10] = [
         Self::ConnectFailure,

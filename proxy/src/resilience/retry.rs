@@ -49,21 +49,10 @@ impl Outcome {
             (Outcome::Status(s), RetryOn::ServerError) => s.is_server_error(),
             (Outcome::Status(s), RetryOn::Unavailable503) => s == StatusCode::SERVICE_UNAVAILABLE,
             (Outcome::Status(s), RetryOn::GatewayError) => matches!(s.as_u16(), 502..=504),
-            (Outcome::Grpc(code), c) => grpc_condition(code) == Some(c),
+            (Outcome::Grpc(code), c) => RetryOn::for_grpc_status(code) == Some(c),
             _ => false,
         }
     }
-}
-
-fn grpc_condition(code: u32) -> Option<RetryOn> {
-    Some(match code {
-        1 => RetryOn::GrpcCancelled,
-        4 => RetryOn::GrpcDeadlineExceeded,
-        8 => RetryOn::GrpcResourceExhausted,
-        13 => RetryOn::GrpcInternal,
-        14 => RetryOn::GrpcUnavailable,
-        _ => return None,
-    })
 }
 
 /// Classifies a response by its status and, for gRPC, its `grpc-status`.
