@@ -589,7 +589,7 @@ fn failures_plot(run: &Run<'_>, markers: &[(f64, &str)]) -> String {
 fn shade(plot: String, x_max: f64, windows: &[(f64, f64)]) -> String {
     const BACKGROUND: &str = "fill=\"white\"/>\n";
     let (left, width, top, height) = (70.0, 630.0, 40.0, 330.0);
-    let end = round_up(x_max);
+    let end = svg::nice(x_max);
     let x = |v: f64| left + v.clamp(0.0, end) / end * width;
     let bands: String = windows
         .iter()
@@ -608,17 +608,6 @@ fn shade(plot: String, x_max: f64, windows: &[(f64, f64)]) -> String {
         }
         None => plot,
     }
-}
-
-/// `svg::series`'s axis end: the next of 1, 2, 2.5, 3, 4, 5, 6, 8 or 10
-/// times a power of ten at or above `v`.
-fn round_up(v: f64) -> f64 {
-    let p = 10f64.powf(v.max(1e-9).log10().floor());
-    [1.0, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
-        .iter()
-        .map(|m| m * p)
-        .find(|&c| c >= v)
-        .unwrap_or(10.0 * p)
 }
 
 /// Every failed call: the first [`LISTED`] in the markdown, all in a CSV.
@@ -679,14 +668,6 @@ fn every_failure(run: &Run<'_>, dir: &Path, date: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn axis_ends_are_round() {
-        assert_eq!(round_up(4.0), 4.0);
-        assert_eq!(round_up(45.0), 50.0);
-        assert_eq!(round_up(60.0), 60.0);
-        assert_eq!(round_up(61.0), 80.0);
-    }
 
     #[test]
     fn windows_are_shaded_behind_the_lines() {

@@ -91,7 +91,7 @@ pub fn cdf(title: &str, curves: &[Curve<'_>]) -> String {
 
 /// The next "round" number at or above `v` (1, 2, 4 or 5 times a power of
 /// ten), so axis ticks at quarters read well.
-fn nice(v: f64) -> f64 {
+pub fn nice(v: f64) -> f64 {
     let p = 10f64.powf(v.max(1e-9).log10().floor());
     [1.0, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
         .iter()
