@@ -866,3 +866,58 @@ async fn grpc_connections_are_capped_and_silent_or_idle_ones_closed_but_watches_
     })
     .await
 }
+
+#[tokio::test]
+async fn crafted_traffic_reports_saturate_and_one_caller_keeps_at_most_its_share_of_edges()
+-> Result<()> {
+    use wayfinder_proto::v1::telemetry_client::TelemetryClient;
+    use wayfinder_proto::v1::{EdgeTraffic, TrafficReport};
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        let mut telemetry = TelemetryClient::new(cp.channel().await?);
+        let edge = |callee: String, requests: u64| EdgeTraffic {
+            callee,
+            requests,
+            errors: 0,
+            latency_buckets: vec![0; wayfinder_proto::latency::BUCKETS],
+        };
+        // Twice the most a counter holds: the sum saturates, never wraps.
+        for _ in 0..2 {
+            telemetry
+                .report(TrafficReport {
+                    node: "n-1".into(),
+                    service: "client".into(),
+                    edges: vec![edge("web".into(), u64::MAX)],
+                })
+                .await?;
+        }
+        // One caller reporting 1,100 callees keeps 1,000 of them.
+        for chunk in 0..11 {
+            telemetry
+                .report(TrafficReport {
+                    node: "n-2".into(),
+                    service: "greedy".into(),
+                    edges: (0..100)
+                        .map(|i| edge(format!("s{}", chunk * 100 + i), 1))
+                        .collect(),
+                })
+                .await?;
+        }
+        let (_, dash) = cp.get("/v1/dashboard").await?;
+        let v: serde_json::Value = serde_json::from_str(&dash)?;
+        let edges = v["edges"].as_array().context("edges")?;
+        let web = edges
+            .iter()
+            .find(|e| e["caller"] == "client" && e["callee"] == "web")
+            .context("client -> web")?;
+        assert_eq!(web["requests"].as_u64(), Some(u64::MAX));
+        let greedy = edges.iter().filter(|e| e["caller"] == "greedy").count();
+        assert_eq!(greedy, 1_000);
+        assert_eq!(
+            cp_metric(&cp, "wayfinder_control_traffic_edges_dropped_total").await?,
+            100.0
+        );
+        Ok(())
+    })
+    .await
+}
