@@ -118,21 +118,14 @@ impl Proxy {
     /// `Full` when the sidecar holds `--max-upstreams` already.
     pub fn upstream(&self, name: &str) -> Result<Arc<Upstream>, Full> {
         self.upstreams
-            .get_or_start(name, false, |name| self.start_upstream(name))
+            .get_or_start(name, |name| self.start_upstream(name))
     }
 
     /// The upstream for `name`, never evicted nor refused: a listener's
     /// or the local service's, started with the sidecar.
     pub fn pinned_upstream(&self, name: &str) -> Arc<Upstream> {
-        match self
-            .upstreams
-            .get_or_start(name, true, |name| self.start_upstream(name))
-        {
-            Ok(up) => up,
-            // Pinned upstreams pass the cap; should it ever refuse, the
-            // upstream works all the same, only outside the map.
-            Err(Full) => self.start_upstream(name),
-        }
+        self.upstreams
+            .pinned(name, |name| self.start_upstream(name))
     }
 
     fn start_upstream(&self, name: &str) -> Arc<Upstream> {

@@ -696,12 +696,10 @@ impl Upstreams {
     }
 
     /// The upstream named `name`, created with `start` when new; `Full`
-    /// when that would pass the cap. A `pinned` upstream (a listener's, the
-    /// local service's) ignores the cap and is never evicted.
+    /// when that would pass the cap.
     pub fn get_or_start(
         &self,
         name: &str,
-        pinned: bool,
         start: impl FnOnce(&str) -> Arc<Upstream>,
     ) -> Result<Arc<Upstream>, Full> {
         let up = match self.get(name) {
@@ -710,7 +708,7 @@ impl Upstreams {
                 let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
                 match map.get(name) {
                     Some(u) => u.clone(),
-                    None if !pinned && self.evictable(&map) >= self.max => return Err(Full),
+                    None if self.evictable(&map) >= self.max => return Err(Full),
                     None => map
                         .entry(name.to_string())
                         .or_insert_with(|| start(name))
@@ -718,11 +716,25 @@ impl Upstreams {
                 }
             }
         };
-        if pinned {
-            up.pinned.store(true, Ordering::Relaxed);
-        }
         up.touch();
         Ok(up)
+    }
+
+    /// The upstream named `name`, created with `start` when new, pinned: a
+    /// listener's or the local service's, outside the cap, never evicted.
+    pub fn pinned(&self, name: &str, start: impl FnOnce(&str) -> Arc<Upstream>) -> Arc<Upstream> {
+        let up = match self.get(name) {
+            Some(u) => u,
+            None => self
+                .map
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(name.to_string())
+                .or_insert_with(|| start(name))
+                .clone(),
+        };
+        up.pinned.store(true, Ordering::Relaxed);
+        up
     }
 
     fn evictable(&self, map: &HashMap<String, Arc<Upstream>>) -> usize {
@@ -1059,17 +1071,17 @@ mod tests {
         let idle = Duration::from_secs(10);
         let at = |s: u64| Instant::now() + Duration::from_secs(s);
         let t0 = at(0);
-        let own = ups.get_or_start("own", true, named).expect("pinned");
-        let a = ups.get_or_start("a", false, named).expect("a fits");
-        let b = ups.get_or_start("b", false, named).expect("b fits");
+        let own = ups.pinned("own", named);
+        let a = ups.get_or_start("a", named).expect("a fits");
+        let b = ups.get_or_start("b", named).expect("b fits");
         // The pinned one does not count against the cap.
-        assert_eq!(ups.get_or_start("c", false, named).err(), Some(Full));
+        assert_eq!(ups.get_or_start("c", named).err(), Some(Full));
         assert_eq!(ups.len(), 3);
 
         assert!(ups.sweep(t0, idle).is_empty(), "just used");
         // `a` is used again; `b` has a request in flight.
         let t6 = t0 + Duration::from_secs(6);
-        ups.get_or_start("a", false, named).expect("known");
+        ups.get_or_start("a", named).expect("known");
         let in_flight = b.breakers.requests.try_acquire(None).expect("slot");
         assert!(ups.sweep(t6, idle).is_empty());
         let t11 = t0 + Duration::from_secs(11);
@@ -1093,8 +1105,8 @@ mod tests {
         assert!(!*own.closed.borrow());
         assert_eq!(ups.len(), 1);
         // Room again: a new name starts, and an evicted one starts afresh.
-        let a2 = ups.get_or_start("a", false, named).expect("room");
+        let a2 = ups.get_or_start("a", named).expect("room");
         assert!(!Arc::ptr_eq(&a, &a2));
-        ups.get_or_start("c", false, named).expect("room");
+        ups.get_or_start("c", named).expect("room");
     }
 }
