@@ -198,21 +198,28 @@ pub fn instance(mut inst: Instance) -> Result<Instance, InvalidInput> {
         });
     }
     for (k, v) in &inst.labels {
-        if k.is_empty() {
-            return Err(InvalidInput::Empty("label key"));
-        }
-        for (field, s) in [("label key", k), ("label value", v)] {
-            printable(field, s)?;
-            if s.len() > MAX_LABEL_LEN {
-                return Err(InvalidInput::TooLong {
-                    field,
-                    len: s.len(),
-                    max: MAX_LABEL_LEN,
-                });
-            }
-        }
+        label(k, v)?;
     }
     Ok(inst)
+}
+
+/// Checks one instance label: a non-empty key, both printable and at most
+/// [`MAX_LABEL_LEN`] bytes.
+pub fn label(key: &str, value: &str) -> Result<(), InvalidInput> {
+    if key.is_empty() {
+        return Err(InvalidInput::Empty("label key"));
+    }
+    for (field, s) in [("label key", key), ("label value", value)] {
+        printable(field, s)?;
+        if s.len() > MAX_LABEL_LEN {
+            return Err(InvalidInput::TooLong {
+                field,
+                len: s.len(),
+                max: MAX_LABEL_LEN,
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

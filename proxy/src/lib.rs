@@ -21,6 +21,7 @@ pub mod pool;
 pub mod register;
 pub mod replay;
 pub mod resilience;
+pub mod routes;
 pub mod settings;
 pub mod state;
 pub mod telemetry;

@@ -46,6 +46,14 @@ struct Args {
     /// Instance id (default: SERVICE-PID).
     #[arg(long, env = "WAYFINDER_INSTANCE")]
     instance: Option<String>,
+    /// A label of this instance, `KEY=VALUE` (repeatable, or comma-separated
+    /// in the variable); routes select subsets by them, e.g. `version=v2`.
+    #[arg(long = "label", env = "WAYFINDER_LABELS", value_delimiter = ',', value_parser = label)]
+    labels: Vec<(String, String)>,
+    /// This instance's weight for weighted balancers, 1-10000.
+    #[arg(long, env = "WAYFINDER_WEIGHT", default_value_t = wayfinder_proto::validate::DEFAULT_WEIGHT,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(wayfinder_proto::validate::MAX_WEIGHT)))]
+    weight: u32,
     /// The local app; without it the sidecar is client-only and registers nothing.
     #[arg(long, env = "WAYFINDER_APP")]
     app: Option<SocketAddr>,
@@ -446,6 +454,15 @@ struct UpstreamFlag {
     listen: SocketAddr,
 }
 
+/// Parses `--label KEY=VALUE`.
+fn label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not a label: write KEY=VALUE, e.g. version=v2"))?;
+    wayfinder_proto::validate::label(k, v).map_err(|e| e.to_string())?;
+    Ok((k.to_string(), v.to_string()))
+}
+
 fn upstream(s: &str) -> Result<UpstreamFlag, String> {
     let (target, listen) = s
         .split_once('=')
@@ -837,6 +854,8 @@ async fn run(
             port: advertise.port().into(),
             protocol: Protocol::Unspecified as i32,
             meshed: true,
+            weight: args.weight,
+            labels: args.labels.iter().cloned().collect(),
             ..Default::default()
         };
         registration = Some(tokio::spawn(register::keep_registered(

@@ -152,6 +152,28 @@ pub struct RefusalLabels {
     pub reason: Refusal,
 }
 
+/// Labels of the requests a route took.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The service called.
+    pub upstream: String,
+    /// The route's name.
+    pub route: String,
+    /// The backend: `version=v2`, or another service's name.
+    pub backend: String,
+    /// Status class of the answer.
+    pub status: &'static str,
+}
+
+/// Labels of injected faults.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    /// The service called.
+    pub upstream: String,
+    /// `abort`, `delay` or `reset`.
+    pub kind: &'static str,
+}
+
 /// Labels of health check transitions.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HealthLabels {
@@ -214,6 +236,29 @@ impl ProxyMetrics {
                 to,
             });
         }
+        for kind in ["abort", "delay", "reset"] {
+            self.faults_injected.remove(&FaultLabels {
+                upstream: name(),
+                kind,
+            });
+        }
+    }
+
+    /// Removes the route series of an evicted upstream (`routes`: its last
+    /// route table).
+    pub fn forget_routes(&self, upstream: &str, routes: &crate::routes::RouteTable) {
+        for r in routes.routes() {
+            for b in &r.backends {
+                for status in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+                    self.route_requests.remove(&RouteLabels {
+                        upstream: upstream.to_string(),
+                        route: r.name.to_string(),
+                        backend: b.label.to_string(),
+                        status,
+                    });
+                }
+            }
+        }
     }
 
     /// Counts a timeout of `kind` for `upstream`.
@@ -270,6 +315,10 @@ pub struct ProxyMetrics {
     pub upstreams: Gauge,
     /// Upstreams evicted after `--upstream-idle-timeout` unused.
     pub upstreams_evicted: Counter,
+    /// Requests a route took, by upstream, route, backend and status class.
+    pub route_requests: Family<RouteLabels, Counter>,
+    /// Faults injected into tries, by upstream and kind.
+    pub faults_injected: Family<FaultLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -298,7 +347,19 @@ impl ProxyMetrics {
             edge_refusals: Family::default(),
             upstreams: Gauge::default(),
             upstreams_evicted: Counter::default(),
+            route_requests: Family::default(),
+            faults_injected: Family::default(),
         };
+        reg.register(
+            "wayfinder_proxy_route_requests",
+            "Requests a policy route took, by upstream, route, backend (subset or service) and status class",
+            m.route_requests.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_faults_injected",
+            "Faults injected into tries by the policy's fault, by upstream and kind (abort, delay, reset)",
+            m.faults_injected.clone(),
+        );
         reg.register(
             "wayfinder_proxy_requests",
             "HTTP requests by direction, upstream and status class",

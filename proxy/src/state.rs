@@ -158,6 +158,7 @@ impl Proxy {
             for up in self.upstreams.sweep(tokio::time::Instant::now(), idle) {
                 self.traffic.forget(up.name());
                 self.metrics.forget_upstream(up.name(), up.endpoint_ids());
+                self.metrics.forget_routes(up.name(), &up.active().routes);
                 self.metrics.upstreams.dec();
                 self.metrics.upstreams_evicted.inc();
                 tracing::info!(

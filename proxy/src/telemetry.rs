@@ -235,6 +235,8 @@ pub fn span(
             url.path = path,
             wayfinder.service = service,
             wayfinder.endpoint = tracing::field::Empty,
+            wayfinder.route = tracing::field::Empty,
+            wayfinder.backend = tracing::field::Empty,
             wayfinder.attempts = tracing::field::Empty,
             wayfinder.retries = tracing::field::Empty,
             wayfinder.error = tracing::field::Empty,

@@ -22,10 +22,11 @@ struct Edge {
     buckets: [u64; BUCKETS],
 }
 
-/// Traffic to each upstream since the last report.
+/// Traffic to each upstream since the last report, by callee and backend
+/// (empty: all of the callee's).
 #[derive(Default)]
 pub struct Traffic {
-    edges: RwLock<HashMap<String, EdgeCounts>>,
+    edges: RwLock<HashMap<(String, String), EdgeCounts>>,
 }
 
 /// One upstream's counts. The upstream keeps this handle, so recording a
@@ -48,13 +49,16 @@ impl EdgeCounts {
 impl Traffic {
     /// The counts of traffic to `callee`, created on first use.
     pub fn edge(&self, callee: &str) -> EdgeCounts {
-        if let Some(e) = self.edges.read().ok().and_then(|m| m.get(callee).cloned()) {
-            return e;
-        }
+        self.backend_edge(callee, "")
+    }
+
+    /// The counts of the traffic a route sent to `backend` of `callee`
+    /// (callers keep the handle: this runs once per backend and rebuild).
+    pub fn backend_edge(&self, callee: &str, backend: &str) -> EdgeCounts {
         self.edges
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(callee.to_string())
+            .entry((callee.to_string(), backend.to_string()))
             .or_default()
             .clone()
     }
@@ -64,7 +68,7 @@ impl Traffic {
         self.edges
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(callee);
+            .retain(|(c, _), _| c != callee);
     }
 
     /// Takes the counts since the last call; edges without traffic are left out.
@@ -72,17 +76,18 @@ impl Traffic {
         let edges = self.edges.read().map(|m| m.clone()).unwrap_or_default();
         let mut out: Vec<_> = edges
             .into_iter()
-            .filter_map(|(callee, edge)| {
+            .filter_map(|((callee, backend), edge)| {
                 let e = std::mem::take(&mut *edge.0.lock().unwrap_or_else(|p| p.into_inner()));
                 (e.requests > 0).then(|| EdgeTraffic {
                     callee,
                     requests: e.requests,
                     errors: e.errors,
                     latency_buckets: e.buckets.to_vec(),
+                    backend,
                 })
             })
             .collect();
-        out.sort_by(|a, b| a.callee.cmp(&b.callee));
+        out.sort_by(|a, b| (&a.callee, &a.backend).cmp(&(&b.callee, &b.backend)));
         out
     }
 }

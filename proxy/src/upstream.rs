@@ -24,8 +24,10 @@ use crate::metrics::{HealthLabels, ProxyMetrics, UpstreamLabels};
 use crate::pool::{Pool, Proto};
 use crate::resilience::breaker::Breakers;
 use crate::resilience::budget::RetryBudget;
+use crate::resilience::fault::CompiledFault;
 use crate::resilience::retry::Outcome;
 use crate::resilience::{health_check, outlier};
+use crate::routes::{Chosen, Compile, RouteTable, Target};
 use crate::settings::{self, Defaults, Origin, Settings};
 
 /// What requests use: the balancer over eligible endpoints and the settings
@@ -39,6 +41,24 @@ pub struct Active {
     pub settings: Settings,
     /// What a pick hashes; `None` unless the balancer hashes.
     pub hash_key: HashKey,
+    /// The policy's routes, with a balancer per subset.
+    pub routes: RouteTable,
+    /// The fault callers inject, if the policy sets one.
+    pub fault: Option<Arc<CompiledFault>>,
+}
+
+impl Active {
+    /// The balancer a request routed to `chosen` picks from: its subset's,
+    /// or the whole service's.
+    pub fn balancer_for(&self, chosen: Option<Chosen>) -> &dyn Balancer {
+        match chosen.and_then(|c| self.routes.backend(c)) {
+            Some((_, b)) => match &b.target {
+                Target::Subset(s) => s.as_ref(),
+                Target::Service(_) => self.balancer.as_ref(),
+            },
+            None => self.balancer.as_ref(),
+        }
+    }
 }
 
 /// What hash balancers hash, resolved once per rebuild so requests to other
@@ -158,6 +178,7 @@ pub struct EndpointView {
     id: String,
     addr: String,
     weight: u32,
+    labels: BTreeMap<String, String>,
     meshed: bool,
     /// Health as discovery reports it.
     healthy: bool,
@@ -270,6 +291,8 @@ impl Upstream {
                 policy: None,
                 settings,
                 hash_key: HashKey::None,
+                routes: RouteTable::default(),
+                fault: None,
             })),
             ready: watch::channel(false).0,
             origin: watch::channel(default_origin).0,
@@ -578,17 +601,47 @@ impl Upstream {
                 .map(|k| k.stats.clone())
                 .collect()
         };
-        let mut eligible = pick(&|k| healthy(k) && !k.stats.is_ejected(now));
         // With nothing eligible, try the healthy, then everything, rather
         // than fail everything (Envoy's panic mode): health reports and
-        // ejections can be wrong, traffic is not.
-        if eligible.is_empty() {
-            eligible = pick(&healthy);
-        }
-        if eligible.is_empty() {
-            eligible = pick(&|_| true);
-        }
+        // ejections can be wrong, traffic is not. A subset does the same
+        // within itself.
+        let eligible_of = |member: &dyn Fn(&&Known) -> bool| {
+            let mut eligible = pick(&|k| member(k) && healthy(k) && !k.stats.is_ejected(now));
+            if eligible.is_empty() {
+                eligible = pick(&|k| member(k) && healthy(k));
+            }
+            if eligible.is_empty() {
+                eligible = pick(member);
+            }
+            eligible
+        };
+        let eligible = eligible_of(&|_| true);
         let kind = kind_of(policy.as_ref(), self.default_kind);
+        // The typed form of the routes and fault (the control plane checked
+        // them; a sidecar still refuses what it cannot read, keeping none).
+        let typed = policy.as_ref().and_then(|p| {
+            wayfinder_proto::policy::ServicePolicy::from_proto(p)
+                .inspect_err(|e| tracing::warn!(service = %self.name, error = %e, "routes and fault of the policy ignored"))
+                .ok()
+                .map(|(_, t)| t)
+        });
+        let routes = match (typed.as_ref().and_then(|t| t.routes.as_ref()), &policy) {
+            (Some(routes), Some(p)) => RouteTable::compile(
+                routes.as_slice(),
+                &Compile {
+                    members: &|s| eligible_of(&|k: &&Known| s.selects(&k.found.labels)),
+                    kind,
+                    policy: p,
+                    origin,
+                    defaults: &self.defaults,
+                },
+            ),
+            _ => RouteTable::default(),
+        };
+        let fault = typed
+            .as_ref()
+            .and_then(|t| t.fault.as_ref())
+            .map(|f| Arc::new(CompiledFault::new(f)));
         let hash_key = match (kind, policy.as_ref().map(|p| p.hash_header.as_str())) {
             (Kind::RingHash | Kind::Maglev, Some(h)) if !h.is_empty() => {
                 HashKey::Header(h.to_string())
@@ -608,6 +661,8 @@ impl Upstream {
             hash_key,
             policy,
             settings,
+            routes,
+            fault,
         };
         *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
         // Only now: a request woken by readiness must find the new balancer.
@@ -625,6 +680,7 @@ impl Upstream {
                 id: k.found.id.clone(),
                 addr: k.found.addr.to_string(),
                 weight: k.found.weight,
+                labels: k.found.labels.clone().into_iter().collect(),
                 meshed: k.found.meshed,
                 healthy: k.found.healthy,
                 checked_healthy: k.check.healthy(),
@@ -816,6 +872,7 @@ mod tests {
             weight: 100,
             meshed: true,
             healthy,
+            labels: Default::default(),
         }
     }
 

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::traffic::{Fault, Routes};
 use super::values::{
     Bounded, Caller, HttpMethod, HttpPath, Millis, Ratio, ServiceName, is_header_name,
 };
@@ -51,6 +52,12 @@ pub struct ServicePolicy {
     /// Whether callers' apps may open CONNECT tunnels to the service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnels: Option<bool>,
+    /// Routes, first match wins (`[[services.NAME.routes]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Routes>,
+    /// A fault the callers inject (`[services.NAME.fault]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
 }
 
 /// Who may call a service (checked by its sidecars on the way in).

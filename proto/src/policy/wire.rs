@@ -37,6 +37,12 @@ impl ServicePolicy {
             authz: self.authz.as_ref().map(Into::into),
             allow_tunnels: self.tunnels == Some(true),
             health_check: self.health_check.as_ref().map(Into::into),
+            routes: self
+                .routes
+                .as_ref()
+                .map(|r| r.as_slice().iter().map(Into::into).collect())
+                .unwrap_or_default(),
+            fault: self.fault.as_ref().map(Into::into),
         }
     }
 
@@ -65,13 +71,15 @@ fn sections(p: &v1::ServicePolicy) -> Result<ServicePolicy, PolicyError> {
         health_check: section(&p.health_check)?,
         authz: section(&p.authz)?,
         tunnels: p.allow_tunnels.then_some(true),
+        routes: super::traffic::routes_from_wire(&p.routes)?,
+        fault: section(&p.fault)?,
     })
 }
 
 /// An error in a policy that came in a request. Each section's `TryFrom` names `field`
 /// relative to the service's table (e.g. `timeouts.connect`);
 /// [`ServicePolicy::from_proto`] then prefixes it with `services.NAME`.
-fn refused(field: &str, message: String) -> PolicyError {
+pub(super) fn refused(field: &str, message: String) -> PolicyError {
     PolicyError {
         file: "request".into(),
         line: 0,
@@ -89,7 +97,7 @@ fn within(prefix: &str, e: PolicyError) -> PolicyError {
 }
 
 /// An optional section, checked when present.
-fn section<'a, P, T>(p: &'a Option<P>) -> Result<Option<T>, PolicyError>
+pub(super) fn section<'a, P, T>(p: &'a Option<P>) -> Result<Option<T>, PolicyError>
 where
     T: TryFrom<&'a P, Error = PolicyError>,
 {

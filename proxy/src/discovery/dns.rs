@@ -152,6 +152,7 @@ pub fn endpoints(
                 weight: 100,
                 meshed: false,
                 healthy: true,
+                labels: Default::default(),
             }
         })
         .collect();

@@ -27,6 +27,7 @@ fn discovered(e: &Endpoint) -> Option<Discovered> {
         weight: i.weight.max(1),
         meshed: i.meshed,
         healthy: e.health != Health::NotServing as i32,
+        labels: i.labels.clone(),
     })
 }
 

@@ -98,6 +98,8 @@ pub struct Discovered {
     pub meshed: bool,
     /// False when the control plane reports it not serving.
     pub healthy: bool,
+    /// The instance's labels (routes' subsets select on them); none from DNS.
+    pub labels: HashMap<String, String>,
 }
 
 /// A change to a service's endpoints.

@@ -127,6 +127,7 @@ pub async fn serve(
         method: &method,
         path,
         started,
+        routed: None,
     };
     observe::finish(&proxy, &observed, resp)
 }

@@ -9,7 +9,7 @@ use hyper::{Method, Response};
 
 use super::{ATTEMPTS_HEADER, Body, ERROR_HEADER, reply};
 use crate::edge::Refusal;
-use crate::metrics::{Direction, RefusalLabels, RequestCounters};
+use crate::metrics::{Direction, RefusalLabels, RequestCounters, RouteLabels};
 use crate::state::Proxy;
 use crate::telemetry;
 use crate::traffic::EdgeCounts;
@@ -32,6 +32,18 @@ pub struct Observed<'a> {
     pub path: &'a str,
     /// When it started.
     pub started: Instant,
+    /// The route and backend that took it, if the service has routes.
+    pub routed: Option<Routed<'a>>,
+}
+
+/// The route and backend a request took.
+pub struct Routed<'a> {
+    /// The route's name.
+    pub route: &'a str,
+    /// The backend's label (`version=v2`, or a service).
+    pub backend: &'a str,
+    /// The backend's counts in the traffic report.
+    pub traffic: &'a EdgeCounts,
 }
 
 /// Ends a request: its span, the access log line, the request counter
@@ -50,6 +62,23 @@ pub fn finish(proxy: &Proxy, o: &Observed<'_>, resp: Response<Body>) -> Response
     telemetry::finish(o.span, status, error);
     if let Some(traffic) = o.traffic {
         traffic.record(status, o.started.elapsed());
+    }
+    if let Some(r) = &o.routed {
+        r.traffic.record(status, o.started.elapsed());
+        if !o.span.is_none() {
+            o.span.record("wayfinder.route", r.route);
+            o.span.record("wayfinder.backend", r.backend);
+        }
+        proxy
+            .metrics
+            .route_requests
+            .get_or_create(&RouteLabels {
+                upstream: o.upstream.to_string(),
+                route: r.route.to_string(),
+                backend: r.backend.to_string(),
+                status: crate::metrics::status_class(status),
+            })
+            .inc();
     }
     if proxy.local.access_log {
         tracing::info!(

@@ -24,11 +24,13 @@ use super::{
 use crate::balance::{EndpointStats, PickContext, Picks, hash_bytes};
 use crate::connector::ConnectError;
 use crate::edge::{self, Refusal};
-use crate::metrics::{Direction, OverflowLabels, TimeoutKind, UpstreamLabels};
+use crate::metrics::{Direction, FaultLabels, OverflowLabels, TimeoutKind, UpstreamLabels};
 use crate::pool::{PoolBody, PoolError};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::{Gate, Overflow, Permit};
+use crate::resilience::fault::{self, CompiledFault};
 use crate::resilience::retry::{self, Outcome};
+use crate::routes::{self, Chosen};
 use crate::settings::Settings;
 use crate::state::{DISCOVERY_WAIT, Proxy};
 use crate::telemetry;
@@ -72,15 +74,31 @@ pub async fn serve(
         Ok(up) => up,
         Err(Full) => return observe::refuse(&proxy, Refusal::TooManyUpstreams, grpc, client),
     };
-    let call = Call {
-        proxy: &proxy,
-        up: &up,
-        name: &name,
-        grpc,
-        client,
-        span: &span,
+    let (resp, routed) = match plan(&proxy, &up, &name, &req, started, grpc, client).await {
+        Ok(plan) => {
+            let call = Call {
+                proxy: &proxy,
+                up: &plan.up,
+                name: &plan.name,
+                grpc,
+                client,
+                span: &span,
+            };
+            let resp = route(&call, &plan, req).await;
+            (resp, plan.routed)
+        }
+        Err(resp) => (resp, None),
     };
-    let resp = route(&call, req, started).await;
+    let routed = routed.as_ref().and_then(|(active, chosen)| {
+        let (r, b) = active.routes.backend(*chosen)?;
+        Some(observe::Routed {
+            route: &r.name,
+            backend: &b.label,
+            traffic: b
+                .traffic
+                .get_or_init(|| proxy.traffic.backend_edge(&name, &b.label)),
+        })
+    });
     let observed = Observed {
         direction: Direction::Outbound,
         upstream: &name,
@@ -90,8 +108,89 @@ pub async fn serve(
         method: &method,
         path,
         started: started.into_std(),
+        routed,
     };
     observe::finish(&proxy, &observed, resp)
+}
+
+/// Where a request's tries go, decided once discovery has answered: the
+/// service's endpoints, or the subset or other service its route's backend
+/// names, under the route's own settings when it has them.
+struct Plan {
+    /// The upstream tries go to.
+    up: Arc<Upstream>,
+    /// Its name.
+    name: Arc<str>,
+    /// What tries pick from: `up`'s endpoints as of the plan.
+    active: Arc<Active>,
+    /// The subset balancer of `active` tries use, if routed to a subset.
+    subset: Option<Chosen>,
+    /// The route's settings, when it has its own.
+    settings: Option<Arc<Settings>>,
+    /// The fault of the service called, if any.
+    fault: Option<Arc<CompiledFault>>,
+    /// The route and backend that took the request, with their table.
+    routed: Option<(Arc<Active>, Chosen)>,
+    /// When the request starts counting (after the wait for discovery).
+    started: Instant,
+}
+
+/// The plan for a request to `up` (named `name`).
+async fn plan(
+    proxy: &Arc<Proxy>,
+    up: &Arc<Upstream>,
+    name: &Arc<str>,
+    req: &Request<Incoming>,
+    started: Instant,
+    grpc: bool,
+    client: SocketAddr,
+) -> Result<Plan, Response<Body>> {
+    let pending = || reply(grpc, StatusCode::SERVICE_UNAVAILABLE, "discovery-pending");
+    let Some(started) = discovered(up, started).await else {
+        return Err(pending());
+    };
+    let active = up.active();
+    let mut plan = Plan {
+        up: up.clone(),
+        name: name.clone(),
+        active: active.clone(),
+        subset: None,
+        settings: None,
+        fault: active.fault.clone(),
+        routed: None,
+        started,
+    };
+    if active.routes.is_empty() {
+        return Ok(plan);
+    }
+    let Some(chosen) = active.routes.choose(
+        req.method(),
+        req.uri().path(),
+        req.headers(),
+        rand::random(),
+    ) else {
+        return Ok(plan);
+    };
+    let Some((route, backend)) = active.routes.backend(chosen) else {
+        return Ok(plan);
+    };
+    plan.settings = route.settings.clone();
+    if let routes::Target::Service(other) = &backend.target {
+        let other_up = proxy
+            .upstream(other)
+            .map_err(|Full| observe::refuse(proxy, Refusal::TooManyUpstreams, grpc, client))?;
+        let Some(started) = discovered(&other_up, started).await else {
+            return Err(pending());
+        };
+        plan.started = started;
+        plan.active = other_up.active();
+        plan.up = other_up;
+        plan.name = other.clone();
+    } else {
+        plan.subset = Some(chosen);
+    }
+    plan.routed = Some((active, chosen));
+    Ok(plan)
 }
 
 /// The service a Host-routed request names, if the mesh knows it.
@@ -179,6 +278,18 @@ impl Call<'_> {
         }
     }
 
+    /// Counts an injected fault of `kind`.
+    fn injected(&self, kind: &'static str) {
+        self.proxy
+            .metrics
+            .faults_injected
+            .get_or_create(&FaultLabels {
+                upstream: self.name.to_string(),
+                kind,
+            })
+            .inc();
+    }
+
     /// Counts a retry (or a try moved off a leaving endpoint).
     fn count_retry(&self) {
         self.proxy
@@ -191,19 +302,17 @@ impl Call<'_> {
 
 /// The retry loop: one try at a time on the balancer's next choice, until
 /// one answers, the policy or the budget says stop, or the deadline passes.
-async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Response<Body> {
+async fn route(call: &Call<'_>, plan: &Plan, req: Request<Incoming>) -> Response<Body> {
     let up = call.up;
-    let Some(started) = discovered(up, started).await else {
-        return call.reply(StatusCode::SERVICE_UNAVAILABLE, "discovery-pending");
-    };
-    let active = up.active();
-    let s = &active.settings;
+    let started = plan.started;
+    let active = plan.active.clone();
+    let s = plan.settings.as_deref().unwrap_or(&active.settings);
     let Some(_in_flight) = admit(call, s) else {
         return call.reply(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
     };
     let deadline = deadline(s, req.headers(), started);
     let ctx = pick_context(&active.hash_key, req.headers(), call.client);
-    let mut choices = Choices::new(active.clone(), ctx);
+    let mut choices = Choices::new(active.clone(), ctx, plan.subset);
     let clients = up.clients();
     if is_upgrade(&req) {
         let Some(i) = choices.next() else {
@@ -236,6 +345,20 @@ async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Res
         let Some(this_body) = body.take() else {
             return call.reply(StatusCode::BAD_GATEWAY, "body-not-replayable");
         };
+        let injected = plan.fault.as_ref().and_then(|f| {
+            f.inject(
+                &ep.id,
+                head.uri.path(),
+                &head.headers,
+                fault::now_unix_ms(),
+                fault::Rolls::random(),
+            )
+        });
+        if let Some(delay) = injected.and_then(|i| i.delay) {
+            call.injected("delay");
+            let left = deadline.map_or(delay, |d| d.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(delay.min(left)).await;
+        }
         let t = Try {
             ep,
             started: if attempt == 1 {
@@ -245,10 +368,13 @@ async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Res
             },
             movable: attempt < s.retry.max_attempts,
         };
-        let ended = match try_endpoint(&o, &t, this_body, &choices).await {
-            Waited::Moved => None,
-            Waited::TimedOut => Some(timed_out(&o, &t)),
-            Waited::Done(result) => Some(ended(&o, &t, result)),
+        let ended = match injected.and_then(|i| i.fail) {
+            Some(failure) => Some(fail_injected(call, failure)),
+            None => match try_endpoint(&o, &t, this_body, &choices).await {
+                Waited::Moved => None,
+                Waited::TimedOut => Some(timed_out(&o, &t)),
+                Waited::Done(result) => Some(ended(&o, &t, result)),
+            },
         };
         // Another try follows at once when this one moved off a leaving
         // endpoint, after a backoff when the policy retries what it got.
@@ -259,7 +385,10 @@ async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Res
             }
             Some(Ended::Final(status, reason)) => return call.reply(status, reason),
             Some(Ended::Tried(outcome, answer)) => {
-                record(&o, ep, outcome);
+                // An injected failure is not the endpoint's doing.
+                if !matches!(&answer, Answer::Local(_, fault::FAULT_INJECTED)) {
+                    record(&o, ep, outcome);
+                }
                 let Some(permit) = retry_wanted(&o, outcome, attempt)
                     .then(|| retry_gate(call, s))
                     .flatten()
@@ -278,6 +407,19 @@ async fn route(call: &Call<'_>, req: Request<Incoming>, started: Instant) -> Res
         }
         choices.renew(up);
     }
+}
+
+/// A try failed on purpose: an abort answers its status, a reset acts as
+/// one; the retry policy then treats it as it would the real thing.
+fn fail_injected(call: &Call<'_>, failure: fault::Failure) -> Ended {
+    let (outcome, status, kind) = match failure {
+        fault::Failure::Abort(status) => {
+            (retry::classify(status, &HeaderMap::new()), status, "abort")
+        }
+        fault::Failure::Reset => (Outcome::Reset, StatusCode::BAD_GATEWAY, "reset"),
+    };
+    call.injected(kind);
+    Ended::Tried(outcome, Answer::Local(status, fault::FAULT_INJECTED))
 }
 
 /// Admission: a slot under the `max_requests` breaker, held until the
@@ -446,6 +588,8 @@ fn pick_context(key: &HashKey, headers: &HeaderMap, client: SocketAddr) -> PickC
 /// snapshot, renewed on a retry when discovery changed it meanwhile.
 struct Choices {
     from: Arc<Active>,
+    /// The route's subset, whose balancer tries pick from.
+    subset: Option<Chosen>,
     picks: Picks,
     ctx: PickContext,
     /// Endpoints tried so far (written only when a request is retried).
@@ -453,10 +597,11 @@ struct Choices {
 }
 
 impl Choices {
-    fn new(from: Arc<Active>, ctx: PickContext) -> Self {
-        let picks = from.balancer.pick(&ctx);
+    fn new(from: Arc<Active>, ctx: PickContext, subset: Option<Chosen>) -> Self {
+        let picks = from.balancer_for(subset).pick(&ctx);
         Self {
             from,
+            subset,
             picks,
             ctx,
             tried: Vec::new(),
@@ -466,17 +611,18 @@ impl Choices {
     /// The next endpoint to try: the balancer's next choice not tried yet,
     /// or, once every endpoint was tried, its first choice again.
     fn next(&mut self) -> Option<usize> {
-        let eps = self.from.balancer.endpoints();
+        let balancer = self.from.balancer_for(self.subset);
+        let eps = balancer.endpoints();
         if let Some(i) = self.picks.find(|&i| !self.tried.contains(&eps[i].addr)) {
             return Some(i);
         }
-        self.picks = self.from.balancer.pick(&self.ctx);
+        self.picks = balancer.pick(&self.ctx);
         self.picks.next()
     }
 
     /// Endpoint `i` of the current set.
     fn endpoint(&self, i: usize) -> &Arc<EndpointStats> {
-        &self.from.balancer.endpoints()[i]
+        &self.from.balancer_for(self.subset).endpoints()[i]
     }
 
     /// `addr` was tried: later tries go elsewhere while they can.
@@ -490,14 +636,14 @@ impl Choices {
         let now = up.active();
         if !Arc::ptr_eq(&now, &self.from) {
             self.from = now;
-            self.picks = self.from.balancer.pick(&self.ctx);
+            self.picks = self.from.balancer_for(self.subset).pick(&self.ctx);
         }
     }
 
     /// Whether the upstream now has an endpoint other than `ep` not tried yet.
     fn another_than(&self, up: &Upstream, ep: &EndpointStats) -> bool {
         up.active()
-            .balancer
+            .balancer_for(self.subset)
             .endpoints()
             .iter()
             .any(|e| e.addr != ep.addr && !self.tried.contains(&e.addr))

@@ -5,6 +5,7 @@
 
 pub mod breaker;
 pub mod budget;
+pub mod fault;
 pub mod health_check;
 pub mod outlier;
 pub mod probe;
