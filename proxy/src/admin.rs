@@ -106,6 +106,27 @@ fn policy_view(p: &wayfinder_proto::v1::ServicePolicy) -> serde_json::Value {
     }
 }
 
+/// Each route's backends with their weights and the endpoints each subset
+/// holds now (the eligible ones).
+fn routes_view(t: &crate::routes::RouteTable) -> serde_json::Value {
+    t.routes()
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "name": &*r.name,
+                "backends": r.backends.iter().map(|b| serde_json::json!({
+                    "backend": &*b.label,
+                    "weight": b.weight,
+                    "endpoints": match &b.target {
+                        crate::routes::Target::Subset(s) => s.endpoints().iter().map(|e| e.id.to_string()).collect::<Vec<_>>(),
+                        crate::routes::Target::Service(_) => Vec::new(),
+                    },
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
 async fn endpoints(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let map: serde_json::Map<String, serde_json::Value> = s
         .proxy
@@ -119,6 +140,7 @@ async fn endpoints(State(s): State<AdminState>) -> Json<serde_json::Value> {
                     "discovery": u.origin(),
                     "ready": u.is_ready(),
                     "policy": u.active().policy.as_ref().map(policy_view),
+                    "routes": routes_view(&u.active().routes),
                     "endpoints": u.view(),
                 }),
             )

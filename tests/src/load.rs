@@ -79,6 +79,8 @@ pub struct Spec {
     pub host: String,
     /// Body.
     pub body: Bytes,
+    /// More request headers.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Spec {
@@ -90,7 +92,14 @@ impl Spec {
             path: "/".into(),
             host: host.into(),
             body: Bytes::new(),
+            headers: Vec::new(),
         }
+    }
+
+    /// The same request with one more header.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
     }
 }
 
@@ -127,11 +136,14 @@ pub async fn one(
     spec: &Spec,
 ) -> Sample {
     let started = Instant::now();
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(spec.method.clone())
         .uri(format!("http://{}{}", spec.addr, spec.path))
-        .header(hyper::header::HOST, spec.host.as_str())
-        .body(Full::new(spec.body.clone()));
+        .header(hyper::header::HOST, spec.host.as_str());
+    for (k, v) in &spec.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req.body(Full::new(spec.body.clone()));
     let mut sample = Sample {
         status: 0,
         attempts: None,
