@@ -48,12 +48,14 @@ pids+=($!)
 wait_http http://127.0.0.1:15014/healthz
 
 for i in 1 2 3; do
-  echo "== web-$i: lab-app 127.0.0.1:900$i + sidecar (inbound 127.0.0.1:1600$i)"
+  # web-3 is the canary: `wfctl split web version=v2:10` sends it a tenth.
+  version=v1; [ "$i" = 3 ] && version=v2
+  echo "== web-$i ($version): lab-app 127.0.0.1:900$i + sidecar (inbound 127.0.0.1:1600$i)"
   "$bin/lab-app" --listen "127.0.0.1:900$i" --name "web-$i" --outbound "127.0.0.1:1508$i" 2>/dev/null &
   pids+=($!)
   WAYFINDER_JOIN_TOKEN=$tok_web "$bin/wf-proxy" --service web --instance "web-$i" --app "127.0.0.1:900$i" \
     --inbound "127.0.0.1:1600$i" --admin "127.0.0.1:1510$i" --outbound "127.0.0.1:1508$i" \
-    --health-check /healthz 2>"wf-lab-web-$i.log" &
+    --health-check /healthz --label "version=$version" 2>"wf-lab-web-$i.log" &
   pids+=($!)
 done
 echo "== api-1: lab-app 127.0.0.1:9011 + sidecar (inbound 127.0.0.1:16011)"
