@@ -81,6 +81,11 @@ match = { headers = { "x-canary" = "1" } }
 backends = [{ subset = { version = "v2" } }]
 
 [[services.web.routes]]
+name = "to-api"
+match = { path_prefix = "/api/" }
+backends = [{ service = "api" }]
+
+[[services.web.routes]]
 name = "default"
 backends = [{ subset = { version = "v1" }, weight = 90 }, { subset = { version = "v2" }, weight = 10 }]
 "#;
@@ -92,6 +97,8 @@ async fn a_ninety_ten_split_holds_to_a_point_and_a_half_and_a_header_sends_all_t
         let cp = ControlPlane::start(&[])?;
         apply_policy(&cp, SPLIT_90_10)?;
         let _lab = versioned(&cp).await?;
+        let _api = instance_with(&cp, "api", "api-1", "/healthz", &[])?;
+        wait_serving(&cp, "api", 1).await?;
         let (client, web, _) = client(&cp, &[])?;
         wait_client(&client, "labels and routes", |t| {
             t.matches("\"version\":\"v").count() >= 3 && t.contains("\"backend\":\"version=v2\"")
@@ -126,6 +133,13 @@ async fn a_ninety_ten_split_holds_to_a_point_and_a_half_and_a_header_sends_all_t
         let per = report.per_instance();
         assert_eq!(per.get("web-3"), Some(&300), "all to v2: {per:?}");
 
+        // A route to another service: web's listener, api's instance.
+        for _ in 0..20 {
+            let (status, _, body) = http_request(web, "GET", "/api/orders", "web", "").await?;
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("\"instance\":\"api-1\""), "{body}");
+        }
+
         // Metrics carry the route and backend.
         let (_, m) = admin_get(&client, "/metrics").await?;
         let routed = |route: &str, backend: &str| {
@@ -136,6 +150,7 @@ async fn a_ninety_ten_split_holds_to_a_point_and_a_half_and_a_header_sends_all_t
             )
         };
         assert_eq!(routed("canary", "version=v2"), 300.0, "{m}");
+        assert_eq!(routed("to-api", "api"), 20.0, "{m}");
         assert_eq!(
             routed("default", "version=v1") + routed("default", "version=v2"),
             n as f64,

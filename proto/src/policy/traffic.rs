@@ -439,6 +439,12 @@ impl TryFrom<FaultFields> for Fault {
         if f.abort.is_none() && f.delay.is_none() && f.reset.is_none() {
             return Err("a fault needs an abort, a delay or a reset".into());
         }
+        // TOML integers are i64: a later end could not be written back.
+        if f.expires_at_unix_ms.is_some_and(|t| t > i64::MAX as u64) {
+            return Err(
+                "expires_at_unix_ms is past the largest time a policy file can hold".into(),
+            );
+        }
         Ok(Self {
             matches: f.matches,
             abort: f.abort,
