@@ -130,6 +130,38 @@ pub async fn run(spec: Spec, concurrency: usize, total: usize, done: Arc<AtomicU
     report
 }
 
+/// Sends requests from `concurrency` workers until `stop` is set (each
+/// worker finishes the request it is in).
+pub async fn until(
+    spec: Spec,
+    concurrency: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Report {
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (spec, stop, done) = (spec.clone(), stop.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let mut s = one(&client, &spec).await;
+                s.seq = done.fetch_add(1, Ordering::Relaxed);
+                samples.push(s);
+            }
+            samples
+        }));
+    }
+    let mut report = Report::default();
+    for w in workers {
+        if let Ok(s) = w.await {
+            report.samples.extend(s);
+        }
+    }
+    report.samples.sort_by_key(|s| s.seq);
+    report
+}
+
 /// Sends one request with `client`.
 pub async fn one(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,

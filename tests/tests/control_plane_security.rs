@@ -355,6 +355,7 @@ async fn a_sidecar_certificate_acts_only_on_its_own_service() -> Result<()> {
                     requests: 7,
                     errors: 0,
                     latency_buckets: vec![0; wayfinder_proto::latency::BUCKETS],
+                    backend: String::new(),
                 }],
             })
             .await?;

@@ -880,6 +880,7 @@ async fn crafted_traffic_reports_saturate_and_one_caller_keeps_at_most_its_share
             requests,
             errors: 0,
             latency_buckets: vec![0; wayfinder_proto::latency::BUCKETS],
+            backend: String::new(),
         };
         // Twice the most a counter holds: the sum saturates, never wraps.
         for _ in 0..2 {

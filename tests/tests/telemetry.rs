@@ -369,6 +369,7 @@ async fn the_dashboard_shows_instances_and_live_traffic() -> Result<()> {
                 requests: 1,
                 errors: 0,
                 latency_buckets: vec![1],
+                backend: String::new(),
             }],
         };
         let e = t.report(bad).await.expect_err("refused");

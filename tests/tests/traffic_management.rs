@@ -363,3 +363,177 @@ async fn bad_route_and_fault_policies_are_refused_with_file_line_and_field() -> 
     })
     .await
 }
+
+/// The weights of web's first route's backends in a sidecar's `/endpoints`.
+fn weights(endpoints: &str) -> Vec<(String, u64)> {
+    let v: serde_json::Value = serde_json::from_str(endpoints).unwrap_or_default();
+    v["web"]["routes"][0]["backends"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| {
+                    (
+                        b["backend"].as_str().unwrap_or("?").to_string(),
+                        b["weight"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `wfctl` off the test's thread, so load keeps flowing while it runs.
+async fn wfctl_async(cp: &ControlPlane, args: &[&str]) -> Result<(bool, String, String)> {
+    let url = cp.url();
+    let creds = cp.credentials();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(wayfinder_tests::bin("wfctl"))
+            .env("WAYFINDER_CONTROL_PLANE", url)
+            .env("WAYFINDER_CREDENTIALS", creds)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        ))
+    })
+    .await?
+}
+
+const ALL_V1: &str = r#"
+[[services.web.routes]]
+name = "default"
+backends = [{ subset = { version = "v1" }, weight = 100 }, { subset = { version = "v2" }, weight = 0 }]
+"#;
+
+#[tokio::test]
+async fn shifting_v2_from_0_to_100_percent_in_steps_fails_no_request() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        apply_policy(&cp, ALL_V1)?;
+        let _lab = versioned(&cp).await?;
+        let (client, web, _) = client(&cp, &[])?;
+        wait_client(&client, "routes", |t| {
+            t.contains("\"backend\":\"version=v2\"")
+        })
+        .await?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = tokio::spawn(load::until(Spec::get(web, "web"), 4, stop.clone()));
+        let http = cp.http.to_string();
+        let (ok, out, err) = wfctl_async(
+            &cp,
+            &[
+                "split",
+                "web",
+                "version=v2:100",
+                "--step",
+                "25",
+                "--every",
+                "1s",
+                "--http",
+                &http,
+            ],
+        )
+        .await?;
+        assert!(ok, "split failed: {out}{err}");
+        // The last step's policy reaches the client; then only v2 answers.
+        wait_client(&client, "v2 at 100", |t| {
+            weights(t)
+                == [
+                    ("version=v1".to_string(), 0),
+                    ("version=v2".to_string(), 100),
+                ]
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let report = load.await?;
+        let failed = report.failed();
+        assert!(
+            failed.is_empty(),
+            "{} of {} failed: {:?}",
+            failed.len(),
+            report.samples.len(),
+            &failed[..failed.len().min(5)]
+        );
+        let n = report.samples.len();
+        assert!(n > 200, "too little traffic to judge: {n}");
+        // Traffic moved: v1 first, v2 at the end.
+        let first = &report.samples[..n / 10];
+        let last = &report.samples[n - n / 20..];
+        assert!(
+            first.iter().all(|s| s.instance.as_deref() != Some("web-3")),
+            "v2 at the start"
+        );
+        assert!(
+            last.iter().all(|s| s.instance.as_deref() == Some("web-3")),
+            "not all v2 at the end"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_failing_canary_is_rolled_back_and_split_exits_non_zero() -> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        apply_policy(&cp, ALL_V1)?;
+        let lab = versioned(&cp).await?;
+        // v2 fails half its calls.
+        let (status, _, body) =
+            http_request(lab[2].app_addr, "POST", "/fault?fail=0.5", "lab", "").await?;
+        anyhow::ensure!(status == 200, "{body}");
+        let (client, web, _) = client(&cp, &[])?;
+        wait_client(&client, "routes", |t| {
+            t.contains("\"backend\":\"version=v2\"")
+        })
+        .await?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = tokio::spawn(load::until(Spec::get(web, "web"), 4, stop.clone()));
+        let http = cp.http.to_string();
+        let (ok, out, err) = wfctl_async(
+            &cp,
+            &[
+                "split",
+                "web",
+                "version=v2:50",
+                "--step",
+                "10",
+                "--every",
+                "3s",
+                "--abort-on",
+                "error_rate>1%",
+                "--http",
+                &http,
+            ],
+        )
+        .await?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let report = load.await?;
+        assert!(!ok, "split succeeded with a failing canary: {out}{err}");
+        assert!(err.contains("error_rate"), "names the condition: {err}");
+        assert!(!report.samples.is_empty());
+        // Back where it started: v2 at 0.
+        let (ok, policy, _) = wfctl(&cp, &["-o", "json", "policy", "get", "web"])?;
+        assert!(ok, "{policy}");
+        let v: serde_json::Value = serde_json::from_str(policy.trim())?;
+        let backends = &v["policy"]["routes"][0]["backends"];
+        let weight_of = |version: &str| {
+            backends
+                .as_array()
+                .and_then(|a| a.iter().find(|b| b["subset"]["version"] == version))
+                .and_then(|b| b["weight"].as_u64())
+        };
+        assert_eq!(
+            (weight_of("v1"), weight_of("v2")),
+            (Some(100), Some(0)),
+            "{policy}"
+        );
+        Ok(())
+    })
+    .await
+}
