@@ -69,19 +69,27 @@ pub async fn endpoints(ch: Channel, t: Duration, service: &str, out: Format) -> 
         .await
         .map_err(status)?
         .into_inner();
-    let views: Vec<EndpointView> = resp.endpoints.iter().map(EndpointView::from).collect();
     if out == Format::Json {
-        return output::json(&serde_json::json!({ "version": resp.version, "endpoints": views }));
+        let endpoints: Vec<_> = resp
+            .endpoints
+            .iter()
+            .map(output::EndpointJson::from)
+            .collect();
+        return output::json(
+            &serde_json::json!({ "version": resp.version, "endpoints": endpoints }),
+        );
     }
     let mut table = output::table(&[
-        "INSTANCE", "ADDRESS", "HEALTH", "WEIGHT", "ZONE", "MESHED", "VERSION",
+        "INSTANCE", "ADDRESS", "HEALTH", "WEIGHT", "LABELS", "ZONE", "MESHED", "VERSION",
     ]);
-    for e in views {
+    for ep in &resp.endpoints {
+        let e = EndpointView::from(ep);
         table.add_row(vec![
             e.instance_id,
             format!("{}:{}", bracket(&e.address), e.port),
             e.health.to_string(),
             e.weight.to_string(),
+            output::labels_text(&output::labels(ep)),
             if e.zone.is_empty() {
                 "-".into()
             } else {

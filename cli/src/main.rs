@@ -2,6 +2,7 @@
 
 mod commands;
 mod output;
+mod traffic_cmd;
 mod watch;
 
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tonic::transport::Channel;
 use wayfinder_proto::policy::parse_duration;
 
 use output::Format;
+use wayfinder_cli::traffic::Admin;
 
 /// Operate a Wayfinder mesh: services, endpoints, watches, static
 /// registrations and policy.
@@ -92,6 +94,43 @@ enum Command {
     /// Manage per-service policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Set the weights of a route's subsets, in percent: at once, or in
+    /// steps (--step) watching the callers' reports and rolling back when
+    /// an --abort-on condition holds. The subsets not named share the rest.
+    Split {
+        /// Service name.
+        service: String,
+        /// LABEL=VALUE:PERCENT (e.g. version=v2:10), one label for all.
+        #[arg(required = true)]
+        shares: Vec<wayfinder_cli::traffic::split::Share>,
+        /// The route to edit (default: the one without match; `default`
+        /// is created at the end when there is none).
+        #[arg(long)]
+        route: Option<String>,
+        /// Move the one named subset from its current share to PERCENT by
+        /// this many points per step.
+        #[arg(long)]
+        step: Option<u32>,
+        /// Wait between steps (with --step).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        every: Duration,
+        /// Roll back and fail when this holds for the moving subset after a
+        /// step: error_rate>N%, p99>DURATION or p50>DURATION (repeatable).
+        #[arg(long = "abort-on")]
+        abort_on: Vec<wayfinder_cli::traffic::split::Condition>,
+        /// wf-control's HTTP address, where the callers' reports are read
+        /// (with --step).
+        #[arg(
+            long,
+            env = "WAYFINDER_CONTROL_HTTP",
+            default_value = "127.0.0.1:15014"
+        )]
+        http: String,
+    },
+    /// Inject faults into calls to a service (in its callers' sidecars),
+    /// list them, clear them.
+    #[command(subcommand)]
+    Fault(FaultCommand),
     /// Mesh a docker-compose file: a sidecar beside each service, a control
     /// plane, Jaeger (profile `tracing`); per-service join tokens in
     /// owner-only env files beside the output. `--remove` takes it out.
@@ -255,6 +294,49 @@ fn dns_record(s: &str) -> Result<(String, Vec<std::net::Ipv4Addr>), String> {
 }
 
 #[derive(Subcommand, Debug)]
+enum FaultCommand {
+    /// Set the service's fault (replacing any other); it ends by itself
+    /// after --for.
+    #[command(group(clap::ArgGroup::new("effect").required(true).args(["abort", "delay", "reset"])))]
+    Inject {
+        /// Service name.
+        service: String,
+        /// Only tries to this instance (after the pick: a retry elsewhere
+        /// escapes the fault).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Only requests whose path starts with this.
+        #[arg(long)]
+        path_prefix: Option<String>,
+        /// Only requests with this header, NAME=VALUE (repeatable).
+        #[arg(long = "header", value_parser = wayfinder_cli::traffic::fault::header)]
+        headers: Vec<(String, String)>,
+        /// Answer with this HTTP status instead of calling.
+        #[arg(long)]
+        abort: Option<u32>,
+        /// Wait this long before calling (e.g. 200ms).
+        #[arg(long, value_parser = parse_duration)]
+        delay: Option<Duration>,
+        /// Act as if the connection were reset.
+        #[arg(long)]
+        reset: bool,
+        /// Share of matching tries, 0-100.
+        #[arg(long, default_value_t = 100.0)]
+        percent: f64,
+        /// How long it lasts (e.g. 60s); without it, until cleared.
+        #[arg(long = "for", value_parser = parse_duration)]
+        lasts: Option<Duration>,
+    },
+    /// Services with an active fault, what it does and the time left.
+    List,
+    /// Remove a service's fault, or every fault.
+    Clear {
+        /// Service name (default: every service).
+        service: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum PolicyCommand {
     /// Validate a TOML policy file locally, then apply it.
     Apply {
@@ -337,6 +419,57 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Policy(PolicyCommand::Get { service }) => {
             commands::policy_get(ch, t, &service, out).await
+        }
+        Command::Split {
+            service,
+            shares,
+            route,
+            step,
+            every,
+            abort_on,
+            http,
+        } => {
+            let args = traffic_cmd::SplitArgs {
+                service,
+                shares,
+                route,
+                step,
+                every,
+                abort_on,
+                http,
+            };
+            traffic_cmd::split(Admin::new(ch, t), args, out).await
+        }
+        Command::Fault(FaultCommand::Inject {
+            service,
+            instance,
+            path_prefix,
+            headers,
+            abort,
+            delay,
+            reset,
+            percent,
+            lasts,
+        }) => {
+            use wayfinder_cli::traffic::fault::{Effect, Spec};
+            let effect = match (abort, delay, reset) {
+                (Some(status), _, _) => Effect::Abort(status),
+                (_, Some(d), _) => Effect::Delay(d),
+                _ => Effect::Reset,
+            };
+            let spec = Spec {
+                instance,
+                path_prefix,
+                headers,
+                effect,
+                percent,
+                lasts,
+            };
+            traffic_cmd::inject(Admin::new(ch, t), &service, &spec, out).await
+        }
+        Command::Fault(FaultCommand::List) => traffic_cmd::list(Admin::new(ch, t), out).await,
+        Command::Fault(FaultCommand::Clear { service }) => {
+            traffic_cmd::clear(Admin::new(ch, t), service, out).await
         }
         Command::Policy(PolicyCommand::Apply { .. })
         | Command::Lab(_)

@@ -12,6 +12,43 @@ pub enum Format {
     Json,
 }
 
+/// An endpoint as JSON: the shared view and the instance's labels.
+#[derive(Serialize)]
+pub struct EndpointJson {
+    #[serde(flatten)]
+    view: wayfinder_proto::view::EndpointView,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+impl From<&wayfinder_proto::v1::Endpoint> for EndpointJson {
+    fn from(e: &wayfinder_proto::v1::Endpoint) -> Self {
+        Self {
+            view: e.into(),
+            labels: labels(e),
+        }
+    }
+}
+
+/// An endpoint's labels, sorted.
+pub fn labels(e: &wayfinder_proto::v1::Endpoint) -> std::collections::BTreeMap<String, String> {
+    e.instance
+        .as_ref()
+        .map(|i| i.labels.clone().into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// Labels as `k=v,k=v`, `-` without any.
+pub fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A table with a header row.
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();

@@ -15,7 +15,7 @@ use wayfinder_proto::v1::{
 use wayfinder_proto::view::EndpointView;
 
 use crate::commands::bracket;
-use crate::output::{self, Format};
+use crate::output::{self, EndpointJson, Format};
 
 /// Watches until `count` events were printed (0 = forever).
 pub async fn run(ch: Channel, services: Vec<String>, count: u64, out: Format) -> Result<()> {
@@ -70,12 +70,13 @@ pub async fn run(ch: Channel, services: Vec<String>, count: u64, out: Format) ->
 fn line(sign: char, e: &Endpoint) -> String {
     let v = EndpointView::from(e);
     format!(
-        "  {sign} {} {}:{} {} weight={}",
+        "  {sign} {} {}:{} {} weight={} labels={}",
         v.instance_id,
         bracket(&v.address),
         v.port,
         v.health,
-        v.weight
+        v.weight,
+        output::labels_text(&output::labels(e))
     )
 }
 
@@ -86,7 +87,7 @@ fn print_event(event: &WatchEvent, out: Format) -> Result<()> {
                 "snapshot",
                 serde_json::json!({
                     "exists": s.exists,
-                    "endpoints": s.endpoints.iter().map(EndpointView::from).collect::<Vec<_>>(),
+                    "endpoints": s.endpoints.iter().map(EndpointJson::from).collect::<Vec<_>>(),
                     "policy": s.policy,
                 }),
             ),
@@ -94,8 +95,8 @@ fn print_event(event: &WatchEvent, out: Format) -> Result<()> {
                 "delta",
                 serde_json::json!({
                     "prev_version": d.prev_version,
-                    "added": d.added.iter().map(EndpointView::from).collect::<Vec<_>>(),
-                    "changed": d.changed.iter().map(EndpointView::from).collect::<Vec<_>>(),
+                    "added": d.added.iter().map(EndpointJson::from).collect::<Vec<_>>(),
+                    "changed": d.changed.iter().map(EndpointJson::from).collect::<Vec<_>>(),
                     "removed": d.removed,
                     "policy": d.policy,
                     "policy_removed": d.policy_removed,

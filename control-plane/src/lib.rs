@@ -2,6 +2,7 @@
 //! push, per-service policy, durable state, and the gRPC and HTTP servers.
 
 pub mod ca;
+pub mod faults;
 pub mod grpc;
 pub mod http;
 pub mod policy_file;

@@ -293,6 +293,11 @@ async fn run(args: Args) -> Result<()> {
         tokio::spawn(p.run());
     }
     tokio::spawn(reaper(registry.clone()));
+    tokio::spawn(wayfinder_control::faults::expire(
+        registry.clone(),
+        backend.clone(),
+        wayfinder_control::faults::unix_ms_now,
+    ));
 
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http_listener.local_addr()?;

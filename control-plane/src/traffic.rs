@@ -1,6 +1,8 @@
 //! Live traffic between services, from the sidecars' reports: the last
 //! [`WINDOW`] of requests, 5xx answers and latency per caller → callee edge,
-//! merged over every reporting sidecar. Only the dashboard reads it.
+//! merged over every reporting sidecar, and per backend (the subset of the
+//! callee a route sent requests to, `version=v2`). The dashboard reads it,
+//! and `wfctl split` judges a progressive rollout by it (`/v1/traffic`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -57,7 +59,8 @@ pub struct Traffic {
 
 #[derive(Default)]
 struct Inner {
-    edges: BTreeMap<(String, String), VecDeque<Sample>>,
+    /// By (caller, callee, backend); backend `""` is every request of the edge.
+    edges: BTreeMap<(String, String, String), VecDeque<Sample>>,
     /// When every edge was last pruned.
     pruned: Option<Instant>,
 }
@@ -76,6 +79,25 @@ impl Inner {
         });
         self.pruned = Some(now);
     }
+}
+
+/// One backend of a callee, over every caller, as `wfctl split` judges it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BackendView {
+    /// Called service.
+    pub callee: String,
+    /// The subset, as `version=v2`.
+    pub backend: String,
+    /// Requests in the window asked for.
+    pub requests: u64,
+    /// 5xx answers among them.
+    pub errors: u64,
+    /// Share of 5xx answers.
+    pub error_rate: f64,
+    /// Median time to response headers, in ms.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile of time to response headers, in ms.
+    pub p99_ms: Option<f64>,
 }
 
 /// One edge as the dashboard shows it.
@@ -118,8 +140,8 @@ impl Traffic {
         let caller = report.service.as_str();
         let mut callers_edges = inner
             .edges
-            .range((caller.to_string(), String::new())..)
-            .take_while(|((c, _), _)| c == caller)
+            .range((caller.to_string(), String::new(), String::new())..)
+            .take_while(|((c, _, _), _)| c == caller)
             .count();
         for e in &report.edges {
             let mut buckets = [0u64; BUCKETS];
@@ -132,7 +154,7 @@ impl Traffic {
                 errors: e.errors,
                 buckets,
             };
-            let key = (report.service.clone(), e.callee.clone());
+            let key = (report.service.clone(), e.callee.clone(), e.backend.clone());
             if !inner.edges.contains_key(&key) {
                 if inner.edges.len() >= MAX_EDGES || callers_edges >= MAX_EDGES_PER_CALLER {
                     self.dropped.inc();
@@ -159,7 +181,8 @@ impl Traffic {
         }
     }
 
-    /// Every edge with traffic in the last [`WINDOW`].
+    /// Every edge with traffic in the last [`WINDOW`] (all its requests,
+    /// whatever backend they went to).
     pub fn edges(&self) -> Vec<EdgeView> {
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -167,29 +190,53 @@ impl Traffic {
         inner
             .edges
             .iter()
-            .map(|((caller, callee), samples)| {
-                let mut total = Sample {
-                    at: now,
-                    requests: 0,
-                    errors: 0,
-                    buckets: [0; BUCKETS],
-                };
-                for s in samples {
-                    total.merge(s);
-                }
+            .filter(|((_, _, backend), _)| backend.is_empty())
+            .map(|((caller, callee, _), samples)| {
+                let total = sum(samples.iter(), now);
                 let requests = total.requests;
                 EdgeView {
                     caller: caller.clone(),
                     callee: callee.clone(),
                     requests,
                     rps: requests as f64 / WINDOW.as_secs_f64(),
-                    error_rate: if requests == 0 {
-                        0.0
-                    } else {
-                        total.errors as f64 / requests as f64
-                    },
+                    error_rate: rate(total.errors, requests),
                     p99_ms: latency::quantile(&total.buckets, 0.99),
                 }
+            })
+            .collect()
+    }
+
+    /// Each backend of each callee with traffic in the last `window`
+    /// (at most [`WINDOW`]), summed over its callers, sorted by callee
+    /// and backend.
+    pub fn backends(&self, window: Duration) -> Vec<BackendView> {
+        let window = window.min(WINDOW);
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.prune(now);
+        let mut by: BTreeMap<(&str, &str), Sample> = BTreeMap::new();
+        for ((_, callee, backend), samples) in &inner.edges {
+            if backend.is_empty() {
+                continue;
+            }
+            let recent = samples
+                .iter()
+                .filter(|s| now.saturating_duration_since(s.at) <= window);
+            let part = sum(recent, now);
+            by.entry((callee.as_str(), backend.as_str()))
+                .and_modify(|t| t.merge(&part))
+                .or_insert(part);
+        }
+        by.into_iter()
+            .filter(|(_, t)| t.requests > 0)
+            .map(|((callee, backend), t)| BackendView {
+                callee: callee.to_string(),
+                backend: backend.to_string(),
+                requests: t.requests,
+                errors: t.errors,
+                error_rate: rate(t.errors, t.requests),
+                p50_ms: latency::quantile(&t.buckets, 0.5),
+                p99_ms: latency::quantile(&t.buckets, 0.99),
             })
             .collect()
     }
@@ -202,12 +249,46 @@ impl Traffic {
     }
 }
 
+/// The samples added up.
+fn sum<'a>(samples: impl Iterator<Item = &'a Sample>, now: Instant) -> Sample {
+    let mut total = Sample {
+        at: now,
+        requests: 0,
+        errors: 0,
+        buckets: [0; BUCKETS],
+    };
+    for s in samples {
+        total.merge(s);
+    }
+    total
+}
+
+/// `errors` over `requests`, 0 without requests.
+fn rate(errors: u64, requests: u64) -> f64 {
+    if requests == 0 {
+        0.0
+    } else {
+        errors as f64 / requests as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use wayfinder_proto::v1::EdgeTraffic;
 
     fn report(service: &str, callee: &str, requests: u64, errors: u64, ms: u64) -> TrafficReport {
+        backend_report(service, callee, "", requests, errors, ms)
+    }
+
+    fn backend_report(
+        service: &str,
+        callee: &str,
+        backend: &str,
+        requests: u64,
+        errors: u64,
+        ms: u64,
+    ) -> TrafficReport {
         let mut buckets = vec![0; BUCKETS];
         buckets[latency::bucket(Duration::from_millis(ms))] = requests;
         TrafficReport {
@@ -218,6 +299,7 @@ mod tests {
                 requests,
                 errors,
                 latency_buckets: buckets,
+                backend: backend.into(),
             }],
         }
     }
@@ -293,5 +375,31 @@ mod tests {
         // Nobody reports or reads: the timer alone empties it.
         tokio::time::sleep(WINDOW + SLOT * 2).await;
         assert_eq!(t.samples(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backends_sum_over_callers_within_the_window_and_leave_edges_unchanged() {
+        let t = Traffic::default();
+        t.record(&backend_report("client", "web", "version=v2", 10, 5, 200));
+        tokio::time::advance(Duration::from_secs(4)).await;
+        t.record(&report("client", "web", 100, 5, 1));
+        t.record(&backend_report("client", "web", "version=v1", 90, 0, 1));
+        t.record(&backend_report("other", "web", "version=v2", 10, 0, 1));
+        let e = t.edges();
+        assert_eq!(e.len(), 1, "backend entries are not edges: {e:?}");
+        assert_eq!(e[0].requests, 100);
+        let all = t.backends(WINDOW);
+        let got: Vec<_> = all
+            .iter()
+            .map(|b| (b.backend.as_str(), b.requests, b.errors))
+            .collect();
+        assert_eq!(got, [("version=v1", 90, 0), ("version=v2", 20, 5)]);
+        assert_eq!(all[1].error_rate, 0.25);
+        assert!(all[1].p99_ms.is_some_and(|p| p > 128.0), "{:?}", all[1]);
+        // The last 2 s only: the old v2 report is out of it.
+        let recent = t.backends(Duration::from_secs(2));
+        assert_eq!(recent[1].requests, 10);
+        assert_eq!(recent[1].errors, 0);
+        assert!(recent[1].p50_ms.is_some_and(|p| p <= 1.0));
     }
 }

@@ -154,6 +154,7 @@ fn report(bytes: &[u8]) {
     traffic.record(&r);
     traffic.record(&r);
     let _ = traffic.edges();
+    let _ = traffic.backends(std::time::Duration::from_secs(10));
 }
 
 fn certify(bytes: &[u8]) {

@@ -457,3 +457,46 @@ async fn the_dashboard_shows_subsets_their_weights_and_faults_with_time_left() -
     })
     .await
 }
+
+/// `wfctl lab compare` sets and clears a fault through the lab's control
+/// plane at their times, as `wfctl fault` does.
+#[tokio::test]
+async fn lab_compare_scenarios_inject_and_clear_faults() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let scenario = dir.path().join("faults.toml");
+    std::fs::write(
+        &scenario,
+        "duration = \"8s\"\nrate = 20\ntimeout = \"1s\"\n\
+         [[event]]\nat = \"25%\"\naction = \"fault\"\ntarget = \"web2\"\nabort = 503\n\
+         [[event]]\nat = \"60%\"\naction = \"fault-clear\"\n",
+    )?;
+    let run = tokio::process::Command::new(wayfinder_tests::bin("wfctl"))
+        .args([
+            "lab",
+            "compare",
+            "--ways",
+            "mesh",
+            "--nginx",
+            "none",
+            "--scenario",
+        ])
+        .arg(&scenario)
+        .arg("--out")
+        .arg(dir.path().join("report"))
+        .kill_on_drop(true)
+        .output();
+    let run = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .context("lab compare within 60 s")??;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("fault on web2: abort 503 (100 %)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("fault cleared"), "{stderr}");
+    assert!(!stderr.contains("FAILED"), "an event failed: {stderr}");
+    let report = std::fs::read_to_string(dir.path().join("report/report.md"))?;
+    assert!(report.contains("fault on web2"), "{report}");
+    Ok(())
+}

@@ -50,7 +50,7 @@ pub(crate) trait Lab {
 pub fn check_targets(sc: &Scenario, instances: &[String]) -> Result<(), ScenarioError> {
     let mut known: Vec<String> = instances.to_vec();
     for e in &sc.events {
-        if !e.action.has_target() {
+        if e.target.is_empty() {
             continue;
         }
         let exists = known.contains(&e.target);

@@ -1022,6 +1022,36 @@ impl Lab for DockerLab {
                 let id = self.ids(&[&self.derived.control]).await?;
                 docker(&["start", &id[0]]).await?;
             }
+            // wfctl inside the control plane's container holds the
+            // operator's credential: the lab never handles it.
+            Action::Fault(f) => {
+                let id = self.ids(&[&self.derived.control]).await?;
+                let service = self.derived.service.clone();
+                let mut args: Vec<String> = ["exec", &id[0], "wfctl", "fault", "inject", &service]
+                    .map(String::from)
+                    .to_vec();
+                if !t.is_empty() {
+                    // An injected instance's id is its compose name.
+                    args.extend(["--instance".into(), t.to_string()]);
+                }
+                match f.effect {
+                    crate::traffic::fault::Effect::Abort(status) => {
+                        args.extend(["--abort".into(), status.to_string()]);
+                    }
+                    crate::traffic::fault::Effect::Delay(d) => {
+                        args.extend(["--delay".into(), format!("{}ms", d.as_millis())]);
+                    }
+                    crate::traffic::fault::Effect::Reset => args.push("--reset".into()),
+                }
+                args.extend(["--percent".into(), f.percent.to_string()]);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                docker(&args).await?;
+            }
+            Action::FaultClear => {
+                let id = self.ids(&[&self.derived.control]).await?;
+                let service = self.derived.service.clone();
+                docker(&["exec", &id[0], "wfctl", "fault", "clear", &service]).await?;
+            }
         }
         Ok(())
     }

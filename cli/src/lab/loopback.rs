@@ -446,6 +446,38 @@ impl Loopback {
     }
 }
 
+impl Loopback {
+    /// `web`'s fault set or cleared through the control plane, as `wfctl
+    /// fault` does.
+    async fn mesh_fault(&self, event: &Event) -> Result<()> {
+        use crate::traffic::{Admin, fault};
+        let ch = crate::connect::channel(
+            &self.control.url,
+            &self.control.data.join("operator"),
+            Duration::from_secs(5),
+        )
+        .await?;
+        let admin = Admin::new(ch, Duration::from_secs(5));
+        match &event.action {
+            Action::Fault(f) => {
+                let spec = fault::Spec {
+                    instance: (!event.target.is_empty()).then(|| event.target.clone()),
+                    path_prefix: None,
+                    headers: Vec::new(),
+                    effect: f.effect,
+                    percent: f.percent,
+                    lasts: None,
+                };
+                fault::inject(&admin, "web", &spec).await?;
+            }
+            _ => {
+                fault::clear(&admin, "web").await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Lab for Loopback {
     async fn act(&mut self, event: &Event) -> Result<()> {
         let n = match event.action.has_target() {
@@ -491,6 +523,7 @@ impl Lab for Loopback {
                     "wf-control serving",
                 )?;
             }
+            Action::Fault(_) | Action::FaultClear => self.mesh_fault(event).await?,
         }
         Ok(())
     }
@@ -555,7 +588,7 @@ pub async fn run(cfg: &Config) -> Result<PathBuf> {
     let have: Vec<String> = (1..=3).map(Loopback::key).collect();
     compare::check_targets(&cfg.scenario, &have)?;
     for e in &cfg.scenario.events {
-        if e.action.has_target() && number(&e.target).is_none() {
+        if !e.target.is_empty() && number(&e.target).is_none() {
             return Err(cfg
                 .scenario
                 .error_at(

@@ -9,6 +9,17 @@
 //! at = "40%"         # of the duration, or a time ("24s")
 //! action = "kill"
 //! target = "web2"
+//!
+//! [[event]]          # the callers' sidecars inject it (the mesh way only)
+//! at = "10s"
+//! action = "fault"
+//! target = "web2"    # optional: tries to this instance only
+//! abort = 503        # or delay = "200ms", or reset = true
+//! percent = 100      # of the matching tries (default 100)
+//!
+//! [[event]]
+//! at = "20s"
+//! action = "fault-clear"
 //! ```
 //!
 //! The same file drives the loopback lab and the Docker one. Everything is
@@ -59,6 +70,35 @@ pub enum Action {
     ControlDown,
     /// Start it again.
     ControlUp,
+    /// The callers' sidecars inject this fault into calls to the service
+    /// (tries to `target` only, when there is one), through the control
+    /// plane as `wfctl fault inject` does.
+    Fault(FaultEffect),
+    /// Remove the fault (`wfctl fault clear`).
+    FaultClear,
+}
+
+/// What an injected fault does, and to what share of the tries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FaultEffect {
+    /// Abort, delay or reset.
+    pub effect: crate::traffic::fault::Effect,
+    /// Percent of the matching tries.
+    pub percent: f64,
+}
+
+// Percents come from a checked range (0-100), never NaN.
+impl Eq for FaultEffect {}
+
+/// Whether an action names an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetRule {
+    /// It acts on one instance.
+    Required,
+    /// It may be narrowed to one.
+    Optional,
+    /// It acts on something else (the control plane, every caller).
+    Never,
 }
 
 impl Action {
@@ -74,17 +114,27 @@ impl Action {
             Action::Add => "add",
             Action::ControlDown => "control-down",
             Action::ControlUp => "control-up",
+            Action::Fault(_) => "fault",
+            Action::FaultClear => "fault-clear",
+        }
+    }
+
+    /// Whether it names an instance.
+    pub fn target_rule(&self) -> TargetRule {
+        match self {
+            Action::ControlDown | Action::ControlUp | Action::FaultClear => TargetRule::Never,
+            Action::Fault(_) => TargetRule::Optional,
+            _ => TargetRule::Required,
         }
     }
 
     /// Whether it acts on one instance (and so needs a `target`).
     pub fn has_target(&self) -> bool {
-        !matches!(self, Action::ControlDown | Action::ControlUp)
+        self.target_rule() == TargetRule::Required
     }
 }
 
-const ACTIONS: &str =
-    "kill, pause, resume, restart, slow, unhealthy, add, control-down, control-up";
+const ACTIONS: &str = "kill, pause, resume, restart, slow, unhealthy, add, control-down, control-up, fault, fault-clear";
 
 /// One event of the timeline.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,6 +165,21 @@ impl Event {
             Action::Add => format!("{} added", self.target),
             Action::ControlDown => "control plane down".into(),
             Action::ControlUp => "control plane up".into(),
+            Action::Fault(f) => {
+                use crate::traffic::fault::Effect;
+                let what = match f.effect {
+                    Effect::Abort(s) => format!("abort {s}"),
+                    Effect::Delay(d) => format!("delay {} ms", d.as_millis()),
+                    Effect::Reset => "reset".into(),
+                };
+                let on = if self.target.is_empty() {
+                    "every instance".to_string()
+                } else {
+                    self.target.clone()
+                };
+                format!("fault on {on}: {what} ({} %)", f.percent)
+            }
+            Action::FaultClear => "fault cleared".into(),
         }
     }
 }
@@ -155,6 +220,12 @@ struct RawEvent {
     target: Option<toml::Spanned<String>>,
     #[serde(default)]
     delay: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    abort: Option<toml::Spanned<u32>>,
+    #[serde(default)]
+    reset: Option<toml::Spanned<bool>>,
+    #[serde(default)]
+    percent: Option<toml::Spanned<f64>>,
 }
 
 impl Scenario {
@@ -271,6 +342,17 @@ impl Scenario {
                     ),
                 )
             })?;
+            let delay = |d: &toml::Spanned<String>| {
+                parse_duration(d.get_ref())
+                    .filter(|v| !v.is_zero() && *v <= Duration::from_secs(30))
+                    .ok_or_else(|| {
+                        err(
+                            Some(at(d)),
+                            field("delay"),
+                            format!("{:?}: give a time from 1ms to 30s", d.get_ref()),
+                        )
+                    })
+            };
             let action = match e.action.get_ref().as_str() {
                 "kill" => Action::Kill,
                 "pause" => Action::Pause,
@@ -284,22 +366,14 @@ impl Scenario {
                             "slow needs a delay (\"200ms\")".into(),
                         )
                     })?;
-                    Action::Slow(
-                        parse_duration(d.get_ref())
-                            .filter(|v| !v.is_zero() && *v <= Duration::from_secs(30))
-                            .ok_or_else(|| {
-                                err(
-                                    Some(at(d)),
-                                    field("delay"),
-                                    format!("{:?}: give a time from 1ms to 30s", d.get_ref()),
-                                )
-                            })?,
-                    )
+                    Action::Slow(delay(d)?)
                 }
                 "unhealthy" => Action::Unhealthy,
                 "add" => Action::Add,
                 "control-down" => Action::ControlDown,
                 "control-up" => Action::ControlUp,
+                "fault" => Action::Fault(fault_effect(e, &err, &delay, i)?),
+                "fault-clear" => Action::FaultClear,
                 other => {
                     return Err(err(
                         Some(at(&e.action)),
@@ -308,15 +382,30 @@ impl Scenario {
                     ));
                 }
             };
-            if let (Some(d), false) = (&e.delay, matches!(action, Action::Slow(_))) {
+            let is_fault = matches!(action, Action::Fault(_));
+            if let (Some(d), false) = (&e.delay, matches!(action, Action::Slow(_)) || is_fault) {
                 return Err(err(
                     Some(at(d)),
                     field("delay"),
-                    format!("only slow takes a delay, not {}", action.name()),
+                    format!("only slow and fault take a delay, not {}", action.name()),
                 ));
             }
-            let target = match (&e.target, action.has_target()) {
-                (Some(t), true) => {
+            let only_fault = [
+                ("abort", e.abort.as_ref().map(|v| v.span().start)),
+                ("reset", e.reset.as_ref().map(|v| v.span().start)),
+                ("percent", e.percent.as_ref().map(|v| v.span().start)),
+            ];
+            if let (Some((name, Some(offset))), false) =
+                (only_fault.iter().find(|(_, o)| o.is_some()), is_fault)
+            {
+                return Err(err(
+                    Some(*offset),
+                    field(name),
+                    format!("only fault takes {name}, not {}", action.name()),
+                ));
+            }
+            let target = match (&e.target, action.target_rule()) {
+                (Some(t), TargetRule::Required | TargetRule::Optional) => {
                     let name = t.get_ref();
                     if !is_instance_name(name) {
                         return Err(err(
@@ -327,21 +416,26 @@ impl Scenario {
                     }
                     name.clone()
                 }
-                (None, true) => {
+                (None, TargetRule::Required) => {
                     return Err(err(
                         Some(at(&e.action)),
                         field("target"),
                         format!("{} needs a target instance (\"web2\")", action.name()),
                     ));
                 }
-                (Some(t), false) => {
+                (Some(t), TargetRule::Never) => {
+                    let on = if action == Action::FaultClear {
+                        "clears the service's fault"
+                    } else {
+                        "acts on the control plane"
+                    };
                     return Err(err(
                         Some(at(t)),
                         field("target"),
-                        format!("{} acts on the control plane: no target", action.name()),
+                        format!("{} {on}: no target", action.name()),
                     ));
                 }
-                (None, false) => String::new(),
+                (None, _) => String::new(),
             };
             events.push(Event {
                 at: offset,
@@ -390,6 +484,52 @@ impl Scenario {
             .map(|e| e.target.as_str())
             .collect()
     }
+}
+
+/// A fault event's effect: one of `abort`, `delay` and `reset = true`, and
+/// its `percent`.
+fn fault_effect(
+    e: &RawEvent,
+    err: &impl Fn(Option<usize>, Option<String>, String) -> ScenarioError,
+    delay: &impl Fn(&toml::Spanned<String>) -> Result<Duration, ScenarioError>,
+    i: usize,
+) -> Result<FaultEffect, ScenarioError> {
+    use crate::traffic::fault::Effect;
+    let field = |k: &str| Some(format!("event[{i}].{k}"));
+    let reset = e.reset.as_ref().filter(|r| *r.get_ref());
+    let effect = match (&e.abort, &e.delay, reset) {
+        (Some(a), None, None) => {
+            if !(200..=599).contains(a.get_ref()) {
+                return Err(err(
+                    Some(a.span().start),
+                    field("abort"),
+                    format!("{}: give an HTTP status from 200 to 599", a.get_ref()),
+                ));
+            }
+            Effect::Abort(*a.get_ref())
+        }
+        (None, Some(d), None) => Effect::Delay(delay(d)?),
+        (None, None, Some(_)) => Effect::Reset,
+        _ => {
+            return Err(err(
+                Some(e.action.span().start),
+                field("action"),
+                "fault needs one of abort = STATUS, delay = \"200ms\" or reset = true".into(),
+            ));
+        }
+    };
+    let percent = match &e.percent {
+        None => 100.0,
+        Some(p) if (0.0..=100.0).contains(p.get_ref()) => *p.get_ref(),
+        Some(p) => {
+            return Err(err(
+                Some(p.span().start),
+                field("percent"),
+                format!("{}: give a percentage from 0 to 100", p.get_ref()),
+            ));
+        }
+    };
+    Ok(FaultEffect { effect, percent })
 }
 
 fn is_instance_name(s: &str) -> bool {
@@ -543,7 +683,31 @@ mod tests {
             ),
             (
                 ev("at = \"40%\"\naction = \"kill\"\ntarget = \"web2\"\ndelay = \"1s\"\n"),
-                "bad.toml:7: field event[0].delay: only slow takes a delay",
+                "bad.toml:7: field event[0].delay: only slow and fault take a delay",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"fault\"\ntarget = \"web2\"\n"),
+                "bad.toml:5: field event[0].action: fault needs one of abort",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"fault\"\nabort = 503\nreset = true\n"),
+                "bad.toml:5: field event[0].action: fault needs one of abort",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"fault\"\nabort = 99\n"),
+                "bad.toml:6: field event[0].abort: 99: give an HTTP status",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"fault\"\nabort = 503\npercent = 150\n"),
+                "bad.toml:7: field event[0].percent: 150: give a percentage",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"kill\"\ntarget = \"web2\"\nabort = 503\n"),
+                "bad.toml:7: field event[0].abort: only fault takes abort, not kill",
+            ),
+            (
+                ev("at = \"40%\"\naction = \"fault-clear\"\ntarget = \"web2\"\n"),
+                "bad.toml:6: field event[0].target: fault-clear clears the service's fault: no target",
             ),
             (
                 ev("at = \"40%\"\naction = \"kill\"\ntarget = \"web 2\"\n"),
@@ -561,5 +725,57 @@ mod tests {
             let got = error(&text);
             assert!(got.starts_with(want), "{text}\ngot:  {got}\nwant: {want}");
         }
+    }
+
+    #[test]
+    fn fault_events_take_an_effect_a_share_and_an_optional_instance() {
+        use crate::traffic::fault::Effect;
+        let s = Scenario::parse(
+            "s.toml",
+            "duration = \"60s\"\n\
+             [[event]]\nat = \"10s\"\naction = \"fault\"\ntarget = \"web2\"\nabort = 503\n\
+             [[event]]\nat = \"20s\"\naction = \"fault\"\ndelay = \"200ms\"\npercent = 25\n\
+             [[event]]\nat = \"25s\"\naction = \"fault\"\nreset = true\npercent = 5.5\n\
+             [[event]]\nat = \"30s\"\naction = \"fault-clear\"\n",
+        )
+        .expect("parses");
+        let got: Vec<_> = s
+            .events
+            .iter()
+            .map(|e| (e.action.clone(), e.target.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    Action::Fault(FaultEffect {
+                        effect: Effect::Abort(503),
+                        percent: 100.0
+                    }),
+                    "web2"
+                ),
+                (
+                    Action::Fault(FaultEffect {
+                        effect: Effect::Delay(Duration::from_millis(200)),
+                        percent: 25.0
+                    }),
+                    ""
+                ),
+                (
+                    Action::Fault(FaultEffect {
+                        effect: Effect::Reset,
+                        percent: 5.5
+                    }),
+                    ""
+                ),
+                (Action::FaultClear, ""),
+            ]
+        );
+        assert_eq!(s.events[0].label(), "fault on web2: abort 503 (100 %)");
+        assert_eq!(
+            s.events[1].label(),
+            "fault on every instance: delay 200 ms (25 %)"
+        );
+        assert_eq!(s.events[3].label(), "fault cleared");
     }
 }

@@ -13,6 +13,9 @@ use crate::traffic::Traffic;
 
 /// Most edges one report may carry.
 pub const MAX_EDGES: usize = 1000;
+/// Longest backend name (`version=v2,zone=a`) an edge may carry; a report
+/// with a longer one is refused like any other invalid edge.
+pub const MAX_BACKEND_LEN: usize = 512;
 
 /// The Telemetry service.
 pub struct TelemetryService {
@@ -40,6 +43,11 @@ pub fn check(r: &TrafficReport) -> Result<(), Status> {
     for (i, e) in r.edges.iter().enumerate() {
         wayfinder_proto::validate::service_name(&e.callee)
             .map_err(|err| invalid(format!("edges[{i}].callee: {err}")))?;
+        if e.backend.len() > MAX_BACKEND_LEN || e.backend.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "edges[{i}].backend: at most {MAX_BACKEND_LEN} printable bytes"
+            )));
+        }
         if e.errors > e.requests {
             return Err(invalid(format!("edges[{i}]: more errors than requests")));
         }
@@ -67,5 +75,34 @@ impl Telemetry for TelemetryService {
         }
         self.traffic.record(&r);
         Ok(Response::new(ReportAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wayfinder_proto::v1::EdgeTraffic;
+
+    fn report(backend: &str) -> TrafficReport {
+        TrafficReport {
+            node: "client-1".into(),
+            service: "client".into(),
+            edges: vec![EdgeTraffic {
+                callee: "web".into(),
+                requests: 1,
+                errors: 0,
+                latency_buckets: vec![0; BUCKETS],
+                backend: backend.into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn backends_are_short_printable_names() {
+        assert!(check(&report("")).is_ok());
+        assert!(check(&report("version=v2,zone=a")).is_ok());
+        let e = check(&report(&"v".repeat(MAX_BACKEND_LEN + 1))).expect_err("too long");
+        assert!(e.message().contains("edges[0].backend"), "{e}");
+        assert!(check(&report("version=v2\u{1b}[2J")).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! The live dashboard at `/`: one self-contained page (no asset from the
-//! internet) showing services, their instances and health, and traffic per
-//! caller → callee edge. The page loads `/v1/dashboard` once, then follows
+//! internet) showing services, their instances and health, their routes'
+//! subsets (configured weights and observed shares) and active faults, and
+//! traffic per caller → callee edge. The page loads `/v1/dashboard` once, then follows
 //! `/v1/dashboard/events` (server-sent events, a snapshot per second).
 
 use std::convert::Infallible;
@@ -16,7 +17,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::IntervalStream;
 
 use super::{HttpState, ServiceView, view};
-use crate::traffic::{EdgeView, WINDOW};
+use crate::traffic::{BackendView, EdgeView, WINDOW};
 
 /// How often the page gets a new snapshot.
 pub const PUSH_EVERY: Duration = Duration::from_secs(1);
@@ -30,6 +31,10 @@ pub struct Snapshot {
     pub services: Vec<ServiceView>,
     /// Traffic over the last window.
     pub edges: Vec<EdgeView>,
+    /// Traffic per subset a route sent to, over the last window.
+    pub backends: Vec<BackendView>,
+    /// The server's wall clock (Unix ms), against which faults end.
+    pub now_unix_ms: u64,
     /// The window, in seconds.
     pub window_secs: u64,
 }
@@ -43,6 +48,8 @@ fn snapshot(s: &HttpState) -> Snapshot {
             .filter_map(|sum| view(&s.registry, &sum.name))
             .collect(),
         edges: s.traffic.edges(),
+        backends: s.traffic.backends(WINDOW),
+        now_unix_ms: crate::faults::unix_ms_now(),
         window_secs: WINDOW.as_secs(),
     }
 }

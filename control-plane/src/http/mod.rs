@@ -30,7 +30,7 @@ pub struct HttpState {
 }
 
 /// The router: `/healthz`, `/readyz` (503 while a replica is cut off from
-/// etcd), `/metrics`, `/v1/services`, `/v1/services/{name}`,
+/// etcd), `/metrics`, `/v1/services`, `/v1/services/{name}`, `/v1/traffic`,
 /// and the dashboard (`/`, `/v1/dashboard`, `/v1/dashboard/events`).
 pub fn router(state: HttpState) -> Router {
     Router::new()
@@ -40,6 +40,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/services", get(services))
         .route("/v1/services/{name}", get(service))
+        .route("/v1/traffic", get(traffic))
         .with_state(state)
 }
 
@@ -59,6 +60,27 @@ async fn metrics(State(s): State<HttpState>) -> Response {
     wayfinder_proto::server::metrics_response(&s.metrics)
 }
 
+/// One endpoint as JSON: the shared view and the instance's labels.
+#[derive(Serialize)]
+pub struct EndpointJson {
+    #[serde(flatten)]
+    view: EndpointView,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+impl From<&wayfinder_proto::v1::Endpoint> for EndpointJson {
+    fn from(e: &wayfinder_proto::v1::Endpoint) -> Self {
+        Self {
+            view: EndpointView::from(e),
+            labels: e
+                .instance
+                .as_ref()
+                .map(|i| i.labels.clone().into_iter().collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// One service as JSON.
 #[derive(Serialize)]
 pub struct ServiceView {
@@ -66,7 +88,7 @@ pub struct ServiceView {
     version: u64,
     instances: u32,
     serving: u32,
-    endpoints: Vec<EndpointView>,
+    endpoints: Vec<EndpointJson>,
     policy: Option<ServicePolicy>,
 }
 
@@ -81,7 +103,7 @@ pub fn view(registry: &Registry, name: &str) -> Option<ServiceView> {
             .iter()
             .filter(|e| e.health == Health::Serving as i32)
             .count() as u32,
-        endpoints: endpoints.iter().map(EndpointView::from).collect(),
+        endpoints: endpoints.iter().map(EndpointJson::from).collect(),
         policy: registry.policy(name),
     })
 }
@@ -94,6 +116,36 @@ async fn services(State(s): State<HttpState>) -> Json<serde_json::Value> {
         .filter_map(|sum| view(&s.registry, &sum.name))
         .collect();
     Json(serde_json::json!({ "services": all }))
+}
+
+/// `?window=5s`: how far back `/v1/traffic` adds up backends.
+#[derive(serde::Deserialize)]
+struct TrafficQuery {
+    window: Option<String>,
+}
+
+/// `/v1/traffic[?window=DUR]`: the edges of the last window (as the
+/// dashboard shows them) and each callee's backends over the last `window`
+/// (default and at most the traffic window), for `wfctl split`.
+async fn traffic(
+    State(s): State<HttpState>,
+    axum::extract::Query(q): axum::extract::Query<TrafficQuery>,
+) -> Response {
+    let window = match q
+        .window
+        .as_deref()
+        .map(wayfinder_proto::policy::parse_duration)
+    {
+        None => crate::traffic::WINDOW,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => return (StatusCode::BAD_REQUEST, format!("window: {e}\n")).into_response(),
+    };
+    Json(serde_json::json!({
+        "window_secs": window.min(crate::traffic::WINDOW).as_secs_f64(),
+        "edges": s.traffic.edges(),
+        "backends": s.traffic.backends(window),
+    }))
+    .into_response()
 }
 
 async fn service(State(s): State<HttpState>, Path(name): Path<String>) -> Response {

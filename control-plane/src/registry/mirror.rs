@@ -105,6 +105,7 @@ impl Registry {
                         .push(instance_id);
                 }
                 Record::Policy { service, policy } => {
+                    let policy = policy.map(|p| *p);
                     let svc = st
                         .services
                         .entry(service.clone())
@@ -175,7 +176,7 @@ impl Registry {
             if s.policy.is_some() {
                 records.push(Record::Policy {
                     service: s.name.clone(),
-                    policy: s.policy,
+                    policy: s.policy.map(Box::new),
                 });
             }
             for endpoint in s.endpoints {

@@ -32,7 +32,7 @@ impl Registry {
         if change.policy.is_some() || change.policy_removed {
             records.push(Record::Policy {
                 service: name.to_string(),
-                policy: change.policy.clone(),
+                policy: change.policy.clone().map(Box::new),
             });
         }
         records.push(Record::Version {

@@ -84,6 +84,18 @@ impl Registry {
         self.lock().services.get(service)?.policy.clone()
     }
 
+    /// Every service's policy, sorted by service.
+    pub fn policies(&self) -> Vec<ServicePolicy> {
+        let st = self.lock();
+        let mut out: Vec<_> = st
+            .services
+            .values()
+            .filter_map(|s| s.policy.clone())
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+
     /// Applies policies (already validated). Unchanged ones are skipped.
     /// Returns the version and the services that changed.
     pub fn apply_policies(&self, policies: Vec<ServicePolicy>) -> (u64, Vec<String>) {

@@ -474,7 +474,7 @@ impl Etcd {
             Some(Key::Policy { service }) => records.push(Record::Policy {
                 service: service.to_string(),
                 policy: if put {
-                    read_json::<ServicePolicy>(key, kv.value())
+                    read_json::<ServicePolicy>(key, kv.value()).map(Box::new)
                 } else {
                     None
                 },

@@ -65,8 +65,9 @@ pub enum Record {
     Policy {
         /// Service.
         service: String,
-        /// New policy.
-        policy: Option<ServicePolicy>,
+        /// New policy (boxed: a policy with routes and a fault is several
+        /// times larger than the other records; serialised the same).
+        policy: Option<Box<ServicePolicy>>,
     },
     /// A service's version after a change.
     Version {
@@ -156,7 +157,7 @@ impl Persisted {
                     services.entry(service).or_default().2.remove(&instance_id);
                 }
                 Record::Policy { service, policy } => {
-                    services.entry(service).or_default().1 = policy
+                    services.entry(service).or_default().1 = policy.map(|p| *p)
                 }
                 Record::Version { service, version } => {
                     services.entry(service).or_default().0 = version
