@@ -89,6 +89,11 @@ async fn a_two_hop_call_is_one_trace_with_four_linked_proxy_spans() -> Result<()
         let collector = Collector::start().await?;
         let otlp = collector.endpoint();
         let cp = ControlPlane::start(&[])?;
+        // A route, whose name and backend the caller's span carries.
+        wayfinder_tests::apply_policy(
+            &cp,
+            "[[services.web.routes]]\nname = \"all\"\nbackends = [{ service = \"web\" }]\n",
+        )?;
         let _web = traced_instance(&cp, "web", &otlp)?;
         let _api = traced_instance(&cp, "api", &otlp)?;
         wait_serving(&cp, "web", 1).await?;
@@ -151,6 +156,8 @@ async fn a_two_hop_call_is_one_trace_with_four_linked_proxy_spans() -> Result<()
         assert_eq!(wc.name, "GET api");
         assert_eq!(c.attr("wayfinder.endpoint"), Some("web-1"));
         assert_eq!(c.attr("wayfinder.attempts"), Some("1"));
+        assert_eq!(c.attr("wayfinder.route"), Some("all"));
+        assert_eq!(c.attr("wayfinder.backend"), Some("web"));
         assert_eq!(c.attr("http.response.status_code"), Some("200"));
         assert_eq!(a.attr("url.path"), Some("/"));
 

@@ -537,3 +537,119 @@ async fn a_failing_canary_is_rolled_back_and_split_exits_non_zero() -> Result<()
     })
     .await
 }
+
+/// `n` GETs of `path` (with `headers`) through `web`, one after another:
+/// their statuses and `x-wayfinder-error`s, and the fastest and slowest.
+async fn statuses(
+    web: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    n: usize,
+) -> Result<(Vec<(u16, Option<String>)>, (Duration, Duration))> {
+    let mut spec = Spec::get(web, "web");
+    spec.path = path.to_string();
+    for (k, v) in headers {
+        spec = spec.with_header(k, v);
+    }
+    let report = load::run(spec, 1, n, Arc::new(AtomicUsize::new(0))).await;
+    let range = (report.quantile(0.0), report.quantile(1.0));
+    Ok((
+        report
+            .samples
+            .into_iter()
+            .map(|s| (s.status, s.error))
+            .collect(),
+        range,
+    ))
+}
+
+#[tokio::test]
+async fn route_retries_and_fault_delays_resets_paths_and_headers_act_through_real_sidecars()
+-> Result<()> {
+    bounded(async {
+        let cp = ControlPlane::start(&[])?;
+        // web-2 aborts every try. The `once` route (v1 only, round robin
+        // over web-1 and web-2) allows one attempt; the rest of the
+        // service keeps the default retries.
+        apply_policy(
+            &cp,
+            r#"
+[services.web]
+balancer = "round-robin"
+[[services.web.routes]]
+name = "once"
+match = { path_prefix = "/once" }
+backends = [{ subset = { version = "v1" } }]
+retries = { max_attempts = 1 }
+[services.web.fault]
+match = { instance = "web-2" }
+abort = { status = 503, percent = 100 }
+"#,
+        )?;
+        let _lab = versioned(&cp).await?;
+        let (client, web, _) = client(&cp, &[])?;
+        wait_client(&client, "the route", |t| t.contains("\"name\":\"once\"")).await?;
+        let (once, _) = statuses(web, "/once", &[], 20).await?;
+        let failed = once.iter().filter(|(s, _)| *s == 503).count();
+        assert_eq!(failed, 10, "half of /once on web-2, not retried: {once:?}");
+        let (rest, _) = statuses(web, "/", &[], 20).await?;
+        assert!(rest.iter().all(|(s, _)| *s == 200), "retried elsewhere: {rest:?}");
+
+        // A delay where the path and a header match, nowhere else.
+        apply_policy(
+            &cp,
+            r#"
+[services.web.fault]
+match = { path_prefix = "/slow", headers = { "x-chaos" = "on" } }
+delay = { duration = "1s", percent = 100 }
+"#,
+        )?;
+        wait_client(&client, "the delay", |t| t.contains("\"delay\"")).await?;
+        let (slow, (fastest, _)) = statuses(web, "/slow/x", &[("x-chaos", "on")], 3).await?;
+        assert!(slow.iter().all(|(s, _)| *s == 200), "{slow:?}");
+        assert!(
+            fastest >= Duration::from_secs(1),
+            "every matching request waits 1 s: {fastest:?}"
+        );
+        for (path, headers) in [("/slow/x", &[][..]), ("/fast", &[("x-chaos", "on")][..])] {
+            let (_, (_, slowest)) = statuses(web, path, headers, 3).await?;
+            assert!(
+                slowest < Duration::from_secs(1),
+                "{path} {headers:?} was delayed: {slowest:?}"
+            );
+        }
+
+        // Resets on web-2: retried (the default `reset` condition) with
+        // retries on; answered 502 fault-injected with them off.
+        apply_policy(
+            &cp,
+            "[services.web]\nbalancer = \"round-robin\"\n[services.web.fault]\nmatch = { instance = \"web-2\" }\nreset = { percent = 100 }\n",
+        )?;
+        wait_client(&client, "the reset", |t| t.contains("\"reset\":{\"percent\"")).await?;
+        let (rescued, _) = statuses(web, "/", &[], 30).await?;
+        assert!(rescued.iter().all(|(s, _)| *s == 200), "{rescued:?}");
+        apply_policy(
+            &cp,
+            "[services.web]\nbalancer = \"round-robin\"\n[services.web.retries]\nmax_attempts = 1\n[services.web.fault]\nmatch = { instance = \"web-2\" }\nreset = { percent = 100 }\n",
+        )?;
+        wait_client(&client, "retries off", |t| t.contains("\"max_attempts\":1")).await?;
+        let (reset, _) = statuses(web, "/", &[], 30).await?;
+        let resets: Vec<_> = reset.iter().filter(|(s, _)| *s != 200).collect();
+        assert_eq!(resets.len(), 10, "{reset:?}");
+        assert!(
+            resets
+                .iter()
+                .all(|(s, e)| *s == 502 && e.as_deref() == Some("fault-injected")),
+            "{resets:?}"
+        );
+        let (_, m) = admin_get(&client, "/metrics").await?;
+        for kind in ["abort", "delay", "reset"] {
+            assert!(
+                metric_with(&m, "wayfinder_proxy_faults_injected_total", &format!("kind=\"{kind}\"")) > 0.0,
+                "{kind}: {m}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}

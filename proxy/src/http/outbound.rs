@@ -354,14 +354,17 @@ async fn route(call: &Call<'_>, plan: &Plan, req: Request<Incoming>) -> Response
                 fault::Rolls::random(),
             )
         });
-        if let Some(delay) = injected.and_then(|i| i.delay) {
+        let delayed = injected.and_then(|i| i.delay);
+        if let Some(delay) = delayed {
             call.injected("delay");
             let left = deadline.map_or(delay, |d| d.saturating_duration_since(Instant::now()));
             tokio::time::sleep(delay.min(left)).await;
         }
         let t = Try {
             ep,
-            started: if attempt == 1 {
+            // After an injected delay the try starts now: its time limit is
+            // what is left, and the endpoint is not charged for the wait.
+            started: if attempt == 1 && delayed.is_none() {
                 started
             } else {
                 Instant::now()
