@@ -41,18 +41,18 @@ fn metric_with(text: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
-/// web-1 and web-2 labelled `version=v1`, web-3 `version=v2`, all serving.
+/// web-1 and web-2 labelled `version=v1`, web-3 `version=v2` (with a
+/// second label), all serving. All have weight 7 (not the default 100):
+/// the balancers divide by weight, so equal weights keep the shares even.
 async fn versioned(cp: &ControlPlane) -> Result<Vec<Instance>> {
     let mut lab = Vec::new();
     for (name, version) in [("web-1", "v1"), ("web-2", "v1"), ("web-3", "v2")] {
         let label = format!("version={version}");
-        lab.push(instance_with(
-            cp,
-            "web",
-            name,
-            "/healthz",
-            &["--label", &label],
-        )?);
+        let mut flags = vec!["--label", label.as_str(), "--weight", "7"];
+        if version == "v2" {
+            flags.extend(["--label", "track=canary"]);
+        }
+        lab.push(instance_with(cp, "web", name, "/healthz", &flags)?);
     }
     wait_serving(cp, "web", 3).await?;
     Ok(lab)
@@ -104,6 +104,18 @@ async fn a_ninety_ten_split_holds_to_a_point_and_a_half_and_a_header_sends_all_t
             t.matches("\"version\":\"v").count() >= 3 && t.contains("\"backend\":\"version=v2\"")
         })
         .await?;
+
+        // The registration carried the sidecar's labels and weight.
+        let (ok, out, err) = wfctl(&cp, &["-o", "json", "endpoints", "web"])?;
+        assert!(ok, "{err}");
+        let eps: serde_json::Value = serde_json::from_str(out.trim())?;
+        let web3 = eps["endpoints"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e.to_string().contains("web-3")))
+            .context("web-3 listed")?;
+        assert_eq!(web3["weight"], 7, "{web3}");
+        assert_eq!(web3["labels"]["version"], "v2", "{web3}");
+        assert_eq!(web3["labels"]["track"], "canary", "{web3}");
 
         let n = 10_000;
         let report = load::run(Spec::get(web, "web"), 16, n, Arc::new(AtomicUsize::new(0))).await;
