@@ -170,3 +170,32 @@ pub fn instance_of(body: &str) -> String {
 pub async fn admin_get(p: &Process, path: &str) -> Result<(u16, String)> {
     crate::http_get(p.addr("admin=")?, path).await
 }
+
+/// Requests the lab-app at `app` has served (its own count, `GET /fault`).
+pub async fn served(app: SocketAddr) -> Result<u64> {
+    let (_, _, body) = crate::http_request(app, "GET", "/fault", "lab", "").await?;
+    let json = body
+        .find('{')
+        .and_then(|s| body.rfind('}').map(|e| &body[s..=e]))
+        .ok_or_else(|| anyhow::anyhow!("no JSON in {body:?}"))?;
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    v["served"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no served count in {json}"))
+}
+
+/// Waits until `pred` holds of sidecar `p`'s `/endpoints` (its upstreams'
+/// endpoints with their labels and health, the policy in force, the routes).
+pub async fn wait_endpoints(p: &Process, what: &str, pred: impl Fn(&str) -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, eps) = admin_get(p, "/endpoints").await?;
+        if pred(&eps) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}: {eps}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

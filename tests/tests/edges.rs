@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wayfinder_tests::mesh::{admin_get, client, lab_app};
+use wayfinder_tests::mesh::{admin_get, client, lab_app, served};
 use wayfinder_tests::{
     ControlPlane, Process, Running, Scenario, bounded, finish_and_read, http_request, metric,
     slow_and_idle_closed,
@@ -281,14 +281,6 @@ async fn logged(p: &Process, what: &str) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
-}
-
-/// Requests the app has served.
-async fn served(app: SocketAddr) -> Result<u64> {
-    let (_, _, body) = http_request(app, "GET", "/fault", "lab", "").await?;
-    let json = &body[body.find('{').context("json")?..=body.rfind('}').context("json")?];
-    let v: serde_json::Value = serde_json::from_str(json)?;
-    v["served"].as_u64().context("served count")
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wayfinder_tests::load::{self, Spec};
-use wayfinder_tests::mesh::{admin_get, client};
+use wayfinder_tests::mesh::{admin_get, client, served, wait_endpoints};
 use wayfinder_tests::{
     ControlPlane, Process, Running, Scenario, apply_policy, bounded, http_request, metric,
 };
@@ -21,35 +21,9 @@ async fn fault(app: SocketAddr, query: &str) -> Result<()> {
     Ok(())
 }
 
-/// Requests the app has served.
-async fn served(app: SocketAddr) -> Result<u64> {
-    let (_, _, body) = http_request(app, "GET", "/fault", "lab", "").await?;
-    let json = body
-        .find('{')
-        .and_then(|s| body.rfind('}').map(|e| &body[s..=e]))
-        .context("json body")?;
-    let v: serde_json::Value = serde_json::from_str(json)?;
-    v["served"].as_u64().context("served count")
-}
-
 async fn metric_of(p: &Process, name: &str) -> Result<f64> {
     let (_, m) = admin_get(p, "/metrics").await?;
     Ok(metric(&m, name).unwrap_or(0.0))
-}
-
-/// Waits until the client sidecar has `pred` true of its `/endpoints`.
-async fn wait_endpoints(p: &Process, what: &str, pred: impl Fn(&str) -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, eps) = admin_get(p, "/endpoints").await?;
-        if pred(&eps) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}: {eps}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]

@@ -10,19 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use wayfinder_tests::load::{self, Spec};
-use wayfinder_tests::mesh::{Instance, admin_get, client, instance_with, wait_serving};
-use wayfinder_tests::{ControlPlane, Process, apply_policy, bounded, http_request, wfctl};
-
-/// Requests the app has served (lab-app's own count).
-async fn served(app: SocketAddr) -> Result<u64> {
-    let (_, _, body) = http_request(app, "GET", "/fault", "lab", "").await?;
-    let json = body
-        .find('{')
-        .and_then(|s| body.rfind('}').map(|e| &body[s..=e]))
-        .context("json body")?;
-    let v: serde_json::Value = serde_json::from_str(json)?;
-    v["served"].as_u64().context("served count")
-}
+use wayfinder_tests::mesh::{
+    Instance, admin_get, client, instance_with, served, wait_endpoints, wait_serving,
+};
+use wayfinder_tests::{ControlPlane, apply_policy, bounded, http_request, wfctl};
 
 /// Sum of every series of metric `name` (all label sets) in `text`.
 fn metric_sum(text: &str, name: &str) -> f64 {
@@ -58,22 +49,6 @@ async fn versioned(cp: &ControlPlane) -> Result<Vec<Instance>> {
     Ok(lab)
 }
 
-/// Waits until `pred` holds of the client sidecar's `/endpoints` view (its
-/// endpoints with their labels, the policy in force, the routes).
-async fn wait_client(p: &Process, what: &str, pred: impl Fn(&str) -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, eps) = admin_get(p, "/endpoints").await?;
-        if pred(&eps) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}: {eps}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 const SPLIT_90_10: &str = r#"
 [[services.web.routes]]
 name = "canary"
@@ -100,7 +75,7 @@ async fn a_ninety_ten_split_holds_to_a_point_and_a_half_and_a_header_sends_all_t
         let _api = instance_with(&cp, "api", "api-1", "/healthz", &[])?;
         wait_serving(&cp, "api", 1).await?;
         let (client, web, _) = client(&cp, &[])?;
-        wait_client(&client, "labels and routes", |t| {
+        wait_endpoints(&client, "labels and routes", |t| {
             t.matches("\"version\":\"v").count() >= 3 && t.contains("\"backend\":\"version=v2\"")
         })
         .await?;
@@ -185,7 +160,7 @@ async fn an_abort_on_one_instance_is_rescued_by_default_retries_and_the_apps_cou
         )?;
         let lab = versioned(&cp).await?;
         let (client, web, _) = client(&cp, &[])?;
-        wait_client(&client, "the fault", |t| t.contains("\"fault\"")).await?;
+        wait_endpoints(&client, "the fault", |t| t.contains("\"fault\"")).await?;
         // Round robin sends every third try to web-2. Below the retry
         // budget's floor (10 retries a second always allowed), every one
         // of them is retried: 90 requests at about 20 a second.
@@ -231,7 +206,7 @@ async fn without_retries_an_abort_on_one_of_three_fails_a_binomial_third() -> Re
         )?;
         let _lab = versioned(&cp).await?;
         let (client, web, _) = client(&cp, &[])?;
-        wait_client(&client, "the fault", |t| t.contains("\"fault\"")).await?;
+        wait_endpoints(&client, "the fault", |t| t.contains("\"fault\"")).await?;
         // One at a time, every endpoint has nothing in flight: least-request
         // picks uniformly, so web-2 takes each request with p = 1/3.
         let n = 900;
@@ -311,7 +286,7 @@ async fn a_two_second_fault_stops_on_the_first_request_after_it_expires_also_acr
 
         let end = unix_ms() + 2_000;
         apply_policy(&cp, &abort_until(end))?;
-        wait_client(&client, "the fault", |t| t.contains(&end.to_string())).await?;
+        wait_endpoints(&client, "the fault", |t| t.contains(&end.to_string())).await?;
         first_success_after(web, end, Duration::from_secs(5)).await?;
         let (_, m) = admin_get(&client, "/metrics").await?;
         assert!(metric_with(&m, "wayfinder_proxy_faults_injected_total", "abort") > 10.0);
@@ -320,7 +295,7 @@ async fn a_two_second_fault_stops_on_the_first_request_after_it_expires_also_acr
         // end was stored with the policy and the sidecars enforce it.
         let end = unix_ms() + 3_000;
         apply_policy(&cp, &abort_until(end))?;
-        wait_client(&client, "the new fault", |t| t.contains(&end.to_string())).await?;
+        wait_endpoints(&client, "the new fault", |t| t.contains(&end.to_string())).await?;
         let (status, _, _) = http_request(web, "GET", "/", "web", "").await?;
         assert_eq!(status, 503, "the fault is on");
         cp.restart()?;
@@ -428,7 +403,7 @@ async fn shifting_v2_from_0_to_100_percent_in_steps_fails_no_request() -> Result
         apply_policy(&cp, ALL_V1)?;
         let _lab = versioned(&cp).await?;
         let (client, web, _) = client(&cp, &[])?;
-        wait_client(&client, "routes", |t| {
+        wait_endpoints(&client, "routes", |t| {
             t.contains("\"backend\":\"version=v2\"")
         })
         .await?;
@@ -452,7 +427,7 @@ async fn shifting_v2_from_0_to_100_percent_in_steps_fails_no_request() -> Result
         .await?;
         assert!(ok, "split failed: {out}{err}");
         // The last step's policy reaches the client; then only v2 answers.
-        wait_client(&client, "v2 at 100", |t| {
+        wait_endpoints(&client, "v2 at 100", |t| {
             weights(t)
                 == [
                     ("version=v1".to_string(), 0),
@@ -500,7 +475,7 @@ async fn a_failing_canary_is_rolled_back_and_split_exits_non_zero() -> Result<()
             http_request(lab[2].app_addr, "POST", "/fault?fail=0.5", "lab", "").await?;
         anyhow::ensure!(status == 200, "{body}");
         let (client, web, _) = client(&cp, &[])?;
-        wait_client(&client, "routes", |t| {
+        wait_endpoints(&client, "routes", |t| {
             t.contains("\"backend\":\"version=v2\"")
         })
         .await?;
@@ -600,7 +575,7 @@ abort = { status = 503, percent = 100 }
         )?;
         let _lab = versioned(&cp).await?;
         let (client, web, _) = client(&cp, &[])?;
-        wait_client(&client, "the route", |t| t.contains("\"name\":\"once\"")).await?;
+        wait_endpoints(&client, "the route", |t| t.contains("\"name\":\"once\"")).await?;
         let (once, _) = statuses(web, "/once", &[], 20).await?;
         let failed = once.iter().filter(|(s, _)| *s == 503).count();
         assert_eq!(failed, 10, "half of /once on web-2, not retried: {once:?}");
@@ -616,7 +591,7 @@ match = { path_prefix = "/slow", headers = { "x-chaos" = "on" } }
 delay = { duration = "1s", percent = 100 }
 "#,
         )?;
-        wait_client(&client, "the delay", |t| t.contains("\"delay\"")).await?;
+        wait_endpoints(&client, "the delay", |t| t.contains("\"delay\"")).await?;
         let (slow, (fastest, _)) = statuses(web, "/slow/x", &[("x-chaos", "on")], 3).await?;
         assert!(slow.iter().all(|(s, _)| *s == 200), "{slow:?}");
         assert!(
@@ -637,14 +612,14 @@ delay = { duration = "1s", percent = 100 }
             &cp,
             "[services.web]\nbalancer = \"round-robin\"\n[services.web.fault]\nmatch = { instance = \"web-2\" }\nreset = { percent = 100 }\n",
         )?;
-        wait_client(&client, "the reset", |t| t.contains("\"reset\":{\"percent\"")).await?;
+        wait_endpoints(&client, "the reset", |t| t.contains("\"reset\":{\"percent\"")).await?;
         let (rescued, _) = statuses(web, "/", &[], 30).await?;
         assert!(rescued.iter().all(|(s, _)| *s == 200), "{rescued:?}");
         apply_policy(
             &cp,
             "[services.web]\nbalancer = \"round-robin\"\n[services.web.retries]\nmax_attempts = 1\n[services.web.fault]\nmatch = { instance = \"web-2\" }\nreset = { percent = 100 }\n",
         )?;
-        wait_client(&client, "retries off", |t| t.contains("\"max_attempts\":1")).await?;
+        wait_endpoints(&client, "retries off", |t| t.contains("\"max_attempts\":1")).await?;
         let (reset, _) = statuses(web, "/", &[], 30).await?;
         let resets: Vec<_> = reset.iter().filter(|(s, _)| *s != 200).collect();
         assert_eq!(resets.len(), 10, "{reset:?}");
