@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 
 use hyper::Method;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use wayfinder_proto::policy::{BackendTarget, Route, Subset};
+use wayfinder_proto::policy::{BackendTarget, HeaderMatch, Route, Subset};
 use wayfinder_proto::v1;
 
 use crate::balance::{self, Balancer, EndpointStats, Kind};
@@ -40,7 +40,35 @@ pub struct CompiledRoute {
 struct Match {
     path_prefix: Option<String>,
     method: Option<Method>,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    headers: HeaderConditions,
+}
+
+/// Exact header values a request must carry (routes and faults match
+/// them alike), in the types requests carry.
+#[derive(Debug, Default)]
+pub struct HeaderConditions(Vec<(HeaderName, HeaderValue)>);
+
+impl HeaderConditions {
+    /// Compiles validated conditions.
+    pub fn new(m: &HeaderMatch) -> Self {
+        Self(
+            m.iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether `headers` carry every one (any of a repeated header's values).
+    pub fn hold(&self, headers: &HeaderMap) -> bool {
+        self.0
+            .iter()
+            .all(|(k, v)| headers.get_all(k).iter().any(|got| got == v))
+    }
 }
 
 /// A weighted share of a route.
@@ -117,17 +145,7 @@ impl RouteTable {
                             .method
                             .clone()
                             .and_then(|m| Method::from_bytes(String::from(m).as_bytes()).ok()),
-                        headers: r
-                            .matches
-                            .headers
-                            .iter()
-                            .filter_map(|(k, v)| {
-                                Some((
-                                    HeaderName::from_bytes(k.as_bytes()).ok()?,
-                                    HeaderValue::from_str(v).ok()?,
-                                ))
-                            })
-                            .collect(),
+                        headers: HeaderConditions::new(&r.matches.headers),
                     },
                     backends: r
                         .backends
@@ -240,10 +258,7 @@ impl Match {
             .as_deref()
             .is_none_or(|p| path.starts_with(p))
             && self.method.as_ref().is_none_or(|m| m == method)
-            && self
-                .headers
-                .iter()
-                .all(|(k, v)| headers.get_all(k).iter().any(|got| got == v))
+            && self.headers.hold(headers)
     }
 }
 

@@ -107,44 +107,44 @@ impl Spec {
 /// finished requests as they finish, so a test can act midway.
 pub async fn run(spec: Spec, concurrency: usize, total: usize, done: Arc<AtomicUsize>) -> Report {
     let next = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (spec, next, done) = (spec.clone(), next.clone(), done.clone());
-        workers.push(tokio::spawn(async move {
-            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-            let mut samples = Vec::new();
-            while next.fetch_add(1, Ordering::Relaxed) < total {
-                let mut s = one(&client, &spec).await;
-                s.seq = done.fetch_add(1, Ordering::Relaxed);
-                samples.push(s);
-            }
-            samples
-        }));
-    }
-    let mut report = Report::default();
-    for w in workers {
-        if let Ok(s) = w.await {
-            report.samples.extend(s);
-        }
-    }
-    report
+    drive(spec, concurrency, done, move || {
+        next.fetch_add(1, Ordering::Relaxed) < total
+    })
+    .await
 }
 
 /// Sends requests from `concurrency` workers until `stop` is set (each
-/// worker finishes the request it is in).
+/// worker finishes the request it is in); the samples in finishing order.
 pub async fn until(
     spec: Spec,
     concurrency: usize,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Report {
     let done = Arc::new(AtomicUsize::new(0));
+    let mut report = drive(spec, concurrency, done, move || {
+        !stop.load(Ordering::Relaxed)
+    })
+    .await;
+    report.samples.sort_by_key(|s| s.seq);
+    report
+}
+
+/// `concurrency` workers, each with its own client, sending while `more()`
+/// says so; `done` numbers the samples as they finish.
+async fn drive(
+    spec: Spec,
+    concurrency: usize,
+    done: Arc<AtomicUsize>,
+    more: impl Fn() -> bool + Send + Sync + 'static,
+) -> Report {
+    let more = Arc::new(more);
     let mut workers = Vec::new();
     for _ in 0..concurrency {
-        let (spec, stop, done) = (spec.clone(), stop.clone(), done.clone());
+        let (spec, more, done) = (spec.clone(), more.clone(), done.clone());
         workers.push(tokio::spawn(async move {
             let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
             let mut samples = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
+            while more() {
                 let mut s = one(&client, &spec).await;
                 s.seq = done.fetch_add(1, Ordering::Relaxed);
                 samples.push(s);
@@ -158,7 +158,6 @@ pub async fn until(
             report.samples.extend(s);
         }
     }
-    report.samples.sort_by_key(|s| s.seq);
     report
 }
 

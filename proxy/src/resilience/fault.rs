@@ -9,8 +9,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::StatusCode;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::header::HeaderMap;
 use wayfinder_proto::policy::Fault;
+
+use crate::routes::HeaderConditions;
 
 /// `x-wayfinder-error` of an injected answer.
 pub const FAULT_INJECTED: &str = "fault-injected";
@@ -20,7 +22,7 @@ pub const FAULT_INJECTED: &str = "fault-injected";
 pub struct CompiledFault {
     instance: Option<String>,
     path_prefix: Option<String>,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    headers: HeaderConditions,
     abort: Option<(StatusCode, f64)>,
     delay: Option<(Duration, f64)>,
     reset: Option<f64>,
@@ -81,17 +83,7 @@ impl CompiledFault {
         Self {
             instance: f.matches.instance.as_ref().map(|i| i.as_str().to_string()),
             path_prefix: f.matches.path_prefix.clone().map(String::from),
-            headers: f
-                .matches
-                .headers
-                .iter()
-                .filter_map(|(k, v)| {
-                    Some((
-                        HeaderName::from_bytes(k.as_bytes()).ok()?,
-                        HeaderValue::from_str(v).ok()?,
-                    ))
-                })
-                .collect(),
+            headers: HeaderConditions::new(&f.matches.headers),
             abort: f.abort.and_then(|a| {
                 Some((
                     StatusCode::from_u16(u16::try_from(a.status.get()).ok()?).ok()?,
@@ -127,10 +119,7 @@ impl CompiledFault {
                 .path_prefix
                 .as_deref()
                 .is_some_and(|p| !path.starts_with(p))
-            || !self
-                .headers
-                .iter()
-                .all(|(k, v)| headers.get_all(k).iter().any(|got| got == v))
+            || !self.headers.hold(headers)
         {
             return None;
         }
@@ -150,6 +139,7 @@ impl CompiledFault {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HeaderValue;
     use wayfinder_proto::policy::PolicyFile;
 
     fn fault(toml: &str) -> CompiledFault {
