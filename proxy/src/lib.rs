@@ -9,6 +9,7 @@ pub mod control_plane;
 pub mod detect;
 pub mod discovery;
 pub mod edge;
+pub mod header_match;
 pub mod http;
 pub mod identity;
 pub mod lifecycle;

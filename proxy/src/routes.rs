@@ -10,11 +10,12 @@
 use std::sync::{Arc, OnceLock};
 
 use hyper::Method;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use wayfinder_proto::policy::{BackendTarget, HeaderMatch, Route, Subset};
+use hyper::header::HeaderMap;
+use wayfinder_proto::policy::{BackendTarget, Route, Subset};
 use wayfinder_proto::v1;
 
 use crate::balance::{self, Balancer, EndpointStats, Kind};
+use crate::header_match::HeaderConditions;
 use crate::settings::{Origin, Settings};
 use crate::traffic::EdgeCounts;
 
@@ -41,34 +42,6 @@ struct Match {
     path_prefix: Option<String>,
     method: Option<Method>,
     headers: HeaderConditions,
-}
-
-/// Exact header values a request must carry (routes and faults match
-/// them alike), in the types requests carry.
-#[derive(Debug, Default)]
-pub struct HeaderConditions(Vec<(HeaderName, HeaderValue)>);
-
-impl HeaderConditions {
-    /// Compiles validated conditions.
-    pub fn new(m: &HeaderMatch) -> Self {
-        Self(
-            m.iter()
-                .filter_map(|(k, v)| {
-                    Some((
-                        HeaderName::from_bytes(k.as_bytes()).ok()?,
-                        HeaderValue::from_str(v).ok()?,
-                    ))
-                })
-                .collect(),
-        )
-    }
-
-    /// Whether `headers` carry every one (any of a repeated header's values).
-    pub fn hold(&self, headers: &HeaderMap) -> bool {
-        self.0
-            .iter()
-            .all(|(k, v)| headers.get_all(k).iter().any(|got| got == v))
-    }
 }
 
 /// A weighted share of a route.
@@ -288,6 +261,7 @@ fn route_policy(base: &v1::ServicePolicy, r: &v1::Route) -> v1::ServicePolicy {
 mod tests {
     use super::*;
     use crate::settings::Defaults;
+    use hyper::header::HeaderValue;
     use std::collections::HashMap;
     use wayfinder_proto::policy::PolicyFile;
 

@@ -12,7 +12,7 @@ use hyper::StatusCode;
 use hyper::header::HeaderMap;
 use wayfinder_proto::policy::Fault;
 
-use crate::routes::HeaderConditions;
+use crate::header_match::HeaderConditions;
 
 /// `x-wayfinder-error` of an injected answer.
 pub const FAULT_INJECTED: &str = "fault-injected";
