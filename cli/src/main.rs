@@ -131,6 +131,10 @@ enum Command {
     /// list them, clear them.
     #[command(subcommand)]
     Fault(FaultCommand),
+    /// Traffic mirroring: how a service's mirrored calls compare with
+    /// their copies.
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
     /// Mesh a docker-compose file: a sidecar beside each service, a control
     /// plane, Jaeger (profile `tracing`); per-service join tokens in
     /// owner-only env files beside the output. `--remove` takes it out.
@@ -190,10 +194,10 @@ enum LabCommand {
         #[arg(long)]
         scenario: Option<std::path::PathBuf>,
         /// Ways to compare, comma-separated: dns-once, dns-per-request,
-        /// dns-ttl, dns-ttl-30, nginx, mesh.
+        /// dns-ttl, dns-ttl-30, nginx, mesh, mesh+hedging.
         #[arg(
             long,
-            default_value = "dns-once,dns-per-request,dns-ttl,dns-ttl-30,nginx,mesh"
+            default_value = "dns-once,dns-per-request,dns-ttl,dns-ttl-30,nginx,mesh,mesh+hedging"
         )]
         ways: String,
         /// Run on the containers of this compose file (the classic lab,
@@ -337,6 +341,31 @@ enum FaultCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum MirrorCommand {
+    /// Watch a service's mirrored calls for a while, then print per route
+    /// how the shadow's answers compared with the primary's: status, body
+    /// hash, latency, copies shed or failed. Exits 0 whenever the report
+    /// was read: a divergence is information, not a failure.
+    Diff {
+        /// Service name (the primary, whose [services.NAME.mirror] is set).
+        service: String,
+        /// How long to watch, 2s to 5m.
+        #[arg(long = "for", default_value = "60s", value_parser = parse_duration)]
+        lasts: Duration,
+        /// wf-control's HTTP address, where the callers' reports are read.
+        #[arg(
+            long,
+            env = "WAYFINDER_CONTROL_HTTP",
+            default_value = "127.0.0.1:15014"
+        )]
+        http: String,
+        /// Table or JSON, here or before the command (`wfctl -o json mirror diff`).
+        #[arg(long = "output", short = 'o')]
+        output: Option<Format>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum PolicyCommand {
     /// Validate a TOML policy file locally, then apply it.
     Apply {
@@ -394,6 +423,17 @@ async fn run(cli: Cli) -> Result<()> {
             only: Vec::new(),
             skip: Vec::new(),
         });
+    }
+    // Read over HTTP only: no gRPC connection (or credential) needed.
+    if let Command::Mirror(MirrorCommand::Diff {
+        service,
+        lasts,
+        http,
+        output,
+    }) = cli.command
+    {
+        let out = output.unwrap_or(cli.output);
+        return traffic_cmd::mirror_diff(&service, lasts, &http, out).await;
     }
     // Local validation first: a bad file is reported without a connection.
     if let Command::Policy(PolicyCommand::Apply { file }) = &cli.command {
@@ -472,6 +512,7 @@ async fn run(cli: Cli) -> Result<()> {
             traffic_cmd::clear(Admin::new(ch, t), service, out).await
         }
         Command::Policy(PolicyCommand::Apply { .. })
+        | Command::Mirror(_)
         | Command::Lab(_)
         | Command::Inject { .. }
         | Command::Uninject { .. } => {

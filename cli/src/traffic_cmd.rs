@@ -1,5 +1,6 @@
-//! `wfctl split` and `wfctl fault`: the command lines turned into the
-//! library's calls ([`wayfinder_cli::traffic`]), and their output.
+//! `wfctl split`, `wfctl fault` and `wfctl mirror diff`: the command lines
+//! turned into the library's calls ([`wayfinder_cli::traffic`]), and their
+//! output.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use wayfinder_cli::traffic::split::{self, Condition, Live, Outcome, Plan, Share, Verdict};
-use wayfinder_cli::traffic::{Admin, fault};
+use wayfinder_cli::traffic::{Admin, fault, mirror};
 
 use crate::output::{self, Format};
 
@@ -296,5 +297,44 @@ pub async fn clear(admin: Admin, service: Option<String>, out: Format) -> Result
     } else {
         output::line(&format!("cleared the fault of {}", cleared.join(", ")));
     }
+    Ok(())
+}
+
+/// `wfctl mirror diff`: waits `lasts` showing progress on stderr, then
+/// prints the divergence report on stdout. A divergence is no failure; no
+/// mirrored call at all, or no control plane, is.
+pub async fn mirror_diff(service: &str, lasts: Duration, http: &str, out: Format) -> Result<()> {
+    wayfinder_cli::traffic::service_name(service)?;
+    mirror::check_for(lasts)?;
+    let addr = http_addr(http).await?;
+    let report = mirror::read_live(addr, service, lasts, |at, read| {
+        if at.is_zero() {
+            eprintln!(
+                "{service}: comparing mirrored calls with their copies for {} (a line every {} s)",
+                mirror::span(lasts),
+                mirror::PROGRESS_EVERY.as_secs()
+            );
+            return;
+        }
+        eprintln!(
+            "{}",
+            output::printable(&mirror::progress_line(service, at, lasts, read))
+        );
+    })
+    .await?;
+    let diff = mirror::Diff::of(service, lasts, &report)?;
+    if out == Format::Json {
+        return output::json(&diff);
+    }
+    output::line(&format!(
+        "{service}: mirrored calls over the last {} s, primary vs shadow",
+        diff.window_secs
+    ));
+    let mut table = output::table(&mirror::HEADER);
+    for r in &diff.routes {
+        table.add_row(mirror::cells(r));
+    }
+    output::line(&table.to_string());
+    output::line(mirror::LEGEND);
     Ok(())
 }

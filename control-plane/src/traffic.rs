@@ -3,6 +3,11 @@
 //! merged over every reporting sidecar, and per backend (the subset of the
 //! callee a route sent requests to, `version=v2`). The dashboard reads it,
 //! and `wfctl split` judges a progressive rollout by it (`/v1/traffic`).
+//! The same reports carry mirrored calls compared with their copies, kept
+//! over a longer window in [`mirrors`] for `wfctl mirror diff`
+//! (`/v1/mirror`).
+
+pub mod mirrors;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -13,6 +18,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 use wayfinder_proto::latency::{self, BUCKETS};
 use wayfinder_proto::v1::TrafficReport;
+
+pub use mirrors::{MIRROR_WINDOW, MirrorView};
 
 /// The span of traffic the dashboard shows.
 pub const WINDOW: Duration = Duration::from_secs(10);
@@ -55,6 +62,8 @@ pub struct Traffic {
     inner: Mutex<Inner>,
     /// Edges not kept because [`MAX_EDGES`] were.
     dropped: Counter,
+    /// Mirrored calls, by (caller, service, route, shadow).
+    mirrors: mirrors::Mirrors,
 }
 
 #[derive(Default)]
@@ -125,11 +134,17 @@ impl Traffic {
             "Traffic report edges not kept because the most edges (10,000 in all, 1,000 per caller service) were",
             self.dropped.clone(),
         );
+        reg.register(
+            "wayfinder_control_traffic_mirrors_dropped",
+            "Traffic report mirror entries not kept because the most series (512 in all, 128 per caller service) were",
+            self.mirrors.dropped.clone(),
+        );
     }
 
     /// Adds a (validated) report.
     pub fn record(&self, report: &TrafficReport) {
         let now = Instant::now();
+        self.mirrors.record(&report.service, &report.mirrors, now);
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if inner
             .pruned
@@ -176,9 +191,20 @@ impl Traffic {
         let mut tick = tokio::time::interval(SLOT);
         loop {
             tick.tick().await;
-            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            inner.prune(Instant::now());
+            let now = Instant::now();
+            self.inner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .prune(now);
+            self.mirrors.prune(now);
         }
+    }
+
+    /// Each route's mirrored calls with their copies over the last `window`
+    /// (at most [`MIRROR_WINDOW`]), of `service` or of every service (see
+    /// [`mirrors::Mirrors::diffs`]).
+    pub fn mirrors(&self, service: Option<&str>, window: Duration) -> Vec<MirrorView> {
+        self.mirrors.diffs(service, window, Instant::now())
     }
 
     /// Every edge with traffic in the last [`WINDOW`] (all its requests,
@@ -301,6 +327,7 @@ mod tests {
                 latency_buckets: buckets,
                 backend: backend.into(),
             }],
+            mirrors: Vec::new(),
         }
     }
 
@@ -401,5 +428,32 @@ mod tests {
         assert_eq!(recent[1].requests, 10);
         assert_eq!(recent[1].errors, 0);
         assert!(recent[1].p50_ms.is_some_and(|p| p <= 1.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_s_mirrors_are_kept_beside_its_edges_for_longer() {
+        let t = std::sync::Arc::new(Traffic::default());
+        tokio::spawn(t.clone().prune_on_a_timer());
+        let mut r = report("client", "web", 10, 0, 1);
+        r.mirrors.push(wayfinder_proto::v1::MirrorDiff {
+            service: "web".into(),
+            route: "default".into(),
+            shadow: "version=v2".into(),
+            pairs: 10,
+            status_differs: 1,
+            body_differs: 0,
+            shed: 0,
+            shadow_failed: 0,
+            primary_latency_buckets: vec![0; BUCKETS],
+            shadow_latency_buckets: vec![0; BUCKETS],
+        });
+        t.record(&r);
+        tokio::time::sleep(WINDOW + SLOT * 2).await;
+        assert!(t.edges().is_empty());
+        let m = t.mirrors(Some("web"), MIRROR_WINDOW);
+        assert_eq!((m[0].pairs, m[0].status_differs), (10, 1));
+        // The timer ages them out too.
+        tokio::time::sleep(MIRROR_WINDOW).await;
+        assert!(t.mirrors(None, MIRROR_WINDOW).is_empty());
     }
 }

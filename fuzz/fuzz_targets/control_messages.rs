@@ -155,6 +155,7 @@ fn report(bytes: &[u8]) {
     traffic.record(&r);
     let _ = traffic.edges();
     let _ = traffic.backends(std::time::Duration::from_secs(10));
+    let _ = traffic.mirrors(None, std::time::Duration::from_secs(300));
 }
 
 fn certify(bytes: &[u8]) {

@@ -17,6 +17,7 @@ pub mod listener;
 pub mod liveness;
 pub mod memory;
 pub mod metrics;
+pub mod mirror;
 pub mod opaque;
 pub mod pool;
 pub mod register;

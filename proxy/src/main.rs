@@ -54,6 +54,10 @@ struct Args {
     #[arg(long, env = "WAYFINDER_WEIGHT", default_value_t = wayfinder_proto::validate::DEFAULT_WEIGHT,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(wayfinder_proto::validate::MAX_WEIGHT)))]
     weight: u32,
+    /// This sidecar's zone (locality): registered with its instance, and the
+    /// "local" of the policy's `locality = "prefer-local"`.
+    #[arg(long, env = "WAYFINDER_ZONE", value_parser = zone)]
+    zone: Option<String>,
     /// The local app; without it the sidecar is client-only and registers nothing.
     #[arg(long, env = "WAYFINDER_APP")]
     app: Option<SocketAddr>,
@@ -96,7 +100,8 @@ struct Args {
     /// Balancer when the service's policy names none.
     #[arg(long, env = "WAYFINDER_BALANCER", value_enum, default_value_t = Kind::PeakEwma)]
     balancer: Kind,
-    /// App health check: "tcp" (connect) or an HTTP path such as /healthz.
+    /// App health check: "tcp" (connect), an HTTP path such as /healthz,
+    /// "grpc" (grpc.health.v1, the server's overall health) or "grpc:SERVICE".
     #[arg(long, env = "WAYFINDER_HEALTH_CHECK", default_value = "tcp", value_parser = health_check)]
     health_check: Check,
     /// Interval between health checks.
@@ -494,15 +499,26 @@ enum InboundMode {
     Permissive,
 }
 
-/// `--health-check`: "tcp" or an HTTP path.
-fn health_check(s: &str) -> Result<Check, String> {
-    match s {
-        "tcp" => Ok(Check::Tcp),
-        p if p.starts_with('/') => Ok(Check::Http(p.to_string())),
-        other => Err(format!(
-            "{other:?}: use \"tcp\" or an HTTP path starting with '/'"
-        )),
+/// `--zone`: printable text the control plane accepts as an instance's zone.
+fn zone(s: &str) -> Result<String, String> {
+    let probe = wayfinder_proto::v1::Instance {
+        service: "zone-check".into(),
+        instance_id: "zone-check".into(),
+        address: "127.0.0.1".into(),
+        port: 1,
+        zone: s.to_string(),
+        ..Default::default()
+    };
+    match wayfinder_proto::validate::instance(probe) {
+        Ok(_) if !s.is_empty() => Ok(s.to_string()),
+        Ok(_) => Err("empty: leave --zone out for no zone".into()),
+        Err(e) => Err(e.to_string()),
     }
+}
+
+/// `--health-check`: "tcp", an HTTP path, "grpc" or "grpc:SERVICE".
+fn health_check(s: &str) -> Result<Check, String> {
+    s.parse()
 }
 
 fn main() -> std::process::ExitCode {
@@ -688,6 +704,7 @@ async fn run(
             h2_idle: args.http2_idle_timeout,
             max_upstreams: args.max_upstreams,
             upstream_idle: args.upstream_idle_timeout,
+            zone: args.zone.as_deref().map(Into::into),
         },
         Local {
             service: local_service.clone(),
@@ -778,6 +795,7 @@ async fn run(
 
     let config = serde_json::json!({
         "control_plane": args.control_plane, "service": args.service, "instance": node,
+        "zone": args.zone,
         "app": args.app, "inbound": inbound, "outbound": outbound, "admin": admin_addr,
         "transparent": transparent,
         "upstreams": bound, "discovery": args.discovery, "health_check": args.health_check.to_string(),
@@ -856,7 +874,7 @@ async fn run(
             meshed: true,
             weight: args.weight,
             labels: args.labels.iter().cloned().collect(),
-            ..Default::default()
+            zone: args.zone.clone().unwrap_or_default(),
         };
         registration = Some(tokio::spawn(register::keep_registered(
             channel.clone(),

@@ -9,6 +9,7 @@ use prometheus_client::registry::Registry;
 
 use crate::edge::{ConnRefusal, Refusal};
 use crate::resilience::breaker::Overflow;
+pub use crate::resilience::rate_limit::RateLimitedLabels;
 
 /// Makes enums label values: the text of their `as_str` (the values the
 /// metrics document; the derive would write the variant's name).
@@ -174,6 +175,26 @@ pub struct FaultLabels {
     pub kind: &'static str,
 }
 
+/// Labels of mirrored calls' copies.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// The service called (whose calls are copied).
+    pub upstream: String,
+    /// `sent`, `shed` (over `max_in_flight` or `max_body_bytes`) or
+    /// `failed` (the copy got no answer).
+    pub result: &'static str,
+}
+
+/// Labels of hedged requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HedgeLabels {
+    /// The service called.
+    pub upstream: String,
+    /// `won` (a copy answered first), `lost` (the first try did), or
+    /// `no-budget` (a copy was due but the retry budget refused it).
+    pub result: &'static str,
+}
+
 /// Labels of health check transitions.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HealthLabels {
@@ -181,6 +202,15 @@ pub struct HealthLabels {
     pub upstream: String,
     /// `healthy` or `unhealthy`: the state entered.
     pub to: &'static str,
+}
+
+/// Labels of the locality counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalityLabels {
+    /// Upstream service.
+    pub upstream: String,
+    /// `local` (an endpoint in the sidecar's zone) or `remote`.
+    pub locality: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -192,6 +222,15 @@ fn latency_histogram() -> Histogram {
 }
 
 impl ProxyMetrics {
+    /// Counts a mirrored call's copy of `upstream` as `result`.
+    pub fn mirror_copy(&self, upstream: &str, result: &'static str) {
+        self.mirror_copies
+            .get_or_create(&MirrorLabels {
+                upstream: upstream.to_string(),
+                result,
+            })
+            .inc();
+    }
     /// Removes endpoint `id`'s latency series of upstream `upstream`.
     pub fn forget_endpoint(&self, upstream: &str, id: String) {
         self.latency.remove(&LatencyLabels {
@@ -236,10 +275,28 @@ impl ProxyMetrics {
                 to,
             });
         }
+        for result in ["sent", "shed", "failed"] {
+            self.mirror_copies.remove(&MirrorLabels {
+                upstream: name(),
+                result,
+            });
+        }
+        for result in ["won", "lost", "no-budget"] {
+            self.hedges.remove(&HedgeLabels {
+                upstream: name(),
+                result,
+            });
+        }
         for kind in ["abort", "delay", "reset"] {
             self.faults_injected.remove(&FaultLabels {
                 upstream: name(),
                 kind,
+            });
+        }
+        for locality in ["local", "remote"] {
+            self.locality_requests.remove(&LocalityLabels {
+                upstream: name(),
+                locality,
             });
         }
     }
@@ -319,6 +376,15 @@ pub struct ProxyMetrics {
     pub route_requests: Family<RouteLabels, Counter>,
     /// Faults injected into tries, by upstream and kind.
     pub faults_injected: Family<FaultLabels, Counter>,
+    /// Hedged requests by upstream and result.
+    pub hedges: Family<HedgeLabels, Counter>,
+    /// Copies of mirrored calls by upstream and result.
+    pub mirror_copies: Family<MirrorLabels, Counter>,
+    /// Tries by upstream, to endpoints in the sidecar's zone or not
+    /// (sidecars with `--zone`).
+    pub locality_requests: Family<LocalityLabels, Counter>,
+    /// Inbound requests refused by the service's rate limit, by caller.
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -349,6 +415,10 @@ impl ProxyMetrics {
             upstreams_evicted: Counter::default(),
             route_requests: Family::default(),
             faults_injected: Family::default(),
+            hedges: Family::default(),
+            mirror_copies: Family::default(),
+            locality_requests: Family::default(),
+            rate_limited: Family::default(),
         };
         reg.register(
             "wayfinder_proxy_route_requests",
@@ -356,9 +426,24 @@ impl ProxyMetrics {
             m.route_requests.clone(),
         );
         reg.register(
+            "wayfinder_proxy_mirror_copies",
+            "Copies of mirrored calls by upstream and result: sent, shed (over max_in_flight or max_body_bytes), failed (no answer)",
+            m.mirror_copies.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_hedges",
+            "Hedged requests by upstream and result: won (a copy answered first), lost (the first try did), no-budget (a copy was due but the retry budget refused it)",
+            m.hedges.clone(),
+        );
+        reg.register(
             "wayfinder_proxy_faults_injected",
             "Faults injected into tries by the policy's fault, by upstream and kind (abort, delay, reset)",
             m.faults_injected.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_rate_limited",
+            "Inbound requests the service's rate limit refused (429, gRPC RESOURCE_EXHAUSTED), by service and caller (SPIFFE ID, unauthenticated, or other past 10,000 callers)",
+            m.rate_limited.clone(),
         );
         reg.register(
             "wayfinder_proxy_requests",
@@ -439,6 +524,11 @@ impl ProxyMetrics {
             "wayfinder_proxy_edge_refusals",
             "Requests refused at the mesh's edge: duplicate Host, Connection naming an end-to-end header, CONNECT, ambiguous path",
             m.edge_refusals.clone(),
+        );
+        reg.register(
+            "wayfinder_proxy_locality_requests",
+            "Tries (each attempt of a request) by upstream, to an endpoint in the sidecar's zone (local) or another (remote); sidecars with --zone only",
+            m.locality_requests.clone(),
         );
         reg.register(
             "wayfinder_proxy_upstreams",

@@ -96,6 +96,19 @@ impl ReplayBody {
         self.shared.lock().is_ok_and(|s| s.client_failed)
     }
 
+    /// Whether the whole body was read and kept: a copy made now takes
+    /// nothing from a view still reading the client's body.
+    pub fn complete(&self) -> bool {
+        self.shared
+            .lock()
+            .is_ok_and(|s| s.ended && !s.overflowed && !s.client_failed)
+    }
+
+    /// A fresh view of the whole body, if it was read and kept ([`Self::complete`]).
+    pub fn replay_complete(&self) -> Option<Self> {
+        if self.complete() { self.replay() } else { None }
+    }
+
     /// A fresh view for another attempt, if everything read so far was kept.
     pub fn replay(&self) -> Option<Self> {
         let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());

@@ -16,6 +16,7 @@ use wayfinder_proto::v1;
 
 use crate::balance::{self, Balancer, EndpointStats, Kind};
 use crate::header_match::HeaderConditions;
+use crate::resilience::hedge::Hedge;
 use crate::settings::{Origin, Settings};
 use crate::traffic::EdgeCounts;
 
@@ -35,6 +36,8 @@ pub struct CompiledRoute {
     /// The service's settings with the route's timeouts and retries, when
     /// it has its own.
     pub settings: Option<Arc<Settings>>,
+    /// The route's own hedging, replacing the service's.
+    pub hedge: Option<Hedge>,
 }
 
 /// A route's conditions, in the types requests carry.
@@ -128,7 +131,15 @@ impl RouteTable {
                             let (label, target) = match &b.target {
                                 BackendTarget::Subset(s) => (
                                     s.to_string(),
-                                    Target::Subset(balance::build(c.kind, (c.members)(s))),
+                                    Target::Subset(balance::build_with(
+                                        c.kind,
+                                        (c.members)(s),
+                                        (c.policy.slow_start_ms != 0).then(|| {
+                                            std::time::Duration::from_millis(
+                                                c.policy.slow_start_ms.into(),
+                                            )
+                                        }),
+                                    )),
                                 ),
                                 BackendTarget::Service(s) => (
                                     s.as_str().to_string(),
@@ -150,6 +161,7 @@ impl RouteTable {
                             c.defaults,
                         ))
                     }),
+                    hedge: r.hedging.as_ref().map(Hedge::new),
                 }
             })
             .collect();

@@ -16,7 +16,7 @@ use wayfinder_proto::v1::ServicePolicy;
 pub use wayfinder_proto::policy::Discovery as Origin;
 
 /// Sidecar-wide defaults (flags), for fields a policy leaves out.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Defaults {
     /// Connect timeout.
     pub connect: Duration,
@@ -30,6 +30,8 @@ pub struct Defaults {
     pub max_upstreams: usize,
     /// How long an upstream may go unused before it is evicted.
     pub upstream_idle: Duration,
+    /// The sidecar's zone (`--zone`), for locality-aware balancing.
+    pub zone: Option<std::sync::Arc<str>>,
 }
 
 /// Default cap on upstreams: far more services than one app calls, far
@@ -58,6 +60,7 @@ impl Default for Defaults {
             h2_idle: DEFAULT_H2_IDLE,
             max_upstreams: DEFAULT_MAX_UPSTREAMS,
             upstream_idle: DEFAULT_UPSTREAM_IDLE,
+            zone: None,
         }
     }
 }
@@ -77,6 +80,64 @@ pub struct Settings {
     pub health_check: Option<HealthCheck>,
     /// Callers' apps may open CONNECT tunnels to the service.
     pub tunnels: bool,
+    /// Locality-aware balancing (`balance/locality.rs`); `None` = off.
+    pub locality: Option<Locality>,
+    /// The window over which an endpoint that joins (or returns) ramps up
+    /// to its full share (`balance/slow_start.rs`); `None` = at once.
+    pub slow_start: Option<Duration>,
+    /// The limit the service's own sidecars enforce on the way in; `None` = none.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A local rate limit (a token bucket per sidecar of the service, or per
+/// caller), enforced on the inbound side (`resilience/rate_limit.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained requests per second (at least 1).
+    pub per_sec: u32,
+    /// Requests admitted at once above the rate: the bucket's size (at
+    /// least 1; the policy's 0 means `per_sec`).
+    pub burst: u32,
+    /// A bucket per caller identity, each with the whole rate.
+    pub per_caller: bool,
+}
+
+/// How traffic divides between zones (the policy's `locality`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Locality {
+    /// The caller's zone first, spilling over in proportion once fewer
+    /// than `min_local_percent` of its endpoints are healthy.
+    PreferLocal {
+        /// Percent (1-100) of the local endpoints that must be healthy to
+        /// keep all traffic local.
+        min_local_percent: u32,
+    },
+    /// A zone drawn by weight (zones not named weigh 0: used only as a
+    /// fallback for tries).
+    Weights(std::collections::BTreeMap<String, u32>),
+}
+
+/// Default `min_local_percent`: Envoy's overprovisioning factor 1.4 keeps
+/// traffic local down to 1 / 1.4 ≈ 71% of the local endpoints healthy.
+pub const DEFAULT_MIN_LOCAL_PERCENT: u32 = 70;
+
+impl Locality {
+    /// The policy's locality, if it asks for one (weights win over
+    /// prefer-local; the control plane allows only one).
+    pub fn from_wire(l: &wayfinder_proto::v1::Locality) -> Option<Self> {
+        if !l.zone_weights.is_empty() {
+            let w = l.zone_weights.iter().map(|(z, w)| (z.clone(), *w));
+            Some(Locality::Weights(w.collect()))
+        } else if l.prefer_local {
+            Some(Locality::PreferLocal {
+                min_local_percent: n(l.min_local_percent)
+                    .unwrap_or(DEFAULT_MIN_LOCAL_PERCENT)
+                    .min(100),
+            })
+        } else {
+            None
+        }
+    }
 }
 
 /// Timeouts; `None` = unbounded.
@@ -198,8 +259,11 @@ pub struct Breakers {
 /// Active health check settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthCheck {
-    /// HTTP path to GET; `None` = TCP connect.
+    /// HTTP path to GET; `None` = TCP connect (unless gRPC).
     pub http_path: Option<String>,
+    /// A gRPC check instead: `grpc.health.v1.Health/Check` for this service
+    /// ("" = the whole server), over HTTP/2 cleartext; `None` = not gRPC.
+    pub grpc_service: Option<String>,
     /// Time between rounds.
     pub interval: Duration,
     /// Time one check may take.
@@ -215,6 +279,7 @@ impl Default for HealthCheck {
     fn default() -> Self {
         Self {
             http_path: None,
+            grpc_service: None,
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(1),
             healthy_threshold: 2,
@@ -309,6 +374,7 @@ impl Settings {
                 let interval = ms(h.interval_ms).unwrap_or(d.interval);
                 Some(HealthCheck {
                     http_path: (!h.http_path.is_empty()).then(|| h.http_path.clone()),
+                    grpc_service: h.grpc.then(|| h.grpc_service.clone()),
                     interval,
                     timeout: ms(h.timeout_ms).unwrap_or(d.timeout.min(interval)),
                     healthy_threshold: n(h.healthy_threshold).unwrap_or(d.healthy_threshold),
@@ -318,6 +384,14 @@ impl Settings {
             (None, Origin::Dns) => Some(HealthCheck::default()),
             (None, Origin::Mesh) => None,
         };
+        // A rate of 0 is no limit (the control plane refuses it anyway).
+        let rate_limit = policy.and_then(|p| p.rate_limit.as_ref()).and_then(|r| {
+            Some(RateLimit {
+                per_sec: n(r.requests_per_sec)?,
+                burst: n(r.burst).unwrap_or(r.requests_per_sec),
+                per_caller: r.per_caller,
+            })
+        });
         Self {
             timeouts,
             retry,
@@ -325,6 +399,11 @@ impl Settings {
             breakers,
             health_check,
             tunnels: policy.is_some_and(|p| p.allow_tunnels),
+            locality: policy
+                .and_then(|p| p.locality.as_ref())
+                .and_then(Locality::from_wire),
+            slow_start: policy.and_then(|p| ms(p.slow_start_ms)),
+            rate_limit,
         }
     }
 }
@@ -398,6 +477,31 @@ mod tests {
     }
 
     #[test]
+    fn a_grpc_health_check_names_its_service() {
+        let policy = |grpc: bool, service: &str| v1::ServicePolicy {
+            service: "web".into(),
+            health_check: Some(v1::HealthCheck {
+                enabled: true,
+                grpc,
+                grpc_service: service.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let check = |p: &v1::ServicePolicy| {
+            Settings::resolve(Some(p), Origin::Mesh, &Defaults::default())
+                .health_check
+                .expect("on")
+        };
+        let whole = check(&policy(true, ""));
+        assert_eq!(whole.grpc_service.as_deref(), Some(""), "the whole server");
+        assert_eq!(whole.http_path, None);
+        let echo = check(&policy(true, "lab.Echo"));
+        assert_eq!(echo.grpc_service.as_deref(), Some("lab.Echo"));
+        assert_eq!(check(&policy(false, "")).grpc_service, None, "TCP");
+    }
+
+    #[test]
     fn outlier_detection_and_the_request_timeout_can_be_turned_off() {
         let p = v1::ServicePolicy {
             service: "web".into(),
@@ -414,5 +518,31 @@ mod tests {
         let s = Settings::resolve(Some(&p), Origin::Mesh, &defaults);
         assert_eq!(s.outlier, None);
         assert_eq!(s.timeouts.request, None, "--request-timeout none");
+    }
+
+    #[test]
+    fn a_rate_limit_without_a_burst_bursts_its_rate_and_a_zero_rate_is_none() {
+        let limited = |requests_per_sec, burst| v1::ServicePolicy {
+            service: "web".into(),
+            rate_limit: Some(v1::RateLimit {
+                requests_per_sec,
+                burst,
+                per_caller: true,
+            }),
+            ..Default::default()
+        };
+        let resolve = |p| Settings::resolve(Some(&p), Origin::Mesh, &Defaults::default());
+        let want = |per_sec, burst| {
+            Some(RateLimit {
+                per_sec,
+                burst,
+                per_caller: true,
+            })
+        };
+        assert_eq!(resolve(limited(100, 0)).rate_limit, want(100, 100));
+        assert_eq!(resolve(limited(100, 10)).rate_limit, want(100, 10));
+        assert_eq!(resolve(limited(0, 10)).rate_limit, None);
+        let none = Settings::resolve(None, Origin::Mesh, &Defaults::default());
+        assert_eq!(none.rate_limit, None);
     }
 }

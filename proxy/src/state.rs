@@ -14,6 +14,7 @@ use crate::edge::ConnRefusal;
 use crate::identity::Identity;
 use crate::metrics::{ConnRefusalLabels, ProxyMetrics};
 use crate::resilience::breaker::Breakers;
+use crate::resilience::rate_limit;
 use crate::settings::{Defaults, Origin, Settings};
 use crate::upstream::{Clients, Full, Upstream, Upstreams};
 
@@ -45,6 +46,9 @@ pub struct Proxy {
     /// The mesh's address table, for transparently intercepted connections
     /// (kept current only when the sidecar has a `--transparent` listener).
     pub catalog: Arc<crate::transparent::catalog::Catalog>,
+    /// The service's rate limit on the way in (its buckets outlive the
+    /// rebuilds of the service's settings).
+    inbound_limit: rate_limit::Inbound,
     /// Metrics.
     pub metrics: ProxyMetrics,
 }
@@ -88,12 +92,13 @@ impl Proxy {
             app: app.map(|a| EndpointStats::new("app", a, 1)),
             app_clients,
             app_requests: Default::default(),
-            local,
             traffic: Arc::default(),
             tls_server: identity.as_ref().map(|i| i.server_config()),
             identity,
             logged: Default::default(),
             catalog: Default::default(),
+            inbound_limit: rate_limit::Inbound::new(metrics.rate_limited.clone(), &local.service),
+            local,
             metrics,
         })
     }
@@ -133,7 +138,7 @@ impl Proxy {
             name,
             self.default_kind,
             self.sources.default_origin,
-            self.defaults,
+            self.defaults.clone(),
             self.metrics.clone(),
             self.identity.clone(),
         );
@@ -212,5 +217,14 @@ impl Proxy {
         }
         let policy = own.active().policy.as_ref().and_then(|p| p.authz.clone());
         authz::allowed(policy.as_ref(), self.local.default_deny, caller, ask)
+    }
+
+    /// Admits a request of `caller` under this sidecar's service's rate
+    /// limit, or says how long the caller should wait (counted). Called
+    /// after [`Proxy::authorized`], which waited for the service's policy.
+    pub fn admit_inbound(&self, caller: &rate_limit::Caller) -> Result<(), Duration> {
+        let own = self.pinned_upstream(&self.local.service);
+        let limit = own.active().settings.rate_limit;
+        self.inbound_limit.admit(limit, caller)
     }
 }

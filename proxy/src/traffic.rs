@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 use wayfinder_proto::latency::{self, BUCKETS};
-use wayfinder_proto::v1::{EdgeTraffic, TrafficReport, telemetry_client::TelemetryClient};
+use wayfinder_proto::v1::{
+    EdgeTraffic, MirrorDiff, TrafficReport, telemetry_client::TelemetryClient,
+};
 
 /// How often a sidecar reports.
 pub const REPORT_EVERY: Duration = Duration::from_secs(2);
@@ -27,6 +29,62 @@ struct Edge {
 #[derive(Default)]
 pub struct Traffic {
     edges: RwLock<HashMap<(String, String), EdgeCounts>>,
+    /// Mirrored calls by (service, route, shadow).
+    mirrors: RwLock<HashMap<(String, String, String), MirrorCounts>>,
+}
+
+/// How one service's mirrored calls compared with their copies.
+#[derive(Default)]
+struct Mirrored {
+    pairs: u64,
+    status_differs: u64,
+    body_differs: u64,
+    shed: u64,
+    shadow_failed: u64,
+    primary: [u64; BUCKETS],
+    shadow: [u64; BUCKETS],
+}
+
+/// What one side of a mirrored call answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    /// Status.
+    pub status: u16,
+    /// Hash of the whole body.
+    pub body: u64,
+    /// From the call's start to the end of its body.
+    pub took: Duration,
+}
+
+/// The mirror counts of one (service, route, shadow), kept by whoever records them.
+#[derive(Clone, Default)]
+pub struct MirrorCounts(Arc<Mutex<Mirrored>>);
+
+impl MirrorCounts {
+    fn with(&self, f: impl FnOnce(&mut Mirrored)) {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+    /// A copy was not sent (over its limits).
+    pub fn shed(&self) {
+        self.with(|m| m.shed += 1);
+    }
+    /// A copy got no answer.
+    pub fn shadow_failed(&self) {
+        self.with(|m| m.shadow_failed += 1);
+    }
+    /// Both answered: compares them.
+    pub fn pair(&self, primary: Answered, shadow: Answered) {
+        self.with(|m| {
+            m.pairs += 1;
+            if primary.status != shadow.status {
+                m.status_differs += 1;
+            } else if primary.body != shadow.body {
+                m.body_differs += 1;
+            }
+            m.primary[latency::bucket(primary.took)] += 1;
+            m.shadow[latency::bucket(shadow.took)] += 1;
+        });
+    }
 }
 
 /// One upstream's counts. The upstream keeps this handle, so recording a
@@ -63,12 +121,55 @@ impl Traffic {
             .clone()
     }
 
+    /// The mirror counts of `service`'s calls taken by `route` and copied to `shadow`.
+    pub fn mirror(&self, service: &str, route: &str, shadow: &str) -> MirrorCounts {
+        let key = (service.to_string(), route.to_string(), shadow.to_string());
+        if let Some(m) = self.mirrors.read().ok().and_then(|m| m.get(&key).cloned()) {
+            return m;
+        }
+        self.mirrors
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    /// Takes the mirror counts since the last call; entries without news are left out.
+    pub fn take_mirrors(&self) -> Vec<MirrorDiff> {
+        let mirrors = self.mirrors.read().map(|m| m.clone()).unwrap_or_default();
+        let mut out: Vec<_> = mirrors
+            .into_iter()
+            .filter_map(|((service, route, shadow), counts)| {
+                let m = std::mem::take(&mut *counts.0.lock().unwrap_or_else(|p| p.into_inner()));
+                (m.pairs + m.shed + m.shadow_failed > 0).then(|| MirrorDiff {
+                    service,
+                    route,
+                    shadow,
+                    pairs: m.pairs,
+                    status_differs: m.status_differs,
+                    body_differs: m.body_differs,
+                    shed: m.shed,
+                    shadow_failed: m.shadow_failed,
+                    primary_latency_buckets: m.primary.to_vec(),
+                    shadow_latency_buckets: m.shadow.to_vec(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.service, &a.route).cmp(&(&b.service, &b.route)));
+        out
+    }
+
     /// Drops the counts of an evicted upstream.
     pub fn forget(&self, callee: &str) {
         self.edges
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(c, _), _| c != callee);
+        self.mirrors
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(c, _, _), _| c != callee);
     }
 
     /// Takes the counts since the last call; edges without traffic are left out.
@@ -100,13 +201,15 @@ pub async fn report_loop(traffic: Arc<Traffic>, channel: Channel, node: String, 
     loop {
         tick.tick().await;
         let edges = traffic.take();
-        if edges.is_empty() {
+        let mirrors = traffic.take_mirrors();
+        if edges.is_empty() && mirrors.is_empty() {
             continue;
         }
         let report = TrafficReport {
             node: node.clone(),
             service: service.clone(),
             edges,
+            mirrors,
         };
         if let Err(status) = client.report(report).await {
             tracing::debug!(%status, "traffic report not sent");
@@ -133,5 +236,39 @@ mod tests {
         assert_eq!(got[1].latency_buckets.iter().sum::<u64>(), 2);
         assert_eq!(got[1].latency_buckets.len(), BUCKETS);
         assert!(t.take().is_empty(), "reset after taking");
+    }
+
+    #[test]
+    fn mirrored_pairs_are_compared_and_taken_once() {
+        let t = Traffic::default();
+        let m = t.mirror("web", "", "version=v2");
+        let ok = |body, ms| Answered {
+            status: 200,
+            body,
+            took: Duration::from_millis(ms),
+        };
+        m.pair(ok(1, 2), ok(1, 500));
+        m.pair(ok(1, 2), ok(2, 3));
+        m.pair(
+            ok(1, 2),
+            Answered {
+                status: 500,
+                ..ok(1, 3)
+            },
+        );
+        m.shed();
+        let got = t.take_mirrors();
+        assert_eq!(got.len(), 1);
+        let d = &got[0];
+        assert_eq!(
+            (d.pairs, d.status_differs, d.body_differs, d.shed),
+            (3, 1, 1, 1)
+        );
+        assert_eq!(d.shadow_latency_buckets.iter().sum::<u64>(), 3);
+        assert!(
+            latency::quantile(&d.shadow_latency_buckets, 0.99).unwrap_or(0.0)
+                > latency::quantile(&d.primary_latency_buckets, 0.99).unwrap_or(0.0)
+        );
+        assert!(t.take_mirrors().is_empty(), "reset after taking");
     }
 }

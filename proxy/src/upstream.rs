@@ -16,15 +16,18 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use wayfinder_proto::v1::ServicePolicy;
 
-use crate::balance::{self, Balancer, EndpointStats, Kind};
+use crate::balance::locality::{Counters, Layout};
+use crate::balance::{self, Balancer, EndpointStats, Kind, Zoned, slow_start};
 use crate::connector::{Connector, Limits, Tls};
 use crate::discovery::{self, Discovered, Update};
 use crate::identity::{ALPN_H1, ALPN_H2, ALPN_TCP, Identity};
-use crate::metrics::{HealthLabels, ProxyMetrics, UpstreamLabels};
+use crate::metrics::{HealthLabels, LocalityLabels, ProxyMetrics, UpstreamLabels};
+use crate::mirror::CompiledMirror;
 use crate::pool::{Pool, Proto};
-use crate::resilience::breaker::Breakers;
+use crate::resilience::breaker::{Breakers, Gate};
 use crate::resilience::budget::RetryBudget;
 use crate::resilience::fault::CompiledFault;
+use crate::resilience::hedge::{Hedge, Recent};
 use crate::resilience::retry::Outcome;
 use crate::resilience::{health_check, outlier};
 use crate::routes::{Chosen, Compile, RouteTable, Target};
@@ -45,6 +48,10 @@ pub struct Active {
     pub routes: RouteTable,
     /// The fault callers inject, if the policy sets one.
     pub fault: Option<Arc<CompiledFault>>,
+    /// Where copies of the calls go, if the policy mirrors them.
+    pub mirror: Option<CompiledMirror>,
+    /// When a slow first try gets a copy, if the policy hedges.
+    pub hedge: Option<Hedge>,
 }
 
 impl Active {
@@ -156,6 +163,10 @@ pub struct Upstream {
     pub budget: RetryBudget,
     /// Circuit breaker counters.
     pub breakers: Arc<Breakers>,
+    /// Copies of its calls in flight (the mirror's `max_in_flight`).
+    pub mirrors_in_flight: Arc<Gate>,
+    /// Its recent latency, for hedges that wait for a quantile.
+    pub recent: Recent,
     limits: Arc<Limits>,
     clients: RwLock<Arc<Clients>>,
     metrics: ProxyMetrics,
@@ -188,12 +199,24 @@ pub struct EndpointView {
     ejected: bool,
     in_flight: u32,
     ewma_ms: f64,
+    /// Its zone ("" unknown).
+    zone: String,
+    /// Its share factor under slow start now: from 0.1 when it joins to 1
+    /// (warm) at the window's end.
+    slow_start: f64,
 }
 
 /// Keeps an endpoint's stats and check history when only its health changed.
 /// What stops serving (turned unhealthy, or replaced by another address)
-/// goes to `leaving`.
-fn known(prev: Option<Known>, d: Discovered, leaving: &mut Vec<Arc<EndpointStats>>) -> Known {
+/// goes to `leaving`. What joins at `joined` (new, or serving again) starts
+/// its slow start then; `None` for the first answer, whose endpoints were
+/// there before the sidecar.
+fn known(
+    prev: Option<Known>,
+    d: Discovered,
+    leaving: &mut Vec<Arc<EndpointStats>>,
+    joined: Option<Instant>,
+) -> Known {
     match prev {
         Some(k)
             if k.found.addr == d.addr
@@ -203,6 +226,9 @@ fn known(prev: Option<Known>, d: Discovered, leaving: &mut Vec<Arc<EndpointStats
             if k.found.healthy && !d.healthy {
                 leaving.push(k.stats.clone());
             }
+            if let (false, true, Some(now)) = (k.found.healthy, d.healthy, joined) {
+                k.stats.rejoined(now);
+            }
             Known {
                 found: d,
                 stats: k.stats,
@@ -211,8 +237,12 @@ fn known(prev: Option<Known>, d: Discovered, leaving: &mut Vec<Arc<EndpointStats
         }
         prev => {
             leaving.extend(prev.map(|k| k.stats));
+            let stats = EndpointStats::with_mesh(d.id.clone(), d.addr, d.weight, d.meshed);
+            if let (true, Some(now)) = (d.healthy, joined) {
+                stats.rejoined(now);
+            }
             Known {
-                stats: EndpointStats::with_mesh(d.id.clone(), d.addr, d.weight, d.meshed),
+                stats,
                 found: d,
                 check: health_check::State::default(),
             }
@@ -293,11 +323,15 @@ impl Upstream {
                 hash_key: HashKey::None,
                 routes: RouteTable::default(),
                 fault: None,
+                mirror: None,
+                hedge: None,
             })),
             ready: watch::channel(false).0,
             origin: watch::channel(default_origin).0,
             budget: RetryBudget::new(),
             breakers,
+            mirrors_in_flight: Arc::default(),
+            recent: Recent::default(),
             limits,
             clients: RwLock::new(Arc::new(clients)),
             metrics,
@@ -417,11 +451,13 @@ impl Upstream {
         let mut leaving = Vec::new();
         // Ids this source no longer lists at all (not merely unhealthy).
         let mut gone = Vec::new();
+        // After the first answer, what arrives joins (slow start).
+        let joined = set.answered.then(Instant::now);
         match update {
             Update::Reset(all) => {
                 let mut old = std::mem::take(&mut set.endpoints);
                 for d in all {
-                    let k = known(old.remove(&d.id), d, &mut leaving);
+                    let k = known(old.remove(&d.id), d, &mut leaving, joined);
                     set.endpoints.insert(k.found.id.clone(), k);
                 }
                 for (id, k) in old {
@@ -431,7 +467,7 @@ impl Upstream {
             }
             Update::Add(eps) => {
                 for d in eps {
-                    let k = known(set.endpoints.remove(&d.id), d, &mut leaving);
+                    let k = known(set.endpoints.remove(&d.id), d, &mut leaving, joined);
                     set.endpoints.insert(k.found.id.clone(), k);
                 }
             }
@@ -573,6 +609,9 @@ impl Upstream {
         if !k.check.record(ok, hc) {
             return;
         }
+        if ok {
+            k.stats.rejoined(Instant::now());
+        }
         let to = if ok { "healthy" } else { "unhealthy" };
         tracing::info!(service = %self.name, endpoint = id, to, "health check changed");
         self.metrics
@@ -638,6 +677,17 @@ impl Upstream {
             ),
             _ => RouteTable::default(),
         };
+        let mirror = typed.as_ref().and_then(|t| t.mirror.as_ref()).map(|m| {
+            CompiledMirror::new(
+                m,
+                &|s| eligible_of(&|k: &&Known| s.selects(&k.found.labels)),
+                kind,
+            )
+        });
+        let hedge = typed
+            .as_ref()
+            .and_then(|t| t.hedging.as_ref())
+            .map(Hedge::new);
         let fault = typed
             .as_ref()
             .and_then(|t| t.fault.as_ref())
@@ -656,23 +706,91 @@ impl Upstream {
             let c = Clients::new(plain, settings.timeouts.idle, mesh);
             *self.clients.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
         }
+        let ok = |k: &Known| healthy(&k) && !k.stats.is_ejected(now);
+        let balancer = self.balancer(kind, set, eligible, &settings, &ok);
         let active = Active {
-            balancer: balance::build(kind, eligible),
+            balancer,
             hash_key,
             policy,
             settings,
             routes,
             fault,
+            mirror,
+            hedge,
         };
         *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
         // Only now: a request woken by readiness must find the new balancer.
         self.ready.send_replace(set.answered);
     }
 
+    /// The balancer over `eligible` (of `set`): zone by zone when the
+    /// sidecar has a zone (counting tries as local or remote) or the policy
+    /// weighs zones; warming endpoints ramping up under slow start. `ok`:
+    /// healthy and not ejected (prefer-local's healthy share).
+    fn balancer(
+        &self,
+        kind: Kind,
+        set: &Set,
+        eligible: Vec<Arc<EndpointStats>>,
+        s: &Settings,
+        ok: &dyn Fn(&Known) -> bool,
+    ) -> Box<dyn Balancer> {
+        let zone = self.defaults.zone.as_deref();
+        // prefer-local needs a zone of its own; zone weights do not.
+        let split = s
+            .locality
+            .as_ref()
+            .filter(|l| zone.is_some() || matches!(l, settings::Locality::Weights(_)));
+        if zone.is_none() && split.is_none() {
+            return balance::build_with(kind, eligible, s.slow_start);
+        }
+        let local = set
+            .endpoints
+            .values()
+            .filter(|k| zone.is_some_and(|z| k.found.zone == z));
+        let local_health = (local.clone().filter(|k| ok(k)).count(), local.count());
+        let zone_of = |ep: &EndpointStats| {
+            set.endpoints
+                .get(&*ep.id)
+                .map_or("", |k| k.found.zone.as_str())
+        };
+        let counters = zone.map(|_| {
+            let count = |locality| {
+                self.metrics
+                    .locality_requests
+                    .get_or_create(&LocalityLabels {
+                        upstream: self.name.clone(),
+                        locality,
+                    })
+                    .clone()
+            };
+            Counters {
+                local: count("local"),
+                remote: count("remote"),
+            }
+        });
+        Box::new(Zoned::new(Layout {
+            kind,
+            endpoints: eligible
+                .into_iter()
+                .map(|e| {
+                    let z = zone_of(&e);
+                    (e, z)
+                })
+                .collect(),
+            local: zone,
+            split,
+            local_health,
+            slow_start: s.slow_start,
+            counters,
+        }))
+    }
+
     /// What the sidecar believes now, for `/endpoints`.
     pub fn view(&self) -> Vec<EndpointView> {
         let inner = self.lock();
         let now = Instant::now();
+        let window = self.active().settings.slow_start;
         inner.sets[self.origin() as usize]
             .endpoints
             .values()
@@ -687,6 +805,12 @@ impl Upstream {
                 ejected: k.stats.is_ejected(now),
                 in_flight: k.stats.in_flight(),
                 ewma_ms: k.stats.cost_ns(std::time::Instant::now()) / 1e6,
+                zone: k.found.zone.clone(),
+                slow_start: window
+                    .zip(k.stats.warming_since(now))
+                    .map_or(1.0, |(w, since)| {
+                        slow_start::factor(now.saturating_duration_since(since), w)
+                    }),
             })
             .collect()
     }
@@ -873,6 +997,7 @@ mod tests {
             meshed: true,
             healthy,
             labels: Default::default(),
+            zone: String::new(),
         }
     }
 
@@ -1108,6 +1233,111 @@ mod tests {
         let mut again = std::pin::pin!(a.leaving());
         u.apply(Origin::Mesh, Update::Add(vec![d("b", 2, false)]));
         assert!(again.as_mut().now_or_never().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_warm_when_they_join_or_return_but_not_in_the_first_answer() {
+        let u = up(Kind::RoundRobin);
+        let now = Instant::now;
+        u.apply(
+            Origin::Mesh,
+            Update::Reset(vec![d("a", 1, true), d("b", 2, false)]),
+        );
+        let warming = |id: &str| {
+            u.lock().sets[0].endpoints[id]
+                .stats
+                .warming_since(now())
+                .is_some()
+        };
+        assert!(!warming("a"), "there before the sidecar");
+        u.apply(Origin::Mesh, Update::Add(vec![d("c", 3, true)]));
+        assert!(warming("c"), "new");
+        u.apply(Origin::Mesh, Update::Add(vec![d("b", 2, true)]));
+        assert!(warming("b"), "serving again");
+        u.set_policy(Some(ServicePolicy {
+            service: "web".into(),
+            balancer: wayfinder_proto::v1::BalancerKind::RoundRobin as i32,
+            slow_start_ms: 10_000,
+            ..Default::default()
+        }));
+        let slow = |id: &str| {
+            let v = serde_json::to_value(u.view()).expect("serializes");
+            v.as_array()
+                .and_then(|a| a.iter().find(|e| e["id"] == id))
+                .and_then(|e| e["slow_start"].as_f64())
+        };
+        assert_eq!(slow("a"), Some(1.0));
+        assert_eq!(slow("c"), Some(slow_start::FLOOR));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(slow("c"), Some(0.5));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(slow("c"), Some(1.0));
+    }
+
+    #[test]
+    fn prefer_local_keeps_calls_in_the_zone_until_too_few_local_endpoints_are_healthy() {
+        let metrics = ProxyMetrics::register(&mut prometheus_client::registry::Registry::default());
+        let u = Upstream::new(
+            "web",
+            Kind::RoundRobin,
+            Origin::Mesh,
+            Defaults {
+                zone: Some("zone-a".into()),
+                ..Defaults::default()
+            },
+            metrics.clone(),
+            None,
+        );
+        let z = |id: &str, port, zone: &str, healthy| Discovered {
+            zone: zone.into(),
+            ..d(id, port, healthy)
+        };
+        u.set_policy(Some(ServicePolicy {
+            service: "web".into(),
+            locality: Some(wayfinder_proto::v1::Locality {
+                prefer_local: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }));
+        u.apply(
+            Origin::Mesh,
+            Update::Reset(vec![
+                z("a1", 1, "zone-a", true),
+                z("a2", 2, "zone-a", true),
+                z("b1", 3, "zone-b", true),
+            ]),
+        );
+        let local_share = |u: &Upstream| {
+            let a = u.active();
+            let local = (0..1000)
+                .filter_map(|_| a.balancer.pick(&PickContext::default()).next())
+                .filter(|&i| a.balancer.endpoints()[i].id.starts_with('a'))
+                .count();
+            local as f64 / 1000.0
+        };
+        assert_eq!(local_share(&u), 1.0);
+        // One of two local endpoints healthy (50% < 70%): 5/7 stay local.
+        u.apply(Origin::Mesh, Update::Add(vec![z("a2", 2, "zone-a", false)]));
+        let share = local_share(&u);
+        assert!((0.62..=0.81).contains(&share), "{share}");
+        // Tries are counted where they go.
+        let a = u.active();
+        for i in a.balancer.pick(&PickContext::default()) {
+            a.balancer.count_try(i);
+        }
+        let count = |locality| {
+            metrics
+                .locality_requests
+                .get_or_create(&LocalityLabels {
+                    upstream: "web".into(),
+                    locality,
+                })
+                .get()
+        };
+        assert_eq!((count("local"), count("remote")), (1, 1));
+        let v = serde_json::to_value(u.view()).expect("serializes");
+        assert_eq!(v[2]["zone"], "zone-b");
     }
 
     fn named(name: &str) -> Arc<Upstream> {

@@ -236,6 +236,7 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
                 node: "x".into(),
                 service: "web".into(),
                 edges: vec![],
+                mirrors: Vec::new(),
             })
             .await;
         assert_eq!(code(reported), Code::Unauthenticated);
@@ -357,6 +358,7 @@ async fn a_sidecar_certificate_acts_only_on_its_own_service() -> Result<()> {
                     latency_buckets: vec![0; wayfinder_proto::latency::BUCKETS],
                     backend: String::new(),
                 }],
+                mirrors: Vec::new(),
             })
             .await?;
         let (_, dash) = m.cp.get("/v1/dashboard").await?;

@@ -881,6 +881,7 @@ async fn crafted_traffic_reports_saturate_and_one_caller_keeps_at_most_its_share
                     node: "n-1".into(),
                     service: "client".into(),
                     edges: vec![edge("web".into(), u64::MAX)],
+                    mirrors: Vec::new(),
                 })
                 .await?;
         }
@@ -893,6 +894,7 @@ async fn crafted_traffic_reports_saturate_and_one_caller_keeps_at_most_its_share
                     edges: (0..100)
                         .map(|i| edge(format!("s{}", chunk * 100 + i), 1))
                         .collect(),
+                    mirrors: Vec::new(),
                 })
                 .await?;
         }

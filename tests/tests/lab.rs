@@ -90,14 +90,19 @@ fn window(cell: &str) -> Window {
 }
 
 /// The report's ways, in its order.
-const WAYS: [&str; 6] = [
+const WAYS: [&str; 7] = [
     "DNS, resolved once",
     "DNS, per request",
     "DNS, cached for its TTL (Docker: 600 s)",
     "DNS, cached 30 s",
     "nginx upstream",
     "Wayfinder mesh",
+    "Wayfinder mesh, hedged at p95",
 ];
+
+/// The columns of the plain and the hedged mesh in [`WAYS`].
+const MESH: usize = 5;
+const MESH_HEDGED: usize = 6;
 
 /// Each event's row of the report, `(errors, recovery)` per way; every
 /// cell must be numbers or "never".
@@ -133,7 +138,7 @@ fn event_table(report: &str, events: &[&str]) -> Result<Vec<Vec<Window>>> {
 /// (`40%`, or `·` for none).
 fn mesh_shares(report: &str) -> Result<Vec<(String, std::collections::BTreeMap<String, String>)>> {
     let table = report
-        .split("### Wayfinder mesh")
+        .split("### Wayfinder mesh\n")
         .nth(1)
         .context("the mesh's share table")?;
     let mut lines = table.lines().filter(|l| l.starts_with("| "));
@@ -214,7 +219,7 @@ async fn lab_compare_runs_a_scenario_file_on_loopback_and_reports_every_way_and_
         "control plane up",
     ];
     let table = event_table(&report, &events)?;
-    let mesh = WAYS.len() - 1;
+    let mesh = MESH;
     // Resolved once, the dead address stays: still failing when web2 is
     // back elsewhere.
     assert_eq!(table[1][0].1, None, "DNS once after the restart: {report}");
@@ -232,6 +237,31 @@ async fn lab_compare_runs_a_scenario_file_on_loopback_and_reports_every_way_and_
         table[8][mesh].0, 0,
         "mesh with the control plane down: {report}"
     );
+    // Hedged, the mesh fares no worse around the dead and the frozen
+    // instance, and keeps serving without its control plane too.
+    for (i, event) in events.iter().enumerate().take(3) {
+        let (_, recovered) = table[i][MESH_HEDGED];
+        assert!(
+            recovered.is_some_and(|ms| ms < 3000.0),
+            "hedged mesh after {event}: {report}"
+        );
+    }
+    assert_eq!(
+        table[8][MESH_HEDGED].0, 0,
+        "hedged mesh with the control plane down: {report}"
+    );
+    assert!(
+        report.contains("route `lab-mesh-hedging`"),
+        "the report says how the hedged way is set up: {report}"
+    );
+    // Its slow first tries got copies (a pause and a slowdown are in the
+    // scenario): the sidecar said so in `x-wayfinder-attempts`.
+    let copies: u64 = report
+        .split("Wayfinder mesh, hedged at p95: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .with_context(|| format!("no extra tries of the hedged way: {report}"))?;
+    assert!(copies > 0, "the hedged way was never hedged: {report}");
     // web4 took calls through the mesh once added; web3, unhealthy, none.
     let shares = mesh_shares(&report)?;
     let (_, after_add) = shares
@@ -674,7 +704,7 @@ async fn docker_lab_compare_runs_the_default_scenario_on_the_classic_lab() -> Re
         "control plane up",
     ];
     let table = event_table(&report, &events)?;
-    let (once, nginx, mesh) = (0, 4, 5);
+    let (once, nginx, mesh) = (0, 4, MESH);
     // Resolved once, the dead address stays in the answer: still failing
     // when web2 is back elsewhere, and after each restart.
     for i in [1, 9, 10] {

@@ -378,6 +378,7 @@ async fn the_dashboard_shows_instances_and_live_traffic() -> Result<()> {
                 latency_buckets: vec![1],
                 backend: String::new(),
             }],
+            mirrors: Vec::new(),
         };
         let e = t.report(bad).await.expect_err("refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument);

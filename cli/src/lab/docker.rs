@@ -497,6 +497,31 @@ async fn docker(args: &[&str]) -> Result<String> {
     output("docker", &args, &[]).await
 }
 
+/// `docker ARGS` with `input` on its stdin.
+async fn docker_with_input(args: &[&str], input: &str) -> Result<String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("docker")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running docker")?;
+    let mut stdin = child.stdin.take().context("docker's stdin")?;
+    stdin.write_all(input.as_bytes()).await?;
+    drop(stdin);
+    let out = child.wait_with_output().await?;
+    if !out.status.success() {
+        bail!(
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Does what label `key` of `container` says: `POST /path` (or `GET`) is
 /// sent from here to the instance at `addr` (an image with no shell, such
 /// as lab-app's); anything else is a shell command run in the container.
@@ -656,6 +681,36 @@ impl DockerLab {
             bail!("no containers for {}", services.join(", "));
         }
         Ok(ids)
+    }
+
+    /// Adds the hedged way's route to the service's policy, with wfctl in
+    /// the control plane's container (it holds the operator's credential):
+    /// `policy get`, the route added, `policy apply` from stdin. The policy
+    /// lives in the lab's control plane and goes with it.
+    async fn add_hedged_route(&self) -> Result<()> {
+        let id = self.ids(&[&self.derived.control]).await?;
+        let service = self.derived.service.as_str();
+        let got = match docker(&["exec", &id[0], "wfctl", "policy", "get", service]).await {
+            Ok(text) => text,
+            Err(e) if format!("{e:#}").contains("has no policy") => String::new(),
+            Err(e) => return Err(e.context(format!("reading {service}'s policy"))),
+        };
+        let text = super::hedging::add_to_file(&got, service)?;
+        docker_with_input(
+            &[
+                "exec",
+                "-i",
+                &id[0],
+                "wfctl",
+                "policy",
+                "apply",
+                "/dev/stdin",
+            ],
+            &text,
+        )
+        .await
+        .context("adding the hedged way's route")?;
+        Ok(())
     }
 
     /// The pid of the container owning `instance`'s network namespace.
@@ -1080,9 +1135,9 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
     let derived = derive(&text, o, &cfg.scenario, &secrets.to_string_lossy())?;
     check(&cfg.scenario, &derived)?;
     let file = o.compose.display();
-    if cfg.ways.contains(&Way::Mesh) && !derived.has_client {
+    if cfg.ways.iter().any(|w| w.is_mesh()) && !derived.has_client {
         bail!(
-            "{file}: services.{}: no such service: the mesh way calls from it (--client, or leave mesh out of --ways)",
+            "{file}: services.{}: no such service: the mesh ways call from it (--client, or leave mesh and mesh+hedging out of --ways)",
             o.client
         );
     }
@@ -1167,17 +1222,15 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
             a.insert(i.clone(), ip);
         }
     }
+    if cfg.ways.contains(&Way::MeshHedging) {
+        lab.add_hedged_route().await?;
+    }
     eprintln!("== up in {:.0} s", up.elapsed().as_secs_f64());
 
     let start = SystemTime::now() + Duration::from_secs(8);
     let samples = Samples::default();
     let mut loads = Vec::new();
-    let plain: Vec<Way> = cfg
-        .ways
-        .iter()
-        .copied()
-        .filter(|w| *w != Way::Mesh)
-        .collect();
+    let plain: Vec<Way> = cfg.ways.iter().copied().filter(|w| !w.is_mesh()).collect();
     if !plain.is_empty() {
         let fronts = match derived.nginx_port {
             Some(p) if plain.contains(&Way::Nginx) => vec![format!("nginx={}:{p}", o.nginx)],
@@ -1191,17 +1244,21 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
         };
         loads.push(lab.start_load(load, cfg, start, samples.clone()).await?);
     }
-    if cfg.ways.contains(&Way::Mesh) {
+    let meshed: Vec<Way> = cfg.ways.iter().copied().filter(|w| w.is_mesh()).collect();
+    if !meshed.is_empty() {
         let owner = lab.pod_ids(&o.client).await?;
         let front = derived
             .mesh_front
             .clone()
             .unwrap_or_else(|| format!("{}:{}", derived.service, derived.port));
-        let fronts = vec![format!("mesh={front}")];
+        let fronts = meshed
+            .iter()
+            .map(|w| format!("{}={front}", w.key()))
+            .collect();
         let load = Load {
             name: "load-mesh",
             network: format!("container:{}", owner[0]),
-            ways: vec![Way::Mesh],
+            ways: meshed,
             fronts,
         };
         loads.push(lab.start_load(load, cfg, start, samples.clone()).await?);
@@ -1253,6 +1310,9 @@ pub async fn run(cfg: &Config, o: &Options) -> Result<PathBuf> {
         o.project,
         o.nginx
     )];
+    if cfg.ways.contains(&Way::MeshHedging) {
+        notes.push(super::hedging::note(&derived.service));
+    }
     notes.append(&mut lab.notes);
     drop(lab);
     let setting = super::report::Setting {

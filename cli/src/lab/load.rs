@@ -32,17 +32,25 @@ pub enum Way {
     Nginx,
     /// Through the client's Wayfinder sidecar.
     Mesh,
+    /// Through the same sidecar, each request marked with [`LAB_WAY_HEADER`]
+    /// so a route of the lab's policy hedges it (after web's p95).
+    MeshHedging,
 }
+
+/// The header that marks a request of the hedged mesh way; the lab's
+/// route for it ([`super::hedging`]) matches on it.
+pub const LAB_WAY_HEADER: &str = "x-wayfinder-lab-way";
 
 impl Way {
     /// Every way, in report order.
-    pub const ALL: [Way; 6] = [
+    pub const ALL: [Way; 7] = [
         Way::DnsOnce,
         Way::DnsPerRequest,
         Way::DnsTtl,
         Way::DnsTtl30,
         Way::Nginx,
         Way::Mesh,
+        Way::MeshHedging,
     ];
 
     /// The name `--ways` and the load's lines use.
@@ -54,6 +62,7 @@ impl Way {
             Way::DnsTtl30 => "dns-ttl-30",
             Way::Nginx => "nginx",
             Way::Mesh => "mesh",
+            Way::MeshHedging => "mesh+hedging",
         }
     }
 
@@ -71,6 +80,7 @@ impl Way {
             Way::DnsTtl30 => "DNS, cached 30 s",
             Way::Nginx => "nginx upstream",
             Way::Mesh => "Wayfinder mesh",
+            Way::MeshHedging => "Wayfinder mesh, hedged at p95",
         }
     }
 
@@ -83,6 +93,7 @@ impl Way {
             Way::DnsTtl30 => "#e377c2",
             Way::Nginx => "#1f77b4",
             Way::Mesh => "#2ca02c",
+            Way::MeshHedging => "#17becf",
         }
     }
 
@@ -93,7 +104,20 @@ impl Way {
             Way::DnsOnce => None,
             Way::DnsTtl => Some(valid.saturating_duration_since(Instant::now())),
             Way::DnsTtl30 => Some(Duration::from_secs(30)),
-            Way::DnsPerRequest | Way::Nginx | Way::Mesh => Some(Duration::ZERO),
+            Way::DnsPerRequest | Way::Nginx | Way::Mesh | Way::MeshHedging => Some(Duration::ZERO),
+        }
+    }
+
+    /// Whether it goes through the client's sidecar.
+    pub fn is_mesh(self) -> bool {
+        matches!(self, Way::Mesh | Way::MeshHedging)
+    }
+
+    /// The header it adds to every request, if any.
+    pub fn header(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Way::MeshHedging => Some((LAB_WAY_HEADER, self.key())),
+            _ => None,
         }
     }
 
@@ -138,6 +162,9 @@ pub struct Sample {
     pub ok: bool,
     /// Who answered, when the answer said.
     pub instance: Option<String>,
+    /// Tries the client's sidecar made for it, copies and retries included
+    /// (its `x-wayfinder-attempts`); 0 when no sidecar said.
+    pub tries: u32,
 }
 
 impl Sample {
@@ -149,12 +176,13 @@ impl Sample {
     /// The line `wfctl lab load` prints for it.
     pub fn line(&self) -> String {
         format!(
-            "sample {} {:.1} {:.3} {} {}",
+            "sample {} {:.1} {:.3} {} {} {}",
             self.way.key(),
             self.at * 1000.0,
             self.ms,
             u8::from(self.ok),
-            self.instance.as_deref().unwrap_or("-")
+            self.instance.as_deref().unwrap_or("-"),
+            self.tries
         )
     }
 
@@ -169,12 +197,14 @@ impl Sample {
         let ms = f.next()?.parse().ok()?;
         let ok = f.next()? == "1";
         let instance = f.next().filter(|i| *i != "-").map(str::to_string);
+        let tries = f.next().and_then(|t| t.parse().ok()).unwrap_or(0);
         Some(Sample {
             way,
             at,
             ms,
             ok,
             instance,
+            tries,
         })
     }
 }
@@ -329,28 +359,51 @@ pub fn instance_of(body: &[u8]) -> Option<String> {
     (!first.is_empty() && first.len() <= 64 && !first.contains(' ')).then(|| first.to_string())
 }
 
+/// What one call got.
+#[derive(Debug, Default)]
+struct Answer {
+    /// A 200 within the timeout.
+    ok: bool,
+    /// Who answered, when the answer said.
+    instance: Option<String>,
+    /// The sidecar's `x-wayfinder-attempts`, 0 without it.
+    tries: u32,
+}
+
 async fn get(
     client: &HttpClient,
+    way: Way,
     addr: SocketAddr,
     host: &str,
     timeout: Duration,
-) -> (bool, Option<String>) {
-    let Ok(req) = hyper::Request::get(format!("http://{addr}/"))
-        .header(hyper::header::HOST, host)
-        .body(Empty::new())
-    else {
-        return (false, None);
+) -> Answer {
+    let mut req = hyper::Request::get(format!("http://{addr}/")).header(hyper::header::HOST, host);
+    if let Some((name, value)) = way.header() {
+        req = req.header(name, value);
+    }
+    let Ok(req) = req.body(Empty::new()) else {
+        return Answer::default();
     };
     let call = async {
         let resp = client.request(req).await.ok()?;
         let ok = resp.status() == hyper::StatusCode::OK;
+        let tries = resp
+            .headers()
+            .get("x-wayfinder-attempts")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
         let body = resp.into_body().collect().await.ok()?.to_bytes();
-        Some((ok, instance_of(&body)))
+        Some(Answer {
+            ok,
+            instance: instance_of(&body),
+            tries,
+        })
     };
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Some(r)) => r,
-        _ => (false, None),
-    }
+    tokio::time::timeout(timeout, call)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 /// Runs `ways` from the plan's start for its duration, each at the plan's
@@ -378,7 +431,7 @@ pub async fn run(
         async move {
             while Instant::now() + timeout < start {
                 if let Some(addr) = t.pick().await
-                    && get(&client, addr, &host, timeout).await.0
+                    && get(&client, t.way, addr, &host, timeout).await.ok
                 {
                     return None;
                 }
@@ -408,19 +461,20 @@ pub async fn run(
                 let timeout = plan.timeout;
                 inflight.push(tokio::spawn(async move {
                     let sent = Instant::now();
-                    let (ok, instance) = match tokio::time::timeout(timeout, t.pick()).await {
+                    let answer = match tokio::time::timeout(timeout, t.pick()).await {
                         Ok(Some(addr)) => {
                             let left = timeout.saturating_sub(sent.elapsed());
-                            get(&client, addr, &host, left).await
+                            get(&client, t.way, addr, &host, left).await
                         }
-                        _ => (false, None),
+                        _ => Answer::default(),
                     };
                     let _ = sink.send(Sample {
                         way: t.way,
                         at: sent.saturating_duration_since(start).as_secs_f64(),
                         ms: sent.elapsed().as_secs_f64() * 1000.0,
-                        ok,
-                        instance,
+                        ok: answer.ok,
+                        instance: answer.instance,
+                        tries: answer.tries,
                     });
                 }));
             }
@@ -433,6 +487,13 @@ pub async fn run(
         t.await.context("a load task failed")?;
     }
     Ok(cold)
+}
+
+/// The front `way` is given in `WAY=HOST:PORT` form, if any.
+fn front_of(way: Way, fronts: &[String]) -> Option<&str> {
+    fronts
+        .iter()
+        .find_map(|f| f.strip_prefix(way.key())?.strip_prefix('='))
 }
 
 /// `wfctl lab load`: runs `ways` (fronts given as `WAY=HOST:PORT`, names
@@ -456,9 +517,7 @@ pub async fn serve_lines(
                 port,
             }
         } else {
-            let front = fronts
-                .iter()
-                .find_map(|f| f.strip_prefix(way.key())?.strip_prefix('='))
+            let front = front_of(way, fronts)
                 .with_context(|| format!("--front {}=HOST:PORT is missing", way.key()))?;
             let (host, p) = front
                 .rsplit_once(':')
@@ -516,11 +575,18 @@ mod tests {
             ms: 1.25,
             ok: true,
             instance: Some("web2".into()),
+            tries: 2,
         };
         let back = Sample::parse(&s.line()).expect("parses");
         assert_eq!(back.way, s.way);
         assert!((back.at - s.at).abs() < 0.001, "{}", back.at);
-        assert_eq!((back.ms, back.ok, back.instance), (s.ms, s.ok, s.instance));
+        assert_eq!(
+            (back.ms, back.ok, back.instance, back.tries),
+            (s.ms, s.ok, s.instance.clone(), s.tries)
+        );
+        // A line without tries (an older load) reads as "not said".
+        let older = "sample mesh 10.0 1.500 1 web1";
+        assert_eq!(Sample::parse(older).expect("parses").tries, 0);
         let failed = Sample {
             ok: false,
             instance: None,
@@ -550,7 +616,53 @@ mod tests {
             parse_ways("mesh, dns-once,mesh").expect("ways"),
             [Way::DnsOnce, Way::Mesh]
         );
+        assert_eq!(
+            parse_ways("mesh+hedging,nginx,mesh").expect("ways"),
+            [Way::Nginx, Way::Mesh, Way::MeshHedging]
+        );
         let e = parse_ways("dns,mesh").expect_err("refused").to_string();
         assert!(e.contains("\"dns\" is not a way"), "{e}");
+        assert!(e.contains("mesh, mesh+hedging)"), "{e}");
+    }
+
+    #[test]
+    fn every_way_has_its_own_key_label_and_colour() {
+        for (i, a) in Way::ALL.iter().enumerate() {
+            assert_eq!(Way::from_key(a.key()), Some(*a));
+            for b in &Way::ALL[..i] {
+                assert_ne!(a.key(), b.key());
+                assert_ne!(a.label(), b.label());
+                assert_ne!(a.color(), b.color());
+            }
+        }
+        assert!(Way::MeshHedging.is_mesh() && !Way::MeshHedging.is_dns());
+        assert_eq!(
+            Way::MeshHedging.header(),
+            Some(("x-wayfinder-lab-way", "mesh+hedging"))
+        );
+        assert_eq!(Way::Mesh.header(), None, "the mesh way stays unmarked");
+    }
+
+    #[test]
+    fn the_hedged_way_sends_its_header_and_a_front_of_its_own() {
+        let s = Sample {
+            way: Way::MeshHedging,
+            at: 1.0,
+            ms: 2.0,
+            ok: true,
+            instance: None,
+            tries: 1,
+        };
+        assert_eq!(
+            Sample::parse(&s.line()).expect("parses").way,
+            Way::MeshHedging
+        );
+        let fronts = [
+            "mesh=client:15080".to_string(),
+            "mesh+hedging=client:15081".into(),
+        ];
+        let front = |w: Way| front_of(w, &fronts);
+        assert_eq!(front(Way::Mesh), Some("client:15080"));
+        assert_eq!(front(Way::MeshHedging), Some("client:15081"));
     }
 }

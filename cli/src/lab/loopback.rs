@@ -258,7 +258,21 @@ impl Loopback {
             lab.front_nginx = Some(lab.start_balancer().await?);
         }
         lab.wait_serving(3).await?;
+        if cfg.ways.contains(&Way::MeshHedging) {
+            super::hedging::apply(&lab.admin().await?, "web").await?;
+        }
         Ok(lab)
+    }
+
+    /// The Admin API with the operator's credential.
+    async fn admin(&self) -> Result<crate::traffic::Admin> {
+        let ch = crate::connect::channel(
+            &self.control.url,
+            &self.control.data.join("operator"),
+            Duration::from_secs(5),
+        )
+        .await?;
+        Ok(crate::traffic::Admin::new(ch, Duration::from_secs(5)))
     }
 
     /// Flags and token of a sidecar of `service`.
@@ -425,7 +439,7 @@ impl Loopback {
             .filter_map(|&w| {
                 let aim = match w {
                     Way::Nginx => Aim::Front(self.front_nginx?),
-                    Way::Mesh => Aim::Front(self.front_mesh),
+                    Way::Mesh | Way::MeshHedging => Aim::Front(self.front_mesh),
                     _ => Aim::Dns {
                         resolver: self.dns.addr,
                         name: "web".into(),
@@ -450,14 +464,8 @@ impl Loopback {
     /// `web`'s fault set or cleared through the control plane, as `wfctl
     /// fault` does.
     async fn mesh_fault(&self, event: &Event) -> Result<()> {
-        use crate::traffic::{Admin, fault};
-        let ch = crate::connect::channel(
-            &self.control.url,
-            &self.control.data.join("operator"),
-            Duration::from_secs(5),
-        )
-        .await?;
-        let admin = Admin::new(ch, Duration::from_secs(5));
+        use crate::traffic::fault;
+        let admin = self.admin().await?;
         match &event.action {
             Action::Fault(f) => {
                 let spec = fault::Spec {
@@ -633,6 +641,9 @@ pub async fn run(cfg: &Config) -> Result<PathBuf> {
          brings it back on a new address; slow and unhealthy are lab-app's fault controls.",
         lab.nginx_label
     )];
+    if cfg.ways.contains(&Way::MeshHedging) {
+        notes.push(super::hedging::note("web"));
+    }
     if !cold.is_empty() {
         notes.push(format!(
             "These ways got no answer while warming up: {}.",

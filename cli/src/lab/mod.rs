@@ -3,6 +3,7 @@
 pub mod compare;
 pub mod dns;
 pub mod docker;
+pub mod hedging;
 pub mod load;
 pub mod loopback;
 pub mod machine;

@@ -80,6 +80,28 @@ pub fn markdown(setting: &Setting<'_>, run: &Run) -> String {
             t.p99
         );
     }
+    let extra: Vec<String> = run
+        .ways
+        .iter()
+        .filter_map(|&w| {
+            let e = run.extra_tries(w)?;
+            Some(format!(
+                "{}: {} in {} calls ({:.1}%)",
+                w.label(),
+                e.tries,
+                e.calls,
+                e.calls as f64 * 100.0 / run.totals(w).requests.max(1) as f64
+            ))
+        })
+        .collect();
+    if !extra.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nTries beyond the first, as the client's sidecar counted them \
+             (`x-wayfinder-attempts`: hedged copies and retries): {}.",
+            extra.join("; ")
+        );
+    }
     let _ = writeln!(
         s,
         "\n## Each event: failed requests · until calls stopped failing\n"

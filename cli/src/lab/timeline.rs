@@ -46,6 +46,16 @@ pub struct Totals {
     pub p99: f64,
 }
 
+/// The tries beyond the first that the client's sidecar made for one
+/// way's calls: hedged copies and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extra {
+    /// Calls that took more than one try.
+    pub calls: usize,
+    /// Tries beyond each call's first, in all.
+    pub tries: u64,
+}
+
 /// One way during one event's window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Window {
@@ -81,6 +91,16 @@ impl Run {
             p90: quantile(&ms, 0.9),
             p99: quantile(&ms, 0.99),
         }
+    }
+
+    /// The extra tries of `way`'s calls; `None` when no answer said how
+    /// many tries it took (only the sidecar says).
+    pub fn extra_tries(&self, way: Way) -> Option<Extra> {
+        let said: Vec<u32> = self.of(way).map(|s| s.tries).filter(|&t| t > 0).collect();
+        (!said.is_empty()).then(|| Extra {
+            calls: said.iter().filter(|&&t| t > 1).count(),
+            tries: said.iter().map(|&t| u64::from(t - 1)).sum(),
+        })
     }
 
     /// `[from, to)` of event `i`: until the next event, or the end.
@@ -205,6 +225,7 @@ mod tests {
             ms: 1.0,
             ok,
             instance: (!instance.is_empty()).then(|| instance.to_string()),
+            tries: 0,
         }
     }
 
@@ -305,5 +326,26 @@ mod tests {
         assert!((web1 - 200.0 / 3.0).abs() < 1e-9, "{web1}");
         assert_eq!(r.shares(Way::Mesh, phases[1].1, phases[1].2)["web3"], 100.0);
         assert_eq!(r.instances(), ["web1", "web2", "web3"]);
+    }
+
+    #[test]
+    fn extra_tries_count_what_the_sidecar_said() {
+        let tried = |way, at, tries| Sample {
+            tries,
+            ..s(way, at, true, "web1")
+        };
+        let r = run(vec![
+            tried(Way::MeshHedging, 0.1, 1),
+            tried(Way::MeshHedging, 0.2, 2),
+            tried(Way::MeshHedging, 0.3, 3),
+            tried(Way::Mesh, 0.4, 1),
+            tried(Way::DnsOnce, 0.5, 0),
+        ]);
+        assert_eq!(
+            r.extra_tries(Way::MeshHedging),
+            Some(Extra { calls: 2, tries: 3 })
+        );
+        assert_eq!(r.extra_tries(Way::Mesh), Some(Extra { calls: 0, tries: 0 }));
+        assert_eq!(r.extra_tries(Way::DnsOnce), None, "no sidecar said");
     }
 }

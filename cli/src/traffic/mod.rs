@@ -3,9 +3,11 @@
 //! service's live policy through the Admin API (read, change, apply), so
 //! they act like `wfctl policy apply` and every sidecar gets the change the
 //! same way. [`Admin`] is that read-change-apply; `wfctl lab compare` uses
-//! it too.
+//! it too. [`mirror`] only reads: how mirrored calls compared with their
+//! copies.
 
 pub mod fault;
+pub mod mirror;
 pub mod split;
 
 use std::time::Duration;

@@ -313,6 +313,7 @@ pub fn apply(
                 backends,
                 timeouts: None,
                 retries: None,
+                hedging: None,
             });
             DEFAULT_ROUTE.to_string()
         }

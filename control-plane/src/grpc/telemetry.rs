@@ -1,11 +1,11 @@
 //! `Telemetry.Report`: traffic reports from sidecars, validated and kept for
-//! the dashboard.
+//! the dashboard, `wfctl split` and `wfctl mirror diff`.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use wayfinder_proto::latency::BUCKETS;
-use wayfinder_proto::v1::{ReportAck, TrafficReport, telemetry_server::Telemetry};
+use wayfinder_proto::v1::{MirrorDiff, ReportAck, TrafficReport, telemetry_server::Telemetry};
 
 use super::auth::Guard;
 use super::{check_size, invalid};
@@ -16,6 +16,9 @@ pub const MAX_EDGES: usize = 1000;
 /// Longest backend name (`version=v2,zone=a`) an edge may carry; a report
 /// with a longer one is refused like any other invalid edge.
 pub const MAX_BACKEND_LEN: usize = 512;
+/// Most mirror entries one report may carry (a sidecar has one per mirrored
+/// service and route).
+pub const MAX_MIRRORS: usize = 1000;
 
 /// The Telemetry service.
 pub struct TelemetryService {
@@ -30,7 +33,7 @@ impl TelemetryService {
     }
 }
 
-/// Refuses a report with an invalid service, node or edge.
+/// Refuses a report with an invalid service, node, edge or mirror entry.
 pub fn check(r: &TrafficReport) -> Result<(), Status> {
     wayfinder_proto::validate::service_name(&r.service)
         .map_err(|e| invalid(format!("service: {e}")))?;
@@ -56,6 +59,44 @@ pub fn check(r: &TrafficReport) -> Result<(), Status> {
                 "edges[{i}].latency_buckets: exactly {BUCKETS} counts expected, got {}",
                 e.latency_buckets.len()
             )));
+        }
+    }
+    if r.mirrors.len() > MAX_MIRRORS {
+        return Err(invalid(format!(
+            "at most {MAX_MIRRORS} mirror entries per report"
+        )));
+    }
+    for (i, m) in r.mirrors.iter().enumerate() {
+        check_mirror(m).map_err(|e| invalid(format!("mirrors[{i}]{e}")))?;
+    }
+    Ok(())
+}
+
+/// What is wrong with one mirror entry, as `.field: why`.
+fn check_mirror(m: &MirrorDiff) -> Result<(), String> {
+    wayfinder_proto::validate::service_name(&m.service).map_err(|e| format!(".service: {e}"))?;
+    if !m.route.is_empty() && wayfinder_proto::validate::service_name(&m.route).is_err() {
+        return Err(".route: empty or a route name (a DNS label)".into());
+    }
+    if m.shadow.is_empty()
+        || m.shadow.len() > MAX_BACKEND_LEN
+        || m.shadow.chars().any(char::is_control)
+    {
+        return Err(format!(".shadow: 1 to {MAX_BACKEND_LEN} printable bytes"));
+    }
+    // A pair differs in status, or else maybe in body: never both.
+    if m.status_differs.saturating_add(m.body_differs) > m.pairs {
+        return Err(": more differing pairs (status + body) than pairs".into());
+    }
+    for (field, buckets) in [
+        ("primary_latency_buckets", &m.primary_latency_buckets),
+        ("shadow_latency_buckets", &m.shadow_latency_buckets),
+    ] {
+        if buckets.len() != BUCKETS {
+            return Err(format!(
+                ".{field}: exactly {BUCKETS} counts expected, got {}",
+                buckets.len()
+            ));
         }
     }
     Ok(())
@@ -94,6 +135,25 @@ mod tests {
                 latency_buckets: vec![0; BUCKETS],
                 backend: backend.into(),
             }],
+            mirrors: Vec::new(),
+        }
+    }
+
+    fn mirrored(route: &str, shadow: &str) -> TrafficReport {
+        TrafficReport {
+            mirrors: vec![MirrorDiff {
+                service: "web".into(),
+                route: route.into(),
+                shadow: shadow.into(),
+                pairs: 10,
+                status_differs: 4,
+                body_differs: 6,
+                shed: 1,
+                shadow_failed: 1,
+                primary_latency_buckets: vec![0; BUCKETS],
+                shadow_latency_buckets: vec![0; BUCKETS],
+            }],
+            ..report("")
         }
     }
 
@@ -104,5 +164,34 @@ mod tests {
         let e = check(&report(&"v".repeat(MAX_BACKEND_LEN + 1))).expect_err("too long");
         assert!(e.message().contains("edges[0].backend"), "{e}");
         assert!(check(&report("version=v2\u{1b}[2J")).is_err());
+    }
+
+    #[test]
+    fn mirror_entries_name_a_service_route_and_shadow_and_carry_21_buckets_each() {
+        assert!(check(&mirrored("default", "version=v2")).is_ok());
+        assert!(check(&mirrored("", "web-shadow")).is_ok());
+        let refused = |r: TrafficReport| check(&r).expect_err("refused").message().to_string();
+        assert!(refused(mirrored("Not A Route", "v")).contains("mirrors[0].route"));
+        assert!(refused(mirrored("default", "")).contains("mirrors[0].shadow"));
+        assert!(refused(mirrored("default", "v2\u{1b}[2J")).contains("mirrors[0].shadow"));
+        let mut r = mirrored("default", "version=v2");
+        r.mirrors[0].service = "-".into();
+        assert!(refused(r).contains("mirrors[0].service"));
+        let mut r = mirrored("default", "version=v2");
+        r.mirrors[0].body_differs = 7;
+        assert!(refused(r).contains("more differing pairs"));
+        let mut r = mirrored("default", "version=v2");
+        r.mirrors[0].shadow_latency_buckets.pop();
+        let e = refused(r);
+        assert!(
+            e.contains("mirrors[0].shadow_latency_buckets: exactly 21"),
+            "{e}"
+        );
+        let mut r = mirrored("default", "version=v2");
+        r.mirrors[0].primary_latency_buckets.push(1);
+        assert!(refused(r).contains("primary_latency_buckets"));
+        let mut r = mirrored("default", "version=v2");
+        r.mirrors = vec![r.mirrors[0].clone(); MAX_MIRRORS + 1];
+        assert!(refused(r).contains("at most"));
     }
 }

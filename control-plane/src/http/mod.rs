@@ -31,7 +31,7 @@ pub struct HttpState {
 
 /// The router: `/healthz`, `/readyz` (503 while a replica is cut off from
 /// etcd), `/metrics`, `/v1/services`, `/v1/services/{name}`, `/v1/traffic`,
-/// and the dashboard (`/`, `/v1/dashboard`, `/v1/dashboard/events`).
+/// `/v1/mirror`, and the dashboard (`/`, `/v1/dashboard`, `/v1/dashboard/events`).
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .merge(dashboard::router())
@@ -41,6 +41,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/services", get(services))
         .route("/v1/services/{name}", get(service))
         .route("/v1/traffic", get(traffic))
+        .route("/v1/mirror", get(mirror))
         .with_state(state)
 }
 
@@ -148,6 +149,58 @@ async fn traffic(
     .into_response()
 }
 
+/// `?service=web&window=60s` of `/v1/mirror`.
+#[derive(serde::Deserialize)]
+struct MirrorQuery {
+    service: Option<String>,
+    window: Option<String>,
+}
+
+/// How far back `/v1/mirror` looks without `window`.
+const MIRROR_DEFAULT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A window as seconds (`60`) or a duration (`60s`, `1m`, `500ms`).
+fn window(text: &str) -> Result<std::time::Duration, String> {
+    match text.parse::<u32>() {
+        Ok(secs) => Ok(std::time::Duration::from_secs(secs.into())),
+        Err(_) => wayfinder_proto::policy::parse_duration(text),
+    }
+}
+
+/// `/v1/mirror[?service=NAME][&window=DUR]`: each route's mirrored calls
+/// compared with their copies over the last `window` (default 60 s, at
+/// most [`crate::traffic::MIRROR_WINDOW`]), summed over every caller, for
+/// `wfctl mirror diff`. An empty list when nothing was mirrored.
+async fn mirror(
+    State(s): State<HttpState>,
+    axum::extract::Query(q): axum::extract::Query<MirrorQuery>,
+) -> Response {
+    match mirror_json(&s.traffic, &q) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `/v1/mirror`'s answer to `q`, or why `q` is refused.
+fn mirror_json(
+    traffic: &crate::traffic::Traffic,
+    q: &MirrorQuery,
+) -> Result<serde_json::Value, String> {
+    let window = match q.window.as_deref().map(window) {
+        None => MIRROR_DEFAULT_WINDOW,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => return Err(format!("window: {e}")),
+    };
+    if let Some(name) = &q.service {
+        wayfinder_proto::validate::service_name(name).map_err(|e| format!("service: {e}"))?;
+    }
+    Ok(serde_json::json!({
+        "service": q.service,
+        "window_secs": window.min(crate::traffic::MIRROR_WINDOW).as_secs_f64(),
+        "mirrors": traffic.mirrors(q.service.as_deref(), window),
+    }))
+}
+
 async fn service(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
     match view(&s.registry, &name) {
         Some(v) => Json(v).into_response(),
@@ -156,5 +209,85 @@ async fn service(State(s): State<HttpState>, Path(name): Path<String>) -> Respon
             format!("service {name:?} does not exist\n"),
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wayfinder_proto::latency::BUCKETS;
+    use wayfinder_proto::v1::{MirrorDiff, TrafficReport};
+
+    fn query(service: Option<&str>, window: Option<&str>) -> MirrorQuery {
+        MirrorQuery {
+            service: service.map(String::from),
+            window: window.map(String::from),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mirror_serves_one_service_s_routes_over_the_window_asked_for() {
+        let t = crate::traffic::Traffic::default();
+        let mut primary = vec![0; BUCKETS];
+        primary[4] = 8;
+        t.record(&TrafficReport {
+            node: "client-1".into(),
+            service: "client".into(),
+            edges: Vec::new(),
+            mirrors: vec![MirrorDiff {
+                service: "web".into(),
+                route: "default".into(),
+                shadow: "version=v2".into(),
+                pairs: 8,
+                status_differs: 1,
+                body_differs: 2,
+                shed: 3,
+                shadow_failed: 4,
+                primary_latency_buckets: primary,
+                shadow_latency_buckets: vec![0; BUCKETS],
+            }],
+        });
+        let v = mirror_json(&t, &query(Some("web"), Some("60"))).expect("valid");
+        assert_eq!(v["service"], "web");
+        assert_eq!(v["window_secs"], 60.0);
+        let m = &v["mirrors"][0];
+        assert_eq!(m["route"], "default");
+        assert_eq!(m["shadow"], "version=v2");
+        assert_eq!(
+            [
+                &m["pairs"],
+                &m["status_differs"],
+                &m["body_differs"],
+                &m["shed"],
+                &m["shadow_failed"]
+            ],
+            [8, 1, 2, 3, 4]
+        );
+        assert!(
+            m["primary_p50_ms"]
+                .as_f64()
+                .is_some_and(|p| p > 2.0 && p <= 4.0),
+            "{m}"
+        );
+        assert!(m["shadow_p99_ms"].is_null(), "{m}");
+
+        let other = mirror_json(&t, &query(Some("api"), None)).expect("valid");
+        assert_eq!(other["mirrors"].as_array().map(Vec::len), Some(0));
+        let long = mirror_json(&t, &query(None, Some("60m"))).expect("valid");
+        assert_eq!(long["window_secs"], 300.0, "at most what is kept");
+        tokio::time::advance(std::time::Duration::from_secs(61)).await;
+        let later = mirror_json(&t, &query(Some("web"), Some("1m"))).expect("valid");
+        assert_eq!(later["mirrors"].as_array().map(Vec::len), Some(0));
+    }
+
+    #[test]
+    fn mirror_refuses_a_bad_window_or_service_name() {
+        let t = crate::traffic::Traffic::default();
+        let e = mirror_json(&t, &query(Some("web"), Some("soon"))).expect_err("bad window");
+        assert!(e.starts_with("window:"), "{e}");
+        let e = mirror_json(&t, &query(Some("../web"), None)).expect_err("bad name");
+        assert!(e.starts_with("service:"), "{e}");
+        assert_eq!(window("90"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(window("500ms"), Ok(std::time::Duration::from_millis(500)));
     }
 }

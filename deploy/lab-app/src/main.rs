@@ -5,8 +5,11 @@
 //! ```text
 //! GET  /                 {"instance":"web-1","path":"/","method":"GET","count":1,"bytes":0}
 //! GET  /healthz          200 "ok", or 503 when made unhealthy
-//! GET  /fault            the faults in force and how many requests were served
+//! GET  /fault            the faults in force, how many requests were served
+//!                        and how many of those were mirrored copies
 //! POST /fault?fail=0.3&delay_ms=200&healthy=false   change the faults (any subset)
+//! POST /fault?delay_ms=200&delay_share=0.05   only that share of requests is slow
+//!                        (a long tail, what hedging is for)
 //! POST /fault?forge=true every answer becomes `502` with `x-wayfinder-error:
 //!                        connect-failed`, as a hostile app would forge the
 //!                        mesh's retry signal
@@ -62,6 +65,8 @@ struct Faults {
     /// Share of requests answered 503, in millionths.
     fail_ppm: AtomicU32,
     delay_ms: AtomicU64,
+    /// Share of requests delayed, in millionths (all when 1,000,000).
+    delay_ppm: AtomicU32,
     unhealthy: AtomicBool,
     /// Answer 502 with the mesh's `connect-failed` signal.
     forge: AtomicBool,
@@ -72,6 +77,8 @@ struct App {
     /// The gRPC health the `healthy` fault sets.
     health: tokio::sync::OnceCell<tonic_health::server::HealthReporter>,
     count: AtomicU64,
+    /// Of those, copies a mirroring sidecar marked (`x-wayfinder-mirror: 1`).
+    mirrored: AtomicU64,
     faults: Faults,
     outbound: Option<SocketAddr>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -140,6 +147,7 @@ async fn chain(
 struct FaultQuery {
     fail: Option<f64>,
     delay_ms: Option<u64>,
+    delay_share: Option<f64>,
     healthy: Option<bool>,
     forge: Option<bool>,
 }
@@ -148,11 +156,16 @@ async fn hello(
     State(app): State<Arc<App>>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let n = app.count.fetch_add(1, Ordering::Relaxed) + 1;
+    if headers.get("x-wayfinder-mirror").is_some_and(|v| v == "1") {
+        app.mirrored.fetch_add(1, Ordering::Relaxed);
+    }
     let delay = app.faults.delay_ms.load(Ordering::Relaxed);
-    if delay > 0 {
+    let share = app.faults.delay_ppm.load(Ordering::Relaxed);
+    if delay > 0 && (share >= 1_000_000 || rand::random_range(0..1_000_000) < share) {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let fail = app.faults.fail_ppm.load(Ordering::Relaxed);
@@ -206,8 +219,24 @@ async fn fault(State(app): State<Arc<App>>, Query(q): Query<FaultQuery>) -> Resp
             .fail_ppm
             .store((f * 1e6) as u32, Ordering::Relaxed);
     }
+    if let Some(s) = q.delay_share {
+        if !(0.0..=1.0).contains(&s) {
+            return (
+                StatusCode::BAD_REQUEST,
+                "delay_share must be between 0 and 1\n",
+            )
+                .into_response();
+        }
+        app.faults
+            .delay_ppm
+            .store((s * 1e6) as u32, Ordering::Relaxed);
+    }
     if let Some(d) = q.delay_ms {
         app.faults.delay_ms.store(d.min(600_000), Ordering::Relaxed);
+        // A delay alone slows every request, as it always has.
+        if q.delay_share.is_none() {
+            app.faults.delay_ppm.store(1_000_000, Ordering::Relaxed);
+        }
     }
     if let Some(h) = q.healthy {
         app.faults.unhealthy.store(!h, Ordering::Relaxed);
@@ -222,6 +251,7 @@ async fn fault(State(app): State<Arc<App>>, Query(q): Query<FaultQuery>) -> Resp
 async fn reset(State(app): State<Arc<App>>) -> Response {
     app.faults.fail_ppm.store(0, Ordering::Relaxed);
     app.faults.delay_ms.store(0, Ordering::Relaxed);
+    app.faults.delay_ppm.store(1_000_000, Ordering::Relaxed);
     app.faults.unhealthy.store(false, Ordering::Relaxed);
     app.faults.forge.store(false, Ordering::Relaxed);
     report_health(&app, true).await;
@@ -239,9 +269,12 @@ fn faults(app: &App) -> Json<serde_json::Value> {
         "instance": app.name,
         "fail": f64::from(app.faults.fail_ppm.load(Ordering::Relaxed)) / 1e6,
         "delay_ms": app.faults.delay_ms.load(Ordering::Relaxed),
+        "delay_share": f64::from(app.faults.delay_ppm.load(Ordering::Relaxed)) / 1e6,
         "healthy": !app.faults.unhealthy.load(Ordering::Relaxed),
         "forge": app.faults.forge.load(Ordering::Relaxed),
         "served": app.count.load(Ordering::Relaxed),
+        "mirrored": app.mirrored.load(Ordering::Relaxed),
+        "delay_share": f64::from(app.faults.delay_ppm.load(Ordering::Relaxed)) / 1e6,
     }))
 }
 
@@ -252,6 +285,7 @@ async fn main() -> anyhow::Result<()> {
         name: args.name,
         health: tokio::sync::OnceCell::new(),
         count: AtomicU64::new(0),
+        mirrored: AtomicU64::new(0),
         faults: Faults::default(),
         outbound: args.outbound,
         client: Client::builder(TokioExecutor::new()).build_http(),

@@ -23,6 +23,7 @@
 
 mod file;
 mod model;
+mod shaping;
 mod traffic;
 mod values;
 mod wire;
@@ -32,10 +33,12 @@ pub use model::{
     Authz, AuthzDefault, AuthzRule, Balancer, CircuitBreaker, Discovery, HashKey, HealthCheck,
     Outlier, PolicyFile, Retries, RetryOn, ServicePolicy, Timeouts,
 };
+pub use shaping::{HedgeAfter, Hedging, Locality, MAX_ZONES, Mirror, RateLimit};
 pub use traffic::{
     Abort, Backend, BackendTarget, Backends, Delay, Fault, FaultMatch, HeaderMatch, InstanceId,
     MAX_BACKEND_WEIGHT, Percent, Route, RouteMatch, RouteName, Routes, Subset,
 };
 pub use values::{
-    Bounded, Caller, HttpMethod, HttpPath, MAX_MILLIS, Millis, Ratio, ServiceName, parse_duration,
+    Bounded, Caller, GrpcServiceName, HttpMethod, HttpPath, MAX_MILLIS, Millis, Ratio, ServiceName,
+    parse_duration,
 };

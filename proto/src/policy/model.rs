@@ -4,9 +4,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::shaping::{Hedging, Locality, Mirror, RateLimit};
 use super::traffic::{Fault, Routes};
 use super::values::{
-    Bounded, Caller, HttpMethod, HttpPath, Millis, Ratio, ServiceName, is_header_name,
+    Bounded, Caller, GrpcServiceName, HttpMethod, HttpPath, Millis, Ratio, ServiceName,
+    is_header_name,
 };
 
 /// A whole policy file: `[services.NAME]` tables.
@@ -58,6 +60,21 @@ pub struct ServicePolicy {
     /// A fault the callers inject (`[services.NAME.fault]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// A limit the service's own sidecars enforce on the way in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Copies of calls sent elsewhere, their answers dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+    /// A second try when the first is slow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedging: Option<Hedging>,
+    /// Zone-aware balancing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<Locality>,
+    /// A joining or returning endpoint's share ramps up over this window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<Millis>,
 }
 
 /// Who may call a service (checked by its sidecars on the way in).
@@ -204,6 +221,9 @@ pub enum RetryOn {
     GrpcCancelled,
     /// gRPC INTERNAL.
     GrpcInternal,
+    /// 429 Too Many Requests (a rate limit said no).
+    #[serde(rename = "429")]
+    RateLimited,
 }
 
 impl RetryOn {
@@ -222,7 +242,7 @@ impl RetryOn {
 
 impl RetryOn {
     /// Every condition, in declaration order.
-    pub const ALL: [RetryOn; 10] = [
+    pub const ALL: [RetryOn; 11] = [
         Self::ConnectFailure,
         Self::Reset,
         Self::ServerError,
@@ -233,6 +253,7 @@ impl RetryOn {
         Self::GrpcDeadlineExceeded,
         Self::GrpcCancelled,
         Self::GrpcInternal,
+        Self::RateLimited,
     ];
     /// The name used in TOML and on the wire.
     pub fn name(self) -> &'static str {
@@ -247,6 +268,7 @@ impl RetryOn {
             Self::GrpcDeadlineExceeded => "grpc-deadline-exceeded",
             Self::GrpcCancelled => "grpc-cancelled",
             Self::GrpcInternal => "grpc-internal",
+            Self::RateLimited => "429",
         }
     }
     /// Parses a wire name.
@@ -366,12 +388,16 @@ pub struct CircuitBreaker {
 
 /// Active health checks.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "HealthCheckFields")]
 pub struct HealthCheck {
     /// Check at all (default true when the table exists).
     pub enabled: Option<bool>,
-    /// HTTP path to GET; absent means a TCP connect check.
+    /// HTTP path to GET; absent means a TCP connect check (or gRPC with `grpc`).
     pub http_path: Option<HttpPath>,
+    /// Check with `grpc.health.v1.Health/Check` over HTTP/2.
+    pub grpc: Option<bool>,
+    /// The service name the gRPC check asks about (default: the whole server).
+    pub grpc_service: Option<GrpcServiceName>,
     /// Time between checks.
     pub interval: Option<Millis>,
     /// Time one check may take.
@@ -380,4 +406,50 @@ pub struct HealthCheck {
     pub healthy_threshold: Option<Bounded<1, 100>>,
     /// Failures before unhealthy (`fall`).
     pub unhealthy_threshold: Option<Bounded<1, 100>>,
+}
+
+/// [`HealthCheck`] before its cross-field check.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthCheckFields {
+    enabled: Option<bool>,
+    http_path: Option<HttpPath>,
+    grpc: Option<bool>,
+    grpc_service: Option<GrpcServiceName>,
+    interval: Option<Millis>,
+    timeout: Option<Millis>,
+    healthy_threshold: Option<Bounded<1, 100>>,
+    unhealthy_threshold: Option<Bounded<1, 100>>,
+}
+
+impl TryFrom<HealthCheckFields> for HealthCheck {
+    type Error = String;
+    fn try_from(f: HealthCheckFields) -> Result<Self, String> {
+        let h = HealthCheck {
+            enabled: f.enabled,
+            http_path: f.http_path,
+            grpc: f.grpc,
+            grpc_service: f.grpc_service,
+            interval: f.interval,
+            timeout: f.timeout,
+            healthy_threshold: f.healthy_threshold,
+            unhealthy_threshold: f.unhealthy_threshold,
+        };
+        h.check()?;
+        Ok(h)
+    }
+}
+
+impl HealthCheck {
+    /// The cross-field check: one kind of check, and a gRPC service name only for gRPC.
+    pub(super) fn check(&self) -> Result<(), String> {
+        let grpc = self.grpc == Some(true);
+        if grpc && self.http_path.is_some() {
+            return Err("grpc = true and http_path: a check is either gRPC or HTTP".into());
+        }
+        if !grpc && self.grpc_service.is_some() {
+            return Err("grpc_service needs grpc = true".into());
+        }
+        Ok(())
+    }
 }

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::file::PolicyError;
 use super::model::{Retries, Timeouts};
+use super::shaping::Hedging;
 use super::values::{Bounded, HttpMethod, HttpPath, Millis, ServiceName, is_header_name};
 use super::wire::{refused, section};
 use crate::v1;
@@ -98,6 +99,9 @@ pub struct Route {
     /// Retries for this route instead of the service's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Retries>,
+    /// Hedging for this route instead of the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedging: Option<Hedging>,
 }
 
 /// A route name: a DNS label, as service names are.
@@ -596,6 +600,7 @@ impl From<&Route> for v1::Route {
                 .collect(),
             timeouts: r.timeouts.as_ref().map(Into::into),
             retries: r.retries.as_ref().map(Into::into),
+            hedging: r.hedging.as_ref().map(Into::into),
         }
     }
 }
@@ -652,6 +657,7 @@ fn route_from_wire(field: &str, r: &v1::Route) -> Result<Route, PolicyError> {
         backends: Backends::try_from(backends).map_err(|m| refused(&at("backends"), m))?,
         timeouts: section(&r.timeouts).map_err(in_route)?,
         retries: section(&r.retries).map_err(in_route)?,
+        hedging: section(&r.hedging).map_err(in_route)?,
     })
 }
 
@@ -748,6 +754,7 @@ match = { path_prefix = "/api", method = "GET" }
 backends = [{ subset = { version = "v1" }, weight = 90 }, { subset = { version = "v2" }, weight = 10 }]
 timeouts = { per_try = "200ms" }
 retries = { max_attempts = 2 }
+hedging = { after = "p90", max_extra = 2 }
 
 [[services.web.routes]]
 name = "default"

@@ -238,3 +238,35 @@ mod tests {
         }
     }
 }
+
+/// A gRPC service name as `grpc.health.v1` asks about it (`pkg.Service`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GrpcServiceName(String);
+
+impl TryFrom<String> for GrpcServiceName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 256
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+        if !ok {
+            return Err(format!(
+                "{s:?} is not a gRPC service name: use e.g. \"wayfinder.lab.v1.Echo\""
+            ));
+        }
+        Ok(Self(s))
+    }
+}
+impl From<GrpcServiceName> for String {
+    fn from(n: GrpcServiceName) -> String {
+        n.0
+    }
+}
+impl GrpcServiceName {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}

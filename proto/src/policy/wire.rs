@@ -5,7 +5,9 @@ use super::model::{
     Authz, AuthzDefault, AuthzRule, Balancer, CircuitBreaker, Discovery, HashKey, HealthCheck,
     Outlier, PolicyFile, Retries, RetryOn, ServicePolicy, Timeouts,
 };
-use super::values::{Bounded, Caller, HttpMethod, HttpPath, Millis, Ratio, ServiceName};
+use super::values::{
+    Bounded, Caller, GrpcServiceName, HttpMethod, HttpPath, Millis, Ratio, ServiceName,
+};
 use crate::v1;
 
 impl PolicyFile {
@@ -43,6 +45,11 @@ impl ServicePolicy {
                 .map(|r| r.as_slice().iter().map(Into::into).collect())
                 .unwrap_or_default(),
             fault: self.fault.as_ref().map(Into::into),
+            rate_limit: self.rate_limit.as_ref().map(Into::into),
+            mirror: self.mirror.as_ref().map(Into::into),
+            hedging: self.hedging.as_ref().map(Into::into),
+            locality: self.locality.as_ref().map(Into::into),
+            slow_start_ms: millis(self.slow_start),
         }
     }
 
@@ -73,6 +80,11 @@ fn sections(p: &v1::ServicePolicy) -> Result<ServicePolicy, PolicyError> {
         tunnels: p.allow_tunnels.then_some(true),
         routes: super::traffic::routes_from_wire(&p.routes)?,
         fault: section(&p.fault)?,
+        rate_limit: section(&p.rate_limit)?,
+        mirror: section(&p.mirror)?,
+        hedging: section(&p.hedging)?,
+        locality: section(&p.locality)?,
+        slow_start: ms("slow_start", p.slow_start_ms)?,
     })
 }
 
@@ -276,7 +288,7 @@ impl TryFrom<&v1::CircuitBreakers> for CircuitBreaker {
 impl TryFrom<&v1::HealthCheck> for HealthCheck {
     type Error = PolicyError;
     fn try_from(h: &v1::HealthCheck) -> Result<Self, PolicyError> {
-        Ok(Self {
+        let hc = Self {
             enabled: Some(h.enabled),
             http_path: if h.http_path.is_empty() {
                 None
@@ -286,11 +298,18 @@ impl TryFrom<&v1::HealthCheck> for HealthCheck {
                         .map_err(|m| refused("health_check.http_path", m))?,
                 )
             },
+            grpc: h.grpc.then_some(true),
+            grpc_service: (!h.grpc_service.is_empty())
+                .then(|| GrpcServiceName::try_from(h.grpc_service.clone()))
+                .transpose()
+                .map_err(|m| refused("health_check.grpc_service", m))?,
             interval: ms("health_check.interval", h.interval_ms)?,
             timeout: ms("health_check.timeout", h.timeout_ms)?,
             healthy_threshold: n("health_check.healthy_threshold", h.healthy_threshold)?,
             unhealthy_threshold: n("health_check.unhealthy_threshold", h.unhealthy_threshold)?,
-        })
+        };
+        hc.check().map_err(|m| refused("health_check", m))?;
+        Ok(hc)
     }
 }
 
@@ -436,6 +455,8 @@ impl From<&HealthCheck> for v1::HealthCheck {
         Self {
             enabled: h.enabled.unwrap_or(true),
             http_path: h.http_path.clone().map(String::from).unwrap_or_default(),
+            grpc: h.grpc == Some(true),
+            grpc_service: h.grpc_service.clone().map(String::from).unwrap_or_default(),
             interval_ms: millis(h.interval),
             timeout_ms: millis(h.timeout),
             healthy_threshold: count(h.healthy_threshold),

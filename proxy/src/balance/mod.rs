@@ -8,8 +8,10 @@
 //! shared [`EndpointStats`].
 
 mod hash;
+pub mod locality;
 mod p2c;
 mod round_robin;
+pub mod slow_start;
 mod weighted;
 
 use std::net::SocketAddr;
@@ -19,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use hash::{Maglev, RingHash, hash_bytes};
+pub use locality::Zoned;
 pub use p2c::{LeastRequest, PeakEwma};
 pub use round_robin::RoundRobin;
 pub use weighted::SmoothWeighted;
@@ -55,6 +58,10 @@ pub struct EndpointStats {
     /// Wakes attempts in flight when discovery says the endpoint is not
     /// serving or gone.
     leaving: tokio::sync::Notify,
+    /// When it last joined the rotation (new after the first discovery
+    /// answer, or serving again): the start of its slow start. `None` for
+    /// an endpoint there from the start.
+    joined: Mutex<Option<tokio::time::Instant>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -109,7 +116,28 @@ impl EndpointStats {
             authority: hyper::http::uri::Authority::try_from(addr.to_string()).ok(),
             latency: std::sync::OnceLock::new(),
             leaving: tokio::sync::Notify::new(),
+            joined: Mutex::new(None),
         })
+    }
+
+    /// The endpoint joined the rotation at `now` (discovery added it after
+    /// its first answer, or it turned serving or healthy again): its slow
+    /// start begins.
+    pub fn rejoined(&self, now: tokio::time::Instant) {
+        *self.joined.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+    }
+
+    /// When the endpoint's slow start began, as of `now`: its last join, or
+    /// the end of its last ejection if that is later and past.
+    pub fn warming_since(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let joined = *self.joined.lock().unwrap_or_else(|p| p.into_inner());
+        let returned = self
+            .outlier
+            .lock()
+            .ok()
+            .and_then(|o| o.ejected_until())
+            .filter(|&u| u <= now);
+        joined.max(returned)
     }
 
     /// Requests in flight.
@@ -253,12 +281,19 @@ pub struct PickContext {
 }
 
 /// A first choice followed by every other endpoint once, as indices into the
-/// balancer's endpoint slice.
+/// balancer's endpoint slice: first the rest of the first choice's group (a
+/// zone, see [`Zoned`]; the whole slice otherwise) in order, then the others.
 #[derive(Debug, Clone)]
 pub struct Picks {
     first: usize,
     n: usize,
     yielded: usize,
+    /// The first choice's group, `lo..hi`.
+    lo: usize,
+    hi: usize,
+    /// Where the rotation over the other groups starts (drawn when reached:
+    /// only retries past the group pay for it).
+    rest: Option<usize>,
 }
 
 impl Picks {
@@ -268,6 +303,27 @@ impl Picks {
             first: if n == 0 { 0 } else { first % n },
             n,
             yielded: 0,
+            lo: 0,
+            hi: n,
+            rest: None,
+        }
+    }
+
+    /// Picks starting at `first` (within `group`) among `n` endpoints: the
+    /// group's endpoints in turn, then the others from a random one on.
+    pub fn grouped(first: usize, group: std::ops::Range<usize>, n: usize) -> Self {
+        let hi = group.end.min(n);
+        let lo = group.start.min(hi);
+        if lo == hi {
+            return Self::new(first, n);
+        }
+        Self {
+            first: first.clamp(lo, hi - 1),
+            n,
+            yielded: 0,
+            lo,
+            hi,
+            rest: None,
         }
     }
 }
@@ -278,9 +334,17 @@ impl Iterator for Picks {
         if self.yielded >= self.n {
             return None;
         }
-        let i = (self.first + self.yielded) % self.n;
+        let len = self.hi - self.lo;
+        let k = self.yielded;
         self.yielded += 1;
-        Some(i)
+        if k < len {
+            return Some(self.lo + (self.first - self.lo + k) % len);
+        }
+        let others = self.n - len;
+        let from = *self
+            .rest
+            .get_or_insert_with(|| rand::random_range(0..others));
+        Some((self.hi + (from + k - len) % others) % self.n)
     }
 }
 
@@ -290,15 +354,33 @@ pub trait Balancer: Send + Sync {
     fn pick(&self, ctx: &PickContext) -> Picks;
     /// The endpoints, indexed by the picks.
     fn endpoints(&self) -> &[Arc<EndpointStats>];
+    /// Counts a try on endpoint `i` (the locality metric of [`Zoned`]);
+    /// nothing for the others.
+    fn count_try(&self, _i: usize) {}
 }
 
 /// Builds a balancer of `kind` over `endpoints`.
 pub fn build(kind: Kind, endpoints: Vec<Arc<EndpointStats>>) -> Box<dyn Balancer> {
+    build_with(kind, endpoints, None)
+}
+
+/// Builds a balancer of `kind` over `endpoints` whose warming endpoints
+/// ramp up over `slow_start` (see [`slow_start`]; hash balancers do not ramp).
+pub fn build_with(
+    kind: Kind,
+    endpoints: Vec<Arc<EndpointStats>>,
+    slow_start: Option<Duration>,
+) -> Box<dyn Balancer> {
+    let ramp = match kind {
+        Kind::RingHash | Kind::Maglev => None,
+        _ => slow_start
+            .and_then(|w| slow_start::Ramp::new(w, &endpoints, tokio::time::Instant::now())),
+    };
     match kind {
-        Kind::RoundRobin => Box::new(RoundRobin::new(endpoints)),
-        Kind::WeightedRoundRobin => Box::new(SmoothWeighted::new(endpoints)),
-        Kind::LeastRequest => Box::new(LeastRequest::new(endpoints)),
-        Kind::PeakEwma => Box::new(PeakEwma::new(endpoints)),
+        Kind::RoundRobin => Box::new(RoundRobin::new(endpoints).ramped(ramp)),
+        Kind::WeightedRoundRobin => Box::new(SmoothWeighted::new(endpoints).ramped(ramp)),
+        Kind::LeastRequest => Box::new(LeastRequest::new(endpoints).ramped(ramp)),
+        Kind::PeakEwma => Box::new(PeakEwma::new(endpoints).ramped(ramp)),
         Kind::RingHash => Box::new(RingHash::new(endpoints)),
         Kind::Maglev => Box::new(Maglev::new(endpoints)),
     }
@@ -352,6 +434,25 @@ mod tests {
         let p: Vec<_> = Picks::new(2, 4).collect();
         assert_eq!(p, vec![2, 3, 0, 1]);
         assert_eq!(Picks::new(0, 0).count(), 0);
+    }
+
+    proptest::proptest! {
+        /// Grouped picks start at the first choice, visit its group before
+        /// any other endpoint, and every endpoint exactly once.
+        #[test]
+        fn grouped_picks_visit_the_group_first_then_every_other_once(
+            n in 1usize..12, a in 0usize..12, b in 0usize..12, first in 0usize..12,
+        ) {
+            let (lo, hi) = (a.min(b) % n, (a.max(b) % n) + 1);
+            let (lo, hi) = (lo.min(hi - 1), hi);
+            let first = lo + first % (hi - lo);
+            let p: Vec<_> = Picks::grouped(first, lo..hi, n).collect();
+            proptest::prop_assert_eq!(p[0], first);
+            proptest::prop_assert!(p[..hi - lo].iter().all(|&i| (lo..hi).contains(&i)));
+            let mut sorted = p.clone();
+            sorted.sort_unstable();
+            proptest::prop_assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -3,16 +3,25 @@
 //! (Linkerd's default) by latency estimate times load. Both divide by weight.
 //! Two random choices avoid the herd behaviour of "always the least loaded"
 //! while still steering away from slow or busy endpoints.
+//!
+//! Slow start: a warming endpoint that wins a comparison loses it after all
+//! with probability `1 - factor` (`slow_start.rs`), so its share follows the
+//! ramp whatever the costs; scaling its cost instead would make it lose
+//! every comparison with an idle rival, ramp or not.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::slow_start::Ramp;
 use super::{Balancer, EndpointStats, PickContext, Picks};
 
 /// `cost(i, rival)`: endpoint `i`'s cost when compared with `rival`;
-/// `decide(winner, loser)` may overrule the comparison (a probe).
+/// `decide(winner, loser)` may overrule the comparison (a probe); `ramp`
+/// lets a warming winner lose (then `decide` is not asked: a veto is not a
+/// comparison lost on cost, and must not earn the loser a probe).
 fn two_choices(
     n: usize,
+    ramp: Option<&Ramp>,
     cost: impl Fn(usize, usize) -> f64,
     decide: impl Fn(usize, usize) -> usize,
 ) -> Picks {
@@ -31,6 +40,9 @@ fn two_choices(
             } else {
                 (b, a)
             };
+            if ramp.is_some_and(|r| r.vetoes(winner, tokio::time::Instant::now())) {
+                return Picks::new(loser, n);
+            }
             Picks::new(decide(winner, loser), n)
         }
     }
@@ -39,12 +51,22 @@ fn two_choices(
 /// Least outstanding requests over two random choices.
 pub struct LeastRequest {
     endpoints: Vec<Arc<EndpointStats>>,
+    ramp: Option<Ramp>,
 }
 
 impl LeastRequest {
     /// A balancer over `endpoints`.
     pub fn new(endpoints: Vec<Arc<EndpointStats>>) -> Self {
-        Self { endpoints }
+        Self {
+            endpoints,
+            ramp: None,
+        }
+    }
+
+    /// The same balancer with warming endpoints ramping up.
+    pub fn ramped(mut self, ramp: Option<Ramp>) -> Self {
+        self.ramp = ramp;
+        self
     }
 }
 
@@ -53,6 +75,7 @@ impl Balancer for LeastRequest {
         let eps = &self.endpoints;
         two_choices(
             eps.len(),
+            self.ramp.as_ref(),
             |i, _| (f64::from(eps[i].in_flight()) + 1.0) / f64::from(eps[i].weight),
             |winner, _| winner,
         )
@@ -65,12 +88,22 @@ impl Balancer for LeastRequest {
 /// Peak-EWMA latency × (in flight + 1) over two random choices.
 pub struct PeakEwma {
     endpoints: Vec<Arc<EndpointStats>>,
+    ramp: Option<Ramp>,
 }
 
 impl PeakEwma {
     /// A balancer over `endpoints`.
     pub fn new(endpoints: Vec<Arc<EndpointStats>>) -> Self {
-        Self { endpoints }
+        Self {
+            endpoints,
+            ramp: None,
+        }
+    }
+
+    /// The same balancer with warming endpoints ramping up.
+    pub fn ramped(mut self, ramp: Option<Ramp>) -> Self {
+        self.ramp = ramp;
+        self
     }
 }
 
@@ -84,6 +117,7 @@ impl PeakEwma {
         let eps = &self.endpoints;
         two_choices(
             eps.len(),
+            self.ramp.as_ref(),
             |i, rival| {
                 let rtt = eps[i]
                     .estimate_ns(now)
@@ -190,6 +224,27 @@ mod tests {
         // comparisons it is in (two thirds of them), so about a third.
         let c = counts(&b, 3000, |_| None);
         assert!((700..=1300).contains(&c[2]), "{c:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warming_endpoint_wins_its_ramp_share_of_the_comparisons_it_would_win() {
+        let eps = endpoints(&[1, 1, 1]);
+        let window = Duration::from_secs(10);
+        eps[0].rejoined(tokio::time::Instant::now());
+        let ramp = || Ramp::new(window, &eps, tokio::time::Instant::now());
+        // Nothing in flight: every comparison is a tie, a third each
+        // without slow start; at the floor a tenth of that.
+        let c = counts(
+            &LeastRequest::new(eps.clone()).ramped(ramp()),
+            30_000,
+            |_| None,
+        );
+        assert!((700..=1300).contains(&c[0]), "{c:?}");
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let c = counts(&PeakEwma::new(eps.clone()).ramped(ramp()), 30_000, |_| None);
+        assert!((7300..=8700).contains(&c[0]), "0.8 of a third: {c:?}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(ramp().is_none(), "warm after the window");
     }
 
     proptest::proptest! {

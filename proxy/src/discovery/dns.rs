@@ -153,6 +153,7 @@ pub fn endpoints(
                 meshed: false,
                 healthy: true,
                 labels: Default::default(),
+                zone: String::new(),
             }
         })
         .collect();

@@ -28,6 +28,7 @@ fn discovered(e: &Endpoint) -> Option<Discovered> {
         meshed: i.meshed,
         healthy: e.health != Health::NotServing as i32,
         labels: i.labels.clone(),
+        zone: i.zone.clone(),
     })
 }
 

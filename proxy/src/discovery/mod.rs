@@ -100,6 +100,8 @@ pub struct Discovered {
     pub healthy: bool,
     /// The instance's labels (routes' subsets select on them); none from DNS.
     pub labels: HashMap<String, String>,
+    /// The instance's zone (`wf-proxy --zone`); empty when unknown (DNS).
+    pub zone: String,
 }
 
 /// A change to a service's endpoints.

@@ -119,6 +119,7 @@ pub(crate) fn to_http1<B>(
 
 /// What is sent of a request on every attempt: the request line and headers
 /// (hop-by-hop ones removed), kept so a retry can rebuild the request.
+#[derive(Clone)]
 pub struct Head {
     /// Method.
     pub method: Method,

@@ -9,14 +9,17 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode, Version};
 
 use super::attempt::{self, Target};
 use super::head::{Head, into_body, with_path};
 use super::observe::{self, Observed};
-use super::{Body, ORIG_PROTO, error, is_grpc, is_upgrade, reply, upgrade};
+use super::shadow::MIRROR_HEADER;
+use super::{Body, ORIG_PROTO, RATE_LIMITED, error, is_grpc, is_upgrade, reply, upgrade};
 use crate::metrics::Direction;
 use crate::replay::ReplayBody;
+use crate::resilience::rate_limit;
 use crate::state::Proxy;
 use crate::{authz, edge, telemetry};
 
@@ -65,6 +68,15 @@ pub async fn serve(
         let resp = reply(grpc, StatusCode::FORBIDDEN, "forbidden");
         return observe::count(&proxy, Direction::Inbound, "app", &proxy.app_requests, resp);
     }
+    // After authorization: a caller that may not call spends no tokens.
+    if let Err(wait) = proxy.admit_inbound(&caller) {
+        let mut resp = reply(grpc, StatusCode::TOO_MANY_REQUESTS, RATE_LIMITED);
+        resp.headers_mut().insert(
+            RETRY_AFTER,
+            HeaderValue::from(rate_limit::retry_after_secs(wait)),
+        );
+        return observe::count(&proxy, Direction::Inbound, "app", &proxy.app_requests, resp);
+    }
     // A request that was HTTP/1 before the sidecar hop goes back to HTTP/1.
     if req.headers_mut().remove(ORIG_PROTO).is_some() {
         *req.version_mut() = Version::HTTP_11;
@@ -85,7 +97,15 @@ pub async fn serve(
         upgrade::forward(req, &app, &proxy.app_clients).await
     } else {
         let (parts, body) = req.into_parts();
+        // A copy from a mirroring sidecar stays marked for the app; only a
+        // sidecar (an mTLS peer) may say so.
+        let mirrored =
+            caller.is_some() && parts.headers.get(MIRROR_HEADER).is_some_and(|v| v == "1");
         let mut head = Head::new(parts);
+        if mirrored {
+            head.headers
+                .insert(MIRROR_HEADER, HeaderValue::from_static("1"));
+        }
         telemetry::inject(&span, &mut head.headers);
         let to = Target {
             ep: &app,

@@ -16,6 +16,7 @@ pub mod head;
 pub mod inbound;
 pub mod observe;
 pub mod outbound;
+pub mod shadow;
 pub mod tunnel;
 pub mod upgrade;
 
@@ -37,6 +38,9 @@ pub const ATTEMPTS_HEADER: &str = "x-wayfinder-attempts";
 /// endpoint (or app): the request reached no application, so a caller's
 /// sidecar may retry it, even a POST.
 pub const CONNECT_FAILED: &str = "connect-failed";
+/// The [`ERROR_HEADER`] reason of a sidecar whose service's rate limit
+/// refused the request (429, with `Retry-After`): it reached no app.
+pub const RATE_LIMITED: &str = "rate-limited";
 
 /// An error answered by the proxy itself.
 pub fn error(status: StatusCode, reason: &'static str) -> Response<Body> {
@@ -66,6 +70,11 @@ pub fn reply(grpc: bool, status: StatusCode, reason: &'static str) -> Response<B
         let code = match status {
             StatusCode::GATEWAY_TIMEOUT => "4",
             StatusCode::FORBIDDEN => "7",
+            // RESOURCE_EXHAUSTED: the caller is over a quota. gRPC's
+            // table for HTTP statuses says UNAVAILABLE, which clients
+            // take for a service that is down and retry at once (Envoy's
+            // `rate_limited_as_resource_exhausted` makes the same choice).
+            StatusCode::TOO_MANY_REQUESTS => "8",
             StatusCode::BAD_REQUEST => "13",
             _ => "14",
         };

@@ -18,17 +18,20 @@ use super::attempt::{self, Attempted, SendError, Target, until_retired};
 use super::head::{Head, into_body};
 use super::observe::{self, Observed};
 use super::{
-    ATTEMPTS_HEADER, Body, CONNECT_FAILED, ERROR_HEADER, is_grpc, is_upgrade, reply, tunnel,
-    upgrade,
+    ATTEMPTS_HEADER, Body, CONNECT_FAILED, ERROR_HEADER, is_grpc, is_upgrade, reply, shadow,
+    tunnel, upgrade,
 };
 use crate::balance::{EndpointStats, PickContext, Picks, hash_bytes};
 use crate::connector::ConnectError;
 use crate::edge::{self, Refusal};
-use crate::metrics::{Direction, FaultLabels, OverflowLabels, TimeoutKind, UpstreamLabels};
+use crate::metrics::{
+    Direction, FaultLabels, HedgeLabels, OverflowLabels, TimeoutKind, UpstreamLabels,
+};
 use crate::pool::{PoolBody, PoolError};
 use crate::replay::ReplayBody;
 use crate::resilience::breaker::{Gate, Overflow, Permit};
 use crate::resilience::fault::{self, CompiledFault};
+use crate::resilience::hedge::Hedge;
 use crate::resilience::retry::{self, Outcome};
 use crate::routes::{self, Chosen};
 use crate::settings::Settings;
@@ -75,7 +78,8 @@ pub async fn serve(
         Err(Full) => return observe::refuse(&proxy, Refusal::TooManyUpstreams, grpc, client),
     };
     let (resp, routed) = match plan(&proxy, &up, &name, &req, started, grpc, client).await {
-        Ok(plan) => {
+        Ok(mut plan) => {
+            let copy = plan.copy.take();
             let call = Call {
                 proxy: &proxy,
                 up: &plan.up,
@@ -84,7 +88,19 @@ pub async fn serve(
                 client,
                 span: &span,
             };
-            let resp = route(&call, &plan, req).await;
+            let mut kept = None;
+            let keep = copy.as_ref().map(|c| c.keep);
+            let resp = route(&call, &plan, req, keep, &mut kept).await;
+            let resp = match (copy, kept) {
+                (Some(copy), Some((head, keeper))) => {
+                    shadow::send(&proxy, copy, head, &keeper, started.into_std(), resp)
+                }
+                (Some(copy), None) => {
+                    copy.shed(&proxy);
+                    resp
+                }
+                (None, _) => resp,
+            };
             (resp, plan.routed)
         }
         Err(resp) => (resp, None),
@@ -133,6 +149,10 @@ struct Plan {
     routed: Option<(Arc<Active>, Chosen)>,
     /// When the request starts counting (after the wait for discovery).
     started: Instant,
+    /// The copy to send once the request has its answer, if it is mirrored.
+    copy: Option<shadow::Copy>,
+    /// The route's own hedging, if it has one.
+    hedge: Option<Hedge>,
 }
 
 /// The plan for a request to `up` (named `name`).
@@ -159,8 +179,11 @@ async fn plan(
         fault: active.fault.clone(),
         routed: None,
         started,
+        copy: None,
+        hedge: None,
     };
     if active.routes.is_empty() {
+        plan.copy = copy(proxy, up, &active, name, "", req);
         return Ok(plan);
     }
     let Some(chosen) = active.routes.choose(
@@ -169,12 +192,15 @@ async fn plan(
         req.headers(),
         rand::random(),
     ) else {
+        plan.copy = copy(proxy, up, &active, name, "", req);
         return Ok(plan);
     };
     let Some((route, backend)) = active.routes.backend(chosen) else {
         return Ok(plan);
     };
+    plan.copy = copy(proxy, up, &active, name, &route.name, req);
     plan.settings = route.settings.clone();
+    plan.hedge = route.hedge;
     if let routes::Target::Service(other) = &backend.target {
         let other_up = proxy
             .upstream(other)
@@ -191,6 +217,36 @@ async fn plan(
     }
     plan.routed = Some((active, chosen));
     Ok(plan)
+}
+
+/// The copy of a request to `up` the service's mirror wants; one whose
+/// body cannot be copied is counted as shed.
+fn copy(
+    proxy: &Proxy,
+    up: &Arc<Upstream>,
+    active: &Arc<Active>,
+    name: &str,
+    route: &str,
+    req: &Request<Incoming>,
+) -> Option<shadow::Copy> {
+    let m = active.mirror.as_ref()?;
+    if !m.wants(rand::random()) {
+        return None;
+    }
+    let counts = proxy.traffic.mirror(name, route, &m.label);
+    if m.fits(hyper::body::Body::size_hint(req.body()).exact())
+        .is_err()
+    {
+        counts.shed();
+        proxy.metrics.mirror_copy(name, "shed");
+        return None;
+    }
+    Some(shadow::Copy {
+        up: up.clone(),
+        active: active.clone(),
+        counts,
+        keep: usize::try_from(m.max_body).unwrap_or(usize::MAX),
+    })
 }
 
 /// The service a Host-routed request names, if the mesh knows it.
@@ -302,7 +358,16 @@ impl Call<'_> {
 
 /// The retry loop: one try at a time on the balancer's next choice, until
 /// one answers, the policy or the budget says stop, or the deadline passes.
-async fn route(call: &Call<'_>, plan: &Plan, req: Request<Incoming>) -> Response<Body> {
+///
+/// A mirrored request's head and body keeper are left in `kept` for its
+/// copy (its body kept up to `copy_keep` bytes).
+async fn route(
+    call: &Call<'_>,
+    plan: &Plan,
+    req: Request<Incoming>,
+    copy_keep: Option<usize>,
+    kept: &mut Option<(Head, ReplayBody)>,
+) -> Response<Body> {
     let up = call.up;
     let started = plan.started;
     let active = plan.active.clone();
@@ -320,7 +385,18 @@ async fn route(call: &Call<'_>, plan: &Plan, req: Request<Incoming>) -> Response
         };
         return upgrade::forward(req, choices.endpoint(i), &clients).await;
     }
-    let (head, body) = outgoing(call, s, req);
+    let hedge = plan
+        .hedge
+        .or(active.hedge)
+        .filter(|_| retry::is_idempotent(req.method()));
+    let keep = match hedge {
+        Some(_) => copy_keep.unwrap_or(0).max(s.retry.max_body),
+        None => copy_keep.unwrap_or(0),
+    };
+    let (head, body) = outgoing(call, s, req, keep);
+    if copy_keep.is_some() {
+        *kept = Some((head.clone(), body.keeper()));
+    }
     let o = Outgoing {
         call,
         s,
@@ -340,6 +416,12 @@ async fn route(call: &Call<'_>, plan: &Plan, req: Request<Incoming>) -> Response
         // Each try goes to another endpoint while there are untried ones.
         let Some(i) = choices.next() else {
             return call.reply(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
+        };
+        // A hedged first try picks its stand-ins now, while the choices
+        // can still change: then the tries race on a fixed set.
+        let stand_ins = match hedge {
+            Some(h) if attempt == 1 => stand_ins(&mut choices, i, h.max_extra),
+            _ => Vec::new(),
         };
         let ep = choices.endpoint(i);
         let Some(this_body) = body.take() else {
@@ -371,13 +453,33 @@ async fn route(call: &Call<'_>, plan: &Plan, req: Request<Incoming>) -> Response
             },
             movable: attempt < s.retry.max_attempts,
         };
-        let ended = match injected.and_then(|i| i.fail) {
-            Some(failure) => Some(fail_injected(call, failure)),
-            None => match try_endpoint(&o, &t, this_body, &choices).await {
-                Waited::Moved => None,
-                Waited::TimedOut => Some(timed_out(&o, &t)),
-                Waited::Done(result) => Some(ended(&o, &t, result)),
-            },
+        let (ended, ep) = match injected.and_then(|i| i.fail) {
+            Some(failure) => (Some(fail_injected(call, failure)), ep),
+            None => {
+                let after = hedge
+                    .and_then(|h| h.delay(&up.recent))
+                    .filter(|_| !stand_ins.is_empty());
+                let (waited, t) = match after {
+                    Some(after) => {
+                        let race = Race {
+                            after,
+                            stand_ins: &stand_ins,
+                            choices: &choices,
+                        };
+                        hedged(&o, t, this_body, &race, &mut attempt).await
+                    }
+                    None => (try_endpoint(&o, &t, this_body, &choices).await, t),
+                };
+                if hedge.is_some() && matches!(waited, Waited::Done(Ok(_))) {
+                    up.recent.record(t.started.elapsed());
+                }
+                let ended = match waited {
+                    Waited::Moved => None,
+                    Waited::TimedOut => Some(timed_out(&o, &t)),
+                    Waited::Done(result) => Some(ended(&o, &t, result)),
+                };
+                (ended, t.ep)
+            }
         };
         // Another try follows at once when this one moved off a leaving
         // endpoint, after a backoff when the policy retries what it got.
@@ -451,16 +553,22 @@ struct Outgoing<'a> {
 
 /// The request as tries send it: its head (the next hop's span a child of
 /// this request's) and its body, kept for replay when retries are on.
-fn outgoing(call: &Call<'_>, s: &Settings, req: Request<Incoming>) -> (Head, ReplayBody) {
+/// A copy or a hedge may need more of the body kept (`keep`) than retries do.
+fn outgoing(
+    call: &Call<'_>,
+    s: &Settings,
+    req: Request<Incoming>,
+    keep: usize,
+) -> (Head, ReplayBody) {
     let (parts, body) = req.into_parts();
     let mut head = Head::new(parts);
     telemetry::inject(call.span, &mut head.headers);
-    let keep = if s.retry.max_attempts > 1 {
+    let retries = if s.retry.max_attempts > 1 {
         s.retry.max_body
     } else {
         0
     };
-    (head, ReplayBody::new(body, keep))
+    (head, ReplayBody::new(body, keep.max(retries)))
 }
 
 /// One try on `t.ep`: sent, and waited for under its time limit (the
@@ -524,11 +632,15 @@ async fn try_endpoint(
 
 /// After a try: a failure costs the endpoint as much as the slowest answer
 /// we would wait for, so latency-aware balancers stop preferring a dead
-/// endpoint whose failures are instant (and so look fast); outlier
+/// endpoint whose failures are instant (and so look fast); a 429 costs as
+/// much, so they prefer endpoints whose rate limit has room; outlier
 /// detection hears every outcome.
 fn record(o: &Outgoing<'_>, ep: &Arc<EndpointStats>, outcome: Outcome) {
     let s = o.s;
-    if matches!(outcome, Outcome::ConnectFailed | Outcome::Reset) {
+    if matches!(
+        outcome,
+        Outcome::ConnectFailed | Outcome::Reset | Outcome::RateLimited
+    ) {
         let penalty = s.timeouts.per_try.unwrap_or(s.timeouts.connect);
         ep.observe(penalty, std::time::Instant::now());
     }
@@ -612,15 +724,22 @@ impl Choices {
     }
 
     /// The next endpoint to try: the balancer's next choice not tried yet,
-    /// or, once every endpoint was tried, its first choice again.
+    /// or, once every endpoint was tried, its first choice again. Counted
+    /// as one try (local or remote, when the balancer knows zones).
     fn next(&mut self) -> Option<usize> {
         let balancer = self.from.balancer_for(self.subset);
         let eps = balancer.endpoints();
-        if let Some(i) = self.picks.find(|&i| !self.tried.contains(&eps[i].addr)) {
-            return Some(i);
+        let next = match self.picks.find(|&i| !self.tried.contains(&eps[i].addr)) {
+            Some(i) => Some(i),
+            None => {
+                self.picks = balancer.pick(&self.ctx);
+                self.picks.next()
+            }
+        };
+        if let Some(i) = next {
+            balancer.count_try(i);
         }
-        self.picks = balancer.pick(&self.ctx);
-        self.picks.next()
+        next
     }
 
     /// Endpoint `i` of the current set.
@@ -653,7 +772,135 @@ impl Choices {
     }
 }
 
+/// Up to `n` endpoints a hedged first try on endpoint `first` may race
+/// on: the balancer's next choices, each another endpoint.
+fn stand_ins(choices: &mut Choices, first: usize, n: u32) -> Vec<usize> {
+    let first_addr = choices.endpoint(first).addr;
+    choices.leave(first_addr);
+    let mut out = Vec::new();
+    while out.len() < n as usize {
+        match choices.next() {
+            Some(j) if !out.contains(&j) && choices.endpoint(j).addr != first_addr => {
+                choices.leave(choices.endpoint(j).addr);
+                out.push(j);
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// What the tries of a hedged request race on.
+struct Race<'c> {
+    /// How long a try may go unanswered before a copy follows.
+    after: Duration,
+    /// The endpoints copies go to, in order.
+    stand_ins: &'c [usize],
+    choices: &'c Choices,
+}
+
+/// A hedged first try: `first` at once, then a copy to the next stand-in
+/// each time `race.after` passes without an answer, while the body can be
+/// sent again and the retry budget pays. The first answer wins and the
+/// other tries are cancelled, their endpoints charged the time they had
+/// taken (so peak-EWMA learns they are slow); a failure wins only when no
+/// other try is left. Copies sent are added to `attempt`.
+async fn hedged<'c>(
+    o: &Outgoing<'_>,
+    first: Try<'c>,
+    body: ReplayBody,
+    race: &Race<'c>,
+    attempt: &mut u32,
+) -> (Waited, Try<'c>) {
+    use futures::StreamExt;
+    let call = o.call;
+    let s = o.s;
+    let mut racing = futures::stream::FuturesUnordered::new();
+    racing.push(raced(o, first, body, race.choices));
+    let mut running = vec![first];
+    let mut stand_ins = race.stand_ins.iter();
+    let mut next_copy = Some(Instant::now() + race.after);
+    let mut failed = None;
+    let count = |result: &'static str| {
+        call.proxy
+            .metrics
+            .hedges
+            .get_or_create(&HedgeLabels {
+                upstream: call.name.to_string(),
+                result,
+            })
+            .inc();
+    };
+    loop {
+        let due = async {
+            match next_copy {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ended = racing.next() => {
+                let Some((waited, t)) = ended else {
+                    break;
+                };
+                running.retain(|r| !Arc::ptr_eq(r.ep, t.ep));
+                let answered = matches!(waited, Waited::Done(Ok(_)));
+                let last = racing.is_empty() && next_copy.is_none();
+                if !answered && !last {
+                    failed = Some((waited, t));
+                    continue;
+                }
+                let now = std::time::Instant::now();
+                for loser in &running {
+                    loser.ep.observe(loser.started.elapsed(), now);
+                }
+                if *attempt > 1 {
+                    count(if Arc::ptr_eq(t.ep, first.ep) { "lost" } else { "won" });
+                }
+                return (waited, t);
+            }
+            () = due => {
+                next_copy = None;
+                let Some(&j) = stand_ins.next() else {
+                    continue;
+                };
+                // A body still streaming in cannot be sent twice yet.
+                let Some(body) = o.keeper.replay_complete() else {
+                    continue;
+                };
+                if !call.up.budget.withdraw(s.retry.budget_ratio, s.retry.budget_min_per_sec) {
+                    count("no-budget");
+                    continue;
+                }
+                let t = Try {
+                    ep: race.choices.endpoint(j),
+                    started: Instant::now(),
+                    movable: false,
+                };
+                *attempt += 1;
+                running.push(t);
+                racing.push(raced(o, t, body, race.choices));
+                if stand_ins.len() > 0 {
+                    next_copy = Some(Instant::now() + race.after);
+                }
+            }
+        }
+    }
+    failed.unwrap_or((Waited::TimedOut, first))
+}
+
+/// One try of a race, with the try it was.
+async fn raced<'c>(
+    o: &Outgoing<'_>,
+    t: Try<'c>,
+    body: ReplayBody,
+    choices: &'c Choices,
+) -> (Waited, Try<'c>) {
+    (try_endpoint(o, &t, body, choices).await, t)
+}
+
 /// One try's endpoint and clock.
+#[derive(Clone, Copy)]
 struct Try<'a> {
     ep: &'a Arc<EndpointStats>,
     started: Instant,

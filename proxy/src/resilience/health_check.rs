@@ -1,6 +1,7 @@
 //! Active health checks of upstream endpoints, as nginx's `health_check`
 //! and HAProxy's `check inter fall rise`: for endpoints nobody reports
-//! health for (DNS), or when a policy asks. An endpoint turns unhealthy
+//! health for (DNS), or when a policy asks. A check is a TCP connect, an
+//! HTTP GET or a gRPC `grpc.health.v1` call. An endpoint turns unhealthy
 //! after `unhealthy_threshold` failed checks in a row and healthy again
 //! after `healthy_threshold` good ones.
 
@@ -67,6 +68,15 @@ impl State {
     }
 }
 
+/// The probe `hc` asks for: gRPC, else HTTP, else a TCP connect.
+fn check_of(hc: &HealthCheck) -> Check {
+    match (&hc.grpc_service, &hc.http_path) {
+        (Some(service), _) => Check::Grpc(service.clone()),
+        (None, Some(path)) => Check::Http(path.clone()),
+        (None, None) => Check::Tcp,
+    }
+}
+
 /// Idle wait while checks are off for the upstream.
 const OFF_POLL: Duration = Duration::from_secs(1);
 
@@ -78,10 +88,7 @@ pub async fn run(up: Arc<impl Checked>) {
             tokio::time::sleep(OFF_POLL).await;
             continue;
         };
-        let check = match &hc.http_path {
-            Some(p) => Check::Http(p.clone()),
-            None => Check::Tcp,
-        };
+        let check = check_of(&hc);
         let rounds = up.check_targets().into_iter().map(|(id, addr)| {
             let check = &check;
             async move {
@@ -119,5 +126,24 @@ mod tests {
         assert!(!st.record(true, &s));
         assert!(st.record(true, &s));
         assert!(st.healthy());
+    }
+
+    #[test]
+    fn the_policy_chooses_the_probe() {
+        let hc = |http: Option<&str>, grpc: Option<&str>| HealthCheck {
+            http_path: http.map(str::to_string),
+            grpc_service: grpc.map(str::to_string),
+            ..HealthCheck::default()
+        };
+        assert_eq!(check_of(&hc(None, None)), Check::Tcp);
+        assert_eq!(
+            check_of(&hc(Some("/healthz"), None)),
+            Check::Http("/healthz".into())
+        );
+        assert_eq!(check_of(&hc(None, Some(""))), Check::Grpc(String::new()));
+        assert_eq!(
+            check_of(&hc(None, Some("lab.Echo"))),
+            Check::Grpc("lab.Echo".into())
+        );
     }
 }

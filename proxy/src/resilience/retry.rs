@@ -21,14 +21,24 @@ pub enum Outcome {
     TimedOut,
     /// A 5xx response.
     Status(StatusCode),
+    /// A 429: a rate limit (the service's sidecar's, or the app's own)
+    /// refused the request. Retried only when the policy lists `429`: no
+    /// 5xx condition matches it.
+    RateLimited,
     /// A gRPC status other than OK in the response headers (trailers-only).
     Grpc(u32),
 }
 
 impl Outcome {
-    /// Whether it counts against the endpoint for outlier detection.
+    /// Whether it counts against the endpoint for outlier detection. A 429
+    /// does not: the endpoint is shedding load it was given, and ejecting it
+    /// would hand that load to the others, which then shed it too (callers
+    /// steer away through peak-EWMA instead, `http/outbound.rs`).
     pub fn is_failure(self) -> bool {
-        !matches!(self, Outcome::Success | Outcome::Grpc(_))
+        !matches!(
+            self,
+            Outcome::Success | Outcome::Grpc(_) | Outcome::RateLimited
+        )
     }
 
     /// Whether it is a gateway error (502/503/504 or their local causes).
@@ -49,6 +59,7 @@ impl Outcome {
             (Outcome::Status(s), RetryOn::ServerError) => s.is_server_error(),
             (Outcome::Status(s), RetryOn::Unavailable503) => s == StatusCode::SERVICE_UNAVAILABLE,
             (Outcome::Status(s), RetryOn::GatewayError) => matches!(s.as_u16(), 502..=504),
+            (Outcome::RateLimited, RetryOn::RateLimited) => true,
             (Outcome::Grpc(code), c) => RetryOn::for_grpc_status(code) == Some(c),
             _ => false,
         }
@@ -59,6 +70,9 @@ impl Outcome {
 pub fn classify(status: StatusCode, headers: &HeaderMap) -> Outcome {
     if status.is_server_error() {
         return Outcome::Status(status);
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return Outcome::RateLimited;
     }
     match headers
         .get("grpc-status")
@@ -175,6 +189,29 @@ mod tests {
         let any = policy(&[RetryOn::ServerError]);
         assert!(retryable(s(500), &Method::GET, false, &any));
         assert!(!retryable(Outcome::Success, &Method::GET, false, &any));
+    }
+
+    #[test]
+    fn a_429_is_retried_only_when_429_is_listed() {
+        let o = classify(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new());
+        assert_eq!(o, Outcome::RateLimited);
+        let server = policy(&[
+            RetryOn::ServerError,
+            RetryOn::GatewayError,
+            RetryOn::Unavailable503,
+            RetryOn::GrpcResourceExhausted,
+        ]);
+        assert!(!retryable(o, &Method::GET, false, &server), "not a 5xx");
+        let limited = policy(&[RetryOn::RateLimited]);
+        assert!(retryable(o, &Method::GET, false, &limited));
+        assert!(
+            !retryable(o, &Method::POST, false, &limited),
+            "a POST only with retry_non_idempotent"
+        );
+        let s503 = Outcome::Status(StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!retryable(s503, &Method::GET, false, &limited));
+        assert!(!o.is_failure(), "no ejection for shedding load");
+        assert!(!o.is_gateway_error());
     }
 
     #[test]
