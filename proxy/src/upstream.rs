@@ -590,13 +590,23 @@ impl Upstream {
     }
 
     /// Endpoints to check actively: the ones of the source in use.
+    /// Endpoints reached over mTLS are left out: a plaintext probe cannot
+    /// pass their sidecar's strict inbound, and that sidecar checks its app
+    /// and reports the health the control plane sends (see [`Self::actively_checked`]).
     pub fn check_targets(&self) -> Vec<(String, SocketAddr)> {
         let inner = self.lock();
         inner.sets[self.origin() as usize]
             .endpoints
             .values()
+            .filter(|k| self.actively_checked(&k.found))
             .map(|k| (k.found.id.clone(), k.found.addr))
             .collect()
+    }
+
+    /// Whether active checks judge endpoint `d`: not when it is a sidecar
+    /// this one speaks mTLS to.
+    fn actively_checked(&self, d: &Discovered) -> bool {
+        !(d.meshed && self.identity.is_some())
     }
 
     /// Records one active check of endpoint `id`.
@@ -632,7 +642,9 @@ impl Upstream {
         let settings = Settings::resolve(policy.as_ref(), origin, &self.defaults);
         let checked = settings.health_check.is_some();
         let now = Instant::now();
-        let healthy = |k: &&Known| k.found.healthy && (!checked || k.check.healthy());
+        let healthy = |k: &&Known| {
+            k.found.healthy && (!checked || !self.actively_checked(&k.found) || k.check.healthy())
+        };
         let pick = |f: &dyn Fn(&&Known) -> bool| -> Vec<Arc<EndpointStats>> {
             set.endpoints
                 .values()
