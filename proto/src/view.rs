@@ -1,7 +1,7 @@
 //! Readable JSON views of API messages (enums as words, not numbers), shared
 //! by wf-control's HTTP API and `wfctl --output json`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::v1::{Endpoint, Health, Protocol};
 
@@ -62,4 +62,35 @@ impl From<&Endpoint> for EndpointView {
             version: e.version,
         }
     }
+}
+
+/// One route's mirrored calls to one shadow, summed over every caller, as
+/// wf-control's `/v1/mirror` serves it and `wfctl mirror diff` reads it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct MirrorView {
+    /// The service called (the primary).
+    pub service: String,
+    /// The route that took the calls; empty without routes.
+    pub route: String,
+    /// Where the copies went: a service or a subset (`version=v2`).
+    pub shadow: String,
+    /// Calls whose primary and shadow both answered.
+    pub pairs: u64,
+    /// Pairs whose statuses differed.
+    pub status_differs: u64,
+    /// Pairs with the same status whose bodies differed.
+    pub body_differs: u64,
+    /// Copies not sent (too many in flight, body too large).
+    pub shed: u64,
+    /// Copies that got no answer.
+    pub shadow_failed: u64,
+    /// Median time to the primary's whole answer, in ms, over the pairs.
+    pub primary_p50_ms: Option<f64>,
+    /// 99th percentile of the same.
+    pub primary_p99_ms: Option<f64>,
+    /// Median time to the shadow's whole answer, in ms, over the pairs.
+    pub shadow_p50_ms: Option<f64>,
+    /// 99th percentile of the same.
+    pub shadow_p99_ms: Option<f64>,
 }

@@ -3,7 +3,8 @@
 //! A lab (loopback processes, or the containers of a compose file) serves
 //! `web` from web1..3. The load sends the same open-loop stream of calls
 //! through each way: DNS resolved once, per request, cached for its TTL and
-//! for 30 s, the nginx upstream, and the mesh. The scenario's events (kill,
+//! for 30 s, the nginx upstream, the mesh, and the mesh with hedging (its
+//! route in [`hedging`](super::hedging)). The scenario's events (kill,
 //! pause, restart with a new IP, slow, unhealthy, add, control plane down
 //! and up) act on the lab at their times, to every way at the same moment;
 //! the report reads the samples along that timeline.

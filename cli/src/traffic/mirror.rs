@@ -23,32 +23,7 @@ pub const MIN_FOR: Duration = Duration::from_secs(2);
 /// How often the wait shows what came in so far.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-/// One route's mirrored calls to one shadow, as `/v1/mirror` serves it.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-pub struct Served {
-    /// The route; empty when the service has no routes.
-    pub route: String,
-    /// Where the copies went: a service or a subset (`version=v2`).
-    pub shadow: String,
-    /// Calls whose primary and shadow both answered.
-    pub pairs: u64,
-    /// Pairs whose statuses differed.
-    pub status_differs: u64,
-    /// Pairs with the same status whose bodies differed.
-    pub body_differs: u64,
-    /// Copies not sent (too many in flight, body too large).
-    pub shed: u64,
-    /// Copies that got no answer.
-    pub shadow_failed: u64,
-    /// Primary's median time to its whole answer, ms.
-    pub primary_p50_ms: Option<f64>,
-    /// Primary's 99th percentile, ms.
-    pub primary_p99_ms: Option<f64>,
-    /// Shadow's median, ms.
-    pub shadow_p50_ms: Option<f64>,
-    /// Shadow's 99th percentile, ms.
-    pub shadow_p99_ms: Option<f64>,
-}
+pub use wayfinder_proto::view::MirrorView;
 
 /// `/v1/mirror`'s answer.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -56,13 +31,13 @@ pub struct Report {
     /// The span it covers, seconds.
     pub window_secs: f64,
     /// Per route and shadow, only those with mirrored calls.
-    pub mirrors: Vec<Served>,
+    pub mirrors: Vec<MirrorView>,
 }
 
 impl Report {
     /// Every route's counts added up (for the progress line).
-    pub fn totals(&self) -> Served {
-        self.mirrors.iter().fold(Served::default(), |mut t, m| {
+    pub fn totals(&self) -> MirrorView {
+        self.mirrors.iter().fold(MirrorView::default(), |mut t, m| {
             t.pairs = t.pairs.saturating_add(m.pairs);
             t.status_differs = t.status_differs.saturating_add(m.status_differs);
             t.body_differs = t.body_differs.saturating_add(m.body_differs);
@@ -73,7 +48,7 @@ impl Report {
     }
 }
 
-/// One row of the report: [`Served`] with its shares and the p99 delta.
+/// One row of the report: [`MirrorView`] with its shares and the p99 delta.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct RouteDiff {
     /// The route; empty when the service has no routes.
@@ -106,8 +81,8 @@ pub struct RouteDiff {
     pub p99_delta_ms: Option<f64>,
 }
 
-impl From<&Served> for RouteDiff {
-    fn from(s: &Served) -> Self {
+impl From<&MirrorView> for RouteDiff {
+    fn from(s: &MirrorView) -> Self {
         Self {
             route: s.route.clone(),
             shadow: s.shadow.clone(),
@@ -363,8 +338,9 @@ pub(crate) async fn watch<S: Source>(
 mod tests {
     use super::*;
 
-    fn served(route: &str, pairs: u64, status: u64, body: u64) -> Served {
-        Served {
+    fn served(route: &str, pairs: u64, status: u64, body: u64) -> MirrorView {
+        MirrorView {
+            service: "web".into(),
             route: route.into(),
             shadow: "version=v2".into(),
             pairs,
@@ -405,7 +381,7 @@ mod tests {
 
     #[test]
     fn rows_without_pairs_or_routes_or_with_tiny_shares_say_so() {
-        let none = Served {
+        let none = MirrorView {
             primary_p50_ms: None,
             primary_p99_ms: None,
             shadow_p50_ms: None,
@@ -420,7 +396,7 @@ mod tests {
         assert_eq!((c[5].as_str(), c[7].as_str()), ("-", "-"));
         let tiny = cells(&RouteDiff::from(&served("r", 1_000_000, 1, 0)));
         assert_eq!((tiny[3].as_str(), tiny[4].as_str()), ("1 (<0.01%)", "0"));
-        let faster = RouteDiff::from(&Served {
+        let faster = RouteDiff::from(&MirrorView {
             shadow_p99_ms: Some(3.0),
             ..served("r", 1, 0, 0)
         });

@@ -14,7 +14,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use serde::Serialize;
 use tokio::time::Instant;
 use wayfinder_proto::latency::{self, BUCKETS};
 use wayfinder_proto::v1::MirrorDiff;
@@ -113,35 +112,7 @@ struct Key {
     shadow: String,
 }
 
-/// One route's mirrored calls to one shadow, over every caller, as
-/// `/v1/mirror` serves it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct MirrorView {
-    /// The service called (the primary).
-    pub service: String,
-    /// The route that took the calls; empty without routes.
-    pub route: String,
-    /// Where the copies went: a service or a subset (`version=v2`).
-    pub shadow: String,
-    /// Calls whose primary and shadow both answered.
-    pub pairs: u64,
-    /// Pairs whose statuses differed.
-    pub status_differs: u64,
-    /// Pairs with the same status whose bodies differed.
-    pub body_differs: u64,
-    /// Copies not sent (too many in flight, body too large).
-    pub shed: u64,
-    /// Copies that got no answer.
-    pub shadow_failed: u64,
-    /// Median time to the primary's whole answer, in ms, over the pairs.
-    pub primary_p50_ms: Option<f64>,
-    /// 99th percentile of the same.
-    pub primary_p99_ms: Option<f64>,
-    /// Median time to the shadow's whole answer, in ms, over the pairs.
-    pub shadow_p50_ms: Option<f64>,
-    /// 99th percentile of the same.
-    pub shadow_p99_ms: Option<f64>,
-}
+pub use wayfinder_proto::view::MirrorView;
 
 /// Samples by series, newest last; those older than [`MIRROR_WINDOW`] are
 /// dropped as reports come in and on [`super::Traffic::prune_on_a_timer`].
