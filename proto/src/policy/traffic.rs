@@ -337,6 +337,14 @@ impl TryFrom<BackendFields> for Backend {
     type Error = String;
     fn try_from(f: BackendFields) -> Result<Self, String> {
         let target = match (f.subset, f.service) {
+            // The wire cannot tell an empty subset from none: the service
+            // itself says the same thing.
+            (Some(s), None) if s.is_empty() => {
+                return Err(
+                    "an empty subset selects every instance: name the service itself instead"
+                        .into(),
+                );
+            }
             (Some(s), None) => BackendTarget::Subset(s),
             (None, Some(s)) => BackendTarget::Service(s),
             _ => {
@@ -810,6 +818,10 @@ expires_at_unix_ms = 1764547200000
         );
         assert_eq!(e.line, 3, "{e}");
         assert!(e.message.contains("either a subset"), "{e}");
+
+        let e = error_of("[[services.web.routes]]\nname = \"a\"\nbackends = [{ subset = {} }]\n");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("empty subset"), "{e}");
 
         let e = error_of(
             "[[services.web.routes]]\nname = \"a\"\nmatch = { method = \"get\" }\nbackends = [{ service = \"x\" }]\n",
