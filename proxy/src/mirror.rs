@@ -34,7 +34,8 @@ pub struct CompiledMirror {
 /// Why a call is not copied although the mirror wanted it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shed {
-    /// The body's size is unknown (streamed) or above `max_body_bytes`.
+    /// The body is larger than `max_body_bytes` (declared, or found so
+    /// when a streamed body overflows what was kept for the copy).
     Body,
     /// `max_in_flight` copies are in flight.
     InFlight,
@@ -73,11 +74,13 @@ impl CompiledMirror {
         roll * 100.0 < self.percent
     }
 
-    /// Whether a body of `len` bytes (`None`: not known before it streams) can be copied.
+    /// Whether a body of `len` bytes can be copied. A streamed body's size
+    /// (`None`: gRPC, chunked) is known only at its end: it is kept up to
+    /// the limit, and the copy shed then if it was larger.
     pub fn fits(&self, len: Option<u64>) -> Result<(), Shed> {
         match len {
-            Some(n) if n <= self.max_body => Ok(()),
-            _ => Err(Shed::Body),
+            Some(n) if n > self.max_body => Err(Shed::Body),
+            _ => Ok(()),
         }
     }
 }
@@ -107,7 +110,7 @@ mod tests {
         assert!(m.wants(0.0) && m.wants(0.2499) && !m.wants(0.25) && !m.wants(0.99));
         assert_eq!(m.fits(Some(10)), Ok(()));
         assert_eq!(m.fits(Some(11)), Err(Shed::Body));
-        assert_eq!(m.fits(None), Err(Shed::Body));
+        assert_eq!(m.fits(None), Ok(()), "decided when the body has streamed");
         assert!(matches!(m.target, Target::Subset(_)));
     }
 

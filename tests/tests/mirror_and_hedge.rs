@@ -68,7 +68,7 @@ const TOKEN: &str = "lab-token-0123456789";
 
 const MIRROR: &str = r#"
 [services.web.mirror]
-service = "web-shadow"
+to = "web-shadow"
 max_in_flight = 10
 "#;
 
@@ -121,25 +121,50 @@ async fn a_full_mirror_copies_every_call_and_a_slow_shadow_costs_the_caller_noth
         let http = cp.http.to_string();
         let diff = std::thread::spawn(move || {
             std::process::Command::new(bin("wfctl"))
-                .args(["mirror", "diff", "web", "--for", "10s", "--http", &http, "-o", "json"])
+                .args([
+                    "mirror", "diff", "web", "--for", "10s", "--http", &http, "-o", "json",
+                ])
                 .stdin(std::process::Stdio::null())
                 .output()
         });
-        let slow_n = 480;
-        let (mirrored_calls, plain_calls) = tokio::join!(
-            load::run(Spec::get(outbound, "web"), 8, slow_n, Arc::new(AtomicUsize::new(0))),
-            load::run(Spec::get(outbound, "plain"), 8, slow_n, Arc::new(AtomicUsize::new(0))),
-        );
-        assert_all_ok("mirrored to a slow shadow", &mirrored_calls);
-        assert_all_ok("not mirrored", &plain_calls);
-        let (p99_mirrored, p99_plain) = (mirrored_calls.quantile(0.99), plain_calls.quantile(0.99));
-        let moved = (p99_mirrored.as_secs_f64() - p99_plain.as_secs_f64()).abs()
-            / p99_plain.as_secs_f64();
+        // A round is 320 calls each way; the machine (other tests, builds)
+        // can disturb one round's tail, so up to three are measured and
+        // one within 5% suffices: a copy that held the real call up would
+        // add its second to every round's tail.
+        let per_round = 320;
+        let slow_started = Instant::now();
+        let mut rounds = Vec::new();
+        while rounds.len() < 3 {
+            let (mirrored_calls, plain_calls) = tokio::join!(
+                load::run(
+                    Spec::get(outbound, "web"),
+                    8,
+                    per_round,
+                    Arc::new(AtomicUsize::new(0))
+                ),
+                load::run(
+                    Spec::get(outbound, "plain"),
+                    8,
+                    per_round,
+                    Arc::new(AtomicUsize::new(0))
+                ),
+            );
+            assert_all_ok("mirrored to a slow shadow", &mirrored_calls);
+            assert_all_ok("not mirrored", &plain_calls);
+            let (p99_mirrored, p99_plain) =
+                (mirrored_calls.quantile(0.99), plain_calls.quantile(0.99));
+            let moved = (p99_mirrored.as_secs_f64() - p99_plain.as_secs_f64()).abs()
+                / p99_plain.as_secs_f64();
+            rounds.push((p99_mirrored, p99_plain, moved));
+            if moved < 0.05 {
+                break;
+            }
+        }
         assert!(
-            moved < 0.05,
-            "p99 {p99_mirrored:?} mirrored to a slow shadow, {p99_plain:?} not mirrored: {:.1}% apart",
-            moved * 100.0
+            rounds.iter().any(|r| r.2 < 0.05),
+            "p99 mirrored to a slow shadow vs not mirrored, per round: {rounds:?}"
         );
+        let slow_n = rounds.len() * per_round;
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         let c = counts(&[&web, &shadow]).await?;
         let copied = c[1] - copies;
@@ -147,6 +172,14 @@ async fn a_full_mirror_copies_every_call_and_a_slow_shadow_costs_the_caller_noth
         assert!(
             copied > 0 && copied < slow_n as u64,
             "some copies sent, the rest shed: {copied} of {slow_n}"
+        );
+        // At most 10 copies of 1 s in flight: no more than 10 a second
+        // (plus the 10 the sleep above let finish) reached the shadow.
+        let cap = 10.0 * (slow_started.elapsed().as_secs_f64() + 1.0);
+        assert!(
+            (copied as f64) <= cap,
+            "{copied} copies in {:?} with max_in_flight = 10",
+            slow_started.elapsed()
         );
         // Every call was either copied or shed, and the metrics say which.
         let (_, m) = admin_get(&client, "/metrics").await?;
@@ -180,7 +213,10 @@ async fn a_full_mirror_copies_every_call_and_a_slow_shadow_costs_the_caller_noth
             p99("shadow_p99_ms") > p99("primary_p99_ms") + 200.0,
             "the slow shadow shows in its p99: {report}"
         );
-        assert!(stderr.contains("pairs"), "progress shown while waiting: {stderr}");
+        assert!(
+            stderr.contains("pairs"),
+            "progress shown while waiting: {stderr}"
+        );
         Ok(())
     })
     .await

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [services.web.mirror]
-//! service = "web-v2"          # or subset = { version = "v2" }
+//! to = "web-v2"               # a service, or "version=v2": a subset of web
 //! percent = 100
 //! max_in_flight = 100
 //! max_body_bytes = 65536
@@ -20,6 +20,7 @@
 //! [services.web.locality]
 //! prefer_local = true
 //! min_local_percent = 70      # or zone_weights = { "zone-a" = 80, "zone-b" = 20 }
+//! # or, in the service's table: locality = "prefer-local"
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -51,6 +52,9 @@ pub struct Mirror {
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct MirrorFields {
+    /// `web-v2` (a service) or `version=v2,track=canary` (a subset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     service: Option<ServiceName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,12 +70,13 @@ struct MirrorFields {
 impl TryFrom<MirrorFields> for Mirror {
     type Error = String;
     fn try_from(f: MirrorFields) -> Result<Self, String> {
-        let to = match (f.service, f.subset) {
-            (Some(s), None) => BackendTarget::Service(s),
-            (None, Some(s)) if !s.is_empty() => BackendTarget::Subset(s),
+        let to = match (f.to, f.service, f.subset) {
+            (Some(to), None, None) => target(&to)?,
+            (None, Some(s), None) => BackendTarget::Service(s),
+            (None, None, Some(s)) if !s.is_empty() => BackendTarget::Subset(s),
             _ => {
                 return Err(
-                    "a mirror names either a service or a subset = { label = \"value\" }".into(),
+                    "a mirror names one target: either a service or a subset: to = \"web-v2\", to = \"version=v2\", service = \"web-v2\" or subset = { version = \"v2\" }".into(),
                 );
             }
         };
@@ -83,14 +88,31 @@ impl TryFrom<MirrorFields> for Mirror {
         })
     }
 }
+/// A mirror's `to`: labels (`version=v2,track=canary`) name a subset, anything else a service.
+fn target(to: &str) -> Result<BackendTarget, String> {
+    if !to.contains('=') {
+        return ServiceName::try_from(to.to_string()).map(BackendTarget::Service);
+    }
+    let labels = to
+        .split(',')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) => Ok((k.trim().to_string(), v.trim().to_string())),
+            None => Err(format!("{pair:?} is not a label: write key=value")),
+        })
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    Subset::try_from(labels).map(BackendTarget::Subset)
+}
+
 impl From<Mirror> for MirrorFields {
+    /// A service as `to`; a subset as a table (label values may hold `,`).
     fn from(m: Mirror) -> Self {
-        let (service, subset) = match m.to {
-            BackendTarget::Service(s) => (Some(s), None),
+        let (to, subset) = match m.to {
+            BackendTarget::Service(s) => (Some(String::from(s)), None),
             BackendTarget::Subset(s) => (None, Some(s)),
         };
         Self {
-            service,
+            to,
+            service: None,
             subset,
             percent: m.percent,
             max_in_flight: m.max_in_flight,
@@ -172,9 +194,9 @@ pub struct RateLimit {
     pub per_caller: Option<bool>,
 }
 
-/// Zone-aware balancing.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(try_from = "LocalityFields", into = "LocalityFields")]
+/// Zone-aware balancing: `"prefer-local"`, or a table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(into = "LocalityFields")]
 pub enum Locality {
     /// The caller's own zone first; the rest spills over when fewer than
     /// `min_local_percent` of the local endpoints are healthy.
@@ -186,7 +208,35 @@ pub enum Locality {
     Weighted(BTreeMap<String, Bounded<0, 10_000>>),
 }
 
-/// [`Locality`] as written.
+impl<'de> Deserialize<'de> for Locality {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, MapAccess, Visitor};
+        struct Written;
+        impl<'de> Visitor<'de> for Written {
+            type Value = Locality;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"prefer-local\" or a table with prefer_local or zone_weights")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Locality, E> {
+                match s {
+                    "prefer-local" => Ok(Locality::PreferLocal {
+                        min_local_percent: None,
+                    }),
+                    _ => Err(E::custom(format!(
+                        "{s:?} is not a locality: use \"prefer-local\" or a table"
+                    ))),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Locality, A::Error> {
+                let f = LocalityFields::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Locality::try_from(f).map_err(de::Error::custom)
+            }
+        }
+        d.deserialize_any(Written)
+    }
+}
+
+/// [`Locality`] as written in a table.
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct LocalityFields {
@@ -298,6 +348,7 @@ impl TryFrom<&v1::Mirror> for Mirror {
             .transpose()
             .map_err(|e| refused("mirror.percent", e))?;
         Mirror::try_from(MirrorFields {
+            to: None,
             service,
             subset,
             percent,
@@ -427,7 +478,7 @@ prefer_local = true
 min_local_percent = 60
 
 [services.api.mirror]
-service = "api-shadow"
+to = "api-shadow"
 
 [services.api.hedging]
 after = "30ms"
@@ -435,6 +486,12 @@ max_extra = 2
 
 [services.api.locality]
 zone_weights = { "zone-a" = 80, "zone-b" = 20 }
+
+[services.cart]
+locality = "prefer-local"
+
+[services.cart.mirror]
+to = "version=v2,track=canary"
 "#;
 
     #[test]
@@ -445,7 +502,23 @@ zone_weights = { "zone-a" = 80, "zone-b" = 20 }
             let (_, back) = ServicePolicy::from_proto(&wire).expect("wire form valid");
             assert_eq!(&back, p, "{}", name.as_str());
         }
-        let web = &file.services.values().nth(1).expect("web");
+        let named = |n: &str| {
+            file.services
+                .iter()
+                .find(|(k, _)| k.as_str() == n)
+                .map(|(_, p)| p)
+                .expect("listed")
+        };
+        let cart = named("cart");
+        assert_eq!(
+            cart.locality,
+            Some(Locality::PreferLocal {
+                min_local_percent: None
+            })
+        );
+        let subset = cart.mirror.as_ref().map(|m| m.to.to_string());
+        assert_eq!(subset.as_deref(), Some("subset track=canary,version=v2"));
+        let web = named("web");
         assert_eq!(
             web.hedging.as_ref().map(|h| h.after),
             Some(HedgeAfter::Quantile(95.0))
@@ -460,6 +533,21 @@ zone_weights = { "zone-a" = 80, "zone-b" = 20 }
                 "[services.web.mirror]\npercent = 10\n",
                 "services.web.mirror",
                 "either a service or a subset",
+            ),
+            (
+                "[services.web.mirror]\nto = \"web-v2\"\nservice = \"x\"\n",
+                "services.web.mirror",
+                "one target",
+            ),
+            (
+                "[services.web.mirror]\nto = \"Bad Name\"\n",
+                "services.web.mirror",
+                "",
+            ),
+            (
+                "[services.web]\nlocality = \"nearby\"\n",
+                "services.web.locality",
+                "not a locality",
             ),
             (
                 "[services.web.hedging]\nafter = \"p20\"\n",

@@ -234,8 +234,12 @@ fn copy(
         return None;
     }
     let counts = proxy.traffic.mirror(name, route, &m.label);
-    if m.fits(hyper::body::Body::size_hint(req.body()).exact())
-        .is_err()
+    // Shed at once when the copies in flight are at the cap already: the
+    // body need not be kept for a copy that could not go.
+    let full = up.mirrors_in_flight.current() >= m.max_in_flight;
+    if full
+        || m.fits(hyper::body::Body::size_hint(req.body()).exact())
+            .is_err()
     {
         counts.shed();
         proxy.metrics.mirror_copy(name, "shed");
@@ -470,7 +474,11 @@ async fn route(
                     }
                     None => (try_endpoint(&o, &t, this_body, &choices).await, t),
                 };
-                if hedge.is_some() && matches!(waited, Waited::Done(Ok(_))) {
+                // The first try's latency (a winning copy's is not the
+                // upstream's answer time; a cancelled first try is recorded
+                // in the race).
+                if hedge.is_some() && Arc::ptr_eq(t.ep, ep) && matches!(waited, Waited::Done(Ok(_)))
+                {
                     up.recent.record(t.started.elapsed());
                 }
                 let ended = match waited {
@@ -637,9 +645,10 @@ async fn try_endpoint(
 /// detection hears every outcome.
 fn record(o: &Outgoing<'_>, ep: &Arc<EndpointStats>, outcome: Outcome) {
     let s = o.s;
+    // gRPC's RESOURCE_EXHAUSTED is the rate limit's answer to gRPC calls.
     if matches!(
         outcome,
-        Outcome::ConnectFailed | Outcome::Reset | Outcome::RateLimited
+        Outcome::ConnectFailed | Outcome::Reset | Outcome::RateLimited | Outcome::Grpc(8)
     ) {
         let penalty = s.timeouts.per_try.unwrap_or(s.timeouts.connect);
         ep.observe(penalty, std::time::Instant::now());
@@ -727,19 +736,29 @@ impl Choices {
     /// or, once every endpoint was tried, its first choice again. Counted
     /// as one try (local or remote, when the balancer knows zones).
     fn next(&mut self) -> Option<usize> {
+        let next = self.pick_next();
+        if let Some(i) = next {
+            self.count_try(i);
+        }
+        next
+    }
+
+    /// [`Self::next`] without counting a try: for stand-ins that may never be sent.
+    fn pick_next(&mut self) -> Option<usize> {
         let balancer = self.from.balancer_for(self.subset);
         let eps = balancer.endpoints();
-        let next = match self.picks.find(|&i| !self.tried.contains(&eps[i].addr)) {
+        match self.picks.find(|&i| !self.tried.contains(&eps[i].addr)) {
             Some(i) => Some(i),
             None => {
                 self.picks = balancer.pick(&self.ctx);
                 self.picks.next()
             }
-        };
-        if let Some(i) = next {
-            balancer.count_try(i);
         }
-        next
+    }
+
+    /// Counts a try on endpoint `i` (local or remote).
+    fn count_try(&self, i: usize) {
+        self.from.balancer_for(self.subset).count_try(i);
     }
 
     /// Endpoint `i` of the current set.
@@ -779,7 +798,7 @@ fn stand_ins(choices: &mut Choices, first: usize, n: u32) -> Vec<usize> {
     choices.leave(first_addr);
     let mut out = Vec::new();
     while out.len() < n as usize {
-        match choices.next() {
+        match choices.pick_next() {
             Some(j) if !out.contains(&j) && choices.endpoint(j).addr != first_addr => {
                 choices.leave(choices.endpoint(j).addr);
                 out.push(j);
@@ -844,7 +863,10 @@ async fn hedged<'c>(
                     break;
                 };
                 running.retain(|r| !Arc::ptr_eq(r.ep, t.ep));
-                let answered = matches!(waited, Waited::Done(Ok(_)));
+                // A fast 5xx (or 429) from one try must not beat a slower
+                // good answer from another.
+                let answered = matches!(&waited, Waited::Done(Ok(r))
+                    if retry::classify(r.status(), r.headers()) == Outcome::Success);
                 let last = racing.is_empty() && next_copy.is_none();
                 if !answered && !last {
                     failed = Some((waited, t));
@@ -853,6 +875,11 @@ async fn hedged<'c>(
                 let now = std::time::Instant::now();
                 for loser in &running {
                     loser.ep.observe(loser.started.elapsed(), now);
+                    // The first try's time so far is a floor of its latency:
+                    // recorded, so a p95 `after` is not learnt from winners only.
+                    if Arc::ptr_eq(loser.ep, first.ep) {
+                        call.up.recent.record(loser.started.elapsed());
+                    }
                 }
                 if *attempt > 1 {
                     count(if Arc::ptr_eq(t.ep, first.ep) { "lost" } else { "won" });
@@ -877,6 +904,7 @@ async fn hedged<'c>(
                     started: Instant::now(),
                     movable: false,
                 };
+                race.choices.count_try(j);
                 *attempt += 1;
                 running.push(t);
                 racing.push(raced(o, t, body, race.choices));

@@ -97,6 +97,9 @@ pub fn send(
     let proxy = proxy.clone();
     tokio::spawn(async move {
         let shadow = tokio::time::timeout(SHADOW_LIMIT, shadow(&proxy, &copy, &head, body)).await;
+        // The copy is done: its slot goes back before the wait for the
+        // real answer's end, which a slow client may drag out.
+        drop(permit);
         let Ok(Some(shadow)) = shadow else {
             copy.counts.shadow_failed();
             proxy.metrics.mirror_copy(copy.up.name(), "failed");
@@ -106,7 +109,6 @@ pub fn send(
         if let Ok(Ok(primary)) = tokio::time::timeout(SHADOW_LIMIT, rx).await {
             copy.counts.pair(primary, shadow);
         }
-        drop(permit);
     });
     resp
 }
