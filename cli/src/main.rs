@@ -2,6 +2,7 @@
 
 mod commands;
 mod output;
+mod status_cmd;
 mod traffic_cmd;
 mod watch;
 
@@ -135,6 +136,40 @@ enum Command {
     /// their copies.
     #[command(subcommand)]
     Mirror(MirrorCommand),
+    /// Every sidecar: its service and instance, the replica it reports to,
+    /// each upstream's version applied and how long it has trailed the
+    /// registry, its certificate's expiry and last report; STALE when it
+    /// trails for more than 5 s or has not reported for 10 s.
+    ProxyStatus {
+        /// wf-control's HTTP address; several replicas comma-separated.
+        #[arg(
+            long,
+            env = "WAYFINDER_CONTROL_HTTP",
+            default_value = "127.0.0.1:15014"
+        )]
+        http: String,
+        /// Table or JSON, here or before the command.
+        #[arg(long = "output", short = 'o')]
+        output: Option<Format>,
+    },
+    /// The mesh's health as ordered checks, each with a hint when it
+    /// fails; exits 1 when one fails.
+    Check {
+        /// wf-control's HTTP address; several replicas comma-separated
+        /// (their trust bundles are compared).
+        #[arg(
+            long,
+            env = "WAYFINDER_CONTROL_HTTP",
+            default_value = "127.0.0.1:15014"
+        )]
+        http: String,
+        /// Validate this policy file and compare it with the live policy.
+        #[arg(long)]
+        policy: Option<std::path::PathBuf>,
+        /// Table or JSON, here or before the command.
+        #[arg(long = "output", short = 'o')]
+        output: Option<Format>,
+    },
     /// Mesh a docker-compose file: a sidecar beside each service, a control
     /// plane, Jaeger (profile `tracing`); per-service join tokens in
     /// owner-only env files beside the output. `--remove` takes it out.
@@ -435,6 +470,26 @@ async fn run(cli: Cli) -> Result<()> {
         let out = output.unwrap_or(cli.output);
         return traffic_cmd::mirror_diff(&service, lasts, &http, out).await;
     }
+    if let Command::ProxyStatus { http, output } = &cli.command {
+        return status_cmd::proxy_status(http, output.unwrap_or(cli.output)).await;
+    }
+    if let Command::Check {
+        http,
+        policy,
+        output,
+    } = &cli.command
+    {
+        // A control plane that cannot be reached is the first check's
+        // failure, not the command's.
+        let grpc = connect(&cli).await.map_err(|e| format!("{e:#}"));
+        let args = status_cmd::CheckArgs {
+            http: http.clone(),
+            policy: policy.clone(),
+            grpc,
+            timeout: cli.timeout,
+        };
+        return status_cmd::check(args, output.unwrap_or(cli.output)).await;
+    }
     // Local validation first: a bad file is reported without a connection.
     if let Command::Policy(PolicyCommand::Apply { file }) = &cli.command {
         let policies = wayfinder_proto::policy::PolicyFile::load(file)?;
@@ -512,6 +567,8 @@ async fn run(cli: Cli) -> Result<()> {
             traffic_cmd::clear(Admin::new(ch, t), service, out).await
         }
         Command::Policy(PolicyCommand::Apply { .. })
+        | Command::ProxyStatus { .. }
+        | Command::Check { .. }
         | Command::Mirror(_)
         | Command::Lab(_)
         | Command::Inject { .. }

@@ -199,6 +199,17 @@ impl Ca {
         &self.bundle
     }
 
+    /// When the root and the intermediate expire, Unix ms (`None`: unreadable).
+    pub fn not_after_unix_ms(&self) -> (Option<u64>, Option<u64>) {
+        let of = |der: &[u8]| {
+            let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+            u64::try_from(cert.validity().not_after.timestamp())
+                .ok()
+                .map(|s| s.saturating_mul(1000))
+        };
+        (of(&self.root_der), of(&self.intermediate_der))
+    }
+
     /// The roots as PEM, for clients bootstrapping trust in the control plane.
     pub fn bundle_pem(&self) -> &str {
         &self.bundle_pem
@@ -385,6 +396,22 @@ mod tests {
         assert!(!names.iter().any(|n| n.contains("admin")), "{names:?}");
         let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(life, 24 * 3600 + 60);
+    }
+
+    #[test]
+    fn the_ca_says_when_its_root_and_intermediate_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca =
+            Ca::load_or_create(&dir.path().join("ca"), "lab.local", DEFAULT_LIFETIME).expect("ca");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64;
+        let nine_years = 9 * 365 * 24 * 3600 * 1000;
+        let (root, intermediate) = ca.not_after_unix_ms();
+        for t in [root, intermediate] {
+            assert!(t.is_some_and(|t| t > now + nine_years), "{t:?}");
+        }
     }
 
     #[test]

@@ -7,5 +7,6 @@ pub mod grpc;
 pub mod http;
 pub mod policy_file;
 pub mod registry;
+pub mod sidecars;
 pub mod store;
 pub mod traffic;

@@ -304,11 +304,17 @@ async fn run(args: Args) -> Result<()> {
     let traffic = Arc::new(wayfinder_control::traffic::Traffic::default());
     traffic.register(&mut prom);
     tokio::spawn(traffic.clone().prune_on_a_timer());
+    let sidecars = Arc::new(wayfinder_control::sidecars::Sidecars::default());
     let http_app = http::router(http::HttpState {
         registry: registry.clone(),
         backend: backend.clone(),
         metrics: Arc::new(prom),
         traffic: traffic.clone(),
+        status: http::status::StatusState {
+            sidecars: sidecars.clone(),
+            ca: ca.clone(),
+            replica: grpc_addr.to_string(),
+        },
     });
     let shutdown = shutdown_signal();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -355,8 +361,13 @@ async fn run(args: Args) -> Result<()> {
         .max_decoding_message_size(TRANSPORT_LIMIT),
     )
     .add_service(
-        TelemetryServer::new(TelemetryService::new(traffic, guard.clone()))
-            .max_decoding_message_size(TRANSPORT_LIMIT),
+        TelemetryServer::new(TelemetryService::new(
+            traffic,
+            sidecars,
+            registry.clone(),
+            guard.clone(),
+        ))
+        .max_decoding_message_size(TRANSPORT_LIMIT),
     )
     .add_service(IdentityServer::new(identity).max_decoding_message_size(TRANSPORT_LIMIT))
     .add_service(

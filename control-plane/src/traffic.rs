@@ -328,6 +328,7 @@ mod tests {
                 backend: backend.into(),
             }],
             mirrors: Vec::new(),
+            status: None,
         }
     }
 

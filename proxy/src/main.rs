@@ -840,11 +840,16 @@ async fn run(
 
     tokio::spawn(wayfinder_proxy::memory::trim_when_idle());
     tokio::spawn(proxy.clone().evict_idle_upstreams());
-    tokio::spawn(wayfinder_proxy::traffic::report_loop(
+    let status_of = proxy.clone();
+    let reporter_service = args.service.clone().unwrap_or_else(|| "client".into());
+    let reports = tokio::spawn(wayfinder_proxy::traffic::report_loop(
         proxy.traffic.clone(),
         channel.clone(),
-        node.clone(),
-        args.service.clone().unwrap_or_else(|| "client".into()),
+        wayfinder_proxy::traffic::Reporter {
+            node: node.clone(),
+            service: reporter_service.clone(),
+            status: Box::new(move || status_of.status()),
+        },
     ));
 
     let lease = Arc::new(AtomicU64::new(0));
@@ -921,7 +926,7 @@ async fn run(
     if let Some(r) = &registration {
         r.abort();
     }
-    register::deregister(channel, lease.load(Ordering::Relaxed)).await;
+    register::deregister(channel.clone(), lease.load(Ordering::Relaxed)).await;
     if !app_went_first && inbound.is_some() {
         // Lame duck: callers whose discovery has not caught up yet still
         // get answers, from the app that still runs.
@@ -967,6 +972,10 @@ async fn run(
             "drain timeout; closing remaining connections"
         );
     }
+    // Drained: reports stop and the sidecar says it leaves, so `wfctl
+    // proxy-status` forgets it rather than call it stale.
+    reports.abort();
+    wayfinder_proxy::traffic::leave(channel, node, reporter_service).await;
     Ok(ended)
 }
 

@@ -120,6 +120,27 @@ impl Proxy {
     }
 
     /// The upstream for `name`, starting its discovery on first use;
+    /// What the sidecar reports of itself with its traffic: its
+    /// certificate's expiry and, per upstream (at most
+    /// [`crate::traffic::MAX_STATUS_UPSTREAMS`], by name), the discovery
+    /// version applied.
+    pub fn status(&self) -> wayfinder_proto::v1::SidecarStatus {
+        wayfinder_proto::v1::SidecarStatus {
+            cert_not_after_unix_ms: self
+                .identity
+                .as_ref()
+                .map_or(0, |i| crate::upstream::unix_ms(i.not_after())),
+            upstreams: self
+                .upstreams
+                .all()
+                .iter()
+                .take(crate::traffic::MAX_STATUS_UPSTREAMS)
+                .map(|u| u.status())
+                .collect(),
+            leaving: false,
+        }
+    }
+
     /// `Full` when the sidecar holds `--max-upstreams` already.
     pub fn upstream(&self, name: &str) -> Result<Arc<Upstream>, Full> {
         self.upstreams

@@ -2,7 +2,10 @@
 //! 5xx answers and a latency histogram per upstream, sent every
 //! [`REPORT_EVERY`] as one `Telemetry.Report` and reset. Reports that
 //! cannot be sent are dropped: the dashboard is a live view, not a ledger
-//! (Prometheus metrics are the exact counts).
+//! (Prometheus metrics are the exact counts). Every report also carries the
+//! sidecar's status (`wfctl proxy-status`), so one is sent every
+//! [`REPORT_EVERY`] even without traffic: the control plane reads a
+//! missing report as a stalled sidecar.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -11,11 +14,16 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use wayfinder_proto::latency::{self, BUCKETS};
 use wayfinder_proto::v1::{
-    EdgeTraffic, MirrorDiff, TrafficReport, telemetry_client::TelemetryClient,
+    EdgeTraffic, MirrorDiff, SidecarStatus, TrafficReport, telemetry_client::TelemetryClient,
 };
 
 /// How often a sidecar reports.
 pub const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// Most upstreams one status lists: wf-control refuses a report with more
+/// (the default `--max-upstreams`).
+pub const MAX_STATUS_UPSTREAMS: usize = 1000;
+/// How long a leaving sidecar waits for the control plane to hear it.
+pub const LEAVE_WITHIN: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 struct Edge {
@@ -193,27 +201,57 @@ impl Traffic {
     }
 }
 
-/// Sends what `traffic` saw to the control plane every [`REPORT_EVERY`].
-pub async fn report_loop(traffic: Arc<Traffic>, channel: Channel, node: String, service: String) {
+/// Who reports: the sidecar's instance and service, and where its status
+/// comes from.
+pub struct Reporter {
+    /// The sidecar's instance id.
+    pub node: String,
+    /// Its service ("client" for a client-only sidecar).
+    pub service: String,
+    /// Its status at the time of each report.
+    pub status: Box<dyn Fn() -> SidecarStatus + Send>,
+}
+
+/// Sends what `traffic` saw, and the sidecar's status, to the control plane
+/// every [`REPORT_EVERY`].
+pub async fn report_loop(traffic: Arc<Traffic>, channel: Channel, reporter: Reporter) {
     let mut client = TelemetryClient::new(channel);
     let mut tick = tokio::time::interval(REPORT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let edges = traffic.take();
-        let mirrors = traffic.take_mirrors();
-        if edges.is_empty() && mirrors.is_empty() {
-            continue;
-        }
         let report = TrafficReport {
-            node: node.clone(),
-            service: service.clone(),
-            edges,
-            mirrors,
+            node: reporter.node.clone(),
+            service: reporter.service.clone(),
+            edges: traffic.take(),
+            mirrors: traffic.take_mirrors(),
+            status: Some((reporter.status)()),
         };
         if let Err(status) = client.report(report).await {
             tracing::debug!(%status, "traffic report not sent");
         }
+    }
+}
+
+/// Tells the control plane the sidecar is leaving (its report loop is
+/// stopped), so it is forgotten rather than shown as stale; within
+/// [`LEAVE_WITHIN`], or not at all (shutdown does not wait for a control
+/// plane that is away).
+pub async fn leave(channel: Channel, node: String, service: String) {
+    let report = TrafficReport {
+        node,
+        service,
+        edges: Vec::new(),
+        mirrors: Vec::new(),
+        status: Some(SidecarStatus {
+            leaving: true,
+            ..SidecarStatus::default()
+        }),
+    };
+    let sent =
+        tokio::time::timeout(LEAVE_WITHIN, TelemetryClient::new(channel).report(report)).await;
+    if !matches!(sent, Ok(Ok(_))) {
+        tracing::debug!("leaving report not sent");
     }
 }
 

@@ -181,6 +181,8 @@ pub struct Upstream {
     pinned: AtomicBool,
     /// Set when evicted: its discovery and health checks stop.
     closed: watch::Sender<bool>,
+    /// The last control-plane event applied: its version and when.
+    applied: Mutex<Option<(u64, std::time::SystemTime)>>,
 }
 
 /// An endpoint as `/endpoints` shows it.
@@ -341,6 +343,7 @@ impl Upstream {
             used: AtomicBool::new(true),
             pinned: AtomicBool::new(false),
             closed: watch::channel(false).0,
+            applied: Mutex::new(None),
         })
     }
 
@@ -798,6 +801,29 @@ impl Upstream {
         }))
     }
 
+    /// Its state for the control plane's `proxy-status`: the discovery
+    /// version applied and when, and how many endpoints its source gives.
+    pub fn status(&self) -> wayfinder_proto::v1::UpstreamStatus {
+        let origin = self.origin();
+        let endpoints = self.lock().sets[origin as usize].endpoints.len();
+        let (version, at) = self
+            .applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or((0, std::time::UNIX_EPOCH));
+        wayfinder_proto::v1::UpstreamStatus {
+            service: self.name.clone(),
+            discovery: match origin {
+                Origin::Mesh => "mesh",
+                Origin::Dns => "dns",
+            }
+            .to_string(),
+            version,
+            applied_unix_ms: unix_ms(at),
+            endpoints: u32::try_from(endpoints).unwrap_or(u32::MAX),
+        }
+    }
+
     /// What the sidecar believes now, for `/endpoints`.
     pub fn view(&self) -> Vec<EndpointView> {
         let inner = self.lock();
@@ -828,6 +854,12 @@ impl Upstream {
     }
 }
 
+/// `at` as Unix milliseconds (0 for the epoch or before).
+pub fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Every upstream the sidecar knows, started on first use, at most `max`
 /// of them; unused ones are evicted by [`Upstreams::sweep`].
 pub struct Upstreams {
@@ -851,6 +883,10 @@ impl discovery::Sink for Upstream {
     }
     fn set_policy(&self, policy: Option<ServicePolicy>) {
         Upstream::set_policy(self, policy);
+    }
+    fn applied(&self, version: u64) {
+        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((version, std::time::SystemTime::now()));
     }
     async fn wait_origin(&self, origin: Origin) {
         Upstream::wait_origin(self, origin).await;
@@ -1046,6 +1082,23 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn its_status_says_the_version_applied_and_the_endpoints_of_its_source() {
+        use crate::discovery::Sink;
+        let u = up(Kind::RoundRobin);
+        let s = u.status();
+        assert_eq!((s.service.as_str(), s.discovery.as_str()), ("web", "mesh"));
+        assert_eq!((s.version, s.applied_unix_ms, s.endpoints), (0, 0, 0));
+        u.apply(
+            Origin::Mesh,
+            Update::Reset(vec![d("a", 1, true), d("b", 2, false)]),
+        );
+        Sink::applied(&*u, 42);
+        let s = u.status();
+        assert_eq!((s.version, s.endpoints), (42, 2));
+        assert!(s.applied_unix_ms > 1_600_000_000_000, "{s:?}");
     }
 
     #[test]

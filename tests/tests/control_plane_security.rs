@@ -237,6 +237,7 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
                 service: "web".into(),
                 edges: vec![],
                 mirrors: Vec::new(),
+                status: None,
             })
             .await;
         assert_eq!(code(reported), Code::Unauthenticated);
@@ -359,6 +360,7 @@ async fn a_sidecar_certificate_acts_only_on_its_own_service() -> Result<()> {
                     backend: String::new(),
                 }],
                 mirrors: Vec::new(),
+                status: None,
             })
             .await?;
         let (_, dash) = m.cp.get("/v1/dashboard").await?;

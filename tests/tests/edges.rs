@@ -882,6 +882,7 @@ async fn crafted_traffic_reports_saturate_and_one_caller_keeps_at_most_its_share
                     service: "client".into(),
                     edges: vec![edge("web".into(), u64::MAX)],
                     mirrors: Vec::new(),
+                    status: None,
                 })
                 .await?;
         }
@@ -895,6 +896,7 @@ async fn crafted_traffic_reports_saturate_and_one_caller_keeps_at_most_its_share
                         .map(|i| edge(format!("s{}", chunk * 100 + i), 1))
                         .collect(),
                     mirrors: Vec::new(),
+                    status: None,
                 })
                 .await?;
         }

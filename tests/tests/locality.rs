@@ -236,9 +236,10 @@ async fn a_returning_endpoint_s_share_ramps_up_over_the_slow_start_window() -> R
         );
 
         let early = load_between(web, t0, Duration::ZERO, Duration::from_millis(1500)).await;
+        let middle = load_between(web, t0, Duration::from_millis(3500), Duration::from_millis(4500)).await;
         let late = load_between(web, t0, Duration::from_millis(6800), Duration::from_secs(8)).await;
         drop(back);
-        for (r, when) in [(&early, "first 1.5 s"), (&late, "last 1.2 s")] {
+        for (r, when) in [(&early, "first 1.5 s"), (&middle, "middle second"), (&late, "last 1.2 s")] {
             ensure!(r.failed().is_empty(), "{when}: failures {:?}", r.failed());
             ensure!(
                 r.samples.len() >= 200,
@@ -247,11 +248,22 @@ async fn a_returning_endpoint_s_share_ramps_up_over_the_slow_start_window() -> R
             );
         }
         let fair = 1.0 / 3.0;
-        let (e, l) = (share(&early, "web-3"), share(&late, "web-3"));
+        let (e, m, l) = (
+            share(&early, "web-3"),
+            share(&middle, "web-3"),
+            share(&late, "web-3"),
+        );
         eprintln!(
-            "web-3's share: {e:.3} in the first 1.5 s ({} requests), {l:.3} in the last ({})",
+            "web-3's share: {e:.3} in the first 1.5 s ({} requests), {m:.3} in the middle ({}), {l:.3} in the last ({})",
             early.samples.len(),
+            middle.samples.len(),
             late.samples.len()
+        );
+        // A ramp, not a step: halfway through the window (factor about
+        // 0.55) the share lies clearly between the two ends.
+        ensure!(
+            m > e + 0.04 && m < l - 0.04,
+            "web-3's share does not ramp: {e:.3}, then {m:.3} halfway, then {l:.3}"
         );
         ensure!(
             e < 0.6 * fair,

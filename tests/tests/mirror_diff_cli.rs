@@ -35,6 +35,7 @@ fn report(node: &str, status_differs: u64) -> TrafficReport {
             primary_latency_buckets: primary,
             shadow_latency_buckets: shadow,
         }],
+        status: None,
     }
 }
 

@@ -379,6 +379,7 @@ async fn the_dashboard_shows_instances_and_live_traffic() -> Result<()> {
                 backend: String::new(),
             }],
             mirrors: Vec::new(),
+            status: None,
         };
         let e = t.report(bad).await.expect_err("refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument);

@@ -1,14 +1,19 @@
 //! `Telemetry.Report`: traffic reports from sidecars, validated and kept for
-//! the dashboard, `wfctl split` and `wfctl mirror diff`.
+//! the dashboard, `wfctl split` and `wfctl mirror diff`; the sidecar status
+//! each carries is kept for `wfctl proxy-status` ([`crate::sidecars`]).
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use wayfinder_proto::latency::BUCKETS;
-use wayfinder_proto::v1::{MirrorDiff, ReportAck, TrafficReport, telemetry_server::Telemetry};
+use wayfinder_proto::v1::{
+    MirrorDiff, ReportAck, SidecarStatus, TrafficReport, telemetry_server::Telemetry,
+};
 
 use super::auth::Guard;
 use super::{check_size, invalid};
+use crate::registry::Registry;
+use crate::sidecars::Sidecars;
 use crate::traffic::Traffic;
 
 /// Most edges one report may carry.
@@ -19,17 +24,33 @@ pub const MAX_BACKEND_LEN: usize = 512;
 /// Most mirror entries one report may carry (a sidecar has one per mirrored
 /// service and route).
 pub const MAX_MIRRORS: usize = 1000;
+/// Most upstreams a sidecar status may list (a sidecar's default
+/// `--max-upstreams`; it sends at most this many).
+pub const MAX_STATUS_UPSTREAMS: usize = 1000;
 
 /// The Telemetry service.
 pub struct TelemetryService {
     traffic: Arc<Traffic>,
+    sidecars: Arc<Sidecars>,
+    registry: Arc<Registry>,
     guard: Guard,
 }
 
 impl TelemetryService {
-    /// A service feeding `traffic` from callers `guard` lets through.
-    pub fn new(traffic: Arc<Traffic>, guard: Guard) -> Self {
-        Self { traffic, guard }
+    /// A service feeding `traffic` and `sidecars` (whose versions it
+    /// compares with `registry`'s) from callers `guard` lets through.
+    pub fn new(
+        traffic: Arc<Traffic>,
+        sidecars: Arc<Sidecars>,
+        registry: Arc<Registry>,
+        guard: Guard,
+    ) -> Self {
+        Self {
+            traffic,
+            sidecars,
+            registry,
+            guard,
+        }
     }
 }
 
@@ -68,6 +89,30 @@ pub fn check(r: &TrafficReport) -> Result<(), Status> {
     }
     for (i, m) in r.mirrors.iter().enumerate() {
         check_mirror(m).map_err(|e| invalid(format!("mirrors[{i}]{e}")))?;
+    }
+    if let Some(s) = &r.status {
+        check_status(s).map_err(|e| invalid(format!("status{e}")))?;
+    }
+    Ok(())
+}
+
+/// What is wrong with a sidecar status, as `.field: why`.
+fn check_status(s: &SidecarStatus) -> Result<(), String> {
+    if s.upstreams.len() > MAX_STATUS_UPSTREAMS {
+        return Err(format!(
+            ".upstreams: at most {MAX_STATUS_UPSTREAMS} per report"
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, u) in s.upstreams.iter().enumerate() {
+        wayfinder_proto::validate::service_name(&u.service)
+            .map_err(|e| format!(".upstreams[{i}].service: {e}"))?;
+        if !seen.insert(u.service.as_str()) {
+            return Err(format!(".upstreams[{i}].service: listed twice"));
+        }
+        if !matches!(u.discovery.as_str(), "mesh" | "dns") {
+            return Err(format!(".upstreams[{i}].discovery: mesh or dns"));
+        }
     }
     Ok(())
 }
@@ -115,6 +160,14 @@ impl Telemetry for TelemetryService {
             r.service = own;
         }
         self.traffic.record(&r);
+        if r.status.as_ref().is_some_and(|s| s.leaving) {
+            self.sidecars.leave(&r.service, &r.node);
+        } else if let Some(status) = r.status.take() {
+            let now = (tokio::time::Instant::now(), crate::faults::unix_ms_now());
+            self.sidecars
+                .record(&r.service, &r.node, status, &*self.registry, now)
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        }
         Ok(Response::new(ReportAck {}))
     }
 }
@@ -136,6 +189,7 @@ mod tests {
                 backend: backend.into(),
             }],
             mirrors: Vec::new(),
+            status: None,
         }
     }
 
@@ -155,6 +209,37 @@ mod tests {
             }],
             ..report("")
         }
+    }
+
+    #[test]
+    fn a_status_names_each_upstream_once_with_its_discovery() {
+        use wayfinder_proto::v1::UpstreamStatus;
+        let with = |names: &[&str], discovery: &str| TrafficReport {
+            status: Some(SidecarStatus {
+                cert_not_after_unix_ms: 1,
+                leaving: false,
+                upstreams: names
+                    .iter()
+                    .map(|n| UpstreamStatus {
+                        service: n.to_string(),
+                        discovery: discovery.into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            ..report("")
+        };
+        assert!(check(&with(&["web", "api"], "mesh")).is_ok());
+        assert!(check(&with(&["web"], "dns")).is_ok());
+        let refused = |r: TrafficReport| check(&r).expect_err("refused").message().to_string();
+        assert!(refused(with(&["web"], "consul")).contains("status.upstreams[0].discovery"));
+        assert!(refused(with(&["web", "web"], "mesh")).contains("listed twice"));
+        assert!(refused(with(&["Web!"], "mesh")).contains("status.upstreams[0].service"));
+        let many: Vec<String> = (0..=MAX_STATUS_UPSTREAMS)
+            .map(|i| format!("s{i}"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(refused(with(&many, "mesh")).contains("at most"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use wayfinder_proto::view::EndpointView;
 use crate::registry::Registry;
 
 pub mod dashboard;
+pub mod status;
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -27,11 +28,13 @@ pub struct HttpState {
     pub metrics: Arc<PromRegistry>,
     /// Traffic reported by sidecars (the dashboard's edges).
     pub traffic: Arc<crate::traffic::Traffic>,
+    /// The sidecars' status and the replica's own (`/v1/proxy-status`).
+    pub status: status::StatusState,
 }
 
 /// The router: `/healthz`, `/readyz` (503 while a replica is cut off from
 /// etcd), `/metrics`, `/v1/services`, `/v1/services/{name}`, `/v1/traffic`,
-/// `/v1/mirror`, and the dashboard (`/`, `/v1/dashboard`, `/v1/dashboard/events`).
+/// `/v1/mirror`, `/v1/proxy-status`, and the dashboard (`/`, `/v1/dashboard`, `/v1/dashboard/events`).
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .merge(dashboard::router())
@@ -42,6 +45,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/services/{name}", get(service))
         .route("/v1/traffic", get(traffic))
         .route("/v1/mirror", get(mirror))
+        .route("/v1/proxy-status", get(status::handler))
         .with_state(state)
 }
 
@@ -246,6 +250,7 @@ mod tests {
                 primary_latency_buckets: primary,
                 shadow_latency_buckets: vec![0; BUCKETS],
             }],
+            status: None,
         });
         let v = mirror_json(&t, &query(Some("web"), Some("60"))).expect("valid");
         assert_eq!(v["service"], "web");

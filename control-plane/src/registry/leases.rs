@@ -205,6 +205,21 @@ impl Registry {
         Some(st.services.get(service)?.endpoints.get(id)?.lease)
     }
 
+    /// The instances whose lease ran out (their sidecar stopped
+    /// heartbeating) and which wait out their grace period, as (service,
+    /// instance id), sorted.
+    pub fn lapsed(&self) -> Vec<(String, String)> {
+        let st = self.lock();
+        let mut out: Vec<_> = st
+            .leases
+            .values()
+            .filter(|l| matches!(l.state, LeaseState::Expired { .. }))
+            .map(|l| (l.service.clone(), l.instance_id.clone()))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// What lease `lease_id` keeps: service, instance id, TTL and the
     /// instance's health.
     pub fn lease_holder(&self, lease_id: u64) -> Option<(String, String, Duration, Health)> {

@@ -114,6 +114,7 @@ pub async fn run(
                         None => {}
                     }
                     last_version = event.version;
+                    upstream.applied(last_version);
                 }
             }
             Err(status) => {

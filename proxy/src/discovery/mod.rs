@@ -24,6 +24,11 @@ pub trait Sink: Send + Sync + 'static {
     fn apply(&self, origin: Origin, update: Update);
     /// The service's policy as the control plane last sent it.
     fn set_policy(&self, policy: Option<ServicePolicy>);
+    /// The control plane's event at `version` has been applied (what
+    /// `wfctl proxy-status` compares with the registry's version).
+    fn applied(&self, version: u64) {
+        let _ = version;
+    }
     /// Completes once the service's endpoints come from `origin`.
     fn wait_origin(&self, origin: Origin) -> impl std::future::Future<Output = ()> + Send;
     /// Completes once the service is no longer wanted (evicted): its
