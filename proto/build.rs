@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "protos/wayfinder/v1/telemetry.proto",
     "protos/wayfinder/v1/identity.proto",
     "protos/wayfinder/v1/catalog.proto",
+    "protos/wayfinder/v1/tap.proto",
     "protos/wayfinder/lab/v1/echo.proto",
 ];
 

@@ -3,6 +3,7 @@
 mod commands;
 mod output;
 mod status_cmd;
+mod tap_cmd;
 mod traffic_cmd;
 mod watch;
 
@@ -91,6 +92,43 @@ enum Command {
         service: String,
         /// IP:PORT of the endpoint.
         addr: std::net::SocketAddr,
+    },
+    /// Print each request to a service as it ends, live, from the
+    /// callers' sidecars: caller, callee, instance, method, path, status,
+    /// ms, attempts, error reason, trace id. Header values (authorization,
+    /// cookie, ...) are never carried.
+    Tap {
+        /// The called service.
+        service: String,
+        #[command(flatten)]
+        filters: TapFilters,
+        /// Stop after this long (e.g. 30s); default: until interrupted.
+        #[arg(long = "for", value_parser = parse_duration)]
+        lasts: Option<Duration>,
+        /// Stop after this many requests; 0 = no limit.
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        /// Lines or JSON (one object per line), here or before the command.
+        #[arg(long = "output", short = 'o')]
+        output: Option<Format>,
+    },
+    /// Live rate, success rate and p50/p99 per path and per instance of a
+    /// service over the last 10 s, from the same stream as `tap`;
+    /// redrawn in place on a terminal.
+    Top {
+        /// The called service.
+        service: String,
+        #[command(flatten)]
+        filters: TapFilters,
+        /// Stop after this long (e.g. 30s); default: until interrupted.
+        #[arg(long = "for", value_parser = parse_duration)]
+        lasts: Option<Duration>,
+        /// How often to refresh.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        every: Duration,
+        /// Table or JSON (one object per refresh), here or before the command.
+        #[arg(long = "output", short = 'o')]
+        output: Option<Format>,
     },
     /// Manage per-service policy.
     #[command(subcommand)]
@@ -400,6 +438,35 @@ enum MirrorCommand {
     },
 }
 
+/// Which requests `tap` and `top` show.
+#[derive(clap::Args, Debug)]
+struct TapFilters {
+    /// Only requests from this calling service.
+    #[arg(long)]
+    from: Option<String>,
+    /// Only requests answered by this instance.
+    #[arg(long)]
+    instance: Option<String>,
+    /// Only this status (503) or class (5xx).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only paths starting with this.
+    #[arg(long)]
+    path: Option<String>,
+}
+
+impl TapFilters {
+    fn request(self, service: String) -> wayfinder_proto::v1::TapRequest {
+        wayfinder_proto::v1::TapRequest {
+            service,
+            from: self.from.unwrap_or_default(),
+            instance: self.instance.unwrap_or_default(),
+            status: self.status.unwrap_or_default(),
+            path: self.path.unwrap_or_default(),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum PolicyCommand {
     /// Validate a TOML policy file locally, then apply it.
@@ -511,6 +578,26 @@ async fn run(cli: Cli) -> Result<()> {
         } => commands::register(ch, t, service, addr, weight, instance, zone, out).await,
         Command::Deregister { service, addr } => {
             commands::deregister(ch, t, service, addr, out).await
+        }
+        Command::Tap {
+            service,
+            filters,
+            lasts,
+            count,
+            output,
+        } => {
+            let req = filters.request(service);
+            tap_cmd::tap(ch, req, lasts, count, output.unwrap_or(out)).await
+        }
+        Command::Top {
+            service,
+            filters,
+            lasts,
+            every,
+            output,
+        } => {
+            let req = filters.request(service);
+            tap_cmd::top(ch, req, lasts, every, output.unwrap_or(out)).await
         }
         Command::Policy(PolicyCommand::Get { service }) => {
             commands::policy_get(ch, t, &service, out).await

@@ -9,4 +9,5 @@ pub mod policy_file;
 pub mod registry;
 pub mod sidecars;
 pub mod store;
+pub mod tap;
 pub mod traffic;

@@ -369,6 +369,12 @@ async fn run(args: Args) -> Result<()> {
         ))
         .max_decoding_message_size(TRANSPORT_LIMIT),
     )
+    .add_service(
+        wayfinder_proto::v1::tap_server::TapServer::new(
+            wayfinder_control::grpc::tap::TapService::new(Arc::default(), guard.clone()),
+        )
+        .max_decoding_message_size(TRANSPORT_LIMIT),
+    )
     .add_service(IdentityServer::new(identity).max_decoding_message_size(TRANSPORT_LIMIT))
     .add_service(
         wayfinder_proto::v1::catalog_server::CatalogServer::new(

@@ -26,6 +26,7 @@ pub mod resilience;
 pub mod routes;
 pub mod settings;
 pub mod state;
+pub mod tap;
 pub mod telemetry;
 pub mod traffic;
 pub mod transparent;

@@ -852,6 +852,18 @@ async fn run(
         },
     ));
 
+    tokio::spawn(wayfinder_proxy::tap::interest_loop(
+        proxy.tap.clone(),
+        channel.clone(),
+        node.clone(),
+    ));
+    tokio::spawn(wayfinder_proxy::tap::publish_loop(
+        proxy.tap.clone(),
+        channel.clone(),
+        node.clone(),
+        reporter_service.clone(),
+    ));
+
     let lease = Arc::new(AtomicU64::new(0));
     let mut registration = None;
     if let (Some(app), Some(service), Some(inbound)) = (args.app, args.service.clone(), inbound) {

@@ -37,6 +37,8 @@ pub struct Proxy {
     pub local: Local,
     /// Traffic per upstream for the dashboard.
     pub traffic: Arc<crate::traffic::Traffic>,
+    /// `wfctl tap`: which callees are tapped, and the events recorded for them.
+    pub tap: Arc<crate::tap::Tap>,
     /// The workload identity, when the sidecar has one (mTLS between sidecars).
     pub identity: Option<Arc<Identity>>,
     /// TLS for the inbound side, built once from the identity.
@@ -93,6 +95,7 @@ impl Proxy {
             app_clients,
             app_requests: Default::default(),
             traffic: Arc::default(),
+            tap: Arc::default(),
             tls_server: identity.as_ref().map(|i| i.server_config()),
             identity,
             logged: Default::default(),

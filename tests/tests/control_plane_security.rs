@@ -14,9 +14,10 @@ use tonic::transport::Channel;
 use wayfinder_proto::v1::{
     ApplyPolicyRequest, CatalogRequest, CertifyRequest, DeregisterRequest, EdgeTraffic, Health,
     Heartbeat, Instance, ListServicesRequest, RegisterRequest, ServicePolicy, ServiceWatch,
-    TrafficReport, WatchRequest, admin_client::AdminClient, catalog_client::CatalogClient,
-    deregister_request::Target, discovery_client::DiscoveryClient, identity_client::IdentityClient,
-    registry_client::RegistryClient, telemetry_client::TelemetryClient,
+    TapRequest, TrafficReport, WatchRequest, admin_client::AdminClient,
+    catalog_client::CatalogClient, deregister_request::Target, discovery_client::DiscoveryClient,
+    identity_client::IdentityClient, registry_client::RegistryClient, tap_client::TapClient,
+    telemetry_client::TelemetryClient,
 };
 use wayfinder_tests::load::{self, Spec};
 use wayfinder_tests::mesh::{client_at, lab_app, sidecar_at};
@@ -241,6 +242,13 @@ async fn callers_without_a_certificate_may_only_ask_for_one() -> Result<()> {
             })
             .await;
         assert_eq!(code(reported), Code::Unauthenticated);
+        let tapped = TapClient::new(anon.clone())
+            .watch(TapRequest {
+                service: "web".into(),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(code(tapped), Code::Unauthenticated);
 
         // What an anonymous caller may do: present its join token.
         let (chain, _) = certificate(&m.cp, CLIENT_TOKEN, "client").await?;
@@ -313,6 +321,14 @@ async fn a_sidecar_certificate_acts_only_on_its_own_service() -> Result<()> {
             .apply_policy(open_policy())
             .await;
         assert_eq!(code(applied), Code::PermissionDenied);
+        // Nor tap another service's (or any) requests.
+        let tapped = TapClient::new(ch.clone())
+            .watch(TapRequest {
+                service: "web".into(),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(code(tapped), Code::PermissionDenied);
 
         // Not at an address it does not call from (169.254.169.254 would
         // make every caller's sidecar dial the metadata service).

@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod identity;
 pub mod registry;
 pub mod serve;
+pub mod tap;
 pub mod telemetry;
 pub mod transport;
 

@@ -148,6 +148,7 @@ pub async fn serve(
         path,
         started,
         routed: None,
+        tapped: None,
     };
     observe::finish(&proxy, &observed, resp)
 }

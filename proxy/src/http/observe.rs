@@ -13,6 +13,7 @@ use crate::metrics::{Direction, RefusalLabels, RequestCounters, RouteLabels};
 use crate::state::Proxy;
 use crate::telemetry;
 use crate::traffic::EdgeCounts;
+use wayfinder_proto::v1::TapEvent;
 
 /// What is recorded of one request when it ends.
 pub struct Observed<'a> {
@@ -34,7 +35,14 @@ pub struct Observed<'a> {
     pub started: Instant,
     /// The route and backend that took it, if the service has routes.
     pub routed: Option<Routed<'a>>,
+    /// Tapped (outbound only): the request's trace id, maybe empty.
+    pub tapped: Option<String>,
 }
+
+/// The instance whose answer a response is, put in its extensions by the
+/// outbound retry loop for the tap.
+#[derive(Clone, Debug)]
+pub struct AnsweredBy(pub std::sync::Arc<str>);
 
 /// The route and backend a request took.
 pub struct Routed<'a> {
@@ -80,6 +88,11 @@ pub fn finish(proxy: &Proxy, o: &Observed<'_>, resp: Response<Body>) -> Response
             })
             .inc();
     }
+    if let Some(trace_id) = &o.tapped {
+        proxy
+            .tap
+            .record(tap_event(o, &resp, error, trace_id.clone()));
+    }
     if proxy.local.access_log {
         tracing::info!(
             target: "wayfinder::access",
@@ -98,6 +111,36 @@ pub fn finish(proxy: &Proxy, o: &Observed<'_>, resp: Response<Body>) -> Response
         );
     }
     count(proxy, o.direction, o.upstream, o.counters, resp)
+}
+
+/// The tap's event for a request: the fields listed in [`TapEvent`], no
+/// other header value.
+fn tap_event(
+    o: &Observed<'_>,
+    resp: &Response<Body>,
+    error: Option<&str>,
+    trace_id: String,
+) -> TapEvent {
+    TapEvent {
+        caller: String::new(),
+        callee: o.upstream.to_string(),
+        instance: resp
+            .extensions()
+            .get::<AnsweredBy>()
+            .map_or_else(String::new, |a| a.0.to_string()),
+        method: o.method.to_string(),
+        path: o.path.to_string(),
+        status: u32::from(resp.status().as_u16()),
+        ms: o.started.elapsed().as_secs_f64() * 1e3,
+        attempts: resp
+            .headers()
+            .get(ATTEMPTS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        error: error.unwrap_or_default().to_string(),
+        trace_id,
+    }
 }
 
 /// Counts a finished request.

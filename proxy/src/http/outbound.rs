@@ -73,6 +73,10 @@ pub async fn serve(
         path,
         req.headers(),
     );
+    let tapped = proxy
+        .tap
+        .wants(&name)
+        .then(|| crate::tap::trace_id(req.headers()));
     let up = match proxy.upstream(&name) {
         Ok(up) => up,
         Err(Full) => return observe::refuse(&proxy, Refusal::TooManyUpstreams, grpc, client),
@@ -125,6 +129,7 @@ pub async fn serve(
         path,
         started: started.into_std(),
         routed,
+        tapped,
     };
     observe::finish(&proxy, &observed, resp)
 }
@@ -1086,6 +1091,11 @@ fn respond(call: &Call<'_>, answer: Answer, attempt: u32, ep: &EndpointStats) ->
     };
     resp.headers_mut()
         .insert(ATTEMPTS_HEADER, HeaderValue::from(attempt));
+    // Only for the tap: an extension costs an allocation per request.
+    if call.proxy.tap.active() {
+        resp.extensions_mut()
+            .insert(observe::AnsweredBy(ep.id.clone()));
+    }
     if !call.span.is_none() {
         call.span.record("wayfinder.endpoint", &*ep.id);
         call.span.record("wayfinder.attempts", attempt);
