@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
+pub use wayfinder_proto::view::{SidecarView, UpstreamStatusView};
 
-use serde::Serialize;
 use tokio::time::Instant;
 use wayfinder_proto::v1::{SidecarStatus, UpstreamStatus};
 
@@ -79,46 +79,6 @@ pub struct Sidecars {
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("wf-control tracks {MAX_SIDECARS} sidecars already")]
 pub struct Full;
-
-/// One upstream of a sidecar, as `/v1/proxy-status` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct UpstreamView {
-    /// The service.
-    pub service: String,
-    /// `mesh` or `dns`.
-    pub discovery: String,
-    /// Endpoints the sidecar has from that source.
-    pub endpoints: u32,
-    /// The version it applied (0: none yet).
-    pub version: u64,
-    /// When it applied it, Unix ms (0: never).
-    pub applied_unix_ms: u64,
-    /// The registry's version of the service (`None`: the registry has none).
-    pub registry_version: Option<u64>,
-    /// How long it has trailed the registry, in ms (0: up to date).
-    pub behind_ms: u64,
-}
-
-/// One sidecar, as `/v1/proxy-status` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct SidecarView {
-    /// Its service.
-    pub service: String,
-    /// Its instance id.
-    pub instance: String,
-    /// Its last report, Unix ms.
-    pub last_report_unix_ms: u64,
-    /// How long ago that was, in ms.
-    pub last_report_age_ms: u64,
-    /// Its certificate's expiry, Unix ms (`None`: no identity).
-    pub cert_not_after_unix_ms: Option<u64>,
-    /// Trails the registry for more than [`MAX_TRAIL`] or silent for [`SILENT_AFTER`].
-    pub stale: bool,
-    /// Why it is stale, for people.
-    pub why: Option<String>,
-    /// Its upstreams, by name.
-    pub upstreams: Vec<UpstreamView>,
-}
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -225,8 +185,8 @@ fn upstream_view(
     reg: &dyn Registered,
     behind_since: Option<&Instant>,
     now: Instant,
-) -> UpstreamView {
-    UpstreamView {
+) -> UpstreamStatusView {
+    UpstreamStatusView {
         service: u.service.clone(),
         discovery: u.discovery.clone(),
         endpoints: u.endpoints,

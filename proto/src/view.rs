@@ -94,3 +94,89 @@ pub struct MirrorView {
     /// 99th percentile of the same.
     pub shadow_p99_ms: Option<f64>,
 }
+
+/// `GET /v1/proxy-status` of one replica: its sidecars' versions and
+/// staleness, its CA, lapsed leases; what `wfctl proxy-status` and `wfctl
+/// check` read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProxyStatusView {
+    /// The replica's gRPC address (what its sidecars are connected to).
+    pub replica: String,
+    /// Whether its store answers (as `/readyz`).
+    pub ready: bool,
+    /// How long a sidecar may trail the registry, in ms.
+    pub max_trail_ms: u64,
+    /// How long a sidecar may go without reporting, in ms.
+    pub silent_after_ms: u64,
+    /// Its CA.
+    #[serde(default)]
+    pub ca: CaView,
+    /// Instances whose sidecar stopped heartbeating (in their grace period).
+    #[serde(default)]
+    pub lapsed: Vec<LapsedView>,
+    /// The sidecars reporting to it, by service and instance.
+    #[serde(default)]
+    pub sidecars: Vec<SidecarView>,
+}
+
+/// The CA a replica uses, as `wfctl check` judges it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CaView {
+    /// Root expiry, Unix ms.
+    pub root_not_after_unix_ms: Option<u64>,
+    /// Intermediate (the issuer of workload certificates) expiry, Unix ms.
+    pub intermediate_not_after_unix_ms: Option<u64>,
+    /// SHA-256 (hex) of each root in the bundle the replica hands out.
+    #[serde(default)]
+    pub bundle_sha256: Vec<String>,
+}
+
+/// An instance whose lease ran out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LapsedView {
+    /// Its service.
+    pub service: String,
+    /// Its instance id.
+    pub instance: String,
+}
+
+/// One sidecar, as `/v1/proxy-status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SidecarView {
+    /// Its service.
+    pub service: String,
+    /// Its instance id.
+    pub instance: String,
+    /// Its last report, Unix ms.
+    pub last_report_unix_ms: u64,
+    /// How long before the answer that was, in ms.
+    pub last_report_age_ms: u64,
+    /// Its certificate's expiry, Unix ms (`None`: no identity).
+    pub cert_not_after_unix_ms: Option<u64>,
+    /// Trails the registry for too long, or silent for too long.
+    pub stale: bool,
+    /// Why it is stale, for people.
+    pub why: Option<String>,
+    /// Its upstreams, by name.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamStatusView>,
+}
+
+/// One upstream of a sidecar, as `/v1/proxy-status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UpstreamStatusView {
+    /// The service.
+    pub service: String,
+    /// `mesh` or `dns`.
+    pub discovery: String,
+    /// Endpoints the sidecar has from that source.
+    pub endpoints: u32,
+    /// The version it applied (0: none yet).
+    pub version: u64,
+    /// When it applied it, Unix ms (0: never).
+    pub applied_unix_ms: u64,
+    /// The registry's version of the service (`None`: the registry has none).
+    pub registry_version: Option<u64>,
+    /// How long it has trailed the registry, in ms (0: up to date).
+    pub behind_ms: u64,
+}

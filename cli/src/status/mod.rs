@@ -7,89 +7,13 @@ pub mod check;
 pub mod proxy_status;
 
 use std::net::SocketAddr;
+pub use wayfinder_proto::view::{
+    CaView as Ca, LapsedView as Lapsed, ProxyStatusView as ProxyStatus, SidecarView as Sidecar,
+    UpstreamStatusView as Upstream,
+};
 
 use anyhow::{Context as _, Result, bail};
-use serde::{Deserialize, Serialize};
-
-/// `/v1/proxy-status` of one replica.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct ProxyStatus {
-    /// The replica's gRPC address (what its sidecars are connected to).
-    pub replica: String,
-    /// Whether its store answers (`/readyz`).
-    pub ready: bool,
-    /// How long a sidecar may trail the registry, in ms.
-    pub max_trail_ms: u64,
-    /// How long a sidecar may go without reporting, in ms.
-    pub silent_after_ms: u64,
-    /// Its CA.
-    pub ca: Ca,
-    /// Instances whose lease ran out.
-    #[serde(default)]
-    pub lapsed: Vec<Lapsed>,
-    /// The sidecars reporting to it.
-    pub sidecars: Vec<Sidecar>,
-}
-
-/// The CA a replica uses.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-pub struct Ca {
-    /// Root expiry, Unix ms.
-    pub root_not_after_unix_ms: Option<u64>,
-    /// Intermediate expiry, Unix ms.
-    pub intermediate_not_after_unix_ms: Option<u64>,
-    /// SHA-256 (hex) of each root of the trust bundle it hands out.
-    pub bundle_sha256: Vec<String>,
-}
-
-/// An instance whose sidecar stopped heartbeating.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct Lapsed {
-    /// Service.
-    pub service: String,
-    /// Instance id.
-    pub instance: String,
-}
-
-/// One sidecar.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct Sidecar {
-    /// Its service.
-    pub service: String,
-    /// Its instance id.
-    pub instance: String,
-    /// Its last report, Unix ms.
-    pub last_report_unix_ms: u64,
-    /// How long before the answer that was, in ms.
-    pub last_report_age_ms: u64,
-    /// Its certificate's expiry, Unix ms.
-    pub cert_not_after_unix_ms: Option<u64>,
-    /// Trailing or silent.
-    pub stale: bool,
-    /// Why it is stale.
-    pub why: Option<String>,
-    /// Its upstreams.
-    pub upstreams: Vec<Upstream>,
-}
-
-/// One upstream of a sidecar.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct Upstream {
-    /// The service.
-    pub service: String,
-    /// `mesh` or `dns`.
-    pub discovery: String,
-    /// Endpoints the sidecar has for it.
-    pub endpoints: u32,
-    /// Version applied.
-    pub version: u64,
-    /// When, Unix ms.
-    pub applied_unix_ms: u64,
-    /// The registry's version.
-    pub registry_version: Option<u64>,
-    /// How long it has trailed, in ms.
-    pub behind_ms: u64,
-}
+use serde::Deserialize;
 
 /// A service as `/v1/services` lists it (the fields `check` needs).
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use serde::Serialize;
 
 use super::HttpState;
 use crate::ca::Ca;
-use crate::sidecars::{MAX_TRAIL, SILENT_AFTER, SidecarView, Sidecars};
+use crate::sidecars::{MAX_TRAIL, SILENT_AFTER, Sidecars};
+use wayfinder_proto::view::{CaView, LapsedView, ProxyStatusView as ProxyStatus};
 
 /// What `/v1/proxy-status` reads besides the registry.
 #[derive(Clone)]
@@ -23,45 +23,6 @@ pub struct StatusState {
     pub ca: Arc<Ca>,
     /// This replica's gRPC address, the one its sidecars are connected to.
     pub replica: String,
-}
-
-/// The CA as `wfctl check` judges it.
-#[derive(Debug, Serialize)]
-pub struct CaView {
-    /// Root expiry, Unix ms.
-    pub root_not_after_unix_ms: Option<u64>,
-    /// Intermediate (the issuer of workload certificates) expiry, Unix ms.
-    pub intermediate_not_after_unix_ms: Option<u64>,
-    /// SHA-256 (hex) of each root in the bundle this replica hands out.
-    pub bundle_sha256: Vec<String>,
-}
-
-/// An instance whose lease ran out.
-#[derive(Debug, Serialize)]
-pub struct LapsedView {
-    /// Its service.
-    pub service: String,
-    /// Its instance id.
-    pub instance: String,
-}
-
-/// The whole answer.
-#[derive(Debug, Serialize)]
-pub struct ProxyStatus {
-    /// This replica's gRPC address.
-    pub replica: String,
-    /// Whether the store answers (as `/readyz`).
-    pub ready: bool,
-    /// How long a sidecar may trail the registry, in ms.
-    pub max_trail_ms: u64,
-    /// How long a sidecar may go without reporting, in ms.
-    pub silent_after_ms: u64,
-    /// The CA.
-    pub ca: CaView,
-    /// Instances whose sidecar stopped heartbeating (in their grace period).
-    pub lapsed: Vec<LapsedView>,
-    /// The sidecars, by service and instance.
-    pub sidecars: Vec<SidecarView>,
 }
 
 fn hex(bytes: &[u8]) -> String {
