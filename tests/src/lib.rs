@@ -221,10 +221,24 @@ impl ControlPlane {
     }
 
     /// Kills it and starts it again on the same ports and data directory.
+    /// Meanwhile another test's outgoing connection may have been given one
+    /// of those ports as its ephemeral source port: the bind is tried again
+    /// for a while, until that connection is gone.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         let (grpc, http) = (self.grpc.to_string(), self.http.to_string());
-        let next = Self::spawn(self.data.clone(), self.args.clone(), &grpc, &http)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let next = loop {
+            match Self::spawn(self.data.clone(), self.args.clone(), &grpc, &http) {
+                Err(e)
+                    if e.to_string().contains("Address already in use")
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => break other?,
+            }
+        };
         *self = next;
         Ok(())
     }
