@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod dial;
 pub mod encoded;
 pub mod latency;
+pub mod mirror;
 pub mod policy;
 #[cfg(feature = "server")]
 pub mod server;

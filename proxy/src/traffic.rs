@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 use wayfinder_proto::latency::{self, BUCKETS};
+use wayfinder_proto::mirror::Tally;
 use wayfinder_proto::v1::{
     EdgeTraffic, MirrorDiff, SidecarStatus, TrafficReport, telemetry_client::TelemetryClient,
 };
@@ -41,18 +42,6 @@ pub struct Traffic {
     mirrors: RwLock<HashMap<(String, String, String), MirrorCounts>>,
 }
 
-/// How one service's mirrored calls compared with their copies.
-#[derive(Default)]
-struct Mirrored {
-    pairs: u64,
-    status_differs: u64,
-    body_differs: u64,
-    shed: u64,
-    shadow_failed: u64,
-    primary: [u64; BUCKETS],
-    shadow: [u64; BUCKETS],
-}
-
 /// What one side of a mirrored call answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answered {
@@ -66,10 +55,10 @@ pub struct Answered {
 
 /// The mirror counts of one (service, route, shadow), kept by whoever records them.
 #[derive(Clone, Default)]
-pub struct MirrorCounts(Arc<Mutex<Mirrored>>);
+pub struct MirrorCounts(Arc<Mutex<Tally>>);
 
 impl MirrorCounts {
-    fn with(&self, f: impl FnOnce(&mut Mirrored)) {
+    fn with(&self, f: impl FnOnce(&mut Tally)) {
         f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
     }
     /// A copy was not sent (over its limits).
@@ -150,18 +139,7 @@ impl Traffic {
             .into_iter()
             .filter_map(|((service, route, shadow), counts)| {
                 let m = std::mem::take(&mut *counts.0.lock().unwrap_or_else(|p| p.into_inner()));
-                (m.pairs + m.shed + m.shadow_failed > 0).then(|| MirrorDiff {
-                    service,
-                    route,
-                    shadow,
-                    pairs: m.pairs,
-                    status_differs: m.status_differs,
-                    body_differs: m.body_differs,
-                    shed: m.shed,
-                    shadow_failed: m.shadow_failed,
-                    primary_latency_buckets: m.primary.to_vec(),
-                    shadow_latency_buckets: m.shadow.to_vec(),
-                })
+                m.any().then(|| m.to_wire(service, route, shadow))
             })
             .collect();
         out.sort_by(|a, b| (&a.service, &a.route).cmp(&(&b.service, &b.route)));

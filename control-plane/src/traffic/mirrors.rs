@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
-use wayfinder_proto::latency::{self, BUCKETS};
+use wayfinder_proto::latency;
+use wayfinder_proto::mirror::Tally;
 use wayfinder_proto::v1::MirrorDiff;
 
 /// The longest span of mirrored calls kept (and read).
@@ -38,69 +39,7 @@ pub const MAX_SERIES_PER_CALLER: usize = 128;
 #[derive(Clone, Copy)]
 struct Sample {
     at: Instant,
-    pairs: u64,
-    status_differs: u64,
-    body_differs: u64,
-    shed: u64,
-    shadow_failed: u64,
-    primary: [u64; BUCKETS],
-    shadow: [u64; BUCKETS],
-}
-
-impl Sample {
-    fn empty(at: Instant) -> Self {
-        Self {
-            at,
-            pairs: 0,
-            status_differs: 0,
-            body_differs: 0,
-            shed: 0,
-            shadow_failed: 0,
-            primary: [0; BUCKETS],
-            shadow: [0; BUCKETS],
-        }
-    }
-
-    /// A (validated) report's entry; buckets past [`BUCKETS`] are ignored,
-    /// missing ones are 0.
-    fn from_report(at: Instant, m: &MirrorDiff) -> Self {
-        let mut s = Self {
-            pairs: m.pairs,
-            status_differs: m.status_differs,
-            body_differs: m.body_differs,
-            shed: m.shed,
-            shadow_failed: m.shadow_failed,
-            ..Self::empty(at)
-        };
-        for (b, n) in s.primary.iter_mut().zip(&m.primary_latency_buckets) {
-            *b = *n;
-        }
-        for (b, n) in s.shadow.iter_mut().zip(&m.shadow_latency_buckets) {
-            *b = *n;
-        }
-        s
-    }
-
-    /// Adds `other`'s counts; sums saturate (a report may say anything
-    /// its validation allows).
-    fn merge(&mut self, other: &Sample) {
-        self.pairs = self.pairs.saturating_add(other.pairs);
-        self.status_differs = self.status_differs.saturating_add(other.status_differs);
-        self.body_differs = self.body_differs.saturating_add(other.body_differs);
-        self.shed = self.shed.saturating_add(other.shed);
-        self.shadow_failed = self.shadow_failed.saturating_add(other.shadow_failed);
-        for (b, n) in self.primary.iter_mut().zip(other.primary) {
-            *b = b.saturating_add(n);
-        }
-        for (b, n) in self.shadow.iter_mut().zip(other.shadow) {
-            *b = b.saturating_add(n);
-        }
-    }
-
-    /// Whether anything was mirrored (or tried to be).
-    fn any(&self) -> bool {
-        self.pairs > 0 || self.shed > 0 || self.shadow_failed > 0
-    }
+    tally: Tally,
 }
 
 /// A series: who reported (the caller service) and what it compared.
@@ -175,8 +114,11 @@ impl Mirrors {
         }
         let mut held = inner.held_by(caller);
         for m in entries {
-            let sample = Sample::from_report(now, m);
-            if !sample.any() {
+            let sample = Sample {
+                at: now,
+                tally: Tally::from_wire(m),
+            };
+            if !sample.tally.any() {
                 continue;
             }
             let key = Key {
@@ -194,7 +136,9 @@ impl Mirrors {
             }
             let samples = inner.series.entry(key).or_default();
             match samples.back_mut() {
-                Some(last) if now.saturating_duration_since(last.at) < SLOT => last.merge(&sample),
+                Some(last) if now.saturating_duration_since(last.at) < SLOT => {
+                    last.tally.add(&sample.tally)
+                }
                 _ => samples.push_back(sample),
             }
         }
@@ -214,19 +158,17 @@ impl Mirrors {
         let window = window.min(MIRROR_WINDOW);
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.prune(now);
-        let mut by: BTreeMap<(&str, &str, &str), Sample> = BTreeMap::new();
+        let mut by: BTreeMap<(&str, &str, &str), Tally> = BTreeMap::new();
         for (k, samples) in &inner.series {
             if service.is_some_and(|s| s != k.service) {
                 continue;
             }
-            let total = by
-                .entry((&k.service, &k.route, &k.shadow))
-                .or_insert_with(|| Sample::empty(now));
+            let total = by.entry((&k.service, &k.route, &k.shadow)).or_default();
             for s in samples
                 .iter()
                 .filter(|s| now.saturating_duration_since(s.at) <= window)
             {
-                total.merge(s);
+                total.add(&s.tally);
             }
         }
         by.into_iter()
@@ -262,9 +204,9 @@ mod tests {
 
     /// `pairs` pairs answered in `primary_ms` and `shadow_ms`.
     fn diff(service: &str, route: &str, pairs: u64, primary_ms: u64, shadow_ms: u64) -> MirrorDiff {
-        let mut primary = vec![0; BUCKETS];
+        let mut primary = vec![0; latency::BUCKETS];
         primary[latency::bucket(Duration::from_millis(primary_ms))] = pairs;
-        let mut shadow = vec![0; BUCKETS];
+        let mut shadow = vec![0; latency::BUCKETS];
         shadow[latency::bucket(Duration::from_millis(shadow_ms))] = pairs;
         MirrorDiff {
             service: service.into(),
