@@ -17,6 +17,10 @@ use wayfinder_proto::policy::parse_duration;
 use output::Format;
 use wayfinder_cli::traffic::Admin;
 
+/// wf-control's HTTP port, where `split --step`, `mirror diff`,
+/// `proxy-status` and `check` read what the sidecars reported.
+const CONTROL_HTTP: &str = "127.0.0.1:15014";
+
 /// Operate a Wayfinder mesh: services, endpoints, watches, static
 /// registrations and policy.
 #[derive(Parser, Debug)]
@@ -159,11 +163,7 @@ enum Command {
         abort_on: Vec<wayfinder_cli::traffic::split::Condition>,
         /// wf-control's HTTP address, where the callers' reports are read
         /// (with --step).
-        #[arg(
-            long,
-            env = "WAYFINDER_CONTROL_HTTP",
-            default_value = "127.0.0.1:15014"
-        )]
+        #[arg(long, env = "WAYFINDER_CONTROL_HTTP", default_value = CONTROL_HTTP)]
         http: String,
     },
     /// Inject faults into calls to a service (in its callers' sidecars),
@@ -180,11 +180,7 @@ enum Command {
     /// trails for more than 5 s or has not reported for 10 s.
     ProxyStatus {
         /// wf-control's HTTP address; several replicas comma-separated.
-        #[arg(
-            long,
-            env = "WAYFINDER_CONTROL_HTTP",
-            default_value = "127.0.0.1:15014"
-        )]
+        #[arg(long, env = "WAYFINDER_CONTROL_HTTP", default_value = CONTROL_HTTP)]
         http: String,
         /// Table or JSON, here or before the command.
         #[arg(long = "output", short = 'o')]
@@ -195,11 +191,7 @@ enum Command {
     Check {
         /// wf-control's HTTP address; several replicas comma-separated
         /// (their trust bundles are compared).
-        #[arg(
-            long,
-            env = "WAYFINDER_CONTROL_HTTP",
-            default_value = "127.0.0.1:15014"
-        )]
+        #[arg(long, env = "WAYFINDER_CONTROL_HTTP", default_value = CONTROL_HTTP)]
         http: String,
         /// Validate this policy file and compare it with the live policy.
         #[arg(long)]
@@ -426,11 +418,7 @@ enum MirrorCommand {
         #[arg(long = "for", default_value = "60s", value_parser = parse_duration)]
         lasts: Duration,
         /// wf-control's HTTP address, where the callers' reports are read.
-        #[arg(
-            long,
-            env = "WAYFINDER_CONTROL_HTTP",
-            default_value = "127.0.0.1:15014"
-        )]
+        #[arg(long, env = "WAYFINDER_CONTROL_HTTP", default_value = CONTROL_HTTP)]
         http: String,
         /// Table or JSON, here or before the command (`wfctl -o json mirror diff`).
         #[arg(long = "output", short = 'o')]
