@@ -187,23 +187,25 @@ async fn plan(
         copy: None,
         hedge: None,
     };
-    if active.routes.is_empty() {
-        plan.copy = copy(proxy, up, &active, name, "", req);
-        return Ok(plan);
-    }
-    let Some(chosen) = active.routes.choose(
-        req.method(),
-        req.uri().path(),
-        req.headers(),
-        rand::random(),
-    ) else {
-        plan.copy = copy(proxy, up, &active, name, "", req);
+    let taken = if active.routes.is_empty() {
+        None
+    } else {
+        active
+            .routes
+            .choose(
+                req.method(),
+                req.uri().path(),
+                req.headers(),
+                rand::random(),
+            )
+            .and_then(|c| Some((c, active.routes.backend(c)?)))
+    };
+    // Mirrored per route: the diff report compares route by route.
+    let route_name = taken.map_or("", |(_, (route, _))| &*route.name);
+    plan.copy = copy(proxy, up, &active, name, route_name, req);
+    let Some((chosen, (route, backend))) = taken else {
         return Ok(plan);
     };
-    let Some((route, backend)) = active.routes.backend(chosen) else {
-        return Ok(plan);
-    };
-    plan.copy = copy(proxy, up, &active, name, &route.name, req);
     plan.settings = route.settings.clone();
     plan.hedge = route.hedge;
     if let routes::Target::Service(other) = &backend.target {
